@@ -1,0 +1,91 @@
+"""Settings, read from ``EVENTBUS_*`` environment variables or given in code.
+
+Example::
+
+    settings = EventBusSettings(backend="redis", redis_url="redis://my-redis:6379/1")
+    bus = EventBus(settings=settings)
+
+An invalid value fails at construction with :class:`ConfigurationError`, whose
+message names the environment variable (``EVENTBUS_MAX_RETRIES: ...``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .exceptions import ConfigurationError
+
+#: Prefix of every environment variable.
+ENV_PREFIX = "EVENTBUS_"
+
+DEFAULT_BACKEND = "sync"
+DEFAULT_MAX_RETRIES = 3
+#: Seconds before the first retry.
+DEFAULT_RETRY_DELAY = 1.0
+DEFAULT_RETRY_BACKOFF_FACTOR = 2.0
+#: Upper bound of any retry delay, in seconds.
+DEFAULT_RETRY_MAX_DELAY = 60.0
+DEFAULT_DLQ_ENABLED = True
+DEFAULT_DLQ_TOPIC_SUFFIX = ".dlq"
+#: Dead letters kept by the in-memory store; the oldest are evicted (and counted).
+DEFAULT_DLQ_MAX_SIZE = 10_000
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_REDIS_MAX_CONNECTIONS = 10
+DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "localhost:9092"
+DEFAULT_KAFKA_GROUP_ID = "fastapi-eventbus"
+#: Default dramatiq queue of handlers that name none.
+DEFAULT_QUEUE = "eventbus"
+#: Async handlers the embedded backend runs at once on the application's loop.
+DEFAULT_MAX_CONCURRENCY = 256
+#: Threads running sync handlers in the embedded backend.
+DEFAULT_WORKER_THREADS = 8
+#: Seconds ``stop()`` waits for in-flight handlers.
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+BackendName = Literal["sync", "redis", "kafka"]
+
+
+class EventBusSettings(BaseSettings):
+    """Every setting of the bus; each reads ``EVENTBUS_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    backend: BackendName = Field("sync", description="sync | redis | kafka")
+
+    max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0)
+    retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0)
+    retry_backoff_factor: float = Field(DEFAULT_RETRY_BACKOFF_FACTOR, ge=1)
+    retry_max_delay: float = Field(DEFAULT_RETRY_MAX_DELAY, ge=0)
+
+    dlq_enabled: bool = DEFAULT_DLQ_ENABLED
+    dlq_topic_suffix: str = Field(DEFAULT_DLQ_TOPIC_SUFFIX, min_length=1)
+    dlq_max_size: int = Field(DEFAULT_DLQ_MAX_SIZE, ge=1)
+
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_max_connections: int = Field(DEFAULT_REDIS_MAX_CONNECTIONS, ge=1)
+
+    kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
+    kafka_group_id: str = Field(DEFAULT_KAFKA_GROUP_ID, min_length=1)
+
+    default_queue: str = Field(DEFAULT_QUEUE, pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
+    worker_threads: int = Field(DEFAULT_WORKER_THREADS, ge=1)
+    shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        value = error.get("input")
+        lines.append(f"{ENV_PREFIX}{name.upper()}={value!r}: {error['msg']}")
+    return "invalid eventbus settings: " + "; ".join(lines)

@@ -1,0 +1,200 @@
+"""Events, their JSON wire envelope and the registry of event classes.
+
+An event travels as an *envelope*, a JSON object::
+
+    {"type": "myapp.events.UserCreated", "event": {"event_id": "...", "topic": "user.created", ...}}
+
+``type`` is a name, never a module to import: decoding looks it up among the
+:class:`BaseEvent` subclasses defined in the running process.  A process that does
+not know the name gets an :class:`UnknownEvent` (a ``BaseEvent`` carrying every
+field), or, when a handler asked for a specific class, the fields validated into
+that class.  Anything else raises :class:`~eventbus.exceptions.EventDecodeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from .exceptions import EventDecodeError
+
+logger = logging.getLogger(__name__)
+
+#: Envelope key holding the event type name.
+TYPE_KEY = "type"
+#: Envelope key holding the event's fields.
+EVENT_KEY = "event"
+#: Metadata key under which the correlation id travels.
+CORRELATION_ID = "correlation_id"
+#: Metadata key naming the event that caused this one (set when a handler publishes).
+CAUSATION_ID = "causation_id"
+
+_registry: dict[str, type[BaseEvent]] = {}
+
+
+def _new_event_id() -> str:
+    return os.urandom(16).hex()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class BaseEvent(BaseModel):
+    """Base class of every event.
+
+    Subclass it and give ``topic`` a default::
+
+        class UserCreated(BaseEvent):
+            topic: str = "user.created"
+            user_id: int
+            username: str
+
+    Events are immutable.  Each subclass is registered under its *type name*,
+    ``module.QualName`` unless the class sets ``__event_type__``; set it when a
+    class moves between modules while events of it are still in flight.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    __event_type__: ClassVar[str] = "eventbus.BaseEvent"
+
+    event_id: str = Field(default_factory=_new_event_id)
+    topic: str = "default"
+    timestamp: datetime = Field(default_factory=_utcnow)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "__event_type__" not in cls.__dict__:
+            cls.__event_type__ = f"{cls.__module__}.{cls.__qualname__}"
+        if cls.__dict__.get("_eventbus_unregistered"):
+            return
+        previous = _registry.get(cls.__event_type__)
+        if previous is not None and previous is not cls:
+            logger.debug("Event type %s redefined; the newest class wins.", cls.__event_type__)
+        _registry[cls.__event_type__] = cls
+
+    @property
+    def event_type(self) -> str:
+        """The name this event travels under."""
+        return type(self).__event_type__
+
+    @classmethod
+    def default_topic(cls) -> str | None:
+        """The class's default ``topic``, or None when it has none."""
+        field = cls.model_fields["topic"]
+        default = field.get_default(call_default_factory=True)
+        return default if isinstance(default, str) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope of this event (a JSON-compatible dict)."""
+        return encode_event(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseEvent:
+        """Decode an envelope made by :meth:`to_dict`; see :func:`decode_event`."""
+        return decode_event(data, None if cls is BaseEvent else cls)
+
+
+class UnknownEvent(BaseEvent):
+    """An event whose type this process does not know.
+
+    Every field of the payload is kept (``event.model_extra`` holds those that
+    ``BaseEvent`` does not define) and ``event_type`` reports the original type
+    name, so the event can be logged, dead-lettered and replayed unchanged.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    _eventbus_unregistered: ClassVar[bool] = True
+    _type_name: str = PrivateAttr(default="eventbus.UnknownEvent")
+
+    @property
+    def event_type(self) -> str:
+        return self._type_name
+
+
+def event_class(type_name: str) -> type[BaseEvent] | None:
+    """The registered event class for ``type_name``, or None."""
+    if type_name == BaseEvent.__event_type__:
+        return BaseEvent
+    return _registry.get(type_name)
+
+
+def encode_event(event: BaseEvent, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build the JSON-compatible envelope of ``event``.
+
+    Parameters:
+      event: The event.
+      metadata: Entries merged into the event's metadata on the wire (entries the
+        event already carries win), e.g. the correlation id.
+    """
+    data = event.model_dump(mode="json")
+    if metadata:
+        data["metadata"] = {**metadata, **data["metadata"]}
+    return {TYPE_KEY: event.event_type, EVENT_KEY: data}
+
+
+def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> BaseEvent:
+    """Turn an envelope back into an event.
+
+    Parameters:
+      envelope: The envelope: a dict, or its JSON text as ``str`` or ``bytes``.
+      expected: The class the caller wants (a handler declared with
+        ``@on_event(UserCreated)``).  The fields are validated into it whatever the
+        envelope's type name says.
+
+    Returns:
+      An instance of ``expected``, else of the registered class named by the
+      envelope, else an :class:`UnknownEvent` holding every field.
+
+    Raises:
+      EventDecodeError: The envelope is not JSON, lacks ``type`` or ``event``, or
+        its fields do not validate.
+    """
+    if isinstance(envelope, bytes | bytearray | str):
+        try:
+            envelope = json.loads(envelope)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(f"event envelope is not valid JSON: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise EventDecodeError(
+            f"event envelope must be a JSON object, got {type(envelope).__name__}"
+        )
+    type_name = envelope.get(TYPE_KEY)
+    data = envelope.get(EVENT_KEY)
+    if not isinstance(type_name, str) or not type_name:
+        raise EventDecodeError(f"event envelope has no {TYPE_KEY!r} string")
+    if not isinstance(data, dict):
+        raise EventDecodeError(f"event envelope of type {type_name!r} has no {EVENT_KEY!r} object")
+
+    cls = expected or event_class(type_name)
+    try:
+        if cls is not None:
+            return cls.model_validate(data)
+        unknown = UnknownEvent.model_validate(data)
+    except ValidationError as exc:
+        target = cls.__event_type__ if cls is not None else type_name
+        raise EventDecodeError(
+            f"invalid fields for event type {target!r}: {_summarize(exc)}"
+        ) from None
+    unknown._type_name = type_name
+    return unknown
+
+
+def _summarize(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "<root>"
+        parts.append(f"{location}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)

@@ -1,0 +1,69 @@
+"""Exceptions raised by eventbus.
+
+Every error the library raises on purpose derives from :class:`EventBusError`, so
+``except EventBusError`` catches all of them and nothing else.
+"""
+
+from __future__ import annotations
+
+
+class EventBusError(Exception):
+    """Base class for every error raised by eventbus."""
+
+
+class ConfigurationError(EventBusError, ValueError):
+    """Invalid settings, options or names, raised when they are given."""
+
+
+class PublishError(EventBusError):
+    """An event could not be handed to the backend; nothing of it was enqueued."""
+
+
+class SubscribeError(EventBusError):
+    """A topic could not be subscribed."""
+
+
+class BackendError(EventBusError):
+    """A backend operation failed.
+
+    Parameters:
+      message: What failed.
+      backend: The name of the backend (``sync``, ``redis``, ``kafka``).
+    """
+
+    def __init__(self, message: str, backend: str = "unknown") -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class HandlerError(EventBusError):
+    """A handler failed; ``original`` is the exception it raised."""
+
+    def __init__(self, message: str, original: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.original = original
+
+
+class RetryExhaustedError(EventBusError):
+    """A handler failed on every attempt its retry policy allowed."""
+
+    def __init__(self, message: str, attempts: int = 0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class EventDecodeError(EventBusError, ValueError):
+    """A message payload is not a valid event envelope.
+
+    Raised for bytes that are not JSON, an envelope without a type or fields, or
+    fields that do not validate into the event class.  It is never retried: the
+    message goes straight to the dead-letter store with this error as the reason.
+    """
+
+
+class HandlerTimeout(EventBusError):
+    """A handler ran past its ``time_limit``."""
+
+
+class ShutdownError(EventBusError):
+    """The bus stopped before an event was handled; the event is dead-lettered with this."""

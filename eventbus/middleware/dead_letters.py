@@ -1,0 +1,102 @@
+"""The dramatiq middleware that turns failed handler messages into dead letters."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from dramatiq import Middleware
+
+from ..dlq import DeadLetterStore, FailedEvent
+from ..events import EVENT_KEY, decode_event
+from ..exceptions import EventDecodeError
+from ..metrics import MetricsCollector
+from . import keys
+
+if TYPE_CHECKING:
+    from dramatiq import Broker, Message
+    from dramatiq.broker import MessageProxy
+
+logger = logging.getLogger(__name__)
+
+
+class DeadLetters(Middleware):
+    """Records a :class:`~eventbus.dlq.FailedEvent` for each message marked failed.
+
+    It must come *before* :class:`~eventbus.middleware.retries.Retries` in the
+    middleware list: dramatiq runs ``after_*`` hooks in reverse order, and the
+    record is written once Retries has decided to give up.
+
+    Parameters:
+      store: Where records go; None when dead-lettering is disabled (failures are
+        then only logged).
+      metrics: Receives ``inc_dlq`` once per record.
+    """
+
+    def __init__(self, store: DeadLetterStore | None, metrics: MetricsCollector) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None or not message.failed:
+            return
+        self.record(message, exception)
+
+    def record(self, message: Message[Any] | MessageProxy, exception: BaseException) -> None:
+        """Write the dead letter of ``message`` that failed with ``exception``."""
+        failed = build_failed_event(message, exception)
+        logger.warning(
+            "Handler %s gave up on event %s after %d attempt(s): %s: %s",
+            failed.handler,
+            failed.event.event_id if failed.event else "<undecodable>",
+            failed.attempts,
+            failed.error_type,
+            failed.error,
+        )
+        if self.store is None:
+            logger.error("Dead-lettering is disabled; the event above is dropped.")
+            return
+        self.store.add(failed)
+        self.metrics.inc_dlq(failed.topic)
+
+
+def build_failed_event(
+    message: Message[Any] | MessageProxy, exception: BaseException
+) -> FailedEvent:
+    """The FailedEvent of ``message`` whose last attempt raised ``exception``."""
+    options = message.options
+    envelope = message.args[0] if message.args else None
+    try:
+        event = decode_event(envelope)
+    except EventDecodeError:
+        event = None
+    now = datetime.now(UTC)
+    first = options.get(keys.FIRST_FAILED_AT)
+    topic = options.get(keys.TOPIC) or (event.topic if event else "")
+    if not topic and isinstance(envelope, dict) and isinstance(envelope.get(EVENT_KEY), dict):
+        topic = str(envelope[EVENT_KEY].get("topic", ""))
+    return FailedEvent(
+        id=message.message_id,
+        event=event,
+        envelope=envelope,
+        topic=str(topic),
+        handler=message.actor_name,
+        queue=message.queue_name,
+        attempts=int(options.get(keys.ATTEMPTS, 0)) + 1,
+        error=str(exception),
+        error_type=type(exception).__name__,
+        traceback="".join(traceback.format_exception(exception)),
+        first_failed_at=datetime.fromtimestamp(first / 1000, UTC) if first else now,
+        last_failed_at=now,
+        correlation_id=str(options.get(keys.CORRELATION_ID, "")),
+        trace_id=str(options.get(keys.TRACE_ID, "")),
+    )

@@ -1,0 +1,22 @@
+"""Names of the message options eventbus sets.
+
+They live in each dramatiq message's ``options`` (JSON), all prefixed ``eventbus_``
+so they never collide with dramatiq's reserved keys (``retries``, ``eta``, ...).
+"""
+
+from __future__ import annotations
+
+#: The event's topic.
+TOPIC = "eventbus_topic"
+#: The correlation id of the publishing request.
+CORRELATION_ID = "eventbus_cid"
+#: Trace id and span id of the publish span, parent of the dispatch spans.
+TRACE_ID = "eventbus_trace_id"
+PARENT_SPAN_ID = "eventbus_parent_span"
+#: Failed attempts so far (absent on the first attempt).
+ATTEMPTS = "eventbus_attempts"
+#: Milliseconds since the epoch of the first failure.
+FIRST_FAILED_AT = "eventbus_first_failed"
+
+#: Actor option holding the HandlerSpec behind an actor.
+HANDLER = "eventbus_handler"

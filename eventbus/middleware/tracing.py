@@ -1,0 +1,84 @@
+"""The dramatiq middleware that restores the publisher's context around each handler
+attempt: the correlation id, and a ``dispatch`` span parented on the publish span."""
+
+from __future__ import annotations
+
+from contextvars import Token
+from typing import TYPE_CHECKING, Any
+
+from dramatiq import Middleware
+
+from ..asgi import correlation_id_var
+from ..tracing import EventSpan, EventTracer, SpanStatus, reset_current_span, set_current_span
+from . import keys
+
+if TYPE_CHECKING:
+    from dramatiq import Broker
+    from dramatiq.broker import MessageProxy
+
+
+class Tracing(Middleware):
+    """Starts a ``dispatch`` span before each handler attempt and finishes it after,
+    with status error and the exception message when the attempt failed.
+
+    Parameters:
+      tracer: The tracer that creates and exports spans.
+    """
+
+    def __init__(self, tracer: EventTracer) -> None:
+        self.tracer = tracer
+        self._active: dict[str, tuple[EventSpan, Token[str], Any]] = {}
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        options = message.options
+        cid_token = correlation_id_var.set(str(options.get(keys.CORRELATION_ID, "")))
+        parent = EventSpan(
+            span_id=str(options.get(keys.PARENT_SPAN_ID, "")),
+            trace_id=str(options.get(keys.TRACE_ID, "")),
+        )
+        span = self.tracer.start_span(
+            "dispatch",
+            topic=str(options.get(keys.TOPIC, "")),
+            event_id=_event_id(message),
+            parent_span=parent if parent.span_id else None,
+        )
+        span.attributes.setdefault("handler", message.actor_name)
+        span.attributes.setdefault("attempt", int(options.get(keys.ATTEMPTS, 0)) + 1)
+        self._active[message.message_id] = (span, cid_token, set_current_span(span))
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if exception is None:
+            self._finish(message, SpanStatus.OK, "")
+        else:
+            self._finish(message, SpanStatus.ERROR, str(exception) or type(exception).__name__)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        self._finish(message, SpanStatus.OK, "")
+
+    def _finish(self, message: MessageProxy, status: SpanStatus, error: str) -> None:
+        active = self._active.pop(message.message_id, None)
+        if active is None:
+            return
+        span, cid_token, span_token = active
+        span.finish(status, error)
+        try:
+            self.tracer.finish_span(span)
+        finally:
+            reset_current_span(span_token)
+            correlation_id_var.reset(cid_token)
+
+
+def _event_id(message: MessageProxy) -> str:
+    envelope = message.args[0] if message.args else None
+    if isinstance(envelope, dict):
+        event = envelope.get("event")
+        if isinstance(event, dict):
+            return str(event.get("event_id", ""))
+    return ""

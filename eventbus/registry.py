@@ -1,0 +1,310 @@
+"""Handlers: the ``@on_event`` decorator, handler specs and the per-bus registry.
+
+Each (topic, handler) pair becomes one dramatiq actor named by its
+:attr:`HandlerSpec.name`, so a failing handler is retried alone.  Decorated
+handlers live in a process-wide list that is only ever read, never consumed:
+every bus in the process sees them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .asgi import correlation_id_var
+from .events import CORRELATION_ID, BaseEvent, decode_event
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from .middleware.retries import RetryPolicy
+
+Handler = Callable[[Any], Awaitable[None]] | Callable[[Any], None]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Valid queue names (dramatiq's rule).
+QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
+#: Valid topic names: printable, no whitespace, at most 249 characters (Kafka's limit).
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,249}")
+#: Longest handler (actor) name.
+MAX_NAME_LENGTH = 512
+
+_current_event: ContextVar[BaseEvent | None] = ContextVar("eventbus_current_event", default=None)
+
+
+def get_current_event() -> BaseEvent | None:
+    """The event whose handler is running in this context, if any."""
+    return _current_event.get()
+
+
+def validate_topic(topic: object) -> str:
+    """Return ``topic`` if it is a valid topic name, else raise ConfigurationError."""
+    if not isinstance(topic, str) or not TOPIC_NAME.fullmatch(topic):
+        raise ConfigurationError(
+            f"invalid topic {topic!r}: use 1-249 letters, digits or . _ : / @ + -"
+        )
+    return topic
+
+
+def validate_queue(queue: object) -> str:
+    """Return ``queue`` if it is a valid dramatiq queue name, else raise ConfigurationError."""
+    if not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue):
+        raise ConfigurationError(
+            f"invalid queue name {queue!r}: start with a letter or _, then letters, "
+            "digits, '.', '_' or '-'"
+        )
+    return queue
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+@dataclass(frozen=True, eq=False)
+class HandlerSpec:
+    """One handler of one topic, and how to run it.
+
+    Attributes:
+      topic: The topic it handles.
+      fn: The handler, ``async def`` or plain ``def`` taking the event.
+      name: The dramatiq actor name: stable and unique per bus.
+      queue: The dramatiq queue, or None for the bus's default queue.
+      event_type: When set, every payload is validated into this class.
+      max_retries: Overrides the bus policy's ``max_retries``.
+      time_limit: Seconds an attempt may run before it fails with HandlerTimeout.
+      retry: A whole retry policy for this handler (wins over ``max_retries``).
+    """
+
+    topic: str
+    fn: Handler
+    name: str
+    queue: str | None = None
+    event_type: type[BaseEvent] | None = None
+    max_retries: int | None = None
+    time_limit: float | None = None
+    retry: RetryPolicy | None = None
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", _is_async(self.fn))
+
+    def decode(self, envelope: Any) -> BaseEvent:
+        """The event in ``envelope``, as ``event_type`` when the handler declared one."""
+        return decode_event(envelope, self.event_type)
+
+    async def run_async(self, envelope: Any) -> None:
+        """Decode ``envelope`` and run the (async) handler with the event's context set."""
+        event = self.decode(envelope)
+        cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
+        current = _current_event.set(event)
+        try:
+            await self.fn(event)  # type: ignore[misc]
+        finally:
+            _current_event.reset(current)
+            correlation_id_var.reset(cid)
+
+    def run_sync(self, envelope: Any) -> None:
+        """Decode ``envelope`` and run the (sync) handler with the event's context set."""
+        event = self.decode(envelope)
+        cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
+        current = _current_event.set(event)
+        try:
+            self.fn(event)
+        finally:
+            _current_event.reset(current)
+            correlation_id_var.reset(cid)
+
+    def matches(self, handler: object) -> bool:
+        """Whether ``handler`` (a function, a spec or a name) designates this spec."""
+        return handler is self or handler is self.fn or handler == self.name
+
+
+def make_spec(
+    topic_or_event: str | type[BaseEvent],
+    fn: Handler,
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    max_retries: int | None = None,
+    time_limit: float | None = None,
+    retry: RetryPolicy | None = None,
+) -> HandlerSpec:
+    """Validate the options of a handler and build its spec."""
+    if not callable(fn):
+        raise TypeError(f"a handler must be callable, got {fn!r}")
+    event_type: type[BaseEvent] | None = None
+    if isinstance(topic_or_event, type) and issubclass(topic_or_event, BaseEvent):
+        event_type = topic_or_event
+        default = topic_or_event.default_topic()
+        if default is None:
+            raise ConfigurationError(
+                f"{topic_or_event.__name__} has no default topic; give its 'topic' field a "
+                "default or pass the topic string to on_event()"
+            )
+        topic = default
+    else:
+        topic = topic_or_event
+    validate_topic(topic)
+    if queue is not None:
+        validate_queue(queue)
+    if max_retries is not None and max_retries < 0:
+        raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
+    if time_limit is not None and time_limit <= 0:
+        raise ConfigurationError(f"time_limit must be > 0 seconds, got {time_limit}")
+    if name is None:
+        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+        name = f"{topic}:{getattr(fn, '__module__', '_')}.{qualname}"
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise ConfigurationError(f"invalid handler name {name!r}")
+    return HandlerSpec(
+        topic=topic,
+        fn=fn,
+        name=name,
+        queue=queue,
+        event_type=event_type,
+        max_retries=max_retries,
+        time_limit=time_limit,
+        retry=retry,
+    )
+
+
+_decorated: list[HandlerSpec] = []
+_decorated_version = 0
+
+
+def decorated_handlers() -> list[HandlerSpec]:
+    """Every handler registered with ``@on_event`` in this process (a copy)."""
+    return list(_decorated)
+
+
+def on_event(
+    topic: str | type[BaseEvent],
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    max_retries: int | None = None,
+    time_limit: float | None = None,
+    retry: RetryPolicy | None = None,
+) -> Callable[[F], F]:
+    """Register the decorated function as a handler of ``topic``, for every bus.
+
+    ``topic`` is a topic string, or an event class: then the topic is the class's
+    default ``topic`` and each payload is validated into that class.
+
+    Parameters:
+      name: The actor name (default ``"<topic>:<module>.<qualname>"``).  Set it to
+        keep in-flight messages routable when you rename the function.
+      queue: The dramatiq queue (default ``EVENTBUS_DEFAULT_QUEUE``).
+      max_retries: Retries for this handler (default: the bus's policy).
+      time_limit: Seconds an attempt may run.
+      retry: A whole :class:`RetryPolicy` for this handler.
+
+    Example::
+
+        @on_event("user.created")
+        async def send_welcome(event: BaseEvent) -> None: ...
+
+        @on_event(UserCreated, max_retries=5, time_limit=30)
+        def index_user(event: UserCreated) -> None: ...   # runs in a thread
+    """
+
+    def decorator(fn: F) -> F:
+        global _decorated_version
+        spec = make_spec(
+            topic,
+            fn,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            time_limit=time_limit,
+            retry=retry,
+        )
+        for i, existing in enumerate(_decorated):
+            if existing.name == spec.name:
+                _decorated[i] = spec  # a re-executed module replaces its handler
+                break
+        else:
+            _decorated.append(spec)
+        _decorated_version += 1
+        return fn
+
+    return decorator
+
+
+class HandlerRegistry:
+    """The handlers one bus dispatches to: decorated ones plus its own.
+
+    Registering and unregistering here affects only this bus.
+    """
+
+    def __init__(self) -> None:
+        self._local: list[HandlerSpec] = []
+        self._hidden: set[str] = set()
+        self._version = 0
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the set of handlers may have changed."""
+        return (_decorated_version, self._version)
+
+    async def register(
+        self, topic: str | type[BaseEvent], handler: Handler, **options: Any
+    ) -> HandlerSpec:
+        """Add ``handler`` for ``topic`` on this bus; see :func:`on_event` for options.
+
+        On a running bus the handler receives events once its topic is subscribed
+        (``await bus.subscribe(topic)``); topics subscribed already include it at once.
+        """
+        return self.add(make_spec(topic, handler, **options))
+
+    def add(self, spec: HandlerSpec) -> HandlerSpec:
+        """Add a prepared spec (synchronous form of :meth:`register`)."""
+        for existing in self.all_handlers():
+            if existing.name == spec.name:
+                if existing.fn is spec.fn and existing.topic == spec.topic:
+                    self._local = [s for s in self._local if s.name != spec.name]
+                    break
+                raise ConfigurationError(
+                    f"handler name {spec.name!r} is already used by {existing.fn!r}"
+                )
+        self._hidden.discard(spec.name)
+        self._local.append(spec)
+        self._version += 1
+        return spec
+
+    async def unregister(self, topic: str, handler: object) -> bool:
+        """Stop dispatching ``topic`` to ``handler`` (a function, spec or name) on this bus.
+
+        Messages already enqueued for it are dead-lettered with ActorNotFound.
+        Returns whether anything was removed.
+        """
+        removed = False
+        for spec in self.get_handlers(topic):
+            if spec.matches(handler):
+                self._local = [s for s in self._local if s is not spec]
+                self._hidden.add(spec.name)
+                removed = True
+        if removed:
+            self._version += 1
+        return removed
+
+    def all_handlers(self) -> list[HandlerSpec]:
+        """Every handler of this bus."""
+        specs = [s for s in _decorated if s.name not in self._hidden]
+        local_names = {s.name for s in self._local}
+        return [s for s in specs if s.name not in local_names] + self._local
+
+    def get_handlers(self, topic: str) -> list[HandlerSpec]:
+        """The handlers of ``topic``."""
+        return [s for s in self.all_handlers() if s.topic == topic]
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic with at least one handler."""
+        return list(dict.fromkeys(s.topic for s in self.all_handlers()))
