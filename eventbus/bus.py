@@ -14,7 +14,7 @@ from dramatiq.encoder import JSONEncoder
 from .asgi import correlation_id_var, new_correlation_id, new_message_id
 from .backends.base import Backend
 from .config import EventBusSettings
-from .dlq import MemoryDeadLetterStore
+from .dlq import DeadLetterStore, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
 from .exceptions import ConfigurationError, EventBusError, PublishError
 from .health import HealthChecker
@@ -78,8 +78,10 @@ class EventBus:
             raise TypeError(f"tracer must implement EventTracer, got {self.tracer!r}")
         self.retry_policy = retry_policy or RetryPolicy.from_settings(self.settings)
         self.registry = HandlerRegistry()
-        self.dlq = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
         self.backend = backend if backend is not None else create_backend(self.settings)
+        self.dlq: DeadLetterStore = self.backend.dead_letter_store(
+            self.settings
+        ) or MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
         self.broker = self.backend.bind(self._middleware())
         self.health = HealthChecker(self.backend)
         self._subscribed: dict[str, None] = {}
@@ -176,7 +178,7 @@ class EventBus:
                     actor_name=spec.name,
                     queue_name=spec.queue or self.settings.default_queue,
                     priority=0,
-                    options={keys.HANDLER: spec},
+                    options={keys.HANDLER: spec, **self.backend.actor_options(spec)},
                 )
             routes.setdefault(spec.topic, []).append(actor)
         self._routes = routes

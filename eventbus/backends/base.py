@@ -9,7 +9,10 @@ if TYPE_CHECKING:
     import dramatiq
     from dramatiq import Message, Middleware
 
+    from ..config import EventBusSettings
+    from ..dlq import DeadLetterStore
     from ..health import HealthResult
+    from ..registry import HandlerSpec
 
 
 class Backend(abc.ABC):
@@ -50,3 +53,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def health(self) -> list[HealthResult]:
         """The backend's health, as one or more results."""
+
+    def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
+        """The store this backend keeps dead letters in; None for the bus's in-memory one."""
+        return None
+
+    def actor_options(self, spec: HandlerSpec) -> dict[str, Any]:
+        """Extra dramatiq actor options for ``spec`` (e.g. ``time_limit`` for a Worker)."""
+        return {}
