@@ -1,0 +1,111 @@
+"""Events on the wire: JSON envelopes that decode safely."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from eventbus import BaseEvent, EventDecodeError, UnknownEvent, decode_event, encode_event
+
+
+class UserCreated(BaseEvent):
+    topic: str = "user.created"
+    user_id: int
+    username: str
+
+
+def test_typed_event_round_trips_as_its_class() -> None:
+    event = UserCreated(user_id=1, username="alice")
+    wire = json.dumps(encode_event(event))
+
+    decoded = decode_event(wire)
+
+    assert type(decoded) is UserCreated
+    assert decoded == event
+
+
+def test_events_are_frozen() -> None:
+    event = UserCreated(user_id=1, username="alice")
+    with pytest.raises(ValueError, match="frozen"):
+        event.username = "mallory"  # type: ignore[misc]
+
+
+def test_unknown_type_decodes_to_base_event_with_every_field() -> None:
+    envelope = encode_event(UserCreated(user_id=7, username="bob"))
+    envelope["type"] = "someone.elses.Event"
+
+    decoded = decode_event(envelope)
+
+    assert isinstance(decoded, BaseEvent)
+    assert isinstance(decoded, UnknownEvent)
+    assert decoded.event_type == "someone.elses.Event"
+    assert decoded.topic == "user.created"
+    assert decoded.model_extra == {"user_id": 7, "username": "bob"}
+    # re-encoding keeps the original type and fields (for dead letters and replay)
+    again = encode_event(decoded)
+    assert again["type"] == "someone.elses.Event"
+    assert again["event"]["user_id"] == 7
+
+
+def test_envelope_naming_a_module_imports_nothing() -> None:
+    name = "eventbus_test_never_imported_module"
+    envelope = {
+        "type": f"{name}.Evil",
+        "event": {"topic": "x"},
+        "__event_cls__": f"{name}:Evil",  # the seed's field: must be ignored
+    }
+    before = set(sys.modules)
+
+    decoded = decode_event(envelope)
+
+    assert name not in sys.modules
+    assert set(sys.modules) - before == set()
+    assert isinstance(decoded, UnknownEvent)
+
+
+def test_expected_class_validates_payload_into_it() -> None:
+    fields = {"topic": "user.created", "user_id": "5", "username": "c"}
+    envelope = {"type": "other.Name", "event": fields}
+
+    decoded = decode_event(envelope, UserCreated)
+
+    assert type(decoded) is UserCreated
+    assert decoded.user_id == 5
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\xff\xfe not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ({"event": {}}, "no 'type'"),
+        ({"type": "x.Y"}, "no 'event'"),
+        ({"type": "x.Y", "event": {"timestamp": "yesterday"}}, "timestamp"),
+    ],
+)
+def test_malformed_payload_raises_event_decode_error(payload: object, message: str) -> None:
+    with pytest.raises(EventDecodeError, match=message):
+        decode_event(payload)
+
+
+def test_invalid_fields_for_expected_class_name_the_field() -> None:
+    envelope = {"type": "t", "event": {"topic": "user.created", "user_id": "abc", "username": "c"}}
+    with pytest.raises(EventDecodeError, match="user_id"):
+        decode_event(envelope, UserCreated)
+
+
+def test_event_type_name_can_be_pinned() -> None:
+    class Pinned(BaseEvent):
+        __event_type__ = "billing.InvoicePaid.v1"
+        topic: str = "invoice.paid"
+
+    envelope = encode_event(Pinned())
+    assert envelope["type"] == "billing.InvoicePaid.v1"
+    assert type(decode_event(envelope)) is Pinned
+
+
+def test_seed_to_dict_from_dict_round_trip() -> None:
+    event = UserCreated(user_id=3, username="d")
+    assert BaseEvent.from_dict(event.to_dict()) == event
