@@ -5,7 +5,7 @@ from __future__ import annotations
 from .asgi import EventBusMiddleware, get_correlation_id
 from .bus import EventBus
 from .config import EventBusSettings
-from .dlq import DeadLetterStore, FailedEvent, MemoryDeadLetterStore
+from .dlq import DeadLetterQueue, DeadLetterStore, FailedEvent, MemoryDeadLetterStore, ReplayResult
 from .events import BaseEvent, UnknownEvent, decode_event, encode_event
 from .exceptions import (
     BackendError,
@@ -19,7 +19,7 @@ from .exceptions import (
     ShutdownError,
     SubscribeError,
 )
-from .fastapi import create_lifespan, eventbus_lifespan, get_event_bus
+from .fastapi import create_lifespan, dlq_router, eventbus_lifespan, get_event_bus
 from .health import HealthResult, HealthStatus
 from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
 from .middleware.retries import Retry, RetryPolicy
@@ -30,6 +30,7 @@ __all__ = [
     "BackendError",
     "BaseEvent",
     "ConfigurationError",
+    "DeadLetterQueue",
     "DeadLetterStore",
     "EventBus",
     "EventBusError",
@@ -52,6 +53,7 @@ __all__ = [
     "NoopMetricsCollector",
     "NoopTracer",
     "PublishError",
+    "ReplayResult",
     "Retry",
     "RetryExhaustedError",
     "RetryPolicy",
@@ -61,6 +63,7 @@ __all__ = [
     "UnknownEvent",
     "create_lifespan",
     "decode_event",
+    "dlq_router",
     "encode_event",
     "eventbus_lifespan",
     "get_correlation_id",

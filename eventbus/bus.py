@@ -14,7 +14,7 @@ from dramatiq.encoder import JSONEncoder
 from .asgi import correlation_id_var, new_correlation_id, new_message_id
 from .backends.base import Backend
 from .config import EventBusSettings
-from .dlq import DeadLetterStore, MemoryDeadLetterStore
+from .dlq import DeadLetterQueue, FailedEvent, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
 from .exceptions import ConfigurationError, EventBusError, PublishError
 from .health import HealthChecker
@@ -79,9 +79,10 @@ class EventBus:
         self.retry_policy = retry_policy or RetryPolicy.from_settings(self.settings)
         self.registry = HandlerRegistry()
         self.backend = backend if backend is not None else create_backend(self.settings)
-        self.dlq: DeadLetterStore = self.backend.dead_letter_store(
-            self.settings
-        ) or MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
+        store = self.backend.dead_letter_store(self.settings)
+        if store is None:
+            store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
+        self.dlq = DeadLetterQueue(store, replayer=self._replay)
         self.broker = self.backend.bind(self._middleware())
         self.health = HealthChecker(self.backend)
         self._subscribed: dict[str, None] = {}
@@ -90,7 +91,7 @@ class EventBus:
         self._started = False
 
     def _middleware(self) -> list[Middleware]:
-        store = self.dlq if self.settings.dlq_enabled else None
+        store = self.dlq.store if self.settings.dlq_enabled else None
         middleware: list[Middleware] = []
         # The defaults record nothing: leave their middleware out of the hot path.
         if not isinstance(self.metrics, NoopMetricsCollector):
@@ -231,6 +232,26 @@ class EventBus:
             )
             for actor in actors
         ]
+
+    def _replay(self, record: FailedEvent) -> None:
+        """Enqueue ``record``'s event for the handler that failed on it, retries reset."""
+        if self._routes_version != self.registry.version:
+            self._rebuild_routes()  # a handler unregistered since must not get it
+        options = {
+            keys.TOPIC: record.topic,
+            keys.CORRELATION_ID: record.correlation_id,
+            keys.TRACE_ID: record.trace_id,
+            keys.REPLAY_OF: record.id,
+        }
+        message: Message[Any] = Message(
+            queue_name=record.queue or self.settings.default_queue,
+            actor_name=record.handler,
+            args=(record.envelope,),
+            kwargs={},
+            options=options,
+            message_id=new_message_id(),
+        )
+        self.backend.replay(message)
 
     async def publish(self, event: BaseEvent) -> None:
         """Deliver ``event`` to every handler subscribed to its topic.

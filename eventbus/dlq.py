@@ -1,20 +1,39 @@
-"""Dead letters: events a handler failed on for good, kept for inspection and replay.
+"""Dead letters: events a handler failed on for good, kept to inspect, replay or purge.
 
 A :class:`FailedEvent` is written once per (event, handler) when the handler's
-retry policy gives up or the message cannot be decoded.  ``bus.dlq`` is the
-store; the embedded backend keeps it in memory, bounded (oldest evicted, and
-counted in ``evicted``).
+retry policy gives up, the payload cannot be decoded, or the bus stops before
+delivering it.  ``bus.dlq`` is a :class:`DeadLetterQueue` over the backend's
+store: in memory for the embedded backend (bounded, oldest evicted and counted),
+Redis or a Kafka topic for the durable backends.
+
+Example::
+
+    for f in bus.dlq.peek(limit=20, topic="user.created"):
+        print(f.id, f.handler, f.attempts, f.error_type, f.error)
+    bus.dlq.replay([f.id for f in failed])      # the failed handler only, fresh retries
+    bus.dlq.purge(error_type="ValidationError")
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from .events import BaseEvent
+from .events import BaseEvent, decode_event
+from .exceptions import EventDecodeError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Records listed by ``peek`` when no limit is given.
+DEFAULT_PEEK_LIMIT = 10
 
 
 def _now() -> datetime:
@@ -27,11 +46,13 @@ class FailedEvent:
 
     Attributes:
       id: Stable id of the record (the id of the failed message).
-      event: The decoded event, or None when the payload could not be decoded.
-      envelope: The payload exactly as it was enqueued.
+      event: The decoded event, or None when the payload could not be decoded
+        (``envelope`` still holds it).  Events of a type the reading process does
+        not know decode to :class:`~eventbus.events.UnknownEvent`.
+      envelope: The payload exactly as it was enqueued; replay sends this.
       topic: The event's topic.
       handler: The actor name of the handler that failed.
-      queue: The handler's queue.
+      queue: The handler's dramatiq queue.
       attempts: How many times the handler ran.
       error: The final attempt's exception message.
       error_type: The final exception's type name.
@@ -39,6 +60,7 @@ class FailedEvent:
       first_failed_at, last_failed_at: When the first and the last attempt failed.
       correlation_id: The correlation id of the publishing request.
       trace_id: The trace id of the publish span.
+      partition, offset: Where a Kafka record came from (None elsewhere).
     """
 
     id: str
@@ -55,6 +77,8 @@ class FailedEvent:
     last_failed_at: datetime = field(default_factory=_now)
     correlation_id: str = ""
     trace_id: str = ""
+    partition: int | None = None
+    offset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-compatible dict (the event as its envelope)."""
@@ -72,16 +96,82 @@ class FailedEvent:
             "last_failed_at": self.last_failed_at.isoformat(),
             "correlation_id": self.correlation_id,
             "trace_id": self.trace_id,
+            "partition": self.partition,
+            "offset": self.offset,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FailedEvent:
+        """Rebuild a record from :meth:`to_dict` output; the event is decoded again."""
+        envelope = data.get("envelope")
+        try:
+            event: BaseEvent | None = decode_event(envelope)
+        except EventDecodeError:
+            event = None
+        return cls(
+            id=str(data["id"]),
+            event=event,
+            envelope=envelope,
+            topic=str(data.get("topic", "")),
+            handler=str(data.get("handler", "")),
+            queue=str(data.get("queue", "")),
+            attempts=int(data.get("attempts", 0)),
+            error=str(data.get("error", "")),
+            error_type=str(data.get("error_type", "")),
+            traceback=str(data.get("traceback", "")),
+            first_failed_at=_parse_time(data.get("first_failed_at")),
+            last_failed_at=_parse_time(data.get("last_failed_at")),
+            correlation_id=str(data.get("correlation_id", "")),
+            trace_id=str(data.get("trace_id", "")),
+            partition=data.get("partition"),
+            offset=data.get("offset"),
+        )
+
+    def matches(
+        self, topic: str | None = None, handler: str | None = None, error_type: str | None = None
+    ) -> bool:
+        """Whether the record passes every filter that is not None."""
+        return (
+            (topic is None or self.topic == topic)
+            and (handler is None or self.handler == handler)
+            and (error_type is None or self.error_type == error_type)
+        )
+
+
+def _parse_time(value: object) -> datetime:
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    return _now()
 
 
 @runtime_checkable
 class DeadLetterStore(Protocol):
-    """Where dead letters go.  ``add`` is called from the dispatching thread."""
+    """Where dead letters live.  Implementations must be safe across threads.
+
+    ``claim`` / ``release`` / ``complete`` make replay safe: a claimed record is
+    hidden from other replays; ``complete`` deletes it once its replay is enqueued,
+    ``release`` puts it back when enqueueing failed.  A durable store must bring a
+    claimed record back by itself if its claimer died before completing.
+    """
+
+    #: True when calls do network I/O (async wrappers then run them in a thread).
+    blocking: bool
 
     def add(self, record: FailedEvent) -> None: ...
 
-    def peek(self, limit: int = 10) -> list[FailedEvent]: ...
+    def find(
+        self,
+        limit: int | None = DEFAULT_PEEK_LIMIT,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+    ) -> list[FailedEvent]:
+        """Matching records, newest last; at most ``limit`` (the newest), None for all."""
+        ...
 
     def get(self, record_id: str) -> FailedEvent | None: ...
 
@@ -91,14 +181,22 @@ class DeadLetterStore(Protocol):
 
     def clear(self) -> None: ...
 
+    def claim(self, record_id: str) -> FailedEvent | None: ...
+
+    def release(self, record: FailedEvent) -> None: ...
+
+    def complete(self, record_id: str) -> None: ...
+
 
 class MemoryDeadLetterStore:
-    """Keeps the newest ``max_size`` dead letters in memory; safe across threads.
+    """Keeps the newest ``max_size`` dead letters in memory.
 
     Parameters:
       max_size: Records kept; adding one more evicts the oldest and counts it in
         ``evicted``.
     """
+
+    blocking = False
 
     def __init__(self, max_size: int = 10_000) -> None:
         self.max_size = max_size
@@ -115,28 +213,225 @@ class MemoryDeadLetterStore:
                 self._records.popitem(last=False)
                 self.evicted += 1
 
-    def peek(self, limit: int = 10) -> list[FailedEvent]:
-        """The ``limit`` newest records, oldest first."""
+    def find(
+        self,
+        limit: int | None = DEFAULT_PEEK_LIMIT,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+    ) -> list[FailedEvent]:
         with self._lock:
-            records = list(self._records.values())
+            records = [r for r in self._records.values() if r.matches(topic, handler, error_type)]
+        if limit is None:
+            return records
         return records[-limit:] if limit > 0 else []
 
+    def peek(self, limit: int = DEFAULT_PEEK_LIMIT) -> list[FailedEvent]:
+        """The ``limit`` newest records, oldest first."""
+        return self.find(limit)
+
     def get(self, record_id: str) -> FailedEvent | None:
-        """The record with ``record_id``, or None."""
         with self._lock:
             return self._records.get(record_id)
 
     def remove(self, record_id: str) -> FailedEvent | None:
-        """Remove and return the record with ``record_id``."""
         with self._lock:
             return self._records.pop(record_id, None)
 
     def size(self) -> int:
-        """How many records are stored."""
         with self._lock:
             return len(self._records)
 
     def clear(self) -> None:
-        """Remove every record."""
         with self._lock:
             self._records.clear()
+
+    def claim(self, record_id: str) -> FailedEvent | None:
+        return self.remove(record_id)
+
+    def release(self, record: FailedEvent) -> None:
+        self.add(record)
+
+    def complete(self, record_id: str) -> None:
+        pass
+
+
+@dataclass
+class ReplayResult:
+    """What :meth:`DeadLetterQueue.replay` did.
+
+    Attributes:
+      replayed: Ids whose event was re-enqueued (and whose record is gone).
+      missing: Ids with no record (already replayed, purged, or never there).
+      failed: Ids whose replay could not be enqueued, with the reason; their
+        records are still in the store.
+    """
+
+    replayed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+Replayer = Callable[[FailedEvent], None]
+
+
+class DeadLetterQueue:
+    """``bus.dlq``: inspect, replay and purge dead letters.
+
+    Every method has an async twin prefixed ``a`` (``await bus.dlq.areplay(ids)``)
+    for use inside endpoints; for network-backed stores it runs in a thread so the
+    event loop never blocks.
+
+    Parameters:
+      store: Where the records are.
+      replayer: Enqueues a record's event for its handler again (the bus provides it).
+    """
+
+    def __init__(self, store: DeadLetterStore, replayer: Replayer | None = None) -> None:
+        self.store = store
+        self._replayer = replayer
+
+    # -- reading -----------------------------------------------------------------
+
+    def peek(
+        self,
+        limit: int = DEFAULT_PEEK_LIMIT,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+    ) -> list[FailedEvent]:
+        """The newest ``limit`` records matching the filters, oldest first."""
+        return self.store.find(limit, topic=topic, handler=handler, error_type=error_type)
+
+    def size(
+        self,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+    ) -> int:
+        """How many records there are (matching the filters, when given)."""
+        if topic is None and handler is None and error_type is None:
+            return self.store.size()
+        return len(self.store.find(None, topic=topic, handler=handler, error_type=error_type))
+
+    def get(self, record_id: str) -> FailedEvent | None:
+        """The record with ``record_id``, or None."""
+        return self.store.get(record_id)
+
+    @property
+    def evicted(self) -> int:
+        """Records the store dropped to stay within its bound."""
+        return int(getattr(self.store, "evicted", 0))
+
+    # -- acting ------------------------------------------------------------------
+
+    def _select(
+        self,
+        ids: Iterable[str] | None,
+        topic: str | None,
+        handler: str | None,
+        error_type: str | None,
+    ) -> list[str]:
+        if ids is not None:
+            if isinstance(ids, str):
+                raise TypeError("pass a list of record ids, not a single string")
+            return list(dict.fromkeys(ids))
+        if topic is None and handler is None and error_type is None:
+            raise ValueError("give record ids or at least one filter (use all_records=True)")
+        return [
+            r.id for r in self.store.find(None, topic=topic, handler=handler, error_type=error_type)
+        ]
+
+    def replay(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+        all_records: bool = False,
+    ) -> ReplayResult:
+        """Send dead events back to the handler that failed on them, with fresh retries.
+
+        Each record is claimed (hidden from concurrent replays), its event
+        enqueued for its handler only, and then deleted: replaying the same id
+        twice delivers once, and a failure midway leaves the record in place.
+
+        Parameters:
+          ids: Record ids; or select by ``topic`` / ``handler`` / ``error_type``, or
+            ``all_records=True``.
+        """
+        if self._replayer is None:
+            raise RuntimeError("this dead-letter queue is not attached to a bus; cannot replay")
+        if all_records:
+            ids = [r.id for r in self.store.find(None)]
+        result = ReplayResult()
+        for record_id in self._select(ids, topic, handler, error_type):
+            record = self.store.claim(record_id)
+            if record is None:
+                result.missing.append(record_id)
+                continue
+            try:
+                self._replayer(record)
+            except Exception as exc:
+                self.store.release(record)
+                result.failed[record_id] = f"{type(exc).__name__}: {exc}"
+                logger.warning("Replay of dead letter %s failed: %s", record_id, exc)
+                continue
+            self.store.complete(record_id)
+            result.replayed.append(record_id)
+        return result
+
+    def purge(
+        self,
+        ids: Iterable[str] | None = None,
+        *,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+        all_records: bool = False,
+    ) -> int:
+        """Delete records by id, by filter, or all of them; returns how many went."""
+        if all_records:
+            count = self.store.size()
+            self.store.clear()
+            return count
+        removed = 0
+        for record_id in self._select(ids, topic, handler, error_type):
+            if self.store.remove(record_id) is not None:
+                removed += 1
+        return removed
+
+    def clear(self) -> None:
+        """Delete every record."""
+        self.store.clear()
+
+    # -- async twins ----------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.store.blocking:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    async def apeek(self, limit: int = DEFAULT_PEEK_LIMIT, **filters: Any) -> list[FailedEvent]:
+        """Async :meth:`peek`."""
+        return await self._call(self.peek, limit, **filters)
+
+    async def asize(self, **filters: Any) -> int:
+        """Async :meth:`size`."""
+        return await self._call(self.size, **filters)
+
+    async def aget(self, record_id: str) -> FailedEvent | None:
+        """Async :meth:`get`."""
+        return await self._call(self.get, record_id)
+
+    async def areplay(self, ids: Iterable[str] | None = None, **filters: Any) -> ReplayResult:
+        """Async :meth:`replay`."""
+        return await self._call(self.replay, ids, **filters)
+
+    async def apurge(self, ids: Iterable[str] | None = None, **filters: Any) -> int:
+        """Async :meth:`purge`."""
+        return await self._call(self.purge, ids, **filters)

@@ -1,15 +1,20 @@
-"""FastAPI integration: lifespan helpers and the ``get_event_bus`` dependency."""
+"""FastAPI integration: lifespan helpers, the ``get_event_bus`` dependency, admin routers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from enum import Enum
+from typing import Any
 
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
-if TYPE_CHECKING:
-    from .bus import EventBus
+from .bus import EventBus
+from .dlq import FailedEvent
+from .exceptions import ConfigurationError
 
 
 def create_lifespan(bus: EventBus) -> Callable[[Any], AbstractAsyncContextManager[None]]:
@@ -60,3 +65,116 @@ def get_event_bus(conn: HTTPConnection) -> EventBus:
             "or use eventbus_lifespan(bus, app) in your lifespan"
         )
     return bus
+
+
+class DeadLetterSelection(BaseModel):
+    """Body of the bulk replay and purge routes: ids, or filters, or ``all``."""
+
+    ids: list[str] | None = None
+    topic: str | None = None
+    handler: str | None = None
+    error_type: str | None = None
+    all: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        if not (self.ids or self.topic or self.handler or self.error_type or self.all):
+            raise HTTPException(422, "give ids, a filter (topic, handler, error_type) or all=true")
+        return {
+            "topic": self.topic,
+            "handler": self.handler,
+            "error_type": self.error_type,
+            "all_records": self.all,
+        }
+
+
+def _summary(record: FailedEvent) -> dict[str, Any]:
+    data = record.to_dict()
+    data.pop("traceback")
+    data["event_type"] = record.event.event_type if record.event else None
+    return data
+
+
+def dlq_router(
+    *,
+    dependencies: Sequence[Any] | None = None,
+    allow_unauthenticated: bool = False,
+    prefix: str = "/eventbus/dlq",
+    tags: list[str | Enum] | None = None,
+) -> APIRouter:
+    """An admin router to list, show, replay and purge dead letters.
+
+    Mount it behind your auth: it refuses to exist without a dependency unless you
+    pass ``allow_unauthenticated=True`` (for a private network you trust).
+
+    Example::
+
+        async def require_admin(token: str = Header(alias="X-Admin-Token")) -> None:
+            if token != settings.admin_token:
+                raise HTTPException(403)
+
+        app.include_router(dlq_router(dependencies=[Depends(require_admin)]))
+
+    Routes (under ``prefix``): ``GET /`` (``limit``, ``topic``, ``handler``,
+    ``error_type``), ``GET /{id}``, ``POST /{id}/replay``, ``DELETE /{id}``,
+    ``POST /replay`` and ``POST /purge`` (body: ``ids`` or filters or ``all``).
+
+    Raises:
+      ConfigurationError: No ``dependencies`` and not ``allow_unauthenticated``.
+    """
+    if not dependencies and not allow_unauthenticated:
+        raise ConfigurationError(
+            "dlq_router() needs an auth dependency, e.g. "
+            "dlq_router(dependencies=[Depends(require_admin)]); pass "
+            "allow_unauthenticated=True only if every client that can reach it may "
+            "read and replay your failed events"
+        )
+    router = APIRouter(prefix=prefix, tags=tags or ["eventbus"], dependencies=dependencies)
+    bus_dep = Depends(get_event_bus)
+
+    @router.get("")
+    async def list_dead_letters(
+        limit: int = Query(50, ge=1, le=1000),
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+        bus: EventBus = bus_dep,
+    ) -> dict[str, Any]:
+        filters = {"topic": topic, "handler": handler, "error_type": error_type}
+        records = await bus.dlq.apeek(limit, **filters)
+        return {"size": await bus.dlq.asize(**filters), "items": [_summary(r) for r in records]}
+
+    @router.get("/{record_id}")
+    async def show_dead_letter(record_id: str, bus: EventBus = bus_dep) -> dict[str, Any]:
+        record = await bus.dlq.aget(record_id)
+        if record is None:
+            raise HTTPException(404, f"no dead letter {record_id!r}")
+        return record.to_dict()
+
+    @router.post("/{record_id}/replay")
+    async def replay_dead_letter(record_id: str, bus: EventBus = bus_dep) -> dict[str, Any]:
+        result = await bus.dlq.areplay([record_id])
+        if result.missing:
+            raise HTTPException(404, f"no dead letter {record_id!r}")
+        if result.failed:
+            raise HTTPException(502, result.failed[record_id])
+        return asdict(result)
+
+    @router.delete("/{record_id}", status_code=204)
+    async def delete_dead_letter(record_id: str, bus: EventBus = bus_dep) -> None:
+        if not await bus.dlq.apurge([record_id]):
+            raise HTTPException(404, f"no dead letter {record_id!r}")
+
+    @router.post("/replay")
+    async def replay_dead_letters(
+        selection: DeadLetterSelection, bus: EventBus = bus_dep
+    ) -> dict[str, Any]:
+        result = await bus.dlq.areplay(selection.ids, **selection.kwargs())
+        return asdict(result)
+
+    @router.post("/purge")
+    async def purge_dead_letters(
+        selection: DeadLetterSelection, bus: EventBus = bus_dep
+    ) -> dict[str, int]:
+        return {"purged": await bus.dlq.apurge(selection.ids, **selection.kwargs())}
+
+    return router

@@ -58,6 +58,16 @@ class Backend(abc.ABC):
         """The store this backend keeps dead letters in; None for the bus's in-memory one."""
         return None
 
+    def replay(self, message: Message[Any]) -> None:
+        """Enqueue a dead letter's message again (synchronously; may block).
+
+        The default enqueues it on the bound broker, declaring its queue first.
+        """
+        broker = self.bind([])
+        if message.queue_name not in broker.get_declared_queues():
+            broker.declare_queue(message.queue_name)
+        broker.enqueue(message)
+
     def actor_options(self, spec: HandlerSpec) -> dict[str, Any]:
         """Extra dramatiq actor options for ``spec`` (e.g. ``time_limit`` for a Worker)."""
         return {}

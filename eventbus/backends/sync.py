@@ -409,6 +409,14 @@ class SyncBackend(Backend):
             for recorder in recorders:
                 recorder.record(message, error)
 
+    def replay(self, message: Message[Any]) -> None:
+        broker = self._require_broker()
+        if message.actor_name not in broker.actors:
+            raise BackendError(
+                f"handler {message.actor_name!r} is not registered on this bus", backend=self.name
+            )
+        broker.enqueue(message)
+
     async def enqueue(self, messages: list[Message[Any]]) -> None:
         broker = self._require_broker()
         dispatcher = self.dispatcher

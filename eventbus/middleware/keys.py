@@ -18,5 +18,8 @@ ATTEMPTS = "eventbus_attempts"
 #: Milliseconds since the epoch of the first failure.
 FIRST_FAILED_AT = "eventbus_first_failed"
 
+#: Id of the dead letter a replayed message comes from.
+REPLAY_OF = "eventbus_replay_of"
+
 #: Actor option holding the HandlerSpec behind an actor.
 HANDLER = "eventbus_handler"

@@ -1,0 +1,375 @@
+"""Dead letters on the embedded backend: records, filters, replay, purge, CLI, admin router."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+
+import pytest
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.testclient import TestClient
+
+from eventbus import (
+    BaseEvent,
+    ConfigurationError,
+    EventBus,
+    EventBusSettings,
+    FailedEvent,
+    MemoryDeadLetterStore,
+    RetryPolicy,
+    create_lifespan,
+    dlq_router,
+)
+from eventbus.cli import main as cli_main
+from eventbus.cli import run as cli_run
+
+MakeBus = Callable[..., EventBus]
+
+
+class Charge(BaseEvent):
+    amount: int = 1
+
+
+class Switch:
+    """A handler that fails until it is fixed, counting its calls."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.calls = 0
+        self.seen: list[BaseEvent] = []
+
+    async def __call__(self, event: BaseEvent) -> None:
+        self.calls += 1
+        if self.broken:
+            raise ConnectionError("ledger unavailable")
+        self.seen.append(event)
+
+
+async def dead_letters(make_bus: MakeBus, topic: str, n: int = 1) -> tuple[EventBus, Switch]:
+    switch = Switch()
+    bus = make_bus(retry_policy=RetryPolicy(max_retries=2, delay=0.001))
+    await bus.registry.register(topic, switch, name=f"{topic}:ledger")
+    await bus.start()
+    await bus.publish_many([Charge(topic=topic, amount=i) for i in range(n)])
+    await bus.drain(timeout=10)
+    return bus, switch
+
+
+async def test_poison_event_gets_max_retries_plus_one_attempts(
+    make_bus: MakeBus, topic: str
+) -> None:
+    bus, switch = await dead_letters(make_bus, topic)
+
+    assert switch.calls == 3
+    [record] = bus.dlq.peek()
+    assert record.attempts == 3
+    assert record.handler == f"{topic}:ledger"
+    assert record.topic == topic
+    assert record.error_type == "ConnectionError"
+    assert "ledger unavailable" in record.traceback
+    assert record.first_failed_at <= record.last_failed_at
+    assert record.correlation_id
+    assert bus.dlq.get(record.id) is record
+
+
+async def test_replay_after_fix_succeeds_and_empties_the_store(
+    make_bus: MakeBus, topic: str
+) -> None:
+    bus, switch = await dead_letters(make_bus, topic)
+    [record] = bus.dlq.peek()
+
+    switch.broken = False
+    result = bus.dlq.replay([record.id])
+    await bus.drain(timeout=5)
+
+    assert result.replayed == [record.id]
+    assert bus.dlq.size() == 0
+    assert [e.event_id for e in switch.seen] == [record.event.event_id]  # type: ignore[union-attr]
+    # the same correlation id travels with the replay
+    assert switch.seen[0].metadata["correlation_id"] == record.correlation_id
+
+
+async def test_replay_goes_to_the_failed_handler_only(make_bus: MakeBus, topic: str) -> None:
+    sibling_calls: list[int] = []
+
+    async def sibling(event: BaseEvent) -> None:
+        sibling_calls.append(1)
+
+    bus = make_bus(retry_policy=RetryPolicy(max_retries=0))
+    switch = Switch()
+    await bus.registry.register(topic, switch)
+    await bus.registry.register(topic, sibling)
+    await bus.start()
+    await bus.publish(Charge(topic=topic))
+    await bus.drain(timeout=5)
+    switch.broken = False
+    bus.dlq.replay(all_records=True)
+    await bus.drain(timeout=5)
+
+    assert len(sibling_calls) == 1
+    assert len(switch.seen) == 1
+
+
+async def test_replaying_an_id_twice_delivers_once(make_bus: MakeBus, topic: str) -> None:
+    bus, switch = await dead_letters(make_bus, topic)
+    [record] = bus.dlq.peek()
+    switch.broken = False
+
+    first = bus.dlq.replay([record.id, record.id])
+    second = bus.dlq.replay([record.id])
+    await bus.drain(timeout=5)
+
+    assert first.replayed == [record.id]
+    assert second.missing == [record.id]
+    assert len(switch.seen) == 1
+
+
+async def test_replay_gets_a_fresh_retry_budget(make_bus: MakeBus, topic: str) -> None:
+    bus, switch = await dead_letters(make_bus, topic)
+    [record] = bus.dlq.peek()
+
+    bus.dlq.replay([record.id])  # still broken
+    await bus.drain(timeout=5)
+
+    assert switch.calls == 6  # 3 attempts, then 3 more after the replay
+    [again] = bus.dlq.peek()
+    assert again.attempts == 3
+    assert again.id != record.id
+
+
+async def test_failed_replay_keeps_the_record(make_bus: MakeBus, topic: str) -> None:
+    bus, switch = await dead_letters(make_bus, topic)
+    [record] = bus.dlq.peek()
+    await bus.registry.unregister(topic, switch)
+
+    result = bus.dlq.replay([record.id])
+
+    assert record.id in result.failed
+    assert "not registered" in result.failed[record.id]
+    assert bus.dlq.get(record.id) is not None
+
+
+async def test_bulk_replay_of_1000_records_loses_none(make_bus: MakeBus, topic: str) -> None:
+    bus, switch = await dead_letters(make_bus, topic, n=1000)
+    assert bus.dlq.size() == 1000
+    switch.broken = False
+
+    result = await bus.dlq.areplay(topic=topic)
+    await bus.drain(timeout=30)
+
+    assert len(result.replayed) == 1000
+    assert bus.dlq.size() == 0
+    assert sorted(e.amount for e in switch.seen) == list(range(1000))  # type: ignore[attr-defined]
+
+
+async def test_unknown_event_class_still_lists_and_replays(make_bus: MakeBus, topic: str) -> None:
+    from eventbus.middleware import keys
+
+    bus, switch = await dead_letters(make_bus, topic, n=0)
+    envelope = {"type": "another.service.Refund", "event": {"topic": topic, "refund_id": 9}}
+    spec = bus.registry.get_handlers(topic)[0]
+    from dramatiq import Message
+
+    bus.broker.enqueue(
+        Message(
+            queue_name="eventbus",
+            actor_name=spec.name,
+            args=(envelope,),
+            kwargs={},
+            options={keys.TOPIC: topic},
+        )
+    )
+    await bus.drain(timeout=5)
+
+    [record] = bus.dlq.peek(topic=topic)
+    assert record.event is not None
+    assert record.event.event_type == "another.service.Refund"
+    switch.broken = False
+    assert bus.dlq.replay([record.id]).replayed == [record.id]
+    await bus.drain(timeout=5)
+    assert switch.seen[0].model_extra == {"refund_id": 9}
+
+
+async def test_filters_and_purge(make_bus: MakeBus, topic: str) -> None:
+    other = topic + ".b"
+
+    async def typeerror(event: BaseEvent) -> None:
+        raise TypeError("bad type")
+
+    async def valueerror(event: BaseEvent) -> None:
+        raise ValueError("bad value")
+
+    bus = make_bus(retry_policy=RetryPolicy(max_retries=0))
+    await bus.registry.register(topic, typeerror)
+    await bus.registry.register(other, valueerror)
+    await bus.start()
+    await bus.publish_many([Charge(topic=topic), Charge(topic=other), Charge(topic=other)])
+    await bus.drain(timeout=5)
+
+    assert bus.dlq.size() == 3
+    assert bus.dlq.size(topic=other) == 2
+    assert [r.error_type for r in bus.dlq.peek(10, error_type="TypeError")] == ["TypeError"]
+    assert len(bus.dlq.peek(1)) == 1
+    with pytest.raises(ValueError, match="filter"):
+        bus.dlq.purge()
+    assert bus.dlq.purge(error_type="ValueError") == 2
+    assert bus.dlq.purge(all_records=True) == 1
+    assert bus.dlq.size() == 0
+
+
+def test_memory_store_is_bounded_and_counts_evictions() -> None:
+    store = MemoryDeadLetterStore(max_size=2)
+    for i in range(5):
+        store.add(
+            FailedEvent(
+                id=str(i),
+                event=None,
+                envelope=None,
+                topic="t",
+                handler="h",
+                queue="q",
+                attempts=1,
+                error="e",
+                error_type="E",
+            )
+        )
+    assert [r.id for r in store.find(None)] == ["3", "4"]
+    assert store.evicted == 3
+
+
+def test_failed_event_round_trips_through_json() -> None:
+    event = Charge(topic="a.b", amount=5)
+    record = FailedEvent(
+        id="x",
+        event=event,
+        envelope=event.to_dict(),
+        topic="a.b",
+        handler="h",
+        queue="q",
+        attempts=2,
+        error="boom",
+        error_type="RuntimeError",
+        traceback="tb",
+        partition=3,
+        offset=7,
+    )
+    again = FailedEvent.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again.to_dict() == record.to_dict()
+    assert again.event == event
+
+
+async def test_non_retryable_exceptions_go_straight_to_the_store(
+    make_bus: MakeBus, topic: str
+) -> None:
+    calls: list[int] = []
+
+    async def strict(event: BaseEvent) -> None:
+        calls.append(1)
+        raise ValueError("invalid amount")
+
+    bus = make_bus(
+        retry_policy=RetryPolicy(max_retries=5, delay=0.001, non_retryable_exceptions=(ValueError,))
+    )
+    await bus.registry.register(topic, strict)
+    await bus.start()
+    await bus.publish(Charge(topic=topic))
+    await bus.drain(timeout=5)
+    assert calls == [1]
+    assert bus.dlq.peek()[0].attempts == 1
+
+
+def test_jitter_spreads_delays_within_bounds() -> None:
+    policy = RetryPolicy(delay=10.0, jitter=0.2, max_delay=100)
+    delays = {policy.get_delay(0) for _ in range(200)}
+    assert min(delays) >= 8.0 and max(delays) <= 12.0
+    assert len(delays) > 100
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(jitter=1.5)
+
+
+# -- admin router ---------------------------------------------------------------------
+
+
+def test_admin_router_refuses_to_mount_without_auth() -> None:
+    with pytest.raises(ConfigurationError, match="auth dependency"):
+        dlq_router()
+    assert dlq_router(allow_unauthenticated=True).routes
+
+
+def test_admin_router_lists_shows_replays_and_purges(topic: str) -> None:
+    async def require_admin(x_admin_token: str = Header("")) -> None:
+        if x_admin_token != "s3cret":
+            raise HTTPException(403, "admins only")
+
+    switch = Switch()
+    bus = EventBus(
+        settings=EventBusSettings(shutdown_timeout=1), retry_policy=RetryPolicy(max_retries=0)
+    )
+    app = FastAPI(lifespan=create_lifespan(bus))
+    app.include_router(dlq_router(dependencies=[Depends(require_admin)]))
+
+    @app.post("/charge")
+    async def charge() -> None:
+        await bus.publish_many([Charge(topic=topic), Charge(topic=topic)])
+        await bus.drain(timeout=5)
+
+    auth = {"X-Admin-Token": "s3cret"}
+    with TestClient(app) as client:
+        client.portal.call(bus.registry.register, topic, switch)  # type: ignore[union-attr]
+        client.portal.call(bus.subscribe, topic)  # type: ignore[union-attr]
+        client.post("/charge")
+
+        assert client.get("/eventbus/dlq").status_code == 403
+        listing = client.get("/eventbus/dlq", headers=auth, params={"topic": topic}).json()
+        assert listing["size"] == 2
+        first, second = (item["id"] for item in listing["items"])
+        detail = client.get(f"/eventbus/dlq/{first}", headers=auth).json()
+        assert "ledger unavailable" in detail["traceback"]
+        assert client.get("/eventbus/dlq/nope", headers=auth).status_code == 404
+
+        switch.broken = False
+        replayed = client.post(f"/eventbus/dlq/{first}/replay", headers=auth).json()
+        assert replayed["replayed"] == [first]
+        client.portal.call(bus.drain, 5)  # type: ignore[union-attr]
+        assert len(switch.seen) == 1
+
+        assert client.post("/eventbus/dlq/purge", headers=auth, json={}).status_code == 422
+        assert client.post("/eventbus/dlq/purge", headers=auth, json={"ids": [second]}).json() == {
+            "purged": 1
+        }
+        assert client.get("/eventbus/dlq", headers=auth).json()["size"] == 0
+
+
+# -- CLI ------------------------------------------------------------------------------
+
+
+async def test_cli_lists_shows_replays_and_purges(make_bus: MakeBus, topic: str) -> None:
+    bus, switch = await dead_letters(make_bus, topic, n=2)
+    first, second = (r.id for r in bus.dlq.peek())
+
+    out = io.StringIO()
+    assert cli_run(["dlq", "list"], bus, out) == 0
+    table = out.getvalue()
+    assert "HANDLER" in table and first in table and "ConnectionError: ledger unavailable" in table
+
+    out = io.StringIO()
+    assert cli_run(["dlq", "show", first, "--json"], bus, out) == 0
+    assert json.loads(out.getvalue())["id"] == first
+
+    switch.broken = False
+    out = io.StringIO()
+    assert cli_run(["dlq", "replay", first, "--json"], bus, out) == 0
+    assert json.loads(out.getvalue())["replayed"] == [first]
+    await bus.drain(timeout=5)
+    assert len(switch.seen) == 1
+
+    assert cli_run(["dlq", "purge", "--all"], bus, io.StringIO()) == 2  # needs --yes
+    assert cli_run(["dlq", "purge", "--all", "--yes"], bus, io.StringIO()) == 0
+    assert bus.dlq.size() == 0
+    assert cli_run(["dlq", "show", second], bus, io.StringIO()) == 1
+
+
+def test_cli_refuses_the_embedded_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_BACKEND", "sync")
+    assert cli_main(["dlq", "list"]) == 2
