@@ -8,6 +8,7 @@ and inside their handlers :func:`get_correlation_id` returns it again.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -44,6 +45,21 @@ def new_message_id() -> str:
     """A fresh message id: 128 random bits in UUID form, cheaper than uuid.uuid4()."""
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class CorrelationIdFilter(logging.Filter):
+    """Adds ``record.correlation_id`` to every log record (``""`` outside a request or event).
+
+    Example::
+
+        handler = logging.StreamHandler()
+        handler.addFilter(CorrelationIdFilter())
+        handler.setFormatter(logging.Formatter("%(correlation_id)s %(levelname)s %(message)s"))
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.correlation_id = correlation_id_var.get()
+        return True
 
 
 class EventBusMiddleware:

@@ -12,16 +12,23 @@ from dramatiq import Actor, Message, Middleware
 from dramatiq.encoder import JSONEncoder
 
 from .asgi import correlation_id_var, new_correlation_id, new_message_id
-from .backends.base import Backend
+from .backends.base import Backend, OutgoingEvent
 from .config import EventBusSettings
 from .dlq import DeadLetterQueue, FailedEvent, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
 from .exceptions import ConfigurationError, EventBusError, PublishError
 from .health import HealthChecker
-from .metrics import MetricsCollector, NoopMetricsCollector
+from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
 from .middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing, keys
 from .registry import HandlerRegistry, get_current_event, validate_topic
-from .tracing import EventSpan, EventTracer, NoopTracer, SpanStatus, get_current_span
+from .tracing import (
+    EventSpan,
+    EventTracer,
+    LoggingTracer,
+    NoopTracer,
+    SpanStatus,
+    get_current_span,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +41,37 @@ def create_backend(settings: EventBusSettings) -> Backend:
         return SyncBackend(
             max_concurrency=settings.max_concurrency, worker_threads=settings.worker_threads
         )
+    if settings.backend == "redis":
+        from .backends.redis import RedisBackend
+
+        return RedisBackend.from_settings(settings)
+    if settings.backend == "kafka":
+        from .backends.kafka import KafkaBackend
+
+        return KafkaBackend.from_settings(settings)
     raise ConfigurationError(
         f"EVENTBUS_BACKEND={settings.backend!r} is not available in this version"
     )
+
+
+def _metrics(settings: EventBusSettings) -> MetricsCollector:
+    if settings.metrics == "prometheus":
+        from .prometheus import PrometheusMetricsCollector
+
+        return PrometheusMetricsCollector()
+    if settings.metrics == "memory":
+        return InMemoryMetricsCollector()
+    return NoopMetricsCollector()
+
+
+def _tracer(settings: EventBusSettings) -> EventTracer:
+    if settings.tracing == "otel":
+        from .otel import OpenTelemetryTracer
+
+        return OpenTelemetryTracer()
+    if settings.tracing == "logging":
+        return LoggingTracer()
+    return NoopTracer()
 
 
 class EventBus:
@@ -70,8 +105,8 @@ class EventBus:
         tracer: EventTracer | None = None,
     ) -> None:
         self.settings = settings if settings is not None else EventBusSettings()
-        self.metrics: MetricsCollector = metrics if metrics is not None else NoopMetricsCollector()
-        self.tracer: EventTracer = tracer if tracer is not None else NoopTracer()
+        self.metrics: MetricsCollector = metrics if metrics is not None else _metrics(self.settings)
+        self.tracer: EventTracer = tracer if tracer is not None else _tracer(self.settings)
         if not isinstance(self.metrics, MetricsCollector):
             raise TypeError(f"metrics must implement MetricsCollector, got {self.metrics!r}")
         if not isinstance(self.tracer, EventTracer):
@@ -84,7 +119,11 @@ class EventBus:
             store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
         self.dlq = DeadLetterQueue(store, replayer=self._replay)
         self.broker = self.backend.bind(self._middleware())
+        self.backend.set_router(self._route, lambda: self.topics)
         self.health = HealthChecker(self.backend)
+        attach = getattr(self.metrics, "attach", None)
+        if attach is not None:
+            attach(self)
         self._subscribed: dict[str, None] = {}
         self._routes: dict[str, list[Actor[Any, Any]]] = {}
         self._routes_version: tuple[int, int] | None = None
@@ -200,6 +239,24 @@ class EventBus:
             )
         return event
 
+    def _envelope(self, event: BaseEvent, cid: str) -> dict[str, Any]:
+        metadata = {CORRELATION_ID: cid}
+        cause = get_current_event()
+        if cause is not None:
+            metadata[CAUSATION_ID] = cause.event_id
+        return encode_event(event, metadata)
+
+    def _outgoing(self, event: BaseEvent, span: EventSpan, cid: str) -> OutgoingEvent:
+        # Backends that publish whole events (Kafka) route on the consuming side.
+        envelope = self._envelope(event, cid)
+        return OutgoingEvent(
+            event=event,
+            envelope=envelope,
+            correlation_id=envelope["event"]["metadata"].get(CORRELATION_ID, cid),
+            trace_id=span.trace_id,
+            span_id=span.span_id,
+        )
+
     def _prepare(self, event: BaseEvent, span: EventSpan, cid: str) -> list[Message[Any]]:
         actors = self._route(event.topic)
         if not actors:
@@ -210,17 +267,15 @@ class EventBus:
             if unrouted is not None:
                 unrouted(event.topic)
             return []
-        metadata = {CORRELATION_ID: cid}
-        cause = get_current_event()
-        if cause is not None:
-            metadata[CAUSATION_ID] = cause.event_id
-        envelope = encode_event(event, metadata)
-        options = {
+        envelope = self._envelope(event, cid)
+        options: dict[str, Any] = {
             keys.TOPIC: event.topic,
             keys.CORRELATION_ID: envelope["event"]["metadata"].get(CORRELATION_ID, cid),
             keys.TRACE_ID: span.trace_id,
             keys.PARENT_SPAN_ID: span.span_id,
         }
+        if span.context:
+            options[keys.TRACE_CONTEXT] = span.context
         return [
             Message(
                 queue_name=actor.queue_name,
@@ -301,15 +356,22 @@ class EventBus:
         started = time.perf_counter()
         spans: list[EventSpan] = []
         messages: list[Message[Any]] = []
+        outgoing: list[OutgoingEvent] = []
+        whole_events = self.backend.publishes_events
         try:
             for event in batch:
                 span = tracer.start_span(
                     "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
                 )
                 spans.append(span)
-                messages.extend(self._prepare(event, span, cid))
+                if whole_events:
+                    outgoing.append(self._outgoing(event, span, cid))
+                else:
+                    messages.extend(self._prepare(event, span, cid))
             if messages:
                 await self.backend.enqueue(messages)
+            if outgoing:
+                await self.backend.publish_events(outgoing)
         except Exception as exc:
             for span in spans:
                 span.finish(SpanStatus.ERROR, str(exc))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .exceptions import ConfigurationError
@@ -34,8 +34,26 @@ DEFAULT_DLQ_TOPIC_SUFFIX = ".dlq"
 DEFAULT_DLQ_MAX_SIZE = 10_000
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_REDIS_MAX_CONNECTIONS = 10
+#: Prefix of every Redis key the redis backend writes.
+DEFAULT_REDIS_NAMESPACE = "eventbus"
+#: Seconds within which a dead worker's in-flight events are handed to another worker.
+DEFAULT_REDIS_REDELIVERY_TIMEOUT = 30.0
+#: Seconds ``publish`` may take on the redis backend before it raises PublishError.
+DEFAULT_REDIS_PUBLISH_TIMEOUT = 2.0
 DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "localhost:9092"
 DEFAULT_KAFKA_GROUP_ID = "fastapi-eventbus"
+#: Where a consumer group without committed offsets starts: the oldest record.
+DEFAULT_KAFKA_AUTO_OFFSET_RESET = "earliest"
+#: Milliseconds without a heartbeat before the group evicts a consumer.
+DEFAULT_KAFKA_SESSION_TIMEOUT_MS = 10_000
+#: Milliseconds between consumer heartbeats (well under the session timeout).
+DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS = 3_000
+#: Seconds a publish may wait for the broker's acknowledgement before PublishError.
+DEFAULT_KAFKA_PUBLISH_TIMEOUT = 5.0
+#: Records a worker holds (fetched, not yet committed) before it pauses fetching.
+DEFAULT_KAFKA_MAX_IN_FLIGHT = 1_000
+#: Seconds a revoked partition's in-flight handlers get to finish before it is released.
+DEFAULT_KAFKA_REVOKE_TIMEOUT = 5.0
 #: Default dramatiq queue of handlers that name none.
 DEFAULT_QUEUE = "eventbus"
 #: Async handlers the embedded backend runs at once on the application's loop.
@@ -66,14 +84,44 @@ class EventBusSettings(BaseSettings):
 
     redis_url: str = DEFAULT_REDIS_URL
     redis_max_connections: int = Field(DEFAULT_REDIS_MAX_CONNECTIONS, ge=1)
+    redis_namespace: str = Field(DEFAULT_REDIS_NAMESPACE, pattern=r"^[^:\s]+$")
+    redis_redelivery_timeout: float = Field(DEFAULT_REDIS_REDELIVERY_TIMEOUT, gt=0)
+    redis_publish_timeout: float = Field(DEFAULT_REDIS_PUBLISH_TIMEOUT, gt=0)
 
     kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
     kafka_group_id: str = Field(DEFAULT_KAFKA_GROUP_ID, min_length=1)
+    kafka_client_id: str = Field("eventbus", min_length=1)
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = DEFAULT_KAFKA_AUTO_OFFSET_RESET
+    kafka_session_timeout_ms: int = Field(DEFAULT_KAFKA_SESSION_TIMEOUT_MS, ge=1)
+    kafka_heartbeat_interval_ms: int = Field(DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS, ge=1)
+    kafka_acks: Literal["all", "1", "0"] = "all"
+    kafka_publish_timeout: float = Field(DEFAULT_KAFKA_PUBLISH_TIMEOUT, gt=0)
+    kafka_consume: bool = True
+    kafka_max_in_flight: int = Field(DEFAULT_KAFKA_MAX_IN_FLIGHT, ge=1)
+    kafka_revoke_timeout: float = Field(DEFAULT_KAFKA_REVOKE_TIMEOUT, ge=0)
+    kafka_accept_unknown_types: bool = False
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_password: SecretStr | None = None
 
     default_queue: str = Field(DEFAULT_QUEUE, pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
     worker_threads: int = Field(DEFAULT_WORKER_THREADS, ge=1)
     shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    #: ``none`` | ``memory`` | ``prometheus``: the collector of a bus built without one.
+    metrics: Literal["none", "memory", "prometheus"] = "none"
+    #: ``none`` | ``logging`` | ``otel``: the tracer of a bus built without one.
+    tracing: Literal["none", "logging", "otel"] = "none"
+    #: Port on which worker processes serve Prometheus metrics (unset: not served).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: Modules a worker (``dramatiq eventbus.actors``) imports to find handlers,
+    #: comma-separated (``EVENTBUS_HANDLERS=myapp.handlers,myapp.audit``).
+    handlers: str = ""
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -58,11 +58,22 @@ class BaseEvent(BaseModel):
     Events are immutable.  Each subclass is registered under its *type name*,
     ``module.QualName`` unless the class sets ``__event_type__``; set it when a
     class moves between modules while events of it are still in flight.
+
+    On a partitioned backend (Kafka) the record key is :meth:`partition_key`:
+    events with the same key land on the same partition, in publish order.  Name
+    the field that holds it with ``__partition_key__`` (or override the method)::
+
+        class OrderPaid(BaseEvent):
+            __partition_key__ = "order_id"
+            topic: str = "order.paid"
+            order_id: int
     """
 
     model_config = ConfigDict(frozen=True)
 
     __event_type__: ClassVar[str] = "eventbus.BaseEvent"
+    #: Name of the field whose value is the partition key; None: the event id.
+    __partition_key__: ClassVar[str | None] = None
 
     event_id: str = Field(default_factory=_new_event_id)
     topic: str = "default"
@@ -85,6 +96,17 @@ class BaseEvent(BaseModel):
     def event_type(self) -> str:
         """The name this event travels under."""
         return type(self).__event_type__
+
+    def partition_key(self) -> str:
+        """The key that keeps related events in order on a partitioned backend.
+
+        The value of the field named by ``__partition_key__`` (as text), else the
+        event id (no ordering between events).
+        """
+        name = type(self).__partition_key__
+        if name is None:
+            return self.event_id
+        return str(getattr(self, name))
 
     @classmethod
     def default_topic(cls) -> str | None:

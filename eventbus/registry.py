@@ -79,6 +79,9 @@ class HandlerSpec:
       max_retries: Overrides the bus policy's ``max_retries``.
       time_limit: Seconds an attempt may run before it fails with HandlerTimeout.
       retry: A whole retry policy for this handler (wins over ``max_retries``).
+      ordered: On a keyed backend (Kafka), events with the same partition key reach
+        this handler one after another, each once the previous one succeeded or was
+        dead-lettered.  Other backends ignore it.
     """
 
     topic: str
@@ -89,6 +92,7 @@ class HandlerSpec:
     max_retries: int | None = None
     time_limit: float | None = None
     retry: RetryPolicy | None = None
+    ordered: bool = False
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +138,7 @@ def make_spec(
     max_retries: int | None = None,
     time_limit: float | None = None,
     retry: RetryPolicy | None = None,
+    ordered: bool = False,
 ) -> HandlerSpec:
     """Validate the options of a handler and build its spec."""
     if not callable(fn):
@@ -171,6 +176,7 @@ def make_spec(
         max_retries=max_retries,
         time_limit=time_limit,
         retry=retry,
+        ordered=ordered,
     )
 
 
@@ -191,6 +197,7 @@ def on_event(
     max_retries: int | None = None,
     time_limit: float | None = None,
     retry: RetryPolicy | None = None,
+    ordered: bool = False,
 ) -> Callable[[F], F]:
     """Register the decorated function as a handler of ``topic``, for every bus.
 
@@ -204,6 +211,8 @@ def on_event(
       max_retries: Retries for this handler (default: the bus's policy).
       time_limit: Seconds an attempt may run.
       retry: A whole :class:`RetryPolicy` for this handler.
+      ordered: On the Kafka backend, events with the same partition key reach this
+        handler one after another (see :meth:`BaseEvent.partition_key`).
 
     Example::
 
@@ -224,6 +233,7 @@ def on_event(
             max_retries=max_retries,
             time_limit=time_limit,
             retry=retry,
+            ordered=ordered,
         )
         for i, existing in enumerate(_decorated):
             if existing.name == spec.name:

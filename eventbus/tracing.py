@@ -53,6 +53,12 @@ class EventSpan:
     end_time: float = 0.0
     attributes: dict[str, Any] = field(default_factory=dict)
     error_message: str = ""
+    #: Propagation fields (W3C ``traceparent``, ``tracestate``, ``baggage``) a tracer
+    #: sets on publish spans; they travel with the message to the dispatch side,
+    #: where they arrive on the ``parent_span`` given to ``start_span``.
+    context: dict[str, str] = field(default_factory=dict)
+    #: The exception of a failed handler attempt (not exported by ``to_dict``).
+    exception: BaseException | None = field(default=None, repr=False)
 
     @property
     def duration(self) -> float:

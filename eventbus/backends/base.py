@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import dramatiq
-    from dramatiq import Message, Middleware
+    from dramatiq import Actor, Message, Middleware
 
     from ..config import EventBusSettings
     from ..dlq import DeadLetterStore
     from ..health import HealthResult
+    from ..events import BaseEvent
     from ..registry import HandlerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """One event as the bus hands it to a backend that publishes events itself.
+
+    Attributes:
+      event: The event.
+      envelope: Its wire envelope (metadata already stamped with the correlation id).
+      correlation_id: The correlation id of the publishing request.
+      trace_id, span_id: The publish span, parent of the handlers' dispatch spans.
+    """
+
+    event: BaseEvent
+    envelope: dict[str, Any]
+    correlation_id: str
+    trace_id: str
+    span_id: str
 
 
 class Backend(abc.ABC):
@@ -25,6 +46,9 @@ class Backend(abc.ABC):
 
     #: Short name used in logs and health results.
     name: str = "backend"
+    #: True when the backend publishes whole events (:meth:`publish_events`, one record
+    #: per event, e.g. Kafka) instead of one dramatiq message per handler (:meth:`enqueue`).
+    publishes_events: bool = False
 
     @abc.abstractmethod
     def bind(self, middleware: list[Middleware]) -> dramatiq.Broker:
@@ -68,6 +92,28 @@ class Backend(abc.ABC):
             broker.declare_queue(message.queue_name)
         broker.enqueue(message)
 
+    def backlog(self) -> dict[str, int]:
+        """Messages waiting per queue, for the backlog gauge (may block briefly)."""
+        return {}
+
     def actor_options(self, spec: HandlerSpec) -> dict[str, Any]:
         """Extra dramatiq actor options for ``spec`` (e.g. ``time_limit`` for a Worker)."""
         return {}
+
+    async def publish_events(self, events: list[OutgoingEvent]) -> None:
+        """Publish all of ``events`` (called instead of :meth:`enqueue` when
+        :attr:`publishes_events` is true; handlers are then routed where the events
+        are consumed, not where they are published)."""
+        raise NotImplementedError(f"the {self.name} backend enqueues messages, not events")
+
+    def set_router(
+        self,
+        route: Callable[[str], list[Actor[Any, Any]]],
+        topics: Callable[[], list[str]],
+    ) -> None:
+        """Receive the bus's routing, once, right after :meth:`bind`.
+
+        ``route(topic)`` returns the actors of the topic's handlers (declaring new
+        ones); ``topics()`` the subscribed topics.  Backends that pull events
+        themselves (Kafka) use them; the default ignores them.
+        """

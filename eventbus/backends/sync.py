@@ -428,6 +428,10 @@ class SyncBackend(Backend):
         for message in messages:
             broker.enqueue(message)
 
+    def backlog(self) -> dict[str, int]:
+        dispatcher = self.dispatcher
+        return {"embedded": dispatcher.pending if dispatcher is not None else 0}
+
     async def drain(self, timeout: float | None = None) -> None:
         if self.dispatcher is not None:
             await self.dispatcher.drain(timeout)

@@ -13,6 +13,8 @@ CORRELATION_ID = "eventbus_cid"
 #: Trace id and span id of the publish span, parent of the dispatch spans.
 TRACE_ID = "eventbus_trace_id"
 PARENT_SPAN_ID = "eventbus_parent_span"
+#: Propagation fields of the publish span (W3C traceparent, tracestate, baggage).
+TRACE_CONTEXT = "eventbus_trace_ctx"
 #: Failed attempts so far (absent on the first attempt).
 ATTEMPTS = "eventbus_attempts"
 #: Milliseconds since the epoch of the first failure.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
@@ -15,9 +17,21 @@ if TYPE_CHECKING:
     from dramatiq.broker import MessageProxy
 
 
+def _takes_handler(method: Callable[..., Any]) -> bool:
+    try:
+        return "handler" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Metrics(Middleware):
     """Counts each handler attempt once: ``inc_dispatched`` on success,
     ``inc_dispatch_error`` on failure, and observes its duration.
+
+    Collectors whose ``inc_dispatched`` / ``inc_dispatch_error`` /
+    ``observe_dispatch_duration`` accept a ``handler`` keyword get the handler's
+    actor name too; collectors with ``dispatch_started(topic, handler)`` and
+    ``dispatch_finished(topic, handler)`` can keep an in-progress gauge.
 
     Parameters:
       collector: Where the numbers go.
@@ -26,9 +40,18 @@ class Metrics(Middleware):
     def __init__(self, collector: MetricsCollector) -> None:
         self.collector = collector
         self._started: dict[str, float] = {}
+        self._with_handler = _takes_handler(collector.inc_dispatched)
+        self._on_start: Callable[[str, str], None] | None = getattr(
+            collector, "dispatch_started", None
+        )
+        self._on_finish: Callable[[str, str], None] | None = getattr(
+            collector, "dispatch_finished", None
+        )
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         self._started[message.message_id] = time.perf_counter()
+        if self._on_start is not None:
+            self._on_start(str(message.options.get(keys.TOPIC, "")), message.actor_name)
 
     def after_process_message(
         self,
@@ -40,12 +63,17 @@ class Metrics(Middleware):
     ) -> None:
         started = self._started.pop(message.message_id, None)
         topic = str(message.options.get(keys.TOPIC, ""))
+        collector = self.collector
+        extra: dict[str, Any] = {"handler": message.actor_name} if self._with_handler else {}
         if exception is None:
-            self.collector.inc_dispatched(topic)
+            collector.inc_dispatched(topic, **extra)
         else:
-            self.collector.inc_dispatch_error(topic)
+            collector.inc_dispatch_error(topic, **extra)
         if started is not None:
-            self.collector.observe_dispatch_duration(topic, time.perf_counter() - started)
+            collector.observe_dispatch_duration(topic, time.perf_counter() - started, **extra)
+            if self._on_finish is not None:
+                self._on_finish(topic, message.actor_name)
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        self._started.pop(message.message_id, None)
+        if self._started.pop(message.message_id, None) is not None and self._on_finish:
+            self._on_finish(str(message.options.get(keys.TOPIC, "")), message.actor_name)

@@ -32,18 +32,21 @@ class Tracing(Middleware):
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         options = message.options
         cid_token = correlation_id_var.set(str(options.get(keys.CORRELATION_ID, "")))
+        context = options.get(keys.TRACE_CONTEXT)
         parent = EventSpan(
             span_id=str(options.get(keys.PARENT_SPAN_ID, "")),
             trace_id=str(options.get(keys.TRACE_ID, "")),
+            context=dict(context) if isinstance(context, dict) else {},
         )
         span = self.tracer.start_span(
             "dispatch",
             topic=str(options.get(keys.TOPIC, "")),
             event_id=_event_id(message),
-            parent_span=parent if parent.span_id else None,
+            parent_span=parent if parent.span_id or parent.context else None,
         )
         span.attributes.setdefault("handler", message.actor_name)
         span.attributes.setdefault("attempt", int(options.get(keys.ATTEMPTS, 0)) + 1)
+        span.attributes.setdefault("message_id", message.message_id)
         self._active[message.message_id] = (span, cid_token, set_current_span(span))
 
     def after_process_message(
@@ -55,19 +58,24 @@ class Tracing(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         if exception is None:
-            self._finish(message, SpanStatus.OK, "")
+            self._finish(message, SpanStatus.OK, None)
         else:
-            self._finish(message, SpanStatus.ERROR, str(exception) or type(exception).__name__)
+            self._finish(message, SpanStatus.ERROR, exception)
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        self._finish(message, SpanStatus.OK, "")
+        self._finish(message, SpanStatus.OK, None)
 
-    def _finish(self, message: MessageProxy, status: SpanStatus, error: str) -> None:
+    def _finish(
+        self, message: MessageProxy, status: SpanStatus, exception: BaseException | None
+    ) -> None:
         active = self._active.pop(message.message_id, None)
         if active is None:
             return
         span, cid_token, span_token = active
-        span.finish(status, error)
+        if exception is not None:
+            span.exception = exception
+            span.attributes["will_retry"] = not message.failed
+        span.finish(status, (str(exception) or type(exception).__name__) if exception else "")
         try:
             self.tracer.finish_span(span)
         finally:
