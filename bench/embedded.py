@@ -53,7 +53,7 @@ def venv_python(path: Path) -> str:
 def ensure_seed_venv() -> str:
     """Create bench/.venvs/seed with fastapi-eventbus 0.1.1 unless it already works."""
     py = venv_python(SEED_VENV)
-    check = [py, "-c", "import importlib.metadata as m; print(m.version('fastapi-eventbus'))"]
+    check = [py, "-I", "-c", "import importlib.metadata as m; print(m.version('fastapi-eventbus'))"]
     if os.path.exists(py):
         proc = subprocess.run(check, check=False, capture_output=True, text=True)
         if proc.stdout.strip() == SEED_VERSION:
