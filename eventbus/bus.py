@@ -16,11 +16,11 @@ from .backends.base import Backend, OutgoingEvent
 from .config import EventBusSettings
 from .dlq import DeadLetterQueue, FailedEvent, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
-from .exceptions import ConfigurationError, EventBusError, PublishError
+from .exceptions import ConfigurationError, EventBusError, EventTooLargeError, PublishError
 from .health import HealthChecker
 from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
 from .middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing, keys
-from .registry import HandlerRegistry, get_current_event, validate_topic
+from .registry import TOPIC_NAME, HandlerRegistry, get_current_event, validate_topic
 from .tracing import (
     EventSpan,
     EventTracer,
@@ -31,6 +31,9 @@ from .tracing import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Bytes the envelope adds to an event's JSON (type name, correlation and causation ids).
+ENVELOPE_OVERHEAD = 256
 
 
 def create_backend(settings: EventBusSettings) -> Backend:
@@ -237,6 +240,18 @@ class EventBus:
                 "the EventBus is not started: use FastAPI(lifespan=create_lifespan(bus)) "
                 "or await bus.start()"
             )
+        if not TOPIC_NAME.fullmatch(event.topic):
+            raise PublishError(
+                f"cannot publish to topic {event.topic!r}: "
+                "use 1-249 letters, digits or . _ : / @ + -"
+            )
+        size = len(event.__pydantic_serializer__.to_json(event)) + ENVELOPE_OVERHEAD
+        if size > self.settings.max_event_bytes:
+            raise EventTooLargeError(
+                f"event {event.event_id} on {event.topic!r} is about {size} bytes as JSON, over "
+                f"EVENTBUS_MAX_EVENT_BYTES={self.settings.max_event_bytes}; store the payload "
+                "elsewhere and publish a reference"
+            )
         return event
 
     def _envelope(self, event: BaseEvent, cid: str) -> dict[str, Any]:
@@ -255,6 +270,7 @@ class EventBus:
             correlation_id=envelope["event"]["metadata"].get(CORRELATION_ID, cid),
             trace_id=span.trace_id,
             span_id=span.span_id,
+            trace_context=dict(span.context),
         )
 
     def _prepare(self, event: BaseEvent, span: EventSpan, cid: str) -> list[Message[Any]]:

@@ -43,7 +43,7 @@ DEFAULT_REDIS_PUBLISH_TIMEOUT = 2.0
 DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "localhost:9092"
 DEFAULT_KAFKA_GROUP_ID = "fastapi-eventbus"
 #: Where a consumer group without committed offsets starts: the oldest record.
-DEFAULT_KAFKA_AUTO_OFFSET_RESET = "earliest"
+DEFAULT_KAFKA_AUTO_OFFSET_RESET: Literal["earliest", "latest"] = "earliest"
 #: Milliseconds without a heartbeat before the group evicts a consumer.
 DEFAULT_KAFKA_SESSION_TIMEOUT_MS = 10_000
 #: Milliseconds between consumer heartbeats (well under the session timeout).
@@ -62,6 +62,9 @@ DEFAULT_MAX_CONCURRENCY = 256
 DEFAULT_WORKER_THREADS = 8
 #: Seconds ``stop()`` waits for in-flight handlers.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+#: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 BackendName = Literal["sync", "redis", "kafka"]
 
@@ -113,6 +116,8 @@ class EventBusSettings(BaseSettings):
     max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
     worker_threads: int = Field(DEFAULT_WORKER_THREADS, ge=1)
     shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
+    #: Largest event accepted by ``publish``, as JSON bytes.
+    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024)
     #: ``none`` | ``memory`` | ``prometheus``: the collector of a bus built without one.
     metrics: Literal["none", "memory", "prometheus"] = "none"
     #: ``none`` | ``logging`` | ``otel``: the tracer of a bus built without one.

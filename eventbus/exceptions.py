@@ -19,6 +19,10 @@ class PublishError(EventBusError):
     """An event could not be handed to the backend; nothing of it was enqueued."""
 
 
+class EventTooLargeError(PublishError):
+    """An event's JSON is larger than ``EVENTBUS_MAX_EVENT_BYTES``; nothing was enqueued."""
+
+
 class SubscribeError(EventBusError):
     """A topic could not be subscribed."""
 

@@ -41,7 +41,7 @@ def get_current_event() -> BaseEvent | None:
 
 
 def validate_topic(topic: object) -> str:
-    """Return ``topic`` if it is a valid topic name, else raise ConfigurationError."""
+    """Topics are 1-249 letters, digits or ``. _ : / @ + -`` (Kafka's limit and more)."""
     if not isinstance(topic, str) or not TOPIC_NAME.fullmatch(topic):
         raise ConfigurationError(
             f"invalid topic {topic!r}: use 1-249 letters, digits or . _ : / @ + -"

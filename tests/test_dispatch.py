@@ -466,3 +466,34 @@ async def test_undecodable_message_is_dead_lettered_not_retried(
     assert failed.attempts == 1
     assert failed.event is None
     assert failed.envelope == {"nope": 1}
+
+
+async def test_oversized_event_is_refused_with_nothing_enqueued(
+    make_bus: MakeBus, topic: str
+) -> None:
+    from eventbus import EventTooLargeError
+
+    seen: list[BaseEvent] = []
+
+    async def handle(event: BaseEvent) -> None:
+        seen.append(event)
+
+    bus = make_bus(settings=EventBusSettings(max_event_bytes=4096, shutdown_timeout=1))
+    await bus.registry.register(topic, handle)
+    await bus.start()
+    with pytest.raises(EventTooLargeError, match="EVENTBUS_MAX_EVENT_BYTES=4096"):
+        await bus.publish(Ping(topic=topic, metadata={"blob": "x" * 5000}))
+    with pytest.raises(EventTooLargeError):
+        await bus.publish_many(
+            [Ping(topic=topic), Ping(topic=topic, metadata={"blob": "x" * 5000})]
+        )
+    await bus.publish(Ping(topic=topic, metadata={"blob": "x" * 3000}))
+    await bus.drain(timeout=5)
+    assert len(seen) == 1
+
+
+async def test_invalid_topic_is_refused_at_publish(make_bus: MakeBus) -> None:
+    bus = make_bus()
+    await bus.start()
+    with pytest.raises(PublishError, match="cannot publish to topic 'has space'"):
+        await bus.publish(Ping(topic="has space"))

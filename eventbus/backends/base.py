@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
     from ..config import EventBusSettings
     from ..dlq import DeadLetterStore
-    from ..health import HealthResult
     from ..events import BaseEvent
+    from ..health import HealthResult
     from ..registry import HandlerSpec
 
 
@@ -27,6 +27,8 @@ class OutgoingEvent:
       envelope: Its wire envelope (metadata already stamped with the correlation id).
       correlation_id: The correlation id of the publishing request.
       trace_id, span_id: The publish span, parent of the handlers' dispatch spans.
+      trace_context: The publish span's propagation fields (W3C ``traceparent``,
+        ``tracestate``, ``baggage``), when the tracer sets them.
     """
 
     event: BaseEvent
@@ -34,6 +36,7 @@ class OutgoingEvent:
     correlation_id: str
     trace_id: str
     span_id: str
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):
@@ -117,3 +120,4 @@ class Backend(abc.ABC):
         ones); ``topics()`` the subscribed topics.  Backends that pull events
         themselves (Kafka) use them; the default ignores them.
         """
+        return None
