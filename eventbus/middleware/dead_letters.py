@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from ..dlq import DeadLetterStore, FailedEvent
 from ..events import EVENT_KEY, decode_event
-from ..exceptions import EventDecodeError
+from ..exceptions import EventDecodeError, HandlerTimeout
 from ..metrics import MetricsCollector
 from . import keys
 
@@ -69,6 +70,20 @@ class DeadLetters(Middleware):
         self.metrics.inc_dlq(failed.topic)
 
 
+def _error_type(exception: BaseException) -> str:
+    # dramatiq's worker raises TimeLimitExceeded where the embedded backend raises
+    # HandlerTimeout: one name for one failure, whatever the backend.
+    if isinstance(exception, TimeLimitExceeded):
+        return HandlerTimeout.__name__
+    return type(exception).__name__
+
+
+def _describe(message: Message[Any] | MessageProxy, exception: BaseException) -> str:
+    if isinstance(exception, TimeLimitExceeded):
+        return f"handler {message.actor_name} exceeded its time limit"
+    return type(exception).__name__
+
+
 def build_failed_event(
     message: Message[Any] | MessageProxy, exception: BaseException
 ) -> FailedEvent:
@@ -92,8 +107,8 @@ def build_failed_event(
         handler=message.actor_name,
         queue=message.queue_name,
         attempts=int(options.get(keys.ATTEMPTS, 0)) + 1,
-        error=str(exception),
-        error_type=type(exception).__name__,
+        error=str(exception) or _describe(message, exception),
+        error_type=_error_type(exception),
         traceback="".join(traceback.format_exception(exception)),
         first_failed_at=datetime.fromtimestamp(first / 1000, UTC) if first else now,
         last_failed_at=now,

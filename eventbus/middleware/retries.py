@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dramatiq import Middleware
 from dramatiq.errors import ActorNotFound
 from dramatiq.errors import Retry as DramatiqRetry
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from ..config import (
     DEFAULT_MAX_RETRIES,
@@ -29,7 +30,7 @@ from ..config import (
     DEFAULT_RETRY_MAX_DELAY,
     EventBusSettings,
 )
-from ..exceptions import ConfigurationError, EventDecodeError, ShutdownError
+from ..exceptions import ConfigurationError, EventDecodeError, HandlerTimeout, ShutdownError
 from ..metrics import MetricsCollector
 from . import keys
 
@@ -125,6 +126,10 @@ class RetryPolicy:
             return False
         if isinstance(exception, self.non_retryable_exceptions):
             return False
+        if isinstance(exception, TimeLimitExceeded):  # a worker's time limit: a BaseException
+            return issubclass(HandlerTimeout, self.retryable_exceptions) and not issubclass(
+                HandlerTimeout, self.non_retryable_exceptions
+            )
         return isinstance(exception, self.retryable_exceptions)
 
 
