@@ -66,6 +66,11 @@ class DeclareHandlers(Middleware):
         for name in self.modules:
             importlib.import_module(name)
         asyncio.run(self.bus.start())
+        port = self.bus.settings.metrics_port
+        if port is not None:
+            from .prometheus import serve_worker_metrics
+
+            serve_worker_metrics(port)
         # Everything imported so far lives as long as the process: keep it out of
         # the cyclic GC, whose full passes over it otherwise stall every handler
         # thread for tens of milliseconds every few thousand messages.
@@ -83,6 +88,13 @@ class DeclareHandlers(Middleware):
                 len(actors),
                 ", ".join(sorted(broker.get_declared_queues())),
             )
+
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self.bus.settings.metrics == "prometheus":
+            from .prometheus import mark_process_dead
+
+            mark_process_dead()
 
 
 def _build() -> EventBus:
