@@ -1,0 +1,48 @@
+"""Handlers for the dead-letter tests on Redis (tests/test_dlq_redis.py), run by real
+``dramatiq eventbus.actors tests.dlq_handlers`` workers.
+
+``poison`` fails until the test "fixes" it by setting the ``fixed`` key; ``sibling``
+handles the same topic and always succeeds.  Both record their calls in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+
+import redis
+
+from eventbus import BaseEvent, on_event
+
+POISON = "dlq.poison"
+
+
+class Poison(BaseEvent):
+    topic: str = POISON
+    n: int = 0
+
+
+@cache
+def client() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["EVENTBUS_REDIS_URL"])
+
+
+def key(name: str, namespace: str | None = None) -> str:
+    ns = namespace or os.environ.get("EVENTBUS_REDIS_NAMESPACE", "eventbus")
+    return f"{ns}:test:{name}"
+
+
+@on_event(POISON, name="dlq.poison:poison")
+def poison(event: BaseEvent) -> None:
+    client().incr(key(f"attempts:{event.event_id}"))
+    if not client().exists(key("fixed")):
+        raise LookupError(f"ledger has no account for event {event.event_id}")
+    client().rpush(
+        key("handled"), json.dumps({"id": event.event_id, "extra": event.model_extra or {}})
+    )
+
+
+@on_event(POISON, name="dlq.poison:sibling")
+def sibling(event: BaseEvent) -> None:
+    client().incr(key(f"sibling:{event.event_id}"))

@@ -1,0 +1,173 @@
+"""Dead letters on the Redis backend, with real worker processes: exact attempts, the
+final traceback, replay after a fix, a store that outlives workers, bulk replay,
+unknown event classes, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from eventbus import EventBus, EventBusSettings, UnknownEvent, decode_event
+from eventbus.backends.redis import RedisBackend
+from tests import dlq_handlers as h
+
+pytest.register_assert_rewrite("tests.redis_support")
+from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers  # noqa: E402
+
+pytest_plugins = ["tests.redis_support"]
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def web(redis_url: str, namespace: str) -> Iterator[Callable[[], EventBus]]:
+    """Build web-side buses (not started: dead letters need no running bus)."""
+
+    def make() -> EventBus:
+        backend = RedisBackend(
+            url=redis_url, namespace=namespace, redelivery_timeout=TEST_REDELIVERY_TIMEOUT
+        )
+        return EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=2))
+
+    yield make
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+async def publish(bus: EventBus, *events: h.Poison) -> None:
+    await bus.start()
+    try:
+        await bus.publish_many(list(events))
+    finally:
+        await bus.stop()
+
+
+def handled(r: redis.Redis, namespace: str) -> list[dict[str, object]]:
+    return [json.loads(x) for x in r.lrange(h.key("handled", namespace), 0, -1)]
+
+
+async def test_poison_event_dead_letter_replay_and_restart(
+    web: Callable[[], EventBus], workers: Workers, r: redis.Redis, namespace: str
+) -> None:
+    worker = workers.start(("tests.dlq_handlers",), env={"EVENTBUS_MAX_RETRIES": "2"})
+    bus = web()
+    event = h.Poison(n=1)
+    await publish(bus, event)
+    wait_until(lambda: bus.dlq.size() == 1, 20, "the dead letter")
+
+    [record] = bus.dlq.peek()
+    assert record.attempts == 3
+    assert int(r.get(h.key(f"attempts:{event.event_id}", namespace)) or 0) == 3
+    assert int(r.get(h.key(f"sibling:{event.event_id}", namespace)) or 0) == 1
+    assert record.handler == "dlq.poison:poison"
+    assert record.error_type == "LookupError"
+    assert f"ledger has no account for event {event.event_id}" in record.traceback
+    assert record.event is not None and record.event.event_id == event.event_id
+    assert isinstance(record.event, h.Poison) and record.event.n == 1
+
+    # the store outlives the worker and the web bus
+    worker.stop()
+    workers.start(("tests.dlq_handlers",), env={"EVENTBUS_MAX_RETRIES": "2"})
+    bus = web()
+    [again] = bus.dlq.peek()
+    assert again.id == record.id
+
+    r.set(h.key("fixed", namespace), 1)
+    result = bus.dlq.replay([record.id])
+    assert result.replayed == [record.id]
+    assert bus.dlq.replay([record.id]).missing == [record.id]
+    wait_until(lambda: len(handled(r, namespace)) == 1, 20, "the replayed event")
+    await asyncio.sleep(0.3)  # a second delivery would show up here
+    assert [x["id"] for x in handled(r, namespace)] == [event.event_id]
+    assert bus.dlq.size() == 0
+    assert int(r.get(h.key(f"sibling:{event.event_id}", namespace)) or 0) == 1
+
+
+async def test_bulk_replay_of_1000_records_loses_none(
+    web: Callable[[], EventBus], workers: Workers, r: redis.Redis, namespace: str
+) -> None:
+    workers.start(("tests.dlq_handlers",), threads=8, env={"EVENTBUS_MAX_RETRIES": "0"})
+    bus = web()
+    events = [h.Poison(n=i) for i in range(1000)]
+    await publish(bus, *events)
+    wait_until(lambda: bus.dlq.size() == 1000, 60, "1000 dead letters")
+
+    r.set(h.key("fixed", namespace), 1)
+    result = await bus.dlq.areplay(topic=h.POISON)
+    assert len(result.replayed) == 1000 and not result.failed
+
+    wait_until(lambda: len(handled(r, namespace)) >= 1000, 60, "1000 replayed events")
+    assert sorted(str(x["id"]) for x in handled(r, namespace)) == sorted(e.event_id for e in events)
+    assert bus.dlq.size() == 0
+
+
+async def test_unknown_event_class_lists_and_replays(
+    web: Callable[[], EventBus], workers: Workers, r: redis.Redis, namespace: str
+) -> None:
+    workers.start(("tests.dlq_handlers",), env={"EVENTBUS_MAX_RETRIES": "0"})
+    bus = web()
+    ghost = decode_event({"type": "billing.v9.Refund", "event": {"topic": h.POISON, "cents": 125}})
+    await bus.start()
+    await bus.publish(ghost)  # type: ignore[arg-type]
+    await bus.stop()
+    wait_until(lambda: bus.dlq.size() == 1, 20, "the dead letter")
+
+    [record] = bus.dlq.peek()
+    assert isinstance(record.event, UnknownEvent)
+    assert record.event.event_type == "billing.v9.Refund"
+    r.set(h.key("fixed", namespace), 1)
+    assert bus.dlq.replay([record.id]).replayed == [record.id]
+    wait_until(lambda: len(handled(r, namespace)) == 1, 20, "the replayed event")
+    assert handled(r, namespace)[0]["extra"] == {"cents": 125}
+
+
+async def test_cli_lists_shows_and_replays_from_redis(
+    web: Callable[[], EventBus], workers: Workers, r: redis.Redis, namespace: str, redis_url: str
+) -> None:
+    workers.start(("tests.dlq_handlers",), env={"EVENTBUS_MAX_RETRIES": "0"})
+    bus = web()
+    event = h.Poison(n=5)
+    await publish(bus, event)
+    wait_until(lambda: bus.dlq.size() == 1, 20, "the dead letter")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": redis_url,
+        "EVENTBUS_REDIS_NAMESPACE": namespace,
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "eventbus.cli", "dlq", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+
+    listing = cli("list")
+    assert listing.returncode == 0, listing.stderr
+    assert "dlq.poison:poison" in listing.stdout and "LookupError" in listing.stdout
+    [item] = json.loads(cli("list", "--json").stdout)["items"]
+    shown = cli("show", item["id"])
+    assert "ledger has no account" in shown.stdout
+
+    r.set(h.key("fixed", namespace), 1)
+    replay = cli("replay", item["id"], "--json")
+    assert json.loads(replay.stdout)["replayed"] == [item["id"]]
+    wait_until(lambda: len(handled(r, namespace)) == 1, 20, "the replayed event")
+    assert cli("list", "--json").stdout and json.loads(cli("list", "--json").stdout)["size"] == 0
