@@ -26,6 +26,17 @@ class Timed(BaseEvent):
     sent: float
 
 
+if os.environ.get("BENCH_OTEL_SDK"):  # bench/observability.py: real SDK, in-memory export
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    _provider = TracerProvider()
+    _provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    trace.set_tracer_provider(_provider)
+
+
 @cache
 def client() -> redis.Redis:
     return redis.Redis.from_url(os.environ["EVENTBUS_REDIS_URL"])

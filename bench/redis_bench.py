@@ -108,10 +108,17 @@ class Worker:
 
 
 def start_worker(
-    system: str, url: str, processes: int, threads: int, *, settle: bool = True
+    system: str,
+    url: str,
+    processes: int,
+    threads: int,
+    *,
+    settle: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Worker:
     env = {
         **os.environ,
+        **(extra_env or {}),
         "PYTHONPATH": str(ROOT),
         "EVENTBUS_BACKEND": "redis",
         "EVENTBUS_REDIS_URL": url,

@@ -33,6 +33,7 @@ import asyncio
 import gc
 import importlib
 import logging
+from collections.abc import Callable
 
 import dramatiq
 from dramatiq import Middleware
@@ -42,6 +43,9 @@ from .config import EventBusSettings
 from .exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the Kafka bridge gets beyond ``shutdown_timeout`` to commit and leave its group.
+BRIDGE_STOP_MARGIN = 5.0
 
 
 def handler_modules(value: str) -> list[str]:
@@ -61,11 +65,19 @@ class DeclareHandlers(Middleware):
     def __init__(self, bus: EventBus, modules: list[str]) -> None:
         self.bus = bus
         self.modules = modules
+        self._stop_bridge: Callable[[float], None] | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         for name in self.modules:
             importlib.import_module(name)
-        asyncio.run(self.bus.start())
+        if self.bus.settings.backend == "kafka":
+            # One Kafka consumer per worker process, on its own loop and thread; it
+            # starts the bus (declaring the actors) before it consumes.
+            from .backends.kafka import start_worker_thread
+
+            self._stop_bridge = start_worker_thread(self.bus)
+        else:
+            asyncio.run(self.bus.start())
         port = self.bus.settings.metrics_port
         if port is not None:
             from .prometheus import serve_worker_metrics
@@ -76,19 +88,23 @@ class DeclareHandlers(Middleware):
         # thread for tens of milliseconds every few thousand messages.
         gc.collect()
         gc.freeze()
-        actors = [name for name in broker.get_declared_actors() if not name.startswith("dramatiq.")]
-        if not actors:
+        handlers = self.bus.registry.all_handlers()
+        if not handlers:
             logger.warning(
                 "No @on_event handler found: name their modules on the command line "
                 "(dramatiq eventbus.actors myapp.handlers) or in EVENTBUS_HANDLERS."
             )
         else:
             logger.info(
-                "Handling %d handler(s) on queue(s) %s.",
-                len(actors),
-                ", ".join(sorted(broker.get_declared_queues())),
+                "Handling %d handler(s) of topic(s) %s.",
+                len(handlers),
+                ", ".join(sorted({spec.topic for spec in handlers})),
             )
 
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self._stop_bridge is not None:
+            self._stop_bridge(self.bus.settings.shutdown_timeout + BRIDGE_STOP_MARGIN)
+            self._stop_bridge = None
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.bus.settings.metrics == "prometheus":

@@ -30,6 +30,10 @@ INSTRUMENTATION_NAME = "eventbus"
 #: ``messaging.system`` of spans (a backend-specific value may be given instead).
 DEFAULT_MESSAGING_SYSTEM = "dramatiq"
 
+#: EventSpan attributes exported as ``eventbus.<name>`` (``attempt`` becomes
+#: ``messaging.retry_count``).
+_EXPORTED = frozenset({"handler", "will_retry"})
+
 _OPERATIONS = {
     "publish": ("publish", SpanKind.PRODUCER),
     "dispatch": ("process", SpanKind.CONSUMER),
@@ -64,9 +68,9 @@ class OpenTelemetryTracer:
         parent_ctx = None
         if parent_span is not None and parent_span.context:
             parent_ctx = propagate.extract(parent_span.context)
+        # Each attribute costs the SDK ~6 us: the messaging conventions' essentials only.
         attributes: dict[str, Any] = {
             "messaging.system": self._system,
-            "messaging.operation": op_name,
             "messaging.destination.name": topic,
             "messaging.message.id": event_id,
         }
@@ -101,11 +105,14 @@ class OpenTelemetryTracer:
         if live is None:
             return
         otel_span, token = live
+        attributes: dict[str, Any] = {}
         for key, value in span.attributes.items():
             if key == "attempt" and isinstance(value, int):
-                otel_span.set_attribute("messaging.retry_count", value - 1)
-            if isinstance(value, str | bool | int | float):
-                otel_span.set_attribute(f"eventbus.{key}", value)
+                attributes["messaging.retry_count"] = value - 1
+            elif key in _EXPORTED and isinstance(value, str | bool | int | float):
+                attributes[f"eventbus.{key}"] = value
+        if attributes:
+            otel_span.set_attributes(attributes)
         if span.status is SpanStatus.ERROR:
             otel_span.set_status(Status(StatusCode.ERROR, span.error_message))
             if span.exception is not None:

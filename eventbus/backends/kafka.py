@@ -1,0 +1,634 @@
+"""The Kafka backend (``EVENTBUS_BACKEND=kafka``): events are Kafka records.
+
+``publish`` writes **one record per event** to the topic named by ``event.topic``
+(not one message per handler): the key is :meth:`BaseEvent.partition_key`, the
+value the JSON envelope, and headers carry the event type, the correlation id
+and the W3C ``traceparent`` of the publish span.  Producers wait for ``acks``
+(``all`` by default) and a publish that the brokers do not acknowledge within
+``publish_timeout`` seconds raises :class:`~eventbus.exceptions.PublishError`
+(the record was not confirmed; it may still arrive later).
+
+Handlers run where the events are consumed: every process whose bus uses this
+backend with ``consume=True`` and has subscribed topics runs one consumer in the
+group ``group_id`` (:mod:`eventbus.backends.kafka_bridge` explains offsets,
+rebalances, ordering and poison records).  Run dedicated workers with::
+
+    python -m eventbus.backends.kafka myapp.handlers     # EVENTBUS_KAFKA_* settings
+
+and set ``EVENTBUS_KAFKA_CONSUME=false`` in processes that only publish.
+
+Delivery is at least once: a record is committed only after every handler of it
+and of every earlier record of its partition finished (succeeded, or
+dead-lettered to ``<topic><EVENTBUS_DLQ_TOPIC_SUFFIX>``); a crash or a rebalance
+past ``revoke_timeout`` delivers the uncommitted records again.
+
+Example::
+
+    backend = KafkaBackend(
+        bootstrap_servers="localhost:9092",
+        group_id="my-service",
+        auto_offset_reset="earliest",
+        session_timeout_ms=30000,
+        enable_auto_commit=False,
+    )
+    bus = EventBus(backend=backend)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import dramatiq
+from dramatiq import Actor, Message, Middleware
+
+from ..config import (
+    DEFAULT_DLQ_TOPIC_SUFFIX,
+    DEFAULT_KAFKA_AUTO_OFFSET_RESET,
+    DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
+    DEFAULT_KAFKA_GROUP_ID,
+    DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
+    DEFAULT_KAFKA_MAX_IN_FLIGHT,
+    DEFAULT_KAFKA_PUBLISH_TIMEOUT,
+    DEFAULT_KAFKA_REVOKE_TIMEOUT,
+    DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_WORKER_THREADS,
+    EventBusSettings,
+)
+from ..exceptions import BackendError, ConfigurationError, PublishError
+from ..health import HealthResult, HealthStatus
+from ..middleware import keys
+from .base import Backend, OutgoingEvent
+from .kafka_bridge import BridgeMiddleware, KafkaBridge
+from .kafka_config import (
+    HEADER_CORRELATION_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_REPLAY_HANDLER,
+    HEADER_REPLAY_OF,
+    HEADER_TRACEPARENT,
+    TRACE_CONTEXT_HEADERS,
+    KafkaConfig,
+    format_traceparent,
+)
+from .kafka_dlq import KafkaDeadLetterStore
+from .sync import Dispatcher, EmbeddedBroker
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from ..bus import EventBus
+    from ..dlq import DeadLetterStore
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a health check waits for the brokers' metadata.
+HEALTH_TIMEOUT = 3.0
+#: Seconds without a fetch before the bridge reports unhealthy (at least this,
+#: or the session timeout when longer).
+STALE_POLL = 10.0
+#: Seconds between checks of the group's committed offsets in ``drain()``.
+DRAIN_INTERVAL = 0.05
+
+
+class KafkaBackend(Backend):
+    """Publishes events to Kafka and runs their handlers from a consumer group.
+
+    Parameters:
+      bootstrap_servers: ``host:port[,host:port...]`` of the brokers.
+      group_id: Consumer group of this service's workers (one per service: every
+        service with its own group receives every event).
+      auto_offset_reset: Where a group without committed offsets starts reading:
+        ``earliest`` (default; nothing published before the first worker started
+        is missed) or ``latest``.
+      session_timeout_ms: Milliseconds without heartbeats before the group evicts
+        a consumer and hands its partitions to the others.
+      heartbeat_interval_ms: Milliseconds between heartbeats (about a third of the
+        session timeout, or less).
+      enable_auto_commit: Must stay False: offsets are committed only once the
+        records' handlers finished.  True raises ConfigurationError.
+      acks: ``"all"`` (default: every in-sync replica has the record), ``1`` or ``0``.
+      publish_timeout: Seconds a publish waits for the acknowledgement before
+        PublishError.
+      consume: Run the bridge consumer in this process while the bus has
+        subscribed topics.  False for processes that only publish.
+      max_in_flight: Records fetched and not yet committable before fetching pauses.
+      revoke_timeout: Seconds the handlers of revoked partitions get to finish.
+      accept_unknown_types: Deliver events whose type this process does not define
+        as :class:`~eventbus.events.UnknownEvent` instead of dead-lettering them.
+      dlq_topic_suffix: DLQ topic of a topic ``t`` is ``t + dlq_topic_suffix``.
+      max_concurrency, worker_threads: As for the embedded backend: async handlers
+        running at once, threads for sync handlers.
+      config: A ready :class:`KafkaConfig`; otherwise built from
+        ``bootstrap_servers`` and ``client_options`` (``security_protocol``,
+        ``sasl_mechanism``, ``sasl_username``, ``sasl_password``, ``ssl_cafile``,
+        ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``, ``ssl_context``,
+        ``client_id``), which reach the producer, the consumer and every other
+        client alike.
+    """
+
+    name = "kafka"
+    publishes_events = True
+
+    def __init__(
+        self,
+        bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
+        group_id: str = DEFAULT_KAFKA_GROUP_ID,
+        auto_offset_reset: str = DEFAULT_KAFKA_AUTO_OFFSET_RESET,
+        session_timeout_ms: int = DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms: int = DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
+        enable_auto_commit: bool = False,
+        *,
+        acks: str | int = "all",
+        publish_timeout: float = DEFAULT_KAFKA_PUBLISH_TIMEOUT,
+        consume: bool = True,
+        max_in_flight: int = DEFAULT_KAFKA_MAX_IN_FLIGHT,
+        revoke_timeout: float = DEFAULT_KAFKA_REVOKE_TIMEOUT,
+        accept_unknown_types: bool = False,
+        dlq_topic_suffix: str = DEFAULT_DLQ_TOPIC_SUFFIX,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        worker_threads: int = DEFAULT_WORKER_THREADS,
+        config: KafkaConfig | None = None,
+        security_protocol: str = "PLAINTEXT",
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        ssl_cafile: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        ssl_password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        client_id: str = "eventbus",
+    ) -> None:
+        if enable_auto_commit:
+            raise ConfigurationError(
+                "enable_auto_commit=True would commit offsets of events whose handlers "
+                "have not finished; the Kafka backend commits them itself"
+            )
+        if auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigurationError(
+                f"auto_offset_reset={auto_offset_reset!r}: use 'earliest' or 'latest'"
+            )
+        if str(acks) not in ("all", "-1", "0", "1"):
+            raise ConfigurationError(f"acks={acks!r}: use 'all', 1 or 0")
+        if heartbeat_interval_ms >= session_timeout_ms:
+            raise ConfigurationError(
+                f"heartbeat_interval_ms ({heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({session_timeout_ms})"
+            )
+        if not group_id:
+            raise ConfigurationError("group_id is empty")
+        self.config = config or KafkaConfig(
+            bootstrap_servers,
+            client_id=client_id,
+            security_protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            sasl_username=sasl_username,
+            sasl_password=sasl_password,
+            ssl_cafile=ssl_cafile,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            ssl_password=ssl_password,
+            ssl_context=ssl_context,
+        )
+        self.group_id = group_id
+        self.auto_offset_reset = auto_offset_reset
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.acks: str | int = "all" if str(acks) in ("all", "-1") else int(acks)
+        self.publish_timeout = publish_timeout
+        self.consume = consume
+        self.max_in_flight = max_in_flight
+        self.revoke_timeout = revoke_timeout
+        self.accept_unknown_types = accept_unknown_types
+        self.max_concurrency = max_concurrency
+        self.worker_threads = worker_threads
+        self.dead_letters = KafkaDeadLetterStore(
+            self.config, dlq_topic_suffix, skip_shutdown_errors=True
+        )
+        self.broker: EmbeddedBroker | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.bridge: KafkaBridge | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self._bridge_middleware = BridgeMiddleware()
+        self._route: Callable[[str], list[Actor[Any, Any]]] = lambda topic: []
+        self._topics: Callable[[], list[str]] = list
+        self._produced: dict[TopicPartition, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: EventBusSettings) -> KafkaBackend:
+        """The backend the ``EVENTBUS_KAFKA_*`` (and DLQ, concurrency) settings describe."""
+        return cls(
+            group_id=settings.kafka_group_id,
+            auto_offset_reset=settings.kafka_auto_offset_reset,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            acks=settings.kafka_acks,
+            publish_timeout=settings.kafka_publish_timeout,
+            consume=settings.kafka_consume,
+            max_in_flight=settings.kafka_max_in_flight,
+            revoke_timeout=settings.kafka_revoke_timeout,
+            accept_unknown_types=settings.kafka_accept_unknown_types,
+            dlq_topic_suffix=settings.dlq_topic_suffix,
+            max_concurrency=settings.max_concurrency,
+            worker_threads=settings.worker_threads,
+            config=KafkaConfig.from_settings(settings),
+        )
+
+    # -- wiring --------------------------------------------------------------------
+
+    def bind(self, middleware: list[Middleware]) -> dramatiq.Broker:
+        if self.broker is None:
+            self.broker = EmbeddedBroker([self._bridge_middleware, *middleware])
+        return self.broker
+
+    def set_router(
+        self,
+        route: Callable[[str], list[Actor[Any, Any]]],
+        topics: Callable[[], list[str]],
+    ) -> None:
+        self._route = route
+        self._topics = topics
+        self.dead_letters.topics = topics
+
+    def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
+        return self.dead_letters
+
+    def _require_broker(self) -> EmbeddedBroker:
+        if self.broker is None:
+            raise BackendError("backend not bound to a bus", backend=self.name)
+        return self.broker
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the producer, start the dispatcher and (with ``consume``) the bridge.
+
+        Raises:
+          BackendError: No broker answered within ``publish_timeout`` seconds.
+        """
+        broker = self._require_broker()
+        if self.producer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        producer = self.config.producer(
+            acks=self.acks,
+            enable_idempotence=False,  # broken on Tansu; ordering comes from keys
+            request_timeout_ms=int(self.publish_timeout * 1000),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.publish_timeout)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise BackendError(
+                f"cannot reach Kafka at {self.config.bootstrap_servers}: "
+                f"{type(exc).__name__}: {exc}",
+                backend=self.name,
+            ) from exc
+        self.producer = producer
+        self.dead_letters.attach(producer, loop)
+        self.dispatcher = Dispatcher(
+            broker, loop, max_concurrency=self.max_concurrency, worker_threads=self.worker_threads
+        )
+        broker.dispatcher = self.dispatcher
+        if self.consume:
+            self.bridge = KafkaBridge(
+                self.config,
+                self.group_id,
+                broker,
+                self._bridge_middleware,
+                self._route,
+                self._topics,
+                self.dead_letters,
+                auto_offset_reset=self.auto_offset_reset,
+                session_timeout_ms=self.session_timeout_ms,
+                heartbeat_interval_ms=self.heartbeat_interval_ms,
+                max_in_flight=self.max_in_flight,
+                revoke_timeout=self.revoke_timeout,
+                accept_unknown_types=self.accept_unknown_types,
+            )
+            self.bridge.start()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching, let in-flight handlers finish within ``timeout`` seconds,
+        commit what finished, leave the group and close the producer.
+
+        Records whose handlers did not finish stay uncommitted: the group delivers
+        them again.
+        """
+        deadline = time.monotonic() + timeout
+        bridge, self.bridge = self.bridge, None
+        dispatcher, self.dispatcher = self.dispatcher, None
+        if bridge is not None:
+            await bridge.pause()
+        if dispatcher is not None:
+            undelivered = await dispatcher.stop(max(0.0, deadline - time.monotonic()))
+            if undelivered:
+                logger.info(
+                    "%d handler message(s) not run before shutdown; their records stay "
+                    "uncommitted and are delivered again.",
+                    len(undelivered),
+                )
+        producer, self.producer = self.producer, None
+        await self.dead_letters.detach(max(0.0, deadline - time.monotonic()))
+        if bridge is not None:
+            await bridge.close()
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), max(1.0, deadline - time.monotonic()))
+
+    # -- publishing ----------------------------------------------------------------
+
+    def _require_producer(self) -> AIOKafkaProducer:
+        if self.producer is None:
+            raise PublishError("the Kafka backend is not started")
+        return self.producer
+
+    @staticmethod
+    def record_headers(outgoing: OutgoingEvent) -> list[tuple[str, bytes]]:
+        """The headers of an event's record: type, id, correlation id and the trace
+        context (the tracer's propagation fields, else a ``traceparent`` built from
+        the publish span's ids when they are W3C ids)."""
+        headers = [
+            (HEADER_EVENT_TYPE, outgoing.event.event_type.encode()),
+            (HEADER_EVENT_ID, outgoing.event.event_id.encode()),
+            (HEADER_CORRELATION_ID, outgoing.correlation_id.encode()),
+        ]
+        context = outgoing.trace_context
+        if context:
+            headers.extend(
+                (name, context[name].encode()) for name in TRACE_CONTEXT_HEADERS if name in context
+            )
+        else:
+            traceparent = format_traceparent(outgoing.trace_id, outgoing.span_id)
+            if traceparent is not None:
+                headers.append((HEADER_TRACEPARENT, traceparent.encode()))
+        return headers
+
+    async def publish_events(self, events: list[OutgoingEvent]) -> None:
+        """Send one record per event, then wait once for all acknowledgements.
+
+        Raises:
+          PublishError: Not started, or the brokers did not acknowledge every record
+            within ``publish_timeout`` seconds (some may still arrive).
+        """
+        producer = self._require_producer()
+
+        async def send_all() -> list[Any]:
+            futures = []
+            for outgoing in events:
+                value = json.dumps(outgoing.envelope, separators=(",", ":")).encode()
+                futures.append(
+                    await producer.send(
+                        outgoing.event.topic,
+                        value=value,
+                        key=outgoing.event.partition_key().encode(),
+                        headers=self.record_headers(outgoing),
+                    )
+                )
+            if len(futures) == 1:
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
+
+        try:
+            async with asyncio.timeout(self.publish_timeout):  # no extra task, unlike wait_for
+                sent = await send_all()
+        except TimeoutError:
+            raise PublishError(
+                f"Kafka at {self.config.bootstrap_servers} did not acknowledge "
+                f"{len(events)} event(s) within {self.publish_timeout:g}s"
+            ) from None
+        except Exception as exc:
+            raise PublishError(f"Kafka refused the event(s): {type(exc).__name__}: {exc}") from exc
+        produced = self._produced
+        for metadata in sent:
+            tp = metadata.topic_partition
+            if metadata.offset > produced.get(tp, -1):
+                produced[tp] = metadata.offset
+
+    async def enqueue(self, messages: list[Message[Any]]) -> None:
+        """Not used: this backend publishes whole events (:meth:`publish_events`)."""
+        raise BackendError("the Kafka backend publishes events, not messages", backend=self.name)
+
+    def replay(self, message: Message[Any]) -> None:
+        """Publish a dead letter's event again, for the handler that failed on it only.
+
+        The record goes to the event's topic with the ``eventbus-replay-handler``
+        header: whichever worker of the group gets it runs that one handler.
+        Blocking: it opens its own short-lived producer.
+        """
+        topic = str(message.options.get(keys.TOPIC, ""))
+        envelope = message.args[0] if message.args else None
+        if not topic or not isinstance(envelope, dict):
+            raise BackendError(f"cannot replay {message}: no topic or envelope", backend=self.name)
+        event = envelope.get("event")
+        key = str(event.get("event_id", "")) if isinstance(event, dict) else ""
+        headers = [
+            (HEADER_REPLAY_HANDLER, message.actor_name.encode()),
+            (HEADER_CORRELATION_ID, str(message.options.get(keys.CORRELATION_ID, "")).encode()),
+        ]
+        replay_of = message.options.get(keys.REPLAY_OF)
+        if replay_of:
+            headers.append((HEADER_REPLAY_OF, str(replay_of).encode()))
+        value = json.dumps(envelope, separators=(",", ":")).encode()
+
+        async def send(producer: AIOKafkaProducer) -> None:
+            await producer.send_and_wait(
+                topic, value=value, key=key.encode() or None, headers=headers
+            )
+
+        self.dead_letters._blocking(send)
+
+    # -- waiting and health ------------------------------------------------------------
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Return once the group committed every record this process published to a
+        topic the bus subscribes (handled or dead-lettered, by any worker).
+
+        Records published to topics without a local subscription are not waited
+        for.  Raises TimeoutError after ``timeout`` seconds.
+        """
+        subscribed = set(self._topics())
+        targets = {tp: off + 1 for tp, off in self._produced.items() if tp.topic in subscribed}
+        if not targets:
+            return
+        admin = self.config.admin(request_timeout_ms=int(self.publish_timeout * 1000))
+        await admin.start()
+        try:
+            async with asyncio.timeout(timeout):
+                while targets:
+                    committed = await admin.list_consumer_group_offsets(
+                        self.group_id, partitions=list(targets)
+                    )
+                    for tp, meta in committed.items():
+                        if tp in targets and meta.offset >= targets[tp]:
+                            del targets[tp]
+                    if targets:
+                        await asyncio.sleep(DRAIN_INTERVAL)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{len(targets)} partition(s) still have uncommitted events after {timeout:g}s"
+            ) from None
+        finally:
+            await admin.close()
+
+    async def health(self) -> list[HealthResult]:
+        """Producer reachability (``kafka``) and bridge liveness (``kafka-bridge``)."""
+        return [await self._producer_health(), *self._bridge_health_list(await self._lag())]
+
+    async def _producer_health(self) -> HealthResult:
+        producer = self.producer
+        if producer is None:
+            return HealthResult(self.name, HealthStatus.UNHEALTHY, "not started")
+        try:
+            cluster = await asyncio.wait_for(producer.client.fetch_all_metadata(), HEALTH_TIMEOUT)
+        except Exception as exc:
+            return HealthResult(
+                self.name,
+                HealthStatus.UNHEALTHY,
+                f"brokers unreachable: {type(exc).__name__}: {exc}",
+            )
+        brokers = len(cluster.brokers())
+        return HealthResult(self.name, HealthStatus.HEALTHY, f"{brokers} broker(s) reachable")
+
+    async def _lag(self) -> int | None:
+        bridge = self.bridge
+        if bridge is None:
+            return None
+        try:
+            return await asyncio.wait_for(bridge.lag(), HEALTH_TIMEOUT)
+        except Exception:
+            return None
+
+    def _bridge_health_list(self, lag: int | None) -> list[HealthResult]:
+        name = f"{self.name}-bridge"
+        if not self.consume:
+            return []
+        bridge = self.bridge
+        if bridge is None or bridge.task is None:
+            return [HealthResult(name, HealthStatus.UNHEALTHY, "not started")]
+        task = bridge.task
+        if task.done():
+            reason = "cancelled" if task.cancelled() else repr(task.exception())
+            return [HealthResult(name, HealthStatus.UNHEALTHY, f"consumer task ended: {reason}")]
+        if bridge.error is not None:
+            detail = f"reconnecting after {bridge.error} ({bridge.reconnects} reconnect(s))"
+            return [HealthResult(name, HealthStatus.UNHEALTHY, detail)]
+        if not self._topics():
+            return [HealthResult(name, HealthStatus.HEALTHY, "idle: no subscribed topics")]
+        age = time.monotonic() - bridge.last_poll if bridge.last_poll else None
+        stale = max(STALE_POLL, self.session_timeout_ms / 1000)
+        parts = [
+            f"group {self.group_id}",
+            f"{len(bridge.assignment)} partition(s) assigned",
+            f"last poll {age:.1f}s ago" if age is not None else "no poll yet",
+            f"{bridge.in_flight} record(s) in flight",
+        ]
+        if lag is not None:
+            parts.append(f"lag {lag}")
+        detail = ", ".join(parts)
+        if age is not None and age > stale:
+            return [HealthResult(name, HealthStatus.UNHEALTHY, f"consumer stalled: {detail}")]
+        return [HealthResult(name, HealthStatus.HEALTHY, detail)]
+
+
+# -- worker entry point -------------------------------------------------------------
+
+
+async def run_worker(bus: EventBus, stop: asyncio.Event | None = None) -> None:
+    """Run ``bus`` (on the Kafka backend) until ``stop`` is set or SIGTERM/SIGINT.
+
+    This is what a Kafka worker process does: start the bus (the bridge joins the
+    consumer group and handles the subscribed topics), wait, then stop it within
+    ``settings.shutdown_timeout`` (in-flight handlers finish, offsets committed).
+    """
+    if not isinstance(bus.backend, KafkaBackend):
+        raise ConfigurationError(
+            f"run_worker needs the kafka backend, not {bus.backend.name!r} "
+            "(set EVENTBUS_BACKEND=kafka)"
+        )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+    try:
+        await bus.start()
+        logger.info(
+            "Kafka worker consuming %s as group %s",
+            ", ".join(bus.topics) or "(no topics yet)",
+            bus.backend.group_id,
+        )
+        await stop.wait()
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+        await bus.stop()
+
+
+def start_worker_thread(bus: EventBus) -> Callable[[float], None]:
+    """Run :func:`run_worker` for ``bus`` on its own event loop in a new thread.
+
+    For hosts that own the main thread, such as dramatiq's CLI (call it from a
+    ``before_worker_boot`` hook).  Returns ``stop(timeout)``, which ends the worker
+    (in-flight handlers finish, offsets committed) and joins the thread.
+    """
+    loop = asyncio.new_event_loop()
+    stop_event = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete,
+        args=(run_worker(bus, stop_event),),
+        name="eventbus-kafka-worker",
+    )
+    thread.start()
+
+    def stop(timeout: float) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(stop_event.set)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
+
+    return stop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m eventbus.backends.kafka MODULE...``: a Kafka worker process.
+
+    Imports each MODULE (registering its ``@on_event`` handlers), then runs a bus
+    with ``EVENTBUS_BACKEND=kafka`` settings from the environment until SIGTERM.
+    """
+    from ..bus import EventBus
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0 if args else 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+    )
+    for module in args:
+        importlib.import_module(module)
+    settings = EventBusSettings(backend="kafka")
+    asyncio.run(run_worker(EventBus(settings=settings)))
+    return 0
+
+
+if __name__ == "__main__":
+    from eventbus.backends.kafka import main as _main  # the importable copy, not __main__
+
+    raise SystemExit(_main())

@@ -1,0 +1,665 @@
+"""The Kafka bridge: one consumer per worker process, feeding the handlers' actors.
+
+Records of the subscribed topics are decoded and turned into one dramatiq message
+per handler on the process's :class:`~eventbus.backends.sync.EmbeddedBroker`, so
+the whole middleware chain (retries with backoff, dead letters, time limits,
+metrics, tracing) runs as in the other backends.
+
+**Offsets.**  Each partition keeps the records it handed out, in offset order.  A
+record is *finished* once every handler message made from it succeeded or was
+dead-lettered (the dead letter acknowledged by the broker).  The committable
+offset of a partition is one past the last record of its longest finished
+prefix: a slow or retrying record holds back the commit of every later record
+of its partition, never the other way round.  Offsets are committed after a
+fetch when something finished and :data:`COMMIT_INTERVAL` seconds passed since
+the last commit, on revoke, and at shutdown; never automatically.
+
+**Rebalances.**  When partitions are revoked, the bridge stops dispatching their
+records, waits up to ``revoke_timeout`` seconds for their in-flight handlers,
+commits what finished, then lets them go.  Messages of a released partition that
+have not started yet (queued, waiting for a retry, or behind an ordered key) are
+skipped: the partition's new owner receives those records again.  Handlers
+still running past the bound finish, but their record is not committed here,
+so it is delivered again elsewhere (at least once, never lost).
+
+**Ordered handlers.**  For a handler declared ``ordered=True``, messages of
+records with the same key wait for each other: the next starts once the
+previous succeeded or was dead-lettered, retries included.
+
+**Poison records** (no value, not JSON, not an envelope, invalid fields, or an
+event type this process does not know unless ``accept_unknown_types``) go to
+the DLQ topic with the reason and count as finished: they never stall their
+partition.
+
+**Errors.**  When the consumer fails, the bridge drops its in-flight state (those
+records are delivered again), closes the consumer and reconnects with an
+exponential backoff; health reports it unhealthy meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import ConsumerRebalanceListener
+from dramatiq import Actor, Message, Middleware
+from dramatiq.middleware import SkipMessage
+
+from ..asgi import new_message_id
+from ..dlq import FailedEvent
+from ..events import CORRELATION_ID, EVENT_KEY, TYPE_KEY, UnknownEvent, decode_event
+from ..exceptions import EventDecodeError, ShutdownError
+from ..middleware import keys
+from .kafka_config import (
+    HEADER_CORRELATION_ID,
+    HEADER_REPLAY_HANDLER,
+    HEADER_REPLAY_OF,
+    HEADER_TRACEPARENT,
+    TRACE_CONTEXT_HEADERS,
+    KafkaConfig,
+    parse_traceparent,
+)
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+    from dramatiq import Broker
+    from dramatiq.broker import MessageProxy
+
+    from .kafka_dlq import KafkaDeadLetterStore
+    from .sync import EmbeddedBroker
+
+logger = logging.getLogger(__name__)
+
+#: Milliseconds one fetch waits for records.
+POLL_TIMEOUT_MS = 200
+#: Milliseconds the broker may hold a fetch request open waiting for records.
+FETCH_MAX_WAIT_MS = 20
+#: Seconds between offset commits while records finish.
+COMMIT_INTERVAL = 0.1
+#: Seconds between checks for newly subscribed topics while none is subscribed.
+IDLE_INTERVAL = 0.2
+#: First and last pause, in seconds, before reconnecting a failed consumer.
+RECONNECT_BACKOFF_MIN = 0.5
+RECONNECT_BACKOFF_MAX = 30.0
+#: Seconds closing a consumer may take.
+CLOSE_TIMEOUT = 5.0
+#: Error type of dead letters written for poison records.
+POISON_ERROR_TYPE = "EventDecodeError"
+#: Handler name on dead letters of poison records (no handler ever saw them).
+POISON_HANDLER = "eventbus.kafka-bridge"
+
+
+class _Poison(Exception):
+    """A record that can never become an event."""
+
+
+@dataclass(eq=False)
+class _Partition:
+    tp: TopicPartition
+    records: deque[_Record] = field(default_factory=deque)
+    committable: int | None = None  # next offset to commit
+    committed: int | None = None
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Record:
+    partition: _Partition
+    offset: int
+    remaining: int = 0
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Delivery:
+    record: _Record
+    chain: tuple[str, bytes] | None = None
+
+
+class BridgeMiddleware(Middleware):
+    """Tells the bridge when a handler message is finished, and skips stale ones.
+
+    It must be the *first* middleware of the broker: its ``before_process_message``
+    then runs first (a message of a released partition is skipped before any span
+    starts) and its ``after_*`` hooks last (after Retries decided and DeadLetters
+    wrote).
+    """
+
+    def __init__(self) -> None:
+        self.bridge: KafkaBridge | None = None
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        bridge = self.bridge
+        if bridge is not None and bridge.is_stale(message.message_id):
+            raise SkipMessage("its partition was released")
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        bridge = self.bridge
+        if bridge is None:
+            return
+        if exception is None:
+            bridge.finished(message.message_id, failed=False)
+        elif isinstance(exception, ShutdownError):
+            bridge.abandoned(message.message_id)  # redelivered, not committed
+        elif message.failed:
+            bridge.finished(message.message_id, failed=True)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        if self.bridge is not None:
+            self.bridge.finished(message.message_id, failed=False)
+
+
+class KafkaBridge:
+    """Consumes the subscribed topics in one consumer group and runs their handlers.
+
+    Parameters:
+      config: Connection settings.
+      group_id: The consumer group (one per service).
+      broker: The embedded broker whose actors run the handlers.
+      middleware: The broker's :class:`BridgeMiddleware`.
+      route: ``route(topic)``: the actors of the topic's handlers.
+      topics: ``topics()``: the subscribed topics.
+      dead_letters: Where poison records go (their topic plus the DLQ suffix).
+      auto_offset_reset: Where a group without committed offsets starts.
+      session_timeout_ms, heartbeat_interval_ms: Group membership timing.
+      max_in_flight: Records fetched and not yet committable before fetching pauses.
+      revoke_timeout: Seconds revoked partitions' handlers get to finish.
+      accept_unknown_types: Deliver events of types this process does not know as
+        :class:`~eventbus.events.UnknownEvent` instead of dead-lettering them.
+      fetch_max_wait_ms: Longest time the broker may hold a fetch while waiting for
+        records (bounds publish-to-handler latency on brokers that answer a fetch
+        only when the wait ends).
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        group_id: str,
+        broker: EmbeddedBroker,
+        middleware: BridgeMiddleware,
+        route: Callable[[str], list[Actor[Any, Any]]],
+        topics: Callable[[], list[str]],
+        dead_letters: KafkaDeadLetterStore,
+        *,
+        auto_offset_reset: str = "earliest",
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
+        max_in_flight: int = 1_000,
+        revoke_timeout: float = 5.0,
+        accept_unknown_types: bool = False,
+        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+    ) -> None:
+        self.config = config
+        self.group_id = group_id
+        self.broker = broker
+        self.middleware = middleware
+        self.route = route
+        self.topics = topics
+        self.dead_letters = dead_letters
+        self.auto_offset_reset = auto_offset_reset
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.max_in_flight = max_in_flight
+        self.revoke_timeout = revoke_timeout
+        self.accept_unknown_types = accept_unknown_types
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+
+        self.consumer: AIOKafkaConsumer | None = None
+        #: Monotonic time of the last completed fetch (0: none yet).
+        self.last_poll = 0.0
+        #: The last consumer error, while reconnecting; None when consuming.
+        self.error: str | None = None
+        self.reconnects = 0
+        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._deliveries: dict[str, _Delivery] = {}
+        self._chains: dict[tuple[str, bytes], deque[Message[Any]]] = {}
+        self._in_flight = 0
+        self._progress = asyncio.Event()
+        self._dirty = False
+        self._last_commit = 0.0
+        self._stopping = False
+        self._consuming = asyncio.Event()
+        self._consuming.set()  # set whenever the fetch loop is not running
+        self._task: asyncio.Task[None] | None = None
+        middleware.bridge = self
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start consuming in a background task (it waits for subscribed topics)."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._supervise(), name="eventbus-kafka-bridge"
+        )
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The consumer task; done means dead."""
+        return self._task
+
+    @property
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this process owns now."""
+        return list(self._partitions)
+
+    @property
+    def in_flight(self) -> int:
+        """Records fetched whose offset is not committable yet."""
+        return self._in_flight
+
+    async def pause(self) -> None:
+        """Stop fetching and dispatching (the consumer stays in the group)."""
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            self._progress.set()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._consuming.wait()), CLOSE_TIMEOUT)
+
+    async def close(self) -> None:
+        """Commit what finished, leave the group and end the consumer task."""
+        self._stopping = True
+        consumer = self.consumer
+        if consumer is not None:
+            await self._commit(consumer, list(self._partitions.values()))
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._close_consumer()
+        self.middleware.bridge = None
+
+    async def _close_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self._release(list(self._partitions.values()))
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), CLOSE_TIMEOUT)
+
+    async def _supervise(self) -> None:
+        delay = RECONNECT_BACKOFF_MIN
+        while not self._stopping:
+            try:
+                topics = sorted(self.topics())
+                if not topics:
+                    self.last_poll = time.monotonic()
+                    await asyncio.sleep(IDLE_INTERVAL)
+                    continue
+                consumer = self.config.consumer(
+                    group_id=self.group_id,
+                    enable_auto_commit=False,
+                    auto_offset_reset=self.auto_offset_reset,
+                    session_timeout_ms=self.session_timeout_ms,
+                    heartbeat_interval_ms=self.heartbeat_interval_ms,
+                    fetch_max_wait_ms=self.fetch_max_wait_ms,
+                )
+                self.consumer = consumer
+                await consumer.start()
+                consumer.subscribe(topics, listener=_Listener(self, consumer))
+                self.error = None
+                await self._consume(consumer, topics)
+                delay = RECONNECT_BACKOFF_MIN
+                return  # stopping: close() commits and leaves the group
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.reconnects += 1
+                logger.error(
+                    "Kafka consumer failed (%s); reconnecting in %.1fs.",
+                    self.error,
+                    delay,
+                    exc_info=True,
+                )
+                await self._close_consumer()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_MAX)
+
+    async def _consume(self, consumer: AIOKafkaConsumer, topics: list[str]) -> None:
+        self._consuming.clear()
+        try:
+            while not self._stopping:
+                current = sorted(self.topics())
+                if current != topics and current:
+                    topics = current
+                    consumer.subscribe(topics, listener=_Listener(self, consumer))
+                room = self.max_in_flight - self._in_flight
+                self._flow(consumer, room > 0)
+                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(room, 1))
+                self.last_poll = time.monotonic()
+                if self._stopping:
+                    break  # not dispatched: delivered again after the restart
+                for tp, records in batch.items():
+                    partition = self._partitions.get(tp)
+                    if partition is None:
+                        continue  # revoked while fetching; its new owner reads it again
+                    for record in records:
+                        self._dispatch(partition, record)
+                if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
+                    await self._commit(consumer, list(self._partitions.values()))
+        finally:
+            self._consuming.set()
+
+    def _flow(self, consumer: AIOKafkaConsumer, open_: bool) -> None:
+        assigned = consumer.assignment()
+        paused = consumer.paused()
+        if open_ and paused:
+            consumer.resume(*paused)
+        elif not open_ and assigned and not paused:
+            consumer.pause(*assigned)
+
+    # -- rebalance -------------------------------------------------------------
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """Start tracking newly assigned partitions."""
+        for tp in partitions:
+            if tp not in self._partitions:
+                self._partitions[tp] = _Partition(tp)
+        logger.info(
+            "Kafka bridge assigned %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions),
+        )
+
+    async def revoked(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        """Finish (within ``revoke_timeout``) and commit revoked partitions, then let go."""
+        parts = [self._partitions[tp] for tp in partitions if tp in self._partitions]
+        if not parts:
+            return
+        for part in parts:
+            del self._partitions[part.tp]
+        deadline = time.monotonic() + self.revoke_timeout
+        while any(not _settled(part) for part in parts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                busy = sum(sum(not r.done for r in part.records) for part in parts)
+                logger.warning(
+                    "%d record(s) of revoked partitions still running after %gs; they "
+                    "will be delivered again to the partitions' next owner.",
+                    busy,
+                    self.revoke_timeout,
+                )
+                break
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        await self._commit(consumer, parts)
+        self._release(parts)
+        logger.info(
+            "Kafka bridge released %s", ", ".join(f"{p.tp.topic}[{p.tp.partition}]" for p in parts)
+        )
+
+    def _release(self, parts: list[_Partition]) -> None:
+        for part in parts:
+            if not part.released:
+                part.released = True
+                self._in_flight -= len(part.records)
+                part.records.clear()
+            self._partitions.pop(part.tp, None)
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def _dispatch(self, partition: _Partition, record: ConsumerRecord) -> None:
+        entry = _Record(partition, record.offset)
+        partition.records.append(entry)
+        self._in_flight += 1
+        headers = {k: v for k, v in record.headers or ()}
+        try:
+            envelope = self._decode(record)
+        except _Poison as poison:
+            entry.remaining = 1
+            self._dead_letter_poison(entry, record, headers, str(poison))
+            return
+        actors = self.route(record.topic)
+        replay_to = headers.get(HEADER_REPLAY_HANDLER)
+        if replay_to is not None:
+            target = replay_to.decode("utf-8", "replace")
+            actors = [actor for actor in actors if actor.actor_name == target]
+            if not actors:
+                logger.warning(
+                    "Replayed record %s[%d]@%d names handler %r, which this process "
+                    "does not have; skipped.",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    target,
+                )
+        if not actors:
+            self._settle(entry)
+            return
+        options = self._options(record, envelope, headers)
+        entry.remaining = len(actors)
+        for actor in actors:
+            message: Message[Any] = Message(
+                queue_name=actor.queue_name,
+                actor_name=actor.actor_name,
+                args=(envelope,),
+                kwargs={},
+                options=dict(options),
+                message_id=new_message_id(),
+            )
+            spec = actor.options.get(keys.HANDLER)
+            chain = None
+            if spec is not None and spec.ordered and record.key is not None:
+                chain = (actor.actor_name, bytes(record.key))
+            self._deliveries[message.message_id] = _Delivery(entry, chain)
+            if chain is not None:
+                waiting = self._chains.get(chain)
+                if waiting is not None:
+                    waiting.append(message)
+                    continue
+                self._chains[chain] = deque()
+            self._enqueue(message)
+
+    def _enqueue(self, message: Message[Any]) -> None:
+        try:
+            self.broker.enqueue(message)
+        except Exception:
+            # The dispatcher stopped: the record stays uncommitted and comes back.
+            logger.warning("Could not dispatch %s; it will be delivered again.", message)
+            self.abandoned(message.message_id)
+
+    def _decode(self, record: ConsumerRecord) -> dict[str, Any]:
+        if record.value is None:
+            raise _Poison("record has no value")
+        try:
+            envelope = json.loads(bytes(record.value).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Poison(f"record value is not UTF-8 JSON: {exc}") from None
+        try:
+            event = decode_event(envelope)
+        except EventDecodeError as exc:
+            raise _Poison(str(exc)) from None
+        if isinstance(event, UnknownEvent) and not self.accept_unknown_types:
+            raise _Poison(
+                f"unknown event type {event.event_type!r}: no class of that name is "
+                "defined in this process (set EVENTBUS_KAFKA_ACCEPT_UNKNOWN_TYPES=true "
+                "to deliver it as UnknownEvent)"
+            )
+        assert isinstance(envelope, dict)
+        return envelope
+
+    def _options(
+        self, record: ConsumerRecord, envelope: dict[str, Any], headers: dict[str, bytes]
+    ) -> dict[str, Any]:
+        cid = headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace")
+        if not cid:
+            cid = str(envelope[EVENT_KEY].get("metadata", {}).get(CORRELATION_ID, ""))
+        options: dict[str, Any] = {keys.TOPIC: record.topic, keys.CORRELATION_ID: cid}
+        context = {
+            name: headers[name].decode("utf-8", "replace")
+            for name in TRACE_CONTEXT_HEADERS
+            if name in headers
+        }
+        if context:
+            options[keys.TRACE_CONTEXT] = context
+            parsed = parse_traceparent(context.get(HEADER_TRACEPARENT, ""))
+            if parsed is not None:
+                options[keys.TRACE_ID], options[keys.PARENT_SPAN_ID] = parsed
+        replay_of = headers.get(HEADER_REPLAY_OF)
+        if replay_of is not None:
+            options[keys.REPLAY_OF] = replay_of.decode("utf-8", "replace")
+        return options
+
+    def _dead_letter_poison(
+        self, entry: _Record, record: ConsumerRecord, headers: dict[str, bytes], reason: str
+    ) -> None:
+        logger.warning(
+            "Poison record %s[%d]@%d dead-lettered: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
+        value: Any = None
+        if record.value is not None:
+            try:
+                value = json.loads(record.value)
+            except (ValueError, UnicodeDecodeError):
+                value = bytes(record.value).decode("utf-8", "backslashreplace")
+        event_type = ""
+        if isinstance(value, dict) and isinstance(value.get(TYPE_KEY), str):
+            event_type = value[TYPE_KEY]
+        failed = FailedEvent(
+            id=f"{record.topic}:{record.partition}:{record.offset}",
+            event=None,
+            envelope=value,
+            topic=record.topic,
+            handler=POISON_HANDLER,
+            queue="",
+            attempts=0,
+            error=reason + (f" (type {event_type})" if event_type else ""),
+            error_type=POISON_ERROR_TYPE,
+            correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
+            partition=record.partition,
+            offset=record.offset,
+        )
+        task = asyncio.get_running_loop().create_task(self.dead_letters.write(failed))
+        task.add_done_callback(lambda t: self._after_write(entry, t))
+
+    def _after_write(self, entry: _Record, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # not written: the record stays uncommitted and comes back
+        self._settle(entry)
+
+    # -- completion --------------------------------------------------------------
+
+    def is_stale(self, message_id: str) -> bool:
+        """Whether ``message_id`` belongs to a partition this process released."""
+        delivery = self._deliveries.get(message_id)
+        return delivery is not None and delivery.record.partition.released
+
+    def finished(self, message_id: str, *, failed: bool) -> None:
+        """A handler message succeeded, was skipped, or was dead-lettered."""
+        delivery = self._deliveries.pop(message_id, None)
+        if delivery is None:
+            return
+        if delivery.chain is not None:
+            self._advance(delivery.chain)
+        write = self.dead_letters.take_write(message_id) if failed else None
+        if write is None:
+            self._settle(delivery.record)
+        else:
+            write.add_done_callback(lambda t: self._after_write(delivery.record, t))
+
+    def abandoned(self, message_id: str) -> None:
+        """A handler message will not finish here (shutdown): leave its record uncommitted."""
+        delivery = self._deliveries.pop(message_id, None)
+        if delivery is not None and delivery.chain is not None:
+            self._advance(delivery.chain)
+
+    def _advance(self, chain: tuple[str, bytes]) -> None:
+        waiting = self._chains.get(chain)
+        while waiting:
+            message = waiting.popleft()
+            delivery = self._deliveries.get(message.message_id)
+            if delivery is None or delivery.record.partition.released:
+                self._deliveries.pop(message.message_id, None)
+                continue
+            self._enqueue(message)
+            return
+        self._chains.pop(chain, None)
+
+    def _settle(self, entry: _Record) -> None:
+        entry.remaining -= 1
+        if entry.remaining > 0:
+            return
+        entry.done = True
+        part = entry.partition
+        if part.released:
+            return
+        records = part.records
+        while records and records[0].done:
+            part.committable = records.popleft().offset + 1
+            self._in_flight -= 1
+            self._dirty = True
+        self._progress.set()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, parts: list[_Partition]) -> None:
+        offsets = {
+            part.tp: part.committable
+            for part in parts
+            if part.committable is not None and part.committable != part.committed
+        }
+        self._dirty = False
+        self._last_commit = time.monotonic()
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except Exception as exc:
+            # The group moved on (rebalance) or the coordinator is away: the records
+            # are delivered again from the last commit that went through.
+            logger.warning("Offset commit failed: %s: %s", type(exc).__name__, exc)
+            self._dirty = True
+            return
+        for part in parts:
+            if part.tp in offsets:
+                part.committed = offsets[part.tp]
+
+    async def lag(self) -> int | None:
+        """Records in the owned partitions past the committed offsets, where known."""
+        consumer = self.consumer
+        if consumer is None:
+            return None
+        total = 0
+        for part in list(self._partitions.values()):
+            high = consumer.highwater(part.tp)
+            if high is None:
+                return None
+            base = part.committed if part.committed is not None else part.committable
+            if base is None:
+                base = await consumer.position(part.tp) - len(part.records)
+            total += max(0, high - base)
+        return total
+
+
+def _settled(part: _Partition) -> bool:
+    return all(r.done for r in part.records)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Routes aiokafka's rebalance callbacks to the bridge."""
+
+    def __init__(self, bridge: KafkaBridge, consumer: AIOKafkaConsumer) -> None:
+        self.bridge = bridge
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.bridge.revoked(self.consumer, set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.bridge.assigned(set(assigned))
