@@ -7,9 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import dramatiq
+from dramatiq import Middleware
+from dramatiq.middleware import MiddlewareError
+
 if TYPE_CHECKING:
-    import dramatiq
-    from dramatiq import Actor, Message, Middleware
+    from dramatiq import Actor, Message
 
     from ..config import EventBusSettings
     from ..dlq import DeadLetterStore
@@ -121,3 +124,51 @@ class Backend(abc.ABC):
         themselves (Kafka) use them; the default ignores them.
         """
         return None
+
+
+class CachedHooksBroker(dramatiq.Broker):
+    """A dramatiq Broker that emits each signal only to the middleware overriding it.
+
+    Same contract as :meth:`dramatiq.Broker.emit_before` / ``emit_after`` (a
+    ``MiddlewareError`` from a ``before_`` hook propagates, anything else is
+    logged), without a ``getattr`` per middleware per signal: the hooks run several
+    times per message on the hot path.  Mix it in before the concrete broker class.
+    """
+
+    def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
+        super().add_middleware(middleware, **kwargs)
+        self._hook_cache().clear()
+
+    def _hook_cache(self) -> dict[str, list[Any]]:
+        cache: dict[str, list[Any]] = self.__dict__.setdefault("_eventbus_hooks", {})
+        return cache
+
+    def _hooks_for(self, signal: str) -> list[Any]:
+        """The bound ``signal`` hooks of the middleware that override it, in order."""
+        cache = self._hook_cache()
+        hooks = cache.get(signal)
+        if hooks is None:
+            base = getattr(Middleware, signal, None)
+            hooks = [
+                getattr(m, signal)
+                for m in self.middleware
+                if getattr(type(m), signal, None) is not base
+            ]
+            cache[signal] = hooks
+        return hooks
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        for hook in self._hooks_for("before_" + signal):
+            try:
+                hook(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical("Unexpected failure in before_%s.", signal, exc_info=True)
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        for hook in reversed(self._hooks_for("after_" + signal)):
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical("Unexpected failure in after_%s.", signal, exc_info=True)

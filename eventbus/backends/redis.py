@@ -52,7 +52,7 @@ import redis
 from dramatiq import Consumer, Message, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
-from dramatiq.middleware import AsyncIO, MiddlewareError, TimeLimit
+from dramatiq.middleware import AsyncIO, TimeLimit
 from pydantic_core import to_json
 
 from ..config import (
@@ -66,7 +66,7 @@ from ..exceptions import BackendError, ConfigurationError, EventDecodeError, Pub
 from ..health import HealthResult, HealthStatus
 from ..middleware import DeadLetters, keys
 from . import redis_scripts as lua
-from .base import Backend
+from .base import Backend, CachedHooksBroker
 from .resp import RespClient, RespConnectionError, RespError
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class _RedisMessage(MessageProxy):
         self.raw = raw
 
 
-class ReliableRedisBroker(dramatiq.Broker):
+class ReliableRedisBroker(CachedHooksBroker):
     """A dramatiq broker on Redis lists with blocking fetches, heartbeats from a
     dedicated thread and deterministic recovery of dead workers' messages.
 
@@ -135,7 +135,6 @@ class ReliableRedisBroker(dramatiq.Broker):
         heartbeat_timeout: float = DEFAULT_REDIS_REDELIVERY_TIMEOUT * HEARTBEAT_TIMEOUT_SHARE,
         heartbeat_interval: float | None = None,
     ) -> None:
-        self._hooks: dict[str, list[Any]] = {}
         super().__init__(middleware=middleware)
         self.client = client
         self.namespace = namespace
@@ -155,41 +154,6 @@ class ReliableRedisBroker(dramatiq.Broker):
         self.add_middleware(_WorkerLifecycle())
 
     # -- dramatiq Broker API ----------------------------------------------------------
-
-    def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
-        super().add_middleware(middleware, **kwargs)
-        self._hooks.clear()
-
-    def _hooks_for(self, signal: str) -> list[Any]:
-        """The bound ``signal`` hooks of the middleware that override it, in order."""
-        hooks = self._hooks.get(signal)
-        if hooks is None:
-            base = getattr(Middleware, signal, None)
-            hooks = [
-                getattr(m, signal)
-                for m in self.middleware
-                if getattr(type(m), signal, None) is not base
-            ]
-            self._hooks[signal] = hooks
-        return hooks
-
-    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        # Same contract as Broker.emit_before, skipping middleware that do not
-        # override the hook: it runs several times per message on the hot path.
-        for hook in self._hooks_for("before_" + signal):
-            try:
-                hook(self, *args, **kwargs)
-            except MiddlewareError:
-                raise
-            except Exception:
-                self.logger.critical("Unexpected failure in before_%s.", signal, exc_info=True)
-
-    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        for hook in reversed(self._hooks_for("after_" + signal)):
-            try:
-                hook(self, *args, **kwargs)
-            except Exception:
-                self.logger.critical("Unexpected failure in after_%s.", signal, exc_info=True)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 1000) -> Consumer:
         """A consumer of ``queue_name`` taking up to ``prefetch`` messages ahead and

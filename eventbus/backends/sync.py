@@ -32,7 +32,7 @@ from dramatiq import Message, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.errors import ActorNotFound, QueueNotFound
-from dramatiq.middleware import MiddlewareError, SkipMessage
+from dramatiq.middleware import SkipMessage
 
 from ..config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
 from ..exceptions import BackendError, HandlerTimeout, ShutdownError
@@ -40,7 +40,7 @@ from ..health import HealthResult, HealthStatus
 from ..middleware import keys
 from ..middleware.dead_letters import DeadLetters
 from ..registry import HandlerSpec
-from .base import Backend
+from .base import Backend, CachedHooksBroker
 
 logger = logging.getLogger(__name__)
 
@@ -48,48 +48,12 @@ logger = logging.getLogger(__name__)
 _THREAD_POLL = 0.005
 
 
-class EmbeddedBroker(StubBroker):
+class EmbeddedBroker(CachedHooksBroker, StubBroker):
     """A StubBroker whose messages are delivered by the in-process :class:`Dispatcher`."""
 
     def __init__(self, middleware: list[Middleware]) -> None:
-        self._hooks: dict[str, list[Any]] = {}
         super().__init__(middleware=middleware)
         self.dispatcher: Dispatcher | None = None
-
-    def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
-        super().add_middleware(middleware, **kwargs)
-        self._hooks.clear()
-
-    def _hooks_for(self, signal: str) -> list[Any]:
-        """The bound ``signal`` hooks of the middleware that override it, in order."""
-        hooks = self._hooks.get(signal)
-        if hooks is None:
-            base = getattr(Middleware, signal, None)
-            hooks = [
-                getattr(m, signal)
-                for m in self.middleware
-                if getattr(type(m), signal, None) is not base
-            ]
-            self._hooks[signal] = hooks
-        return hooks
-
-    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        # Same contract as Broker.emit_before, skipping the no-op hooks: this
-        # runs several times per event on the hot path.
-        for hook in self._hooks_for("before_" + signal):
-            try:
-                hook(self, *args, **kwargs)
-            except MiddlewareError:
-                raise
-            except Exception:
-                self.logger.critical("Unexpected failure in before_%s.", signal, exc_info=True)
-
-    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
-        for hook in reversed(self._hooks_for("after_" + signal)):
-            try:
-                hook(self, *args, **kwargs)
-            except Exception:
-                self.logger.critical("Unexpected failure in after_%s.", signal, exc_info=True)
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         if message.queue_name not in self.queues:
