@@ -13,6 +13,10 @@ import pytest
 
 from eventbus import BaseEvent
 
+# The Redis example needs the fixtures redis_url (starts redis-server when none answers)
+# and namespace (deletes this test's keys).
+pytest_plugins = ["tests.redis_support"]
+
 
 class UserCreated(BaseEvent):
     topic: str = "user.created"
@@ -321,3 +325,43 @@ async def test_get_current_span_inside_a_handler(topic: str) -> None:
     await bus.drain(timeout=5)
     await bus.stop()
     assert seen == ["dispatch"]
+
+
+async def test_redis_backend_example_publishes_to_a_real_redis(
+    topic: str, redis_url: str, namespace: str
+) -> None:
+    from eventbus import EventBus
+    from eventbus.backends.redis import RedisBackend
+
+    # the seed: RedisBackend(url="redis://localhost:6379/0"); here the test server and a
+    # namespace of this test only
+    backend = RedisBackend(url=redis_url, namespace=namespace)
+    bus = EventBus(backend=backend)
+
+    async def handle(event: BaseEvent) -> None:
+        pass
+
+    await bus.registry.register(topic, handle)
+    await bus.start()
+    try:
+        await bus.publish(UserCreated(topic=topic))
+        assert await backend.pending() == 1  # durable in Redis until a worker takes it
+    finally:
+        await bus.stop()
+
+
+def test_kafka_backend_example_accepts_the_seeds_arguments() -> None:
+    from eventbus import ConfigurationError, EventBus
+    from eventbus.backends.kafka import KafkaBackend
+
+    backend = KafkaBackend(
+        bootstrap_servers="localhost:9092",
+        group_id="my-service",
+        auto_offset_reset="earliest",
+        session_timeout_ms=30000,
+        enable_auto_commit=False,  # 推荐:手动提交 offset
+    )
+    bus = EventBus(backend=backend)
+    assert bus.backend is backend
+    with pytest.raises(ConfigurationError, match="auto"):
+        KafkaBackend(bootstrap_servers="localhost:9092", enable_auto_commit=True)
