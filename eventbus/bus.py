@@ -32,6 +32,9 @@ from .tracing import (
 
 logger = logging.getLogger(__name__)
 
+#: Stands in for the publish span when the tracer is the NoopTracer (never finished).
+_UNTRACED = EventSpan(span_id="", operation="publish")
+
 #: Bytes the envelope adds to an event's JSON (type name, correlation and causation ids).
 ENVELOPE_OVERHEAD = 256
 
@@ -374,11 +377,15 @@ class EventBus:
         messages: list[Message[Any]] = []
         outgoing: list[OutgoingEvent] = []
         whole_events = self.backend.publishes_events
+        traced = not isinstance(tracer, NoopTracer)  # the default: no span to make or finish
         try:
             for event in batch:
-                span = tracer.start_span(
-                    "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
-                )
+                if traced:
+                    span = tracer.start_span(
+                        "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
+                    )
+                else:
+                    span = _UNTRACED
                 spans.append(span)
                 if whole_events:
                     outgoing.append(self._outgoing(event, span, cid))
@@ -389,7 +396,7 @@ class EventBus:
             if outgoing:
                 await self.backend.publish_events(outgoing)
         except Exception as exc:
-            for span in spans:
+            for span in spans if traced else ():
                 span.finish(SpanStatus.ERROR, str(exc))
                 tracer.finish_span(span)
             if isinstance(exc, EventBusError):
@@ -398,7 +405,8 @@ class EventBus:
         elapsed = (time.perf_counter() - started) / len(batch)
         metrics = self.metrics
         for event, span in zip(batch, spans, strict=True):
-            span.finish(SpanStatus.OK)
-            tracer.finish_span(span)
+            if traced:
+                span.finish(SpanStatus.OK)
+                tracer.finish_span(span)
             metrics.inc_published(event.topic)
             metrics.observe_publish_duration(event.topic, elapsed)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -234,6 +235,18 @@ class Worker:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+_ASSIGNED = re.compile(r"Kafka bridge (assigned|released) (.*)")
+
+
+def owned(worker: Worker) -> set[int]:
+    """The partitions ``worker`` logged as its own last."""
+    partitions: set[int] = set()
+    for action, names in _ASSIGNED.findall(worker.output()):
+        found = {int(p) for p in re.findall(r"\[(\d+)\]", names)}
+        partitions = partitions | found if action == "assigned" else partitions - found
+    return partitions
 
 
 def handled(out: Path) -> list[tuple[int, int]]:

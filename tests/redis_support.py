@@ -58,8 +58,10 @@ def answers(port: int, host: str = HOST) -> bool:
 class RedisServer:
     """A ``redis-server`` of our own, without persistence; restartable on its port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        #: Extra ``redis-server`` arguments (they override the defaults).
+        self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +73,10 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+            [
+                *(binary, "--port", str(self.port), "--bind", HOST),
+                *("--save", "", "--appendonly", "no", *self.args),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -81,6 +86,13 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
             time.sleep(0.02)
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the server: a crash, no shutdown work."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
         process, self.process = self.process, None

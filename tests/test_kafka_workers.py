@@ -8,7 +8,6 @@ deliveries across processes, including processes it SIGKILLs.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,21 +17,18 @@ import pytest
 from eventbus import EventBus, EventBusSettings
 from eventbus.backends.kafka import KafkaBackend
 from tests.kafka_events import Numbered
-from tests.kafka_helpers import Worker, committed_offsets, create_topic, handled, wait_for
+from tests.kafka_helpers import (
+    Worker,
+    committed_offsets,
+    create_topic,
+    handled,
+    owned,
+    wait_for,
+)
 
 pytest_plugins = ["tests.kafka_support"]
 
 PARTITIONS = 4
-_ASSIGNED = re.compile(r"Kafka bridge (assigned|released) (.*)")
-
-
-def owned(worker: Worker) -> set[int]:
-    """The partitions ``worker`` logged as its own last."""
-    partitions: set[int] = set()
-    for action, names in _ASSIGNED.findall(worker.output()):
-        found = {int(p) for p in re.findall(r"\[(\d+)\]", names)}
-        partitions = partitions | found if action == "assigned" else partitions - found
-    return partitions
 
 
 @pytest.fixture

@@ -135,17 +135,17 @@ class CachedHooksBroker(dramatiq.Broker):
     times per message on the hot path.  Mix it in before the concrete broker class.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._hook_cache: dict[str, list[Any]] = {}  # before Broker.__init__ adds middleware
+        super().__init__(*args, **kwargs)
+
     def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
         super().add_middleware(middleware, **kwargs)
-        self._hook_cache().clear()
-
-    def _hook_cache(self) -> dict[str, list[Any]]:
-        cache: dict[str, list[Any]] = self.__dict__.setdefault("_eventbus_hooks", {})
-        return cache
+        self._hook_cache.clear()
 
     def _hooks_for(self, signal: str) -> list[Any]:
         """The bound ``signal`` hooks of the middleware that override it, in order."""
-        cache = self._hook_cache()
+        cache = self._hook_cache
         hooks = cache.get(signal)
         if hooks is None:
             base = getattr(Middleware, signal, None)
