@@ -357,3 +357,28 @@ async def test_backend_from_settings() -> None:
     assert backend.namespace == "custom"
     assert backend.heartbeat_timeout == pytest.approx(8.0)
     assert backend.heartbeat_timeout + backend.heartbeat_interval <= 12
+
+
+async def test_worker_exits_when_its_whole_process_group_is_signalled_twice(
+    workers: Workers,
+) -> None:
+    """systemd and container runtimes SIGTERM every process of the group, so each
+    dramatiq worker process gets the signal twice (also from its master) and exits
+    without stopping its Worker: it must still exit, not hang on a live thread."""
+    import os
+    import signal as signals
+
+    worker = workers.start(("tests.redis_handlers",), processes=2)
+    os.killpg(worker.process.pid, signals.SIGTERM)
+    await asyncio.sleep(0.2)
+    os.killpg(worker.process.pid, signals.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(worker.process.pid, 0)
+        except ProcessLookupError:
+            break  # every process of the group is gone
+        worker.process.poll()
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"worker processes still alive:\n{worker.output()}")

@@ -593,6 +593,9 @@ def start_worker_thread(bus: EventBus) -> Callable[[float], None]:
         target=loop.run_until_complete,
         args=(run_worker(bus, stop_event),),
         name="eventbus-kafka-worker",
+        # A daemon: a worker process that exits without stop() (dramatiq's second
+        # SIGTERM) must not hang on it; its uncommitted records are redelivered.
+        daemon=True,
     )
     thread.start()
 

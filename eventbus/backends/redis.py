@@ -52,7 +52,7 @@ import redis
 from dramatiq import Consumer, Message, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
-from dramatiq.middleware import AsyncIO, TimeLimit
+from dramatiq.middleware import TimeLimit
 from pydantic_core import to_json
 
 from ..config import (
@@ -65,6 +65,7 @@ from ..config import (
 from ..exceptions import BackendError, ConfigurationError, EventDecodeError, PublishError
 from ..health import HealthResult, HealthStatus
 from ..middleware import DeadLetters, keys
+from ..middleware.event_loop import DaemonAsyncIO
 from . import redis_scripts as lua
 from .base import Backend, CachedHooksBroker
 from .resp import RespClient, RespConnectionError, RespError
@@ -596,7 +597,10 @@ class RedisBackend(Backend):
 
     def bind(self, middleware: list[Middleware]) -> dramatiq.Broker:
         if self.broker is None:
-            worker_middleware: list[Middleware] = [AsyncIO(), TimeLimit(time_limit=float("inf"))]
+            worker_middleware: list[Middleware] = [
+                DaemonAsyncIO(),
+                TimeLimit(time_limit=float("inf")),
+            ]
             self.broker = ReliableRedisBroker(
                 self.sync_client,
                 middleware=[*middleware, *worker_middleware],
