@@ -26,14 +26,15 @@ class Timed(BaseEvent):
     sent: float
 
 
-if os.environ.get("BENCH_OTEL_SDK"):  # bench/observability.py: real SDK, in-memory export
+# bench/observability.py: the real SDK, a batch processor, an in-memory exporter.
+if os.environ.get("BENCH_OTEL_SDK"):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     _provider = TracerProvider()
-    _provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    _provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
     trace.set_tracer_provider(_provider)
 
 

@@ -4,8 +4,9 @@ Usage (from the repo root): python bench/observability.py [--n 20000] [--repeat 
                             [--backend sync|redis|both]
 
 Four configurations: nothing; PrometheusMetricsCollector; OpenTelemetryTracer
-with the SDK and an in-memory exporter; both.  ``sync``: embedded backend, N
-events to one no-op async handler, each configuration in a fresh subprocess.
+with the SDK, a BatchSpanProcessor (as in production) and an in-memory exporter;
+both.  ``sync``: embedded backend, N events to one no-op async handler, each
+configuration in a fresh subprocess.
 ``redis``: its own redis-server, the web side publishing N events one by one to
 ``dramatiq eventbus.actors -p 2 -t 8`` workers configured the same way
 (``EVENTBUS_METRICS`` / ``EVENTBUS_TRACING``), until the last is acked.  Prints
@@ -40,13 +41,13 @@ async def _measure(n: int, config: str) -> float:
         metrics = PrometheusMetricsCollector(registry=CollectorRegistry())
     if "otel" in config:
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         from eventbus.otel import OpenTelemetryTracer
 
         provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
         tracer = OpenTelemetryTracer(tracer_provider=provider)
 
     class Ev(BaseEvent):
@@ -107,11 +108,11 @@ async def _redis_publish(n: int, config: str, url: str) -> float:
     if "otel" in config:
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
         trace.set_tracer_provider(provider)
     settings = EventBusSettings(
         metrics="prometheus" if "prometheus" in config else "none",
