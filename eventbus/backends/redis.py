@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +150,7 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._schedule = client.register_script(lua.SCHEDULE)
         self._beat = client.register_script(lua.BEAT)
         self._release = client.register_script(lua.RELEASE)
+        self._reclaim = client.register_script(lua.RECLAIM)
         self._heartbeat: _Heartbeat | None = None
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
@@ -326,10 +328,13 @@ class _RedisConsumer(Consumer):
         self.inflight = broker.inflight_key(queue_name)
         self.cache: deque[bytes] = deque()
         self.outstanding = 0
+        #: The raw messages handed to dramatiq and not acked, nacked or requeued yet.
+        self.held: Counter[bytes] = Counter()
         self.acked = threading.Condition()
         self.must_fetch = True
         self.next_due: float = -1.0
         self.failures = 0
+        self.must_reclaim = False
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
@@ -346,17 +351,23 @@ class _RedisConsumer(Consumer):
                 _command(self.client, "LREM", self.inflight, 1, raw)
         except redis.RedisError as exc:
             raise _closed(exc) from None
-        self._done(1)
+        self._done(1, [raw] if raw is not None else [])
 
-    def _done(self, count: int) -> None:
+    def _done(self, count: int, raws: list[bytes]) -> None:
         with self.acked:
             self.outstanding = max(0, self.outstanding - count)
+            for raw in raws:
+                left = self.held[raw] - 1
+                if left > 0:
+                    self.held[raw] = left
+                else:
+                    del self.held[raw]
             self.acked.notify()
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         raws = [raw for m in messages if (raw := getattr(m, "raw", None)) is not None]
         self._put_back(raws)
-        self._done(len(raws))
+        self._done(len(raws), raws)
 
     def _put_back(self, raws: list[bytes]) -> None:
         if not raws:
@@ -392,6 +403,9 @@ class _RedisConsumer(Consumer):
                 logger.warning("Lost Redis on queue %s (%s); reconnecting.", self.queue_name, exc)
             self.failures += 1
             self.must_fetch = True
+            # A command that moves messages into our in-flight list (BLMOVE, the
+            # fetch script) may have run on the server with its reply lost.
+            self.must_reclaim = True
             time.sleep(delay)
             return None
         if self.failures:
@@ -399,7 +413,34 @@ class _RedisConsumer(Consumer):
             self.failures = 0
         return message
 
+    def _reclaim(self) -> None:
+        """Put back the messages of our in-flight list that this consumer never
+        received: taken by a command whose reply was lost with the connection, they
+        would otherwise wait there, unhandled, for as long as this worker lives."""
+        listed: list[bytes] = _command(self.client, "LRANGE", self.inflight, 0, -1)
+        with self.acked:
+            known = self.held + Counter(self.cache)
+        unknown = []
+        for raw in listed:
+            if known[raw] > 0:
+                known[raw] -= 1
+            else:
+                unknown.append(raw)
+        if unknown:
+            # Atomic per message: one acked meanwhile is gone from the list and stays gone.
+            moved = int(self.broker._reclaim(keys=[self.inflight, self.ready], args=unknown))
+            if moved:
+                logger.warning(
+                    "Put back %d event(s) of queue %s taken by a fetch whose reply was "
+                    "lost with the connection.",
+                    moved,
+                    self.queue_name,
+                )
+
     def _next(self) -> MessageProxy | None:
+        if self.must_reclaim:
+            self._reclaim()
+            self.must_reclaim = False
         while True:
             while self.cache:
                 message = self._decode(self.cache.popleft())
@@ -444,6 +485,10 @@ class _RedisConsumer(Consumer):
             cause = exc.__cause__ or exc
             self._reject_raw(raw, InvalidMessage(f"not a dramatiq message: {cause}"))
             return None
+        shape = message_problem(message, self.queue_name)
+        if shape is not None:  # its fields cannot be trusted: record the raw bytes
+            self._reject_raw(raw, InvalidMessage(shape))
+            return None
         try:
             problem = self._check(message)
         except ActorNotFound as exc:
@@ -454,6 +499,7 @@ class _RedisConsumer(Consumer):
             return None
         with self.acked:
             self.outstanding += 1
+            self.held[raw] += 1
         return _RedisMessage(message, raw)
 
     def _check(self, message: Message[Any]) -> str | None:
@@ -462,8 +508,6 @@ class _RedisConsumer(Consumer):
             return None  # a plain dramatiq actor: its arguments are its own business
         if len(message.args) != 1 or message.kwargs:
             return "an eventbus message carries exactly one argument, the event envelope"
-        if not isinstance(message.options, dict):
-            return "message options must be a JSON object"
         return None
 
     def _reject_raw(self, raw: bytes, error: Exception) -> None:
@@ -487,12 +531,84 @@ class _RedisConsumer(Consumer):
         )
         try:
             recorded = self.broker.dead_letter(message, error)
+        except redis.RedisError:
+            raise  # Redis went away: the message is put back once it is reachable
         except Exception:
+            if message.actor_name != UNDECODABLE_ACTOR:
+                logger.exception("Could not write the dead letter; recording the raw message.")
+                self._reject_raw(raw, error)
+                return
             logger.exception("Could not write the dead letter; the message stays in flight.")
             return
         if not recorded:
             logger.error("No DeadLetters middleware: the malformed message is dropped.")
         _command(self.client, "LREM", self.inflight, 1, raw)
+
+
+#: Message fields and the JSON types they must have.
+_FIELD_TYPES: tuple[tuple[str, type | tuple[type, ...], str], ...] = (
+    ("queue_name", str, "a string"),
+    ("actor_name", str, "a string"),
+    ("args", (list, tuple), "an array"),
+    ("kwargs", dict, "an object"),
+    ("options", dict, "an object"),
+    ("message_id", str, "a string"),
+    ("message_timestamp", (int, float), "a number"),
+)
+#: Message options read by eventbus or dramatiq middleware, and their types.
+_OPTION_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    keys.TOPIC: (str, "a string"),
+    keys.CORRELATION_ID: (str, "a string"),
+    keys.TRACE_ID: (str, "a string"),
+    keys.PARENT_SPAN_ID: (str, "a string"),
+    keys.REPLAY_OF: (str, "a string"),
+    keys.TRACE_CONTEXT: (dict, "an object"),
+    keys.ATTEMPTS: (int, "an integer"),
+    keys.FIRST_FAILED_AT: ((int, float), "a number"),
+    "eta": ((int, float, type(None)), "a number"),
+    "time_limit": ((int, float, type(None)), "a number"),
+}
+#: Epoch milliseconds of the end of year 9999 (the largest datetime).
+_MAX_EPOCH_MS = 253_402_300_799_000
+
+
+def message_problem(message: Message[Any], queue: str) -> str | None:
+    """Why ``message``, taken from ``queue``, cannot be run, judged by its shape.
+
+    Dramatiq decodes any JSON object with the right keys into a Message without
+    checking types, and a worker thread dies on some wrong ones (a ``queue_name``
+    it does not consume, a truthy ``throws``); a dead-letter record cannot be
+    written for others (a ``message_id`` that is not a string).
+    """
+    for name, kinds, what in _FIELD_TYPES:
+        value = getattr(message, name)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"{name} must be {what}, not {type(value).__name__}"
+    if message.queue_name != queue:
+        return f"a message of queue {message.queue_name!r:.80} found on queue {queue!r}"
+    try:
+        message.message_id.encode()
+    except UnicodeEncodeError:
+        return "message_id is not valid UTF-8"
+    options = message.options
+    for key, (kinds, what) in _OPTION_TYPES.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"option {key} must be {what}, not {type(value).__name__}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"option {key} must be a finite number"
+    if options.get(keys.ATTEMPTS, 0) < 0:
+        return f"option {keys.ATTEMPTS} must be >= 0"
+    if not 0 <= options.get(keys.FIRST_FAILED_AT, 0) <= _MAX_EPOCH_MS:
+        return f"option {keys.FIRST_FAILED_AT} is not a time"
+    context = options.get(keys.TRACE_CONTEXT, {})
+    if not all(isinstance(v, str) for v in context.values()):
+        return f"option {keys.TRACE_CONTEXT} must map names to strings"
+    if options.get("throws"):
+        return "option throws cannot be set in JSON (dramatiq expects exception classes)"
+    return None
 
 
 class RedisBackend(Backend):

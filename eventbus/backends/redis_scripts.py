@@ -116,6 +116,22 @@ return moved
 #: ARGV: namespace, worker id.  Returns how many messages were put back.
 RELEASE = _REQUEUE_WORKER + "return requeue_worker(ARGV[1], ARGV[2])\n"
 
+#: Put back messages a consumer found in its own in-flight list without having
+#: received them (the reply of a fetch lost with the connection).  Each one still
+#: in the list moves to the front of the ready list, in its original order; one
+#: already gone (acked meanwhile) is left alone.  Wake-up tokens are dropped.
+#: KEYS: in-flight list, ready list.  ARGV: the messages.  Returns how many moved.
+RECLAIM = """
+local moved = 0
+for i = #ARGV, 1, -1 do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 and ARGV[i] ~= '' then
+    redis.call('LPUSH', KEYS[2], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
 #: Messages not finished yet on the queues ARGV[2..]: ready (wake-up tokens not
 #: counted), delayed, and in flight in any registered worker.  ARGV[1]: namespace.
 PENDING = """

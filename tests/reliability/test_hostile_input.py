@@ -5,23 +5,57 @@ Each input ends as a decoded event, a clear EventDecodeError, or a dead letter.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
-from typing import Any
+import string
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import pytest
+import redis
 from dramatiq import Message
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from eventbus import (
     BaseEvent,
+    ConfigurationError,
     EventBus,
     EventBusSettings,
     EventDecodeError,
+    EventTooLargeError,
     HealthStatus,
+    PublishError,
     RetryPolicy,
     decode_event,
 )
+from eventbus.backends.kafka import KafkaBackend
+from eventbus.backends.kafka_config import (
+    HEADER_CORRELATION_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_REPLAY_OF,
+    HEADER_TRACEPARENT,
+)
+from eventbus.backends.redis import RedisBackend
+from eventbus.backends.redis_scripts import ready_key
 from eventbus.middleware import keys
+from eventbus.registry import MAX_NAME_LENGTH, QUEUE_NAME, TOPIC_NAME, make_spec
+from tests.kafka_events import Numbered
+from tests.kafka_helpers import Worker, committed_offsets, create_topic, read_topic
+from tests.reliability.handlers import Tracked
+from tests.reliability.support import PROFILE, Ledger
+
+if TYPE_CHECKING:
+    from tests.redis_support import Workers
+
+pytest_plugins = ["tests.redis_support", "tests.kafka_support"]
+
+QUEUE = "eventbus"
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -115,3 +149,353 @@ async def test_embedded_dispatcher_survives_garbage_and_accounts_for_every_messa
         assert health.status is HealthStatus.HEALTHY
     finally:
         await bus.stop()
+
+
+# -- names --------------------------------------------------------------------------
+
+names = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=string.ascii_letters + string.digits + "._:/@+-", min_size=1, max_size=260),
+    st.text(min_size=200, max_size=600),
+)
+
+
+def _handler(event: BaseEvent) -> None:
+    pass
+
+
+def _accepts_or_refuses(valid: bool, build: Callable[[], object], value: str) -> None:
+    try:
+        build()
+    except ConfigurationError as exc:
+        assert not valid, f"{value!r} is valid but was refused: {exc}"
+        assert repr(value)[:40] in str(exc)  # the error names the offending value
+    else:
+        assert valid, f"{value!r} was accepted"
+
+
+@given(names)
+def test_topic_names_are_validated_with_a_clear_error(name: str) -> None:
+    valid = TOPIC_NAME.fullmatch(name) is not None
+    # make_spec is what @on_event and bus.registry.register validate with (calling
+    # on_event here would register every random topic for the rest of the session).
+    _accepts_or_refuses(valid, lambda: make_spec(name, _handler), name)
+
+
+@given(names)
+def test_queue_names_are_validated_with_a_clear_error(name: str) -> None:
+    valid = QUEUE_NAME.fullmatch(name) is not None
+    _accepts_or_refuses(valid, lambda: make_spec("t", _handler, queue=name), name)
+
+
+@given(names)
+def test_handler_names_are_validated_with_a_clear_error(name: str) -> None:
+    valid = 0 < len(name) <= MAX_NAME_LENGTH and name.isprintable()
+    _accepts_or_refuses(valid, lambda: make_spec("t", _handler, name=name), name)
+
+
+@settings(max_examples=50, deadline=None)
+@given(names)
+async def test_publishing_to_a_random_topic_is_delivered_or_refused_clearly(name: str) -> None:
+    bus = EventBus(settings=EventBusSettings(shutdown_timeout=1))
+    await bus.start()
+    try:
+        try:
+            await bus.publish(BaseEvent(topic=name))
+        except PublishError as exc:
+            assert TOPIC_NAME.fullmatch(name) is None
+            assert repr(name)[:40] in str(exc)
+        else:
+            assert TOPIC_NAME.fullmatch(name) is not None
+    finally:
+        await bus.stop()
+
+
+# -- a Redis worker's queue ---------------------------------------------------------
+
+#: Good events carry n >= GOOD; anything handled below it came from the garbage.
+GOOD = 1_000_000
+RESERVED_OPTIONS = [
+    "eta",
+    "retries",
+    "max_retries",
+    "min_backoff",
+    "max_backoff",
+    "time_limit",
+    "traceback",
+    "throws",
+    "pipe_target",
+    "pipe_ignore",
+    keys.TOPIC,
+    keys.CORRELATION_ID,
+    keys.TRACE_ID,
+    keys.PARENT_SPAN_ID,
+    keys.TRACE_CONTEXT,
+    keys.ATTEMPTS,
+    keys.FIRST_FAILED_AT,
+    keys.REPLAY_OF,
+]
+
+
+def _message_shaped(actor: str) -> st.SearchStrategy[dict[str, Any]]:
+    """JSON objects that look like dramatiq messages, with random parts."""
+    options = st.dictionaries(st.sampled_from(RESERVED_OPTIONS) | st.text(max_size=8), json_values)
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "queue_name": st.sampled_from([QUEUE, "other"]) | json_values,
+            "actor_name": st.sampled_from([actor, "no.such.actor", ""]) | json_values,
+            "args": st.lists(envelopes | json_values, max_size=2) | json_values,
+            "kwargs": st.just({}) | json_values,
+            "options": options | json_values,
+            "message_id": st.uuids().map(str) | json_values,
+            "message_timestamp": st.integers() | json_values,
+        },
+    )
+
+
+def _delayed_on_purpose(item: bytes | dict[str, Any]) -> bool:
+    """A message asking for a future ``eta``: dramatiq delays it, as asked."""
+    document: Any = item
+    if isinstance(item, bytes):
+        try:
+            document = json.loads(item)
+        except ValueError:
+            return False
+    options = document.get("options") if isinstance(document, dict) else None
+    eta = options.get("eta") if isinstance(options, dict) else None
+    return isinstance(eta, int | float) and not isinstance(eta, bool) and eta > time.time() * 1000
+
+
+def _queue_garbage(actor: str) -> st.SearchStrategy[bytes | dict[str, Any]]:
+    """Bytes for a queue, or message-shaped objects (encoded by the test)."""
+    encoded = st.one_of(json_values, envelopes).map(lambda value: json.dumps(value).encode())
+    # b"" is excluded: an empty string in a ready list is a wake-up token by design.
+    return st.one_of(st.binary(min_size=1, max_size=256), encoded, _message_shaped(actor)).filter(
+        lambda item: not _delayed_on_purpose(item)
+    )
+
+
+_unique = itertools.count()
+#: A well-formed message whose envelope is not an event (its handler fails on it).
+_VALID_SHAPE: dict[str, Any] = {
+    "queue_name": QUEUE,
+    "actor_name": "",
+    "args": [{"not": "an envelope"}],
+    "kwargs": {},
+    "options": {},
+    "message_id": "m",
+    "message_timestamp": 0,
+}
+
+
+def _encode(item: bytes | dict[str, Any]) -> bytes:
+    """``item`` as queue bytes; string message ids made unique (hypothesis repeats
+    values across examples, and dead letters are keyed by message id)."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item.get("message_id"), str):
+        item = {**item, "message_id": f"{next(_unique)}:{item['message_id']}"}
+    return json.dumps(item).encode()
+
+
+async def test_redis_worker_dead_letters_garbage_in_its_queue_and_goes_on(
+    make_redis_bus: Callable[..., EventBus],
+    workers: Workers,
+    namespace: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Random bytes, random JSON and random message-shaped JSON pushed straight
+    into the queue of a running ``dramatiq eventbus.actors`` worker: each item is
+    dead-lettered (or handled, if it happens to be a valid message), nothing stays
+    pending, the worker process lives on and the good event after it is handled."""
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    ledger = Ledger(ledger_dir)
+    worker = workers.start(
+        ("tests.reliability.handlers",), threads=2, env={"RELIABILITY_LEDGER": str(ledger_dir)}
+    )
+    bus = make_redis_bus()
+    await bus.start()
+    loop = asyncio.get_running_loop()
+    client = redis.Redis.from_url(redis_url)
+    queue = ready_key(namespace, QUEUE)
+    actor = "reliability.record"
+    assert actor in bus.broker.actors
+    good = itertools.count(GOOD)
+
+    abandoned = threading.Event()  # the test ended (timeout): stop generating
+
+    def on_loop(coroutine: Any) -> Any:
+        if abandoned.is_set():
+            coroutine.close()
+            raise RuntimeError("the test was abandoned")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(15)
+
+    @settings(
+        max_examples=PROFILE.fuzz_examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        # No shrinking: each example runs against live processes, and a failure
+        # already names its (at most 5) inputs.
+        phases=[Phase.explicit, Phase.generate],
+    )
+    @given(st.lists(_queue_garbage(actor), min_size=1, max_size=5))
+    # Each of these once killed a worker thread, wedged a message or lost its dead letter.
+    @example([{**_VALID_SHAPE, "actor_name": actor, "queue_name": "elsewhere"}])
+    @example([{**_VALID_SHAPE, "actor_name": actor, "options": {"throws": "x"}}])
+    @example([{**_VALID_SHAPE, "actor_name": ["a"]}, {**_VALID_SHAPE, "message_id": True}])
+    @example([{**_VALID_SHAPE, "actor_name": actor, "options": {keys.ATTEMPTS: "2"}}])
+    def garbage_then_a_good_event(items: list[bytes | dict[str, Any]]) -> None:
+        garbage = [_encode(item) for item in items]
+        dead_before = bus.dlq.size()
+        handled_before = sum(ledger.refresh().done.values())
+        client.rpush(queue, *garbage)
+        n = next(good)
+        on_loop(bus.publish(Tracked(n=n)))
+        deadline = time.monotonic() + 15
+        while ledger.missing([n]) or on_loop(bus.backend.pending()):  # type: ignore[attr-defined]
+            assert worker.process.poll() is None, f"the worker died:\n{worker.output()}"
+            assert time.monotonic() < deadline, (
+                f"wedged: {on_loop(bus.backend.pending())} pending "  # type: ignore[attr-defined]
+                f"after {garbage!r}\n{worker.output()[-3000:]}"
+            )
+            time.sleep(0.02)
+        handled = sum(ledger.refresh().done.values()) - handled_before - 1
+        dead = bus.dlq.size() - dead_before
+        assert dead + handled == len(garbage), (dead, handled, garbage)
+
+    try:
+        await asyncio.to_thread(garbage_then_a_good_event)
+    finally:
+        abandoned.set()
+        client.close()
+    assert worker.process.poll() is None
+    errors = {record.error_type for record in bus.dlq.peek(1000)}
+    assert errors <= {"InvalidMessage", "ActorNotFound", "EventDecodeError"}, errors
+
+
+async def test_redis_oversized_event_is_refused_with_nothing_enqueued(
+    redis_url: str, namespace: str
+) -> None:
+    backend = RedisBackend(url=redis_url, namespace=namespace)
+    bus = EventBus(backend=backend, settings=EventBusSettings(max_event_bytes=4096))
+    await bus.start()
+    try:
+        with pytest.raises(EventTooLargeError, match="EVENTBUS_MAX_EVENT_BYTES=4096"):
+            await bus.publish_many([Tracked(n=1), Tracked(n=2, metadata={"blob": "x" * 5000})])
+        assert await backend.pending() == 0
+    finally:
+        await bus.stop()
+        if backend.broker is not None:
+            backend.broker.close()
+
+
+# -- the Kafka bridge ---------------------------------------------------------------
+
+_HEADER_NAMES = [
+    HEADER_EVENT_TYPE,
+    HEADER_EVENT_ID,
+    HEADER_CORRELATION_ID,
+    HEADER_TRACEPARENT,
+    HEADER_REPLAY_OF,
+    "tracestate",
+    "baggage",
+]
+kafka_records = st.fixed_dictionaries(
+    {
+        "value": st.one_of(
+            st.none(),
+            st.binary(max_size=256),
+            st.one_of(json_values, envelopes).map(lambda v: json.dumps(v).encode()),
+        ),
+        "key": st.none() | st.binary(max_size=16),
+        "headers": st.lists(
+            st.tuples(st.sampled_from(_HEADER_NAMES) | st.text(max_size=8), st.binary(max_size=64)),
+            max_size=4,
+        ),
+    }
+).filter(lambda record: record["value"] is not None or record["key"] is not None)  # aiokafka
+
+
+async def test_kafka_bridge_dead_letters_garbage_records_and_goes_on(
+    kafka_workers: Callable[..., Worker],
+    kafka_bootstrap: str,
+    kafka_names: tuple[str, str],
+    tmp_path: Path,
+) -> None:
+    """Random records (no value, random bytes, random JSON, random envelopes; random
+    keys and headers) on a topic a worker process consumes: each one is
+    dead-lettered to ``<topic>.dlq`` (or handled, if it happens to be a valid
+    event), its offset committed, the worker lives on and the good event after
+    it is handled."""
+    from aiokafka import AIOKafkaProducer
+
+    topic, group = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+    out = tmp_path / "handled.txt"
+    ledger = Ledger(out, single=True)
+    worker = kafka_workers(kafka_bootstrap, group, topic, out)
+    publisher = EventBus(
+        backend=KafkaBackend(kafka_bootstrap, group, consume=False),
+        settings=EventBusSettings(shutdown_timeout=2),
+    )
+    await publisher.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    good = itertools.count(GOOD)
+    produced = 0
+    garbage_total = 0
+
+    abandoned = threading.Event()  # the test ended (timeout): stop generating
+
+    def on_loop(coroutine: Any) -> Any:
+        if abandoned.is_set():
+            coroutine.close()
+            raise RuntimeError("the test was abandoned")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(15)
+
+    @settings(
+        max_examples=PROFILE.fuzz_examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        # No shrinking: each example runs against live processes, and a failure
+        # already names its (at most 5) inputs.
+        phases=[Phase.explicit, Phase.generate],
+    )
+    @given(st.lists(kafka_records, min_size=1, max_size=5))
+    def garbage_then_a_good_event(records: list[dict[str, Any]]) -> None:
+        nonlocal produced, garbage_total
+        for record in records:
+            on_loop(producer.send_and_wait(topic, **record))
+        n = next(good)
+        on_loop(publisher.publish(Numbered(topic=topic, n=n, key="good")))
+        produced += len(records) + 1
+        garbage_total += len(records)
+        deadline = time.monotonic() + 20
+        while True:
+            committed = on_loop(committed_offsets(kafka_bootstrap, group, topic))
+            if not ledger.missing([n]) and committed.get(0, -1) >= produced:
+                break
+            assert worker.process.poll() is None, f"the worker died:\n{worker.output()}"
+            assert time.monotonic() < deadline, (
+                f"wedged at offset {committed} of {produced} after {records!r}\n"
+                f"{worker.output()[-3000:]}"
+            )
+            time.sleep(0.05)
+
+    try:
+        await asyncio.to_thread(garbage_then_a_good_event)
+        abandoned.set()
+        handled_garbage = sum(c for n, c in ledger.refresh().done.items() if n < GOOD)
+        dead = await read_topic(kafka_bootstrap, f"{topic}.dlq", garbage_total - handled_garbage)
+        assert len(dead) == garbage_total - handled_garbage
+        assert worker.process.poll() is None
+    finally:
+        abandoned.set()
+        await producer.stop()
+        await publisher.stop()
