@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,18 +19,10 @@ from eventbus.backends.redis import RedisBackend
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")
-from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers  # noqa: E402
+from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers, wait_until  # noqa: E402
 
 pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

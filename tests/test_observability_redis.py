@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,15 @@ from eventbus.prometheus import PrometheusMetricsCollector, metrics_router
 from tests import otel_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")
-from tests.redis_support import TEST_REDELIVERY_TIMEOUT, Workers, free_port  # noqa: E402
+from tests.redis_support import (  # noqa: E402
+    TEST_REDELIVERY_TIMEOUT,
+    Workers,
+    free_port,
+    wait_until,
+)
 
 pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
