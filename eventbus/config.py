@@ -21,7 +21,9 @@ from .exceptions import ConfigurationError
 #: Prefix of every environment variable.
 ENV_PREFIX = "EVENTBUS_"
 
-DEFAULT_BACKEND = "sync"
+BackendName = Literal["sync", "redis", "kafka"]
+
+DEFAULT_BACKEND: BackendName = "sync"
 DEFAULT_MAX_RETRIES = 3
 #: Seconds before the first retry.
 DEFAULT_RETRY_DELAY = 1.0
@@ -66,15 +68,13 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 #: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
-BackendName = Literal["sync", "redis", "kafka"]
-
 
 class EventBusSettings(BaseSettings):
     """Every setting of the bus; each reads ``EVENTBUS_<NAME>`` from the environment."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    backend: BackendName = Field("sync", description="sync | redis | kafka")
+    backend: BackendName = Field(DEFAULT_BACKEND, description="sync | redis | kafka")
 
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0)
     retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0)

@@ -138,6 +138,13 @@ class FailedEvent:
         )
 
 
+def newest(records: list[FailedEvent], limit: int | None) -> list[FailedEvent]:
+    """The last ``limit`` of ``records`` (oldest first), all of them when None."""
+    if limit is None:
+        return records
+    return records[-limit:] if limit > 0 else []
+
+
 def _parse_time(value: object) -> datetime:
     if isinstance(value, str):
         try:
@@ -223,9 +230,7 @@ class MemoryDeadLetterStore:
     ) -> list[FailedEvent]:
         with self._lock:
             records = [r for r in self._records.values() if r.matches(topic, handler, error_type)]
-        if limit is None:
-            return records
-        return records[-limit:] if limit > 0 else []
+        return newest(records, limit)
 
     def peek(self, limit: int = DEFAULT_PEEK_LIMIT) -> list[FailedEvent]:
         """The ``limit`` newest records, oldest first."""

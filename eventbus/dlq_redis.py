@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from .dlq import FailedEvent
+from .dlq import FailedEvent, newest
 
 #: Records listed when no limit is given.
 DEFAULT_LIMIT = 10
@@ -178,9 +178,7 @@ class RedisDeadLetterStore:
                 record = self._decode(data)
                 if record is not None and record.matches(topic, handler, error_type):
                     records.append(record)
-        if limit is not None:
-            records = records[-limit:]
-        return records
+        return newest(records, limit)
 
     def peek(self, limit: int = DEFAULT_LIMIT) -> list[FailedEvent]:
         """The ``limit`` newest records, oldest first."""

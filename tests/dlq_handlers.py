@@ -8,12 +8,9 @@ handles the same topic and always succeeds.  Both record their calls in Redis.
 from __future__ import annotations
 
 import json
-import os
-from functools import cache
-
-import redis
 
 from eventbus import BaseEvent, on_event
+from tests.redis_keys import client, key
 
 POISON = "dlq.poison"
 
@@ -21,16 +18,6 @@ POISON = "dlq.poison"
 class Poison(BaseEvent):
     topic: str = POISON
     n: int = 0
-
-
-@cache
-def client() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["EVENTBUS_REDIS_URL"])
-
-
-def key(name: str, namespace: str | None = None) -> str:
-    ns = namespace or os.environ.get("EVENTBUS_REDIS_NAMESPACE", "eventbus")
-    return f"{ns}:test:{name}"
 
 
 @on_event(POISON, name="dlq.poison:poison")

@@ -13,12 +13,10 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from functools import cache
-
-import redis
 
 from eventbus import BaseEvent, EventBus, get_correlation_id, get_current_event, on_event
 from eventbus.asgi import CorrelationIdFilter
+from tests.redis_keys import client, key
 
 ORDER = "obs.order"
 FOLLOW_UP = "obs.followup"
@@ -32,16 +30,6 @@ class OrderPlaced(BaseEvent):
 
 class OrderAudited(BaseEvent):
     topic: str = FOLLOW_UP
-
-
-@cache
-def client() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["EVENTBUS_REDIS_URL"])
-
-
-def key(name: str, namespace: str | None = None) -> str:
-    ns = namespace or os.environ.get("EVENTBUS_REDIS_NAMESPACE", "eventbus")
-    return f"{ns}:test:{name}"
 
 
 class _RedisLogHandler(logging.Handler):

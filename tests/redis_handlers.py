@@ -11,13 +11,10 @@ what they did in Redis (the server and namespace of ``EVENTBUS_REDIS_URL`` /
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from functools import cache
-
-import redis
 
 from eventbus import BaseEvent, on_event
+from tests.redis_keys import client, key
 
 #: Topic of :class:`Numbered` events, each recorded by two handlers.
 RECORD = "redis.test.record"
@@ -43,17 +40,6 @@ class Slow(BaseEvent):
 
 class Flaky(BaseEvent):
     topic: str = FLAKY
-
-
-@cache
-def client() -> redis.Redis:
-    return redis.Redis.from_url(os.environ["EVENTBUS_REDIS_URL"])
-
-
-def key(name: str, namespace: str | None = None) -> str:
-    """The Redis key where handlers record ``name`` for a test namespace."""
-    ns = namespace or os.environ.get("EVENTBUS_REDIS_NAMESPACE", "eventbus")
-    return f"{ns}:test:{name}"
 
 
 @on_event(Numbered)

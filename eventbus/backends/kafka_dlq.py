@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import DEFAULT_DLQ_TOPIC_SUFFIX
-from ..dlq import DEFAULT_PEEK_LIMIT, FailedEvent
+from ..dlq import DEFAULT_PEEK_LIMIT, FailedEvent, newest
 from ..exceptions import BackendError, ShutdownError
 from .kafka_config import KafkaConfig
 
@@ -348,10 +348,7 @@ class KafkaDeadLetterStore:
         error_type: str | None = None,
     ) -> list[FailedEvent]:
         """Matching records, newest last; at most ``limit`` (the newest), None for all."""
-        records = [r for r in self._visible() if r.matches(topic, handler, error_type)]
-        if limit is None:
-            return records
-        return records[-limit:] if limit > 0 else []
+        return newest([r for r in self._visible() if r.matches(topic, handler, error_type)], limit)
 
     def peek(self, limit: int = DEFAULT_PEEK_LIMIT) -> list[FailedEvent]:
         """The ``limit`` newest records, oldest first."""
