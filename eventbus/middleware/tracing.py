@@ -3,6 +3,8 @@ attempt: the correlation id, and a ``dispatch`` span parented on the publish spa
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,9 @@ class Tracing(Middleware):
     def __init__(self, tracer: EventTracer) -> None:
         self.tracer = tracer
         self._active: dict[str, tuple[EventSpan, Token[str], Any]] = {}
+        # A tracer whose start_span takes ``attributes`` gets them at the start
+        # (cheaper for the OpenTelemetry SDK); others find them on the span.
+        self._with_attributes = _takes_attributes(tracer.start_span)
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         options = message.options
@@ -38,15 +43,23 @@ class Tracing(Middleware):
             trace_id=str(options.get(keys.TRACE_ID, "")),
             context=dict(context) if isinstance(context, dict) else {},
         )
-        span = self.tracer.start_span(
-            "dispatch",
-            topic=str(options.get(keys.TOPIC, "")),
-            event_id=_event_id(message),
-            parent_span=parent if parent.span_id or parent.context else None,
-        )
-        span.attributes.setdefault("handler", message.actor_name)
-        span.attributes.setdefault("attempt", int(options.get(keys.ATTEMPTS, 0)) + 1)
-        span.attributes.setdefault("message_id", message.message_id)
+        attributes = {
+            "handler": message.actor_name,
+            "attempt": int(options.get(keys.ATTEMPTS, 0)) + 1,
+            "message_id": message.message_id,
+        }
+        start: Callable[..., EventSpan] = self.tracer.start_span
+        kwargs: dict[str, Any] = {
+            "topic": str(options.get(keys.TOPIC, "")),
+            "event_id": _event_id(message),
+            "parent_span": parent if parent.span_id or parent.context else None,
+        }
+        if self._with_attributes:
+            span = start("dispatch", attributes=attributes, **kwargs)
+        else:
+            span = start("dispatch", **kwargs)
+        for key, value in attributes.items():
+            span.attributes.setdefault(key, value)
         self._active[message.message_id] = (span, cid_token, set_current_span(span))
 
     def after_process_message(
@@ -81,6 +94,13 @@ class Tracing(Middleware):
         finally:
             reset_current_span(span_token)
             correlation_id_var.reset(cid_token)
+
+
+def _takes_attributes(method: Callable[..., Any]) -> bool:
+    try:
+        return "attributes" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _event_id(message: MessageProxy) -> str:
