@@ -11,6 +11,7 @@ import redis
 from eventbus import BaseEvent, on_event
 
 NOOP = "bench.noop"
+WRITE = "bench.write"
 LATENCY = "bench.latency"
 #: Redis list where the latency handler records handler-start minus publish time (s).
 LATENCY_KEY = "bench:latency:eventbus"
@@ -19,6 +20,16 @@ LATENCY_KEY = "bench:latency:eventbus"
 class Noop(BaseEvent):
     topic: str = NOOP
     i: int
+
+
+class Order(BaseEvent):
+    """bench/observability.py's realistic workload: a handler stores each event."""
+
+    topic: str = WRITE
+    i: int
+    customer: str = "c-1042"
+    items: list[str] = ["book", "pen", "lamp"]
+    total_cents: int = 4599
 
 
 class Timed(BaseEvent):
@@ -32,8 +43,10 @@ if os.environ.get("BENCH_OTEL_SDK"):
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    _provider = TracerProvider()
+    _ratio = float(os.environ.get("BENCH_OTEL_RATIO", "1"))
+    _provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(_ratio)))
     _provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
     trace.set_tracer_provider(_provider)
 
@@ -46,6 +59,11 @@ def client() -> redis.Redis:
 @on_event(Noop, name="bench.noop")
 def noop(event: Noop) -> None:
     pass
+
+
+@on_event(Order, name="bench.write")
+def write(event: Order) -> None:
+    client().set(f"bench:order:{event.i}", event.model_dump_json())
 
 
 @on_event(Timed, name="bench.latency")

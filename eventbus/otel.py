@@ -39,8 +39,6 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
-    format_span_id,
-    format_trace_id,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -63,6 +61,9 @@ _OPERATIONS = {
 
 _TRACEPARENT = "traceparent"
 _TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_NONE: frozenset[str] = frozenset()
+#: Span names cached per (topic, operation), up to this many.
+_MAX_CACHED_NAMES = 4096
 _W3C_TYPES = (TraceContextTextMapPropagator, W3CBaggagePropagator)
 
 
@@ -112,7 +113,8 @@ class OpenTelemetryTracer:
     ) -> None:
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=tracer_provider)
         self._system = messaging_system
-        self._live: dict[str, tuple[trace.Span, object | None, frozenset[str]]] = {}
+        self._live: dict[int, tuple[EventSpan, trace.Span, object | None, frozenset[str]]] = {}
+        self._names: dict[tuple[str, str], tuple[str, SpanKind]] = {}
         self._textmap: TextMapPropagator | None = None
         self._w3c = False
 
@@ -161,7 +163,13 @@ class OpenTelemetryTracer:
         ``attributes`` (``handler``, ``attempt``) are exported with the span's start,
         which costs the SDK less than setting them later.
         """
-        op_name, kind = _OPERATIONS.get(operation, (operation, SpanKind.INTERNAL))
+        name_kind = self._names.get((topic, operation))
+        if name_kind is None:
+            op_name, kind = _OPERATIONS.get(operation, (operation, SpanKind.INTERNAL))
+            name_kind = (f"{topic} {op_name}", kind)
+            if len(self._names) < _MAX_CACHED_NAMES:
+                self._names[(topic, operation)] = name_kind
+        name, kind = name_kind
         parent_ctx = None
         if parent_span is not None and parent_span.context:
             parent_ctx = self._extract(parent_span.context)
@@ -177,12 +185,12 @@ class OpenTelemetryTracer:
         if attributes:
             otel_attributes.update(_to_otel(attributes))
         otel_span = self._tracer.start_span(
-            f"{topic} {op_name}", context=parent_ctx, kind=kind, attributes=otel_attributes
+            name, context=parent_ctx, kind=kind, attributes=otel_attributes
         )
         span_ctx = otel_span.get_span_context()
         span = EventSpan(
-            span_id=format_span_id(span_ctx.span_id),
-            trace_id=format_trace_id(span_ctx.trace_id),
+            span_id=f"{span_ctx.span_id:016x}",
+            trace_id=f"{span_ctx.trace_id:032x}",
             parent_span_id=parent_span.span_id if parent_span else "",
             operation=operation,
             topic=topic,
@@ -195,16 +203,22 @@ class OpenTelemetryTracer:
             span.context = self._inject(otel_span, current)
         else:  # spans the handler starts become children of this one
             token = otel_context.attach(current)
-        self._live[span.span_id] = (otel_span, token, frozenset(attributes or ()))
+        # Keyed by the object: spans of an unconfigured (no-op) provider share one id.
+        self._live[id(span)] = (
+            span,
+            otel_span,
+            token,
+            frozenset(attributes) if attributes else _NONE,
+        )
         return span
 
     def finish_span(self, span: EventSpan) -> None:
         """End the OpenTelemetry span: attributes added since the start, the status,
         and on failure an exception event."""
-        live = self._live.pop(span.span_id, None)
+        live = self._live.pop(id(span), None)
         if live is None:
             return
-        otel_span, token, exported = live
+        _, otel_span, token, exported = live
         later = {k: v for k, v in span.attributes.items() if k not in exported}
         if later:
             attributes = _to_otel(later)

@@ -7,6 +7,7 @@ check that baggage, ``tracestate`` and another propagator still travel.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -208,3 +209,36 @@ def test_another_global_propagator_is_used_on_both_sides(
     [consumer] = by_kind(exporter, SpanKind.CONSUMER)
     assert consumer.parent is not None
     assert consumer.parent.span_id == producer.context.span_id
+
+
+async def test_overlapping_handlers_without_a_configured_sdk_log_no_context_errors(
+    topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # EVENTBUS_TRACING=otel before the app configured a TracerProvider: every span is
+    # the API's invalid one, all with span id 0.  Handler attempts still each restore
+    # their own context.
+    bus = EventBus(tracer=OpenTelemetryTracer(tracer_provider=trace.NoOpTracerProvider()))
+
+    second_started, first_done = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
+
+    async def first(event: BaseEvent) -> None:  # starts first, finishes first
+        await second_started.wait()
+        order.append("first")
+        first_done.set()
+
+    async def second(event: BaseEvent) -> None:
+        second_started.set()
+        await first_done.wait()
+        order.append("second")
+
+    await bus.registry.register(topic, first)
+    await bus.registry.register(topic, second)
+    await bus.start()
+    with caplog.at_level("ERROR"):
+        await bus.publish(Paid(topic=topic))
+        await bus.drain(timeout=5)
+    await bus.stop()
+
+    assert order == ["first", "second"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
