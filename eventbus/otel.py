@@ -133,20 +133,22 @@ class OpenTelemetryTracer:
                 return trace.set_span_in_context(NonRecordingSpan(remote))
         return propagate.extract(carrier)
 
-    def _inject(self, otel_span: trace.Span, current: otel_context.Context) -> dict[str, str]:
+    def _inject(
+        self, otel_span: trace.Span, parent_ctx: otel_context.Context | None
+    ) -> dict[str, str]:
         span_ctx = otel_span.get_span_context()
         if (
             span_ctx.is_valid
             and not span_ctx.trace_state
             and self._w3c_textmap()
-            and not baggage.get_all(current)
+            and not baggage.get_all(parent_ctx)
         ):
             return {
                 _TRACEPARENT: f"00-{span_ctx.trace_id:032x}-{span_ctx.span_id:016x}-"
                 f"{span_ctx.trace_flags:02x}"
             }
         carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=current)
+        propagate.inject(carrier, context=trace.set_span_in_context(otel_span, parent_ctx))
         return carrier
 
     def start_span(
@@ -197,12 +199,11 @@ class OpenTelemetryTracer:
             event_id=event_id,
             attributes=dict(attributes) if attributes else {},
         )
-        current = trace.set_span_in_context(otel_span, parent_ctx)
         token = None
         if kind is SpanKind.PRODUCER:
-            span.context = self._inject(otel_span, current)
+            span.context = self._inject(otel_span, parent_ctx)
         else:  # spans the handler starts become children of this one
-            token = otel_context.attach(current)
+            token = otel_context.attach(trace.set_span_in_context(otel_span, parent_ctx))
         # Keyed by the object: spans of an unconfigured (no-op) provider share one id.
         self._live[id(span)] = (
             span,
@@ -219,6 +220,10 @@ class OpenTelemetryTracer:
         if live is None:
             return
         _, otel_span, token, exported = live
+        if not otel_span.is_recording():  # sampled out: nothing to add
+            if token is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+            return
         later = {k: v for k, v in span.attributes.items() if k not in exported}
         if later:
             attributes = _to_otel(later)
