@@ -90,7 +90,12 @@ class EventSpan:
 
 @runtime_checkable
 class EventTracer(Protocol):
-    """What the bus needs of a tracer."""
+    """What the bus needs of a tracer.
+
+    A tracer whose ``start_span`` also takes an ``attributes`` keyword (a mapping:
+    ``handler``, ``attempt``, ``message_id`` for dispatch spans) gets them at the
+    start; for others the dispatch middleware sets them on the returned span.
+    """
 
     def start_span(
         self,
