@@ -70,11 +70,13 @@ def _metrics(settings: EventBusSettings) -> MetricsCollector:
     return NoopMetricsCollector()
 
 
-def _tracer(settings: EventBusSettings) -> EventTracer:
+def _tracer(settings: EventBusSettings, backend: Backend) -> EventTracer:
     if settings.tracing == "otel":
-        from .otel import OpenTelemetryTracer
+        from .otel import DEFAULT_MESSAGING_SYSTEM, OpenTelemetryTracer
 
-        return OpenTelemetryTracer()
+        # Over Kafka the spans describe Kafka records: messaging.system = kafka.
+        system = "kafka" if backend.name == "kafka" else DEFAULT_MESSAGING_SYSTEM
+        return OpenTelemetryTracer(messaging_system=system)
     if settings.tracing == "logging":
         return LoggingTracer()
     return NoopTracer()
@@ -112,14 +114,16 @@ class EventBus:
     ) -> None:
         self.settings = settings if settings is not None else EventBusSettings()
         self.metrics: MetricsCollector = metrics if metrics is not None else _metrics(self.settings)
-        self.tracer: EventTracer = tracer if tracer is not None else _tracer(self.settings)
+        self.backend = backend if backend is not None else create_backend(self.settings)
+        self.tracer: EventTracer = (
+            tracer if tracer is not None else _tracer(self.settings, self.backend)
+        )
         if not isinstance(self.metrics, MetricsCollector):
             raise TypeError(f"metrics must implement MetricsCollector, got {self.metrics!r}")
         if not isinstance(self.tracer, EventTracer):
             raise TypeError(f"tracer must implement EventTracer, got {self.tracer!r}")
         self.retry_policy = retry_policy or RetryPolicy.from_settings(self.settings)
         self.registry = HandlerRegistry()
-        self.backend = backend if backend is not None else create_backend(self.settings)
         store = self.backend.dead_letter_store(self.settings)
         if store is None:
             store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)

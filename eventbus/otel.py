@@ -118,6 +118,11 @@ class OpenTelemetryTracer:
         self._textmap: TextMapPropagator | None = None
         self._w3c = False
 
+    @property
+    def messaging_system(self) -> str:
+        """The ``messaging.system`` attribute of this tracer's spans."""
+        return self._system
+
     def _w3c_textmap(self) -> bool:
         """Whether the global propagator is plain W3C (checked again when it changes)."""
         textmap = propagate.get_global_textmap()

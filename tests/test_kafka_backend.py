@@ -103,6 +103,73 @@ async def test_round_trip_typed_event_with_key_and_headers(
     assert sum(max(o, 0) for o in committed.values()) == 1
 
 
+async def test_opentelemetry_trace_crosses_kafka_in_the_record_headers(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    from opentelemetry import baggage, propagate, trace
+    from opentelemetry import context as otel_context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from eventbus.otel import OpenTelemetryTracer
+
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[object] = []
+
+    async def handler(event: Numbered) -> None:
+        seen.append(baggage.get_baggage("tenant"))
+
+    bus = make_kafka_bus(tracer=OpenTelemetryTracer(provider, messaging_system="kafka"))
+    await bus.registry.register(topic, handler, name=f"{topic}.otel")
+    await bus.start()
+    with provider.get_tracer("app").start_as_current_span("POST /orders") as request:
+        token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            await bus.publish(Numbered(topic=topic, n=1))
+        finally:
+            otel_context.detach(token)
+    await bus.drain(timeout=20)
+    provider.shutdown()
+
+    assert seen == ["acme"]  # baggage travelled in a header too
+    spans = exporter.get_finished_spans()
+    [producer] = [s for s in spans if s.kind is SpanKind.PRODUCER]
+    [consumer] = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    trace_id = request.get_span_context().trace_id
+    assert producer.context.trace_id == consumer.context.trace_id == trace_id
+    assert consumer.parent is not None and consumer.parent.span_id == producer.context.span_id
+    assert producer.attributes["messaging.system"] == consumer.attributes["messaging.system"]
+    assert consumer.attributes["messaging.system"] == "kafka"
+    assert consumer.attributes["messaging.destination.name"] == topic
+    [record] = await read_topic(kafka_bootstrap, topic, 1)
+    headers = dict(record.headers)  # type: ignore[attr-defined]
+    carrier = {"traceparent": headers["traceparent"].decode()}
+    parent = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    assert parent.span_id == producer.context.span_id
+    assert headers["baggage"] == b"tenant=acme"
+
+
+def test_otel_tracing_from_settings_names_kafka_as_the_messaging_system() -> None:
+    from eventbus.otel import OpenTelemetryTracer
+
+    bus = EventBus(
+        settings=EventBusSettings(
+            backend="kafka", tracing="otel", kafka_bootstrap_servers="127.0.0.1:1"
+        )
+    )
+    assert isinstance(bus.tracer, OpenTelemetryTracer)
+    assert bus.tracer.messaging_system == "kafka"
+    embedded = EventBus(settings=EventBusSettings(tracing="otel")).tracer
+    assert isinstance(embedded, OpenTelemetryTracer)
+    assert embedded.messaging_system == "dramatiq"
+
+
 async def test_publish_many_keeps_per_key_order_for_ordered_handlers(
     make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
 ) -> None:
