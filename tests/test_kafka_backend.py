@@ -103,6 +103,28 @@ async def test_round_trip_typed_event_with_key_and_headers(
     assert sum(max(o, 0) for o in committed.values()) == 1
 
 
+async def test_non_ascii_text_round_trips_as_utf8_json(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+    got: list[Numbered] = []
+
+    async def handler(event: Numbered) -> None:
+        got.append(event)
+
+    bus = make_kafka_bus()
+    await bus.registry.register(topic, handler, name=f"{topic}.utf8")
+    await bus.start()
+    await bus.publish(Numbered(topic=topic, n=3, key="新用户-ü-😀"))
+    await bus.drain(timeout=20)
+
+    assert [(e.n, e.key) for e in got] == [(3, "新用户-ü-😀")]
+    [record] = await read_topic(kafka_bootstrap, topic, 1)
+    assert record.key == "新用户-ü-😀".encode()  # type: ignore[attr-defined]
+    assert json.loads(record.value)["event"]["key"] == "新用户-ü-😀"  # type: ignore[attr-defined]
+
+
 async def test_opentelemetry_trace_crosses_kafka_in_the_record_headers(
     make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
 ) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 import logging
 import signal
 import ssl
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq import Actor, Message, Middleware
+from pydantic_core import to_json
 
 from ..config import (
     DEFAULT_DLQ_TOPIC_SUFFIX,
@@ -389,7 +389,7 @@ class KafkaBackend(Backend):
         async def send_all() -> list[Any]:
             futures = []
             for outgoing in events:
-                value = json.dumps(outgoing.envelope, separators=(",", ":")).encode()
+                value = to_json(outgoing.envelope)  # ~6x json.dumps; compact UTF-8 JSON
                 futures.append(
                     await producer.send(
                         outgoing.event.topic,
@@ -442,7 +442,7 @@ class KafkaBackend(Backend):
         replay_of = message.options.get(keys.REPLAY_OF)
         if replay_of:
             headers.append((HEADER_REPLAY_OF, str(replay_of).encode()))
-        value = json.dumps(envelope, separators=(",", ":")).encode()
+        value = to_json(envelope)
 
         async def send(producer: AIOKafkaProducer) -> None:
             await producer.send_and_wait(
