@@ -103,6 +103,36 @@ async def test_round_trip_typed_event_with_key_and_headers(
     assert sum(max(o, 0) for o in committed.values()) == 1
 
 
+async def test_backpressure_holds_in_flight_records_to_max_in_flight(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 2)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def slow(event: Numbered) -> None:
+        started.append(event.n)
+        await release.wait()
+
+    bus = make_kafka_bus(max_in_flight=8)
+    await bus.registry.register(topic, slow, name=f"{topic}.slow")
+    await bus.start()
+    await bus.publish_many([Numbered(topic=topic, n=i, key=str(i)) for i in range(40)])
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend)
+    await wait_for(lambda: len(started) == 8, 20, "the first 8 handlers to start")
+    await asyncio.sleep(0.5)  # time to fetch more, were it not held back
+    assert backend.bridge is not None and backend.bridge.in_flight == 8
+    assert len(started) == 8
+
+    release.set()
+    await wait_for(lambda: len(started) == 40, 20, "every handler to start")
+    await bus.drain(timeout=20)
+    assert sorted(started) == list(range(40))
+    assert backend.bridge.in_flight == 0
+
+
 async def test_non_ascii_text_round_trips_as_utf8_json(
     make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
 ) -> None:

@@ -81,6 +81,8 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 #: Milliseconds the broker may hold a fetch request open waiting for records.
 FETCH_MAX_WAIT_MS = 20
+#: Seconds at max_in_flight after which fetching pauses while polling goes on.
+PAUSE_AFTER = 5.0
 #: Seconds between offset commits while records finish.
 COMMIT_INTERVAL = 0.1
 #: Seconds between checks for newly subscribed topics while none is subscribed.
@@ -331,6 +333,7 @@ class KafkaBridge:
 
     async def _consume(self, consumer: AIOKafkaConsumer, topics: list[str]) -> None:
         self._consuming.clear()
+        full_since: float | None = None  # since when max_in_flight records are in flight
         try:
             while not self._stopping:
                 current = sorted(self.topics())
@@ -338,6 +341,22 @@ class KafkaBridge:
                     topics = current
                     consumer.subscribe(topics, listener=_Listener(self, consumer))
                 room = self.max_in_flight - self._in_flight
+                if room > 0:
+                    full_since = None
+                else:
+                    now = time.monotonic()
+                    full_since = now if full_since is None else full_since
+                    if now - full_since < PAUSE_AFTER:
+                        # Backpressure: fetch nothing until handlers settle a quarter
+                        # of what is in flight.  Not consumer.pause() at once: aiokafka
+                        # drops what it prefetched for paused partitions, and getmany()
+                        # on paused partitions idles its whole timeout (200 ms a pause).
+                        await self._wait_for_room()
+                        if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
+                            await self._commit(consumer, list(self._partitions.values()))
+                        continue
+                # Handlers stuck for long: pause and keep polling, so the group does
+                # not take this consumer for dead (max.poll.interval.ms).
                 self._flow(consumer, room > 0)
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(room, 1))
                 self.last_poll = time.monotonic()
@@ -353,6 +372,20 @@ class KafkaBridge:
                     await self._commit(consumer, list(self._partitions.values()))
         finally:
             self._consuming.set()
+
+    async def _wait_for_room(self) -> None:
+        """Wait (one poll interval at most) until in-flight records drop to 3/4 of
+        ``max_in_flight`` or the bridge stops."""
+        low_water = self.max_in_flight - max(1, self.max_in_flight // 4)
+        deadline = time.monotonic() + POLL_TIMEOUT_MS / 1000
+        while self._in_flight > low_water and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        self.last_poll = time.monotonic()  # the loop is alive, only waiting on handlers
 
     def _flow(self, consumer: AIOKafkaConsumer, open_: bool) -> None:
         assigned = consumer.assignment()
