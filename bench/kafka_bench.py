@@ -129,13 +129,19 @@ def raw_record(topic: str, n: int) -> tuple[bytes, bytes, list[tuple[str, bytes]
     return value, event_id.encode(), headers
 
 
-async def raw_one_by_one(bootstrap: str, n: int) -> float:
+async def raw_producer(bootstrap: str) -> tuple[AIOKafkaProducer, str]:
+    """A started producer (acks=all, no idempotence) and a fresh topic it has written to."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, request_timeout_ms=5000
     )
     await producer.start()
     topic = new_topic()
     await producer.send_and_wait(topic, b"warm-up")
+    return producer, topic
+
+
+async def raw_one_by_one(bootstrap: str, n: int) -> float:
+    producer, topic = await raw_producer(bootstrap)
     try:
         started = time.perf_counter()
         for i in range(n):
@@ -147,12 +153,7 @@ async def raw_one_by_one(bootstrap: str, n: int) -> float:
 
 
 async def raw_batches(bootstrap: str, n: int) -> float:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, request_timeout_ms=5000
-    )
-    await producer.start()
-    topic = new_topic()
-    await producer.send_and_wait(topic, b"warm-up")
+    producer, topic = await raw_producer(bootstrap)
     try:
         started = time.perf_counter()
         for start in range(0, n, BATCH):

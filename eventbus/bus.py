@@ -12,7 +12,7 @@ from dramatiq import Actor, Message, Middleware
 from dramatiq.encoder import JSONEncoder
 
 from .asgi import correlation_id_var, new_correlation_id, new_message_id
-from .backends.base import Backend, OutgoingEvent
+from .backends.base import Backend, OutgoingEvent, handler_message
 from .config import EventBusSettings
 from .dlq import DeadLetterQueue, FailedEvent, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
@@ -299,17 +299,7 @@ class EventBus:
         }
         if span.context:
             options[keys.TRACE_CONTEXT] = span.context
-        return [
-            Message(
-                queue_name=actor.queue_name,
-                actor_name=actor.actor_name,
-                args=(envelope,),
-                kwargs={},
-                options=dict(options),
-                message_id=new_message_id(),
-            )
-            for actor in actors
-        ]
+        return [handler_message(actor, envelope, options) for actor in actors]
 
     def _replay(self, record: FailedEvent) -> None:
         """Enqueue ``record``'s event for the handler that failed on it, retries reset."""

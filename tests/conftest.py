@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from eventbus import EventBus, EventBusSettings, RetryPolicy
 
@@ -20,6 +23,16 @@ FAST_RETRIES = RetryPolicy(max_retries=3, delay=0.01, backoff_factor=2.0, max_de
 def topic() -> str:
     """A topic name no other test uses (decorated handlers are process-wide)."""
     return f"test.{os.getpid()}.{next(_ids)}"
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    """An OpenTelemetry SDK provider exporting every finished span to memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
 
 
 @pytest.fixture

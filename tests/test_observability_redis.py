@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,15 +39,6 @@ pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def exporter() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    yield provider, memory
-    provider.shutdown()
-
-
 def web_app(bus: EventBus) -> FastAPI:
     app = FastAPI(lifespan=create_lifespan(bus))
     app.add_middleware(EventBusMiddleware)
@@ -68,9 +57,9 @@ def test_one_trace_from_the_http_request_to_each_handler_in_the_worker(
     namespace: str,
     workers: Workers,
     tmp_path: Path,
-    exporter: tuple[TracerProvider, InMemorySpanExporter],
+    spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    provider, memory = exporter
+    provider, memory = spans
     spans_file = tmp_path / "worker-spans.jsonl"
     workers.start(
         ("tests.otel_handlers",),

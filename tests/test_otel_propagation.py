@@ -8,7 +8,6 @@ check that baggage, ``tracestate`` and another propagator still travel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from opentelemetry import baggage, propagate, trace
@@ -22,7 +21,6 @@ from opentelemetry.propagators.textmap import (
     default_setter,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -37,15 +35,6 @@ class Paid(BaseEvent):
     amount: int = 5
 
 
-@pytest.fixture
-def provider() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
 def by_kind(exporter: InMemorySpanExporter, kind: SpanKind) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.kind is kind]
 
@@ -58,9 +47,9 @@ def publish_span(tracer: OpenTelemetryTracer, topic: str = "orders") -> EventSpa
 
 
 def test_traceparent_written_is_the_one_the_w3c_propagator_reads(
-    provider: tuple[TracerProvider, InMemorySpanExporter],
+    spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    tp, exporter = provider
+    tp, exporter = spans
     tracer = OpenTelemetryTracer(tracer_provider=tp)
     with tp.get_tracer("app").start_as_current_span("request"):
         carrier = publish_span(tracer).context
@@ -101,9 +90,9 @@ VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     ],
 )
 def test_consumer_span_parent_matches_the_w3c_propagator(
-    traceparent: str, provider: tuple[TracerProvider, InMemorySpanExporter]
+    traceparent: str, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
-    tp, exporter = provider
+    tp, exporter = spans
     tracer = OpenTelemetryTracer(tracer_provider=tp)
     carrier = {"traceparent": traceparent}
     span = tracer.start_span("dispatch", topic="orders", parent_span=EventSpan(context=carrier))
@@ -130,9 +119,9 @@ def test_consumer_span_parent_matches_the_w3c_propagator(
 
 
 async def test_baggage_and_tracestate_reach_the_handler(
-    topic: str, provider: tuple[TracerProvider, InMemorySpanExporter]
+    topic: str, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
-    tp, exporter = provider
+    tp, exporter = spans
     bus = EventBus(tracer=OpenTelemetryTracer(tracer_provider=tp))
     seen: dict[str, object] = {}
 
@@ -189,9 +178,9 @@ class _HeaderPropagator(TextMapPropagator):
 
 
 def test_another_global_propagator_is_used_on_both_sides(
-    provider: tuple[TracerProvider, InMemorySpanExporter],
+    spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    tp, exporter = provider
+    tp, exporter = spans
     tracer = OpenTelemetryTracer(tracer_provider=tp)
     publish_span(tracer)  # W3C first: the tracer must notice the change
     previous = propagate.get_global_textmap()

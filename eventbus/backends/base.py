@@ -11,6 +11,8 @@ import dramatiq
 from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 
+from ..asgi import new_message_id
+
 if TYPE_CHECKING:
     from dramatiq import Actor, Message
 
@@ -124,6 +126,20 @@ class Backend(abc.ABC):
         themselves (Kafka) use them; the default ignores them.
         """
         return None
+
+
+def handler_message(
+    actor: Actor[Any, Any], envelope: dict[str, Any], options: dict[str, Any]
+) -> Message[Any]:
+    """The message that runs ``actor`` on an event's ``envelope`` (``options`` copied)."""
+    return dramatiq.Message(
+        queue_name=actor.queue_name,
+        actor_name=actor.actor_name,
+        args=(envelope,),
+        kwargs={},
+        options=dict(options),
+        message_id=new_message_id(),
+    )
 
 
 class CachedHooksBroker(dramatiq.Broker):

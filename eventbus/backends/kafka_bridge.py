@@ -52,11 +52,11 @@ from aiokafka import ConsumerRebalanceListener
 from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
 
-from ..asgi import new_message_id
 from ..dlq import FailedEvent
 from ..events import CORRELATION_ID, EVENT_KEY, TYPE_KEY, UnknownEvent, decode_event
 from ..exceptions import EventDecodeError, ShutdownError
 from ..middleware import keys
+from .base import handler_message
 from .kafka_config import (
     HEADER_CORRELATION_ID,
     HEADER_REPLAY_HANDLER,
@@ -352,8 +352,7 @@ class KafkaBridge:
                         # drops what it prefetched for paused partitions, and getmany()
                         # on paused partitions idles its whole timeout (200 ms a pause).
                         await self._wait_for_room()
-                        if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
-                            await self._commit(consumer, list(self._partitions.values()))
+                        await self._commit_due(consumer)
                         continue
                 # Handlers stuck for long: pause and keep polling, so the group does
                 # not take this consumer for dead (max.poll.interval.ms).
@@ -368,10 +367,14 @@ class KafkaBridge:
                         continue  # revoked while fetching; its new owner reads it again
                     for record in records:
                         self._dispatch(partition, record)
-                if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
-                    await self._commit(consumer, list(self._partitions.values()))
+                await self._commit_due(consumer)
         finally:
             self._consuming.set()
+
+    async def _commit_due(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit what finished when the last commit is COMMIT_INTERVAL old."""
+        if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
+            await self._commit(consumer, list(self._partitions.values()))
 
     async def _wait_for_room(self) -> None:
         """Wait (one poll interval at most) until in-flight records drop to 3/4 of
@@ -476,14 +479,7 @@ class KafkaBridge:
         options = self._options(record, envelope, headers)
         entry.remaining = len(actors)
         for actor in actors:
-            message: Message[Any] = Message(
-                queue_name=actor.queue_name,
-                actor_name=actor.actor_name,
-                args=(envelope,),
-                kwargs={},
-                options=dict(options),
-                message_id=new_message_id(),
-            )
+            message = handler_message(actor, envelope, options)
             spec = actor.options.get(keys.HANDLER)
             chain = None
             if spec is not None and spec.ordered and record.key is not None:

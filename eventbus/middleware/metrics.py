@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from dramatiq.broker import MessageProxy
 
 
-def _takes_handler(method: Callable[..., Any]) -> bool:
+def takes_keyword(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` (a user's collector or tracer method) accepts ``name``."""
     try:
-        return "handler" in inspect.signature(method).parameters
+        return name in inspect.signature(method).parameters
     except (TypeError, ValueError):
         return False
 
@@ -40,7 +41,7 @@ class Metrics(Middleware):
     def __init__(self, collector: MetricsCollector) -> None:
         self.collector = collector
         self._started: dict[str, float] = {}
-        self._with_handler = _takes_handler(collector.inc_dispatched)
+        self._with_handler = takes_keyword(collector.inc_dispatched, "handler")
         self._on_start: Callable[[str, str], None] | None = getattr(
             collector, "dispatch_started", None
         )

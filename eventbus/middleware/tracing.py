@@ -3,7 +3,6 @@ attempt: the correlation id, and a ``dispatch`` span parented on the publish spa
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from dramatiq import Middleware
 from ..asgi import correlation_id_var
 from ..tracing import EventSpan, EventTracer, SpanStatus, reset_current_span, set_current_span
 from . import keys
+from .metrics import takes_keyword
 
 if TYPE_CHECKING:
     from dramatiq import Broker
@@ -32,7 +32,8 @@ class Tracing(Middleware):
         self._active: dict[str, tuple[EventSpan, Token[str], Any]] = {}
         # A tracer whose start_span takes ``attributes`` gets them at the start
         # (cheaper for the OpenTelemetry SDK); others find them on the span.
-        self._with_attributes = _takes_attributes(tracer.start_span)
+        self._with_attributes = takes_keyword(tracer.start_span, "attributes")
+        self._start: Callable[..., EventSpan] = tracer.start_span
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         options = message.options
@@ -48,16 +49,14 @@ class Tracing(Middleware):
             "attempt": int(options.get(keys.ATTEMPTS, 0)) + 1,
             "message_id": message.message_id,
         }
-        start: Callable[..., EventSpan] = self.tracer.start_span
-        kwargs: dict[str, Any] = {
-            "topic": str(options.get(keys.TOPIC, "")),
-            "event_id": _event_id(message),
-            "parent_span": parent if parent.span_id or parent.context else None,
-        }
-        if self._with_attributes:
-            span = start("dispatch", attributes=attributes, **kwargs)
-        else:
-            span = start("dispatch", **kwargs)
+        extra = {"attributes": attributes} if self._with_attributes else {}
+        span = self._start(
+            "dispatch",
+            topic=str(options.get(keys.TOPIC, "")),
+            event_id=_event_id(message),
+            parent_span=parent if parent.span_id or parent.context else None,
+            **extra,
+        )
         for key, value in attributes.items():
             span.attributes.setdefault(key, value)
         self._active[message.message_id] = (span, cid_token, set_current_span(span))
@@ -94,13 +93,6 @@ class Tracing(Middleware):
         finally:
             reset_current_span(span_token)
             correlation_id_var.reset(cid_token)
-
-
-def _takes_attributes(method: Callable[..., Any]) -> bool:
-    try:
-        return "attributes" in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _event_id(message: MessageProxy) -> str:
