@@ -5,6 +5,7 @@ from __future__ import annotations
 from .asgi import EventBusMiddleware, get_correlation_id
 from .bus import EventBus
 from .config import EventBusSettings
+from .context import get_current_event
 from .dlq import DeadLetterQueue, DeadLetterStore, FailedEvent, MemoryDeadLetterStore, ReplayResult
 from .events import BaseEvent, UnknownEvent, decode_event, encode_event
 from .exceptions import (
@@ -24,7 +25,7 @@ from .fastapi import create_lifespan, dlq_router, eventbus_lifespan, get_event_b
 from .health import HealthResult, HealthStatus
 from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
 from .middleware.retries import Retry, RetryPolicy
-from .registry import HandlerRegistry, HandlerSpec, get_current_event, on_event
+from .registry import HandlerRegistry, HandlerSpec, on_event
 from .tracing import EventSpan, EventTracer, LoggingTracer, NoopTracer, SpanStatus, get_current_span
 
 __all__ = [

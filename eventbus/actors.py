@@ -77,7 +77,9 @@ class DeclareHandlers(Middleware):
 
             self._stop_bridge = start_worker_thread(self.bus)
         else:
-            asyncio.run(self.bus.start())
+            # Declares the actors (so the Worker consumes their queues) and writes
+            # their subscriptions to Redis; the dramatiq CLI runs the Worker.
+            asyncio.run(self.bus.start(consume=True))
         port = self.bus.settings.metrics_port
         if port is not None:
             from .prometheus import serve_worker_metrics
@@ -96,7 +98,8 @@ class DeclareHandlers(Middleware):
             )
         else:
             logger.info(
-                "Handling %d handler(s) of topic(s) %s.",
+                "Service %s: handling %d handler(s) of topic(s) %s.",
+                self.bus.subscriptions.service,
                 len(handlers),
                 ", ".join(sorted({spec.topic for spec in handlers})),
             )
@@ -121,6 +124,11 @@ def _build() -> EventBus:
             "(or kafka); the sync backend runs handlers inside the web process"
         )
     bus = EventBus(settings=settings)
+    if settings.backend == "redis":
+        from .backends.redis import RedisBackend
+
+        if isinstance(bus.backend, RedisBackend):
+            bus.backend.runs_worker = False  # the dramatiq CLI runs the Worker
     dramatiq.set_broker(bus.broker)
     bus.broker.add_middleware(DeclareHandlers(bus, handler_modules(settings.handlers)))
     return bus

@@ -8,12 +8,23 @@ and inside their handlers :func:`get_correlation_id` returns it again.
 
 from __future__ import annotations
 
-import logging
-import os
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from contextvars import ContextVar
 from typing import Any
+
+from .context import (
+    VALID_CORRELATION_ID,
+    CorrelationIdFilter,
+    correlation_id_var,
+    get_correlation_id,
+    new_correlation_id,
+)
+
+__all__ = [
+    "CorrelationIdFilter",
+    "EventBusMiddleware",
+    "correlation_id_var",
+    "get_correlation_id",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -23,43 +34,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The header read from requests and set on responses.
 DEFAULT_HEADER = "X-Correlation-ID"
-
-#: Incoming ids must match this; anything else (too long, odd characters that
-#: could forge log lines) is replaced by a fresh id.
-_VALID_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-
-correlation_id_var: ContextVar[str] = ContextVar("eventbus_correlation_id", default="")
-
-
-def get_correlation_id() -> str:
-    """The correlation id of the current request or event, or ``""`` outside both."""
-    return correlation_id_var.get()
-
-
-def new_correlation_id() -> str:
-    """A fresh correlation id (32 random hex characters)."""
-    return os.urandom(16).hex()
-
-
-def new_message_id() -> str:
-    """A fresh message id: 128 random bits in UUID form, cheaper than uuid.uuid4()."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-class CorrelationIdFilter(logging.Filter):
-    """Adds ``record.correlation_id`` to every log record (``""`` outside a request or event).
-
-    Example::
-
-        handler = logging.StreamHandler()
-        handler.addFilter(CorrelationIdFilter())
-        handler.setFormatter(logging.Formatter("%(correlation_id)s %(levelname)s %(message)s"))
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.correlation_id = correlation_id_var.get()
-        return True
 
 
 class EventBusMiddleware:
@@ -88,7 +62,7 @@ class EventBusMiddleware:
         for key, value in scope.get("headers", ()):
             if key == self._header_key:
                 candidate = value.decode("latin-1")
-                if _VALID_ID.fullmatch(candidate):
+                if VALID_CORRELATION_ID.fullmatch(candidate):
                     cid = candidate
                 break
         cid = cid or new_correlation_id()

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import dramatiq
-from dramatiq import Actor, Message, Middleware
+from dramatiq import Middleware
 from dramatiq.encoder import JSONEncoder
+from pydantic_core import PydanticSerializationError
 
-from .asgi import correlation_id_var, new_correlation_id, new_message_id
-from .backends.base import Backend, OutgoingEvent, handler_message
-from .config import EventBusSettings
-from .dlq import DeadLetterQueue, FailedEvent, MemoryDeadLetterStore
-from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_event
-from .exceptions import ConfigurationError, EventBusError, EventTooLargeError, PublishError
+from .backends.base import Backend, OutgoingEvent
+from .config import DEFAULT_SERVICE, EventBusSettings
+from .context import (
+    VALID_CORRELATION_ID,
+    correlation_id_var,
+    get_current_event,
+    new_correlation_id,
+)
+from .dlq import DeadLetterQueue, MemoryDeadLetterStore
+from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_envelope
+from .exceptions import (
+    ConfigurationError,
+    EventBusError,
+    EventTooLargeError,
+    PublishError,
+    UnroutedError,
+)
 from .health import HealthChecker
 from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
 from .middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing, keys
-from .registry import TOPIC_NAME, HandlerRegistry, get_current_event, validate_topic
+from .registry import TOPIC_NAME, HandlerRegistry, HandlerSpec
+from .routing import Subscriptions
 from .tracing import (
     EventSpan,
     EventTracer,
@@ -35,8 +49,8 @@ logger = logging.getLogger(__name__)
 #: Stands in for the publish span when the tracer is the NoopTracer (never finished).
 _UNTRACED = EventSpan(span_id="", operation="publish")
 
-#: Bytes the envelope adds to an event's JSON (type name, correlation and causation ids).
-ENVELOPE_OVERHEAD = 256
+#: Seconds between two warnings about the same unrouted topic.
+UNROUTED_WARNING_INTERVAL = 60.0
 
 
 def create_backend(settings: EventBusSettings) -> Backend:
@@ -72,27 +86,55 @@ def _metrics(settings: EventBusSettings) -> MetricsCollector:
 
 def _tracer(settings: EventBusSettings, backend: Backend) -> EventTracer:
     if settings.tracing == "otel":
-        from .otel import DEFAULT_MESSAGING_SYSTEM, OpenTelemetryTracer
+        from .otel import OpenTelemetryTracer
 
-        # Over Kafka the spans describe Kafka records: messaging.system = kafka.
-        system = "kafka" if backend.name == "kafka" else DEFAULT_MESSAGING_SYSTEM
-        return OpenTelemetryTracer(messaging_system=system)
+        return OpenTelemetryTracer(messaging_system=backend.messaging_system)
     if settings.tracing == "logging":
         return LoggingTracer()
     return NoopTracer()
+
+
+def service_name(handlers: Iterable[HandlerSpec]) -> str:
+    """The default service name: the one top-level package the handlers come from.
+
+    ``myapp`` for handlers in ``myapp.handlers`` and ``myapp.billing``; ``default``
+    when there are none, or they come from several packages (set
+    ``EVENTBUS_SERVICE`` then: the name must not change between deploys).
+    """
+    packages = set()
+    for spec in handlers:
+        module = getattr(spec.fn, "__module__", None) or ""
+        top = module.split(".", 1)[0]
+        if top and top != "__main__":
+            packages.add(re.sub(r"[^a-zA-Z0-9_-]", "_", top))
+    if len(packages) == 1:
+        (name,) = packages
+        return name if re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_-]{0,99}", name) else DEFAULT_SERVICE
+    if packages:
+        logger.warning(
+            "Handlers come from several packages (%s): the service is named %r; set "
+            "EVENTBUS_SERVICE so that it stays the same across deploys.",
+            ", ".join(sorted(packages)),
+            DEFAULT_SERVICE,
+        )
+    return DEFAULT_SERVICE
 
 
 class EventBus:
     """Publishes events and runs every subscribed handler of their topic.
 
     Parameters:
-      backend: Where messages go; default from ``settings.backend`` (``sync``: in
+      backend: Where events go; default from ``settings.backend`` (``sync``: in
         this process).
       settings: Defaults to :class:`EventBusSettings` read from the environment.
       retry_policy: The retry policy of handlers that set none; default from
         settings (3 retries after 1 s, x2, at most 60 s apart).
       metrics: A :class:`~eventbus.metrics.MetricsCollector`.
       tracer: An :class:`~eventbus.tracing.EventTracer`.
+
+    Where handlers run: in this process on the embedded ``sync`` backend; on the
+    ``redis`` and ``kafka`` backends in worker processes (``dramatiq
+    eventbus.actors``), and in this process too only with ``EVENTBUS_CONSUME=true``.
 
     Example::
 
@@ -124,19 +166,19 @@ class EventBus:
             raise TypeError(f"tracer must implement EventTracer, got {self.tracer!r}")
         self.retry_policy = retry_policy or RetryPolicy.from_settings(self.settings)
         self.registry = HandlerRegistry()
+        #: The topics this bus subscribed and their handlers.
+        self.subscriptions = Subscriptions(self.registry, self.settings.default_queue)
         store = self.backend.dead_letter_store(self.settings)
         if store is None:
             store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
-        self.dlq = DeadLetterQueue(store, replayer=self._replay)
-        self.broker = self.backend.bind(self._middleware())
-        self.backend.set_router(self._route, lambda: self.topics)
+        self.dlq = DeadLetterQueue(store, replayer=self.backend.replay)
+        self.broker = self.backend.bind(self._middleware(), self.subscriptions)
         self.health = HealthChecker(self.backend)
         attach = getattr(self.metrics, "attach", None)
         if attach is not None:
             attach(self)
-        self._subscribed: dict[str, None] = {}
-        self._routes: dict[str, list[Actor[Any, Any]]] = {}
-        self._routes_version: tuple[int, int] | None = None
+        self._unrouted_warned: dict[str, float] = {}
+        self._consume: bool | None = None
         self._started = False
 
     def _middleware(self) -> list[Middleware]:
@@ -156,23 +198,46 @@ class EventBus:
         """Whether :meth:`start` has run and :meth:`stop` has not."""
         return self._started
 
-    async def start(self) -> None:
-        """Start the backend and subscribe every topic that has handlers."""
+    @property
+    def service(self) -> str:
+        """This process's service: ``EVENTBUS_SERVICE``, else derived from the
+        handlers' package (see :func:`service_name`)."""
+        return self.settings.service or service_name(self.registry.all_handlers())
+
+    @property
+    def consumes(self) -> bool:
+        """Whether handlers run in this process (see the class docstring)."""
+        if self._consume is not None:
+            return self.backend.always_consumes or self._consume
+        return self.backend.always_consumes or self.settings.consume
+
+    async def start(self, *, consume: bool | None = None) -> None:
+        """Start the backend and subscribe every topic that has handlers.
+
+        Parameters:
+          consume: Run the handlers in this process (and, on Redis, write their
+            subscriptions); default ``EVENTBUS_CONSUME``.  Worker processes pass
+            True; the embedded backend always consumes.
+        """
         if self._started:
             return
+        self._consume = consume
         encoder = dramatiq.get_encoder()
         if not isinstance(encoder, JSONEncoder):
             raise ConfigurationError(
                 f"dramatiq's global encoder is {type(encoder).__name__}; eventbus only "
                 "sends JSON (anyone able to write to the broker could run code otherwise)"
             )
-        await self.backend.start()
-        for topic in self.registry.topics:
-            self._subscribed[topic] = None
-        self._rebuild_routes()
+        self.subscriptions.subscribe_all()
+        self.subscriptions.service = self.service
+        await self.backend.start(self.consumes)
         self._started = True
         logger.info(
-            "EventBus started (backend=%s, topics=%d)", self.backend.name, len(self._subscribed)
+            "EventBus started (backend=%s, service=%s, handlers run %s, topics=%d)",
+            self.backend.name,
+            self.subscriptions.service,
+            "here" if self.consumes else "in workers",
+            len(self.subscriptions.topics),
         )
 
     async def stop(self) -> None:
@@ -193,51 +258,16 @@ class EventBus:
 
     async def subscribe(self, topic: str) -> None:
         """Dispatch ``topic`` to its handlers from now on (those registered so far and later)."""
-        validate_topic(topic)
-        self._subscribed[topic] = None
-        self._routes_version = None
+        self.subscriptions.subscribe(topic)
 
     async def unsubscribe(self, topic: str) -> None:
-        """Stop dispatching ``topic``; publishing to it is then a no-op."""
-        self._subscribed.pop(topic, None)
-        self._routes_version = None
+        """Stop dispatching ``topic`` in this process."""
+        self.subscriptions.unsubscribe(topic)
 
     @property
     def topics(self) -> list[str]:
         """The subscribed topics."""
-        return list(self._subscribed)
-
-    def _rebuild_routes(self) -> None:
-        # Actors of handlers that left the registry go (their pending messages are
-        # dead-lettered with ActorNotFound); those of unsubscribed topics stay, so
-        # messages already enqueued for them are still handled.
-        broker = self.broker
-        registered = {spec.name: spec for spec in self.registry.all_handlers()}
-        for name, existing in list(broker.actors.items()):
-            if existing.options.get(keys.HANDLER) is not registered.get(name):
-                del broker.actors[name]
-        routes: dict[str, list[Actor[Any, Any]]] = {}
-        for spec in registered.values():
-            if spec.topic not in self._subscribed:
-                continue
-            actor: Actor[Any, Any] | None = broker.actors.get(spec.name)
-            if actor is None:
-                actor = Actor(
-                    spec.run_async if spec.is_async else spec.run_sync,
-                    broker=broker,
-                    actor_name=spec.name,
-                    queue_name=spec.queue or self.settings.default_queue,
-                    priority=0,
-                    options={keys.HANDLER: spec, **self.backend.actor_options(spec)},
-                )
-            routes.setdefault(spec.topic, []).append(actor)
-        self._routes = routes
-        self._routes_version = self.registry.version
-
-    def _route(self, topic: str) -> list[Actor[Any, Any]]:
-        if self._routes_version != self.registry.version:
-            self._rebuild_routes()
-        return self._routes.get(topic, [])
+        return self.subscriptions.topics
 
     def _check(self, event: object) -> BaseEvent:
         if not isinstance(event, BaseEvent):
@@ -247,90 +277,75 @@ class EventBus:
                 "the EventBus is not started: use FastAPI(lifespan=create_lifespan(bus)) "
                 "or await bus.start()"
             )
-        if not TOPIC_NAME.fullmatch(event.topic):
+        topic = event.topic
+        if not TOPIC_NAME.fullmatch(topic):
+            if not topic:
+                name = type(event).__name__
+                raise PublishError(
+                    f"{name} has no topic: give the class a default "
+                    '(topic: str = "orders.created") or pass topic=... when creating the event'
+                )
             raise PublishError(
-                f"cannot publish to topic {event.topic!r}: "
-                "use 1-249 letters, digits or . _ : / @ + -"
-            )
-        size = len(event.__pydantic_serializer__.to_json(event)) + ENVELOPE_OVERHEAD
-        if size > self.settings.max_event_bytes:
-            raise EventTooLargeError(
-                f"event {event.event_id} on {event.topic!r} is about {size} bytes as JSON, over "
-                f"EVENTBUS_MAX_EVENT_BYTES={self.settings.max_event_bytes}; store the payload "
-                "elsewhere and publish a reference"
+                f"cannot publish to topic {topic!r}: use 1-249 letters, digits or . _ : / @ + -"
             )
         return event
 
-    def _envelope(self, event: BaseEvent, cid: str) -> dict[str, Any]:
+    def _outgoing(self, event: BaseEvent, span: EventSpan, cid: str) -> OutgoingEvent:
         metadata = {CORRELATION_ID: cid}
         cause = get_current_event()
         if cause is not None:
             metadata[CAUSATION_ID] = cause.event_id
-        return encode_event(event, metadata)
-
-    def _outgoing(self, event: BaseEvent, span: EventSpan, cid: str) -> OutgoingEvent:
-        # Backends that publish whole events (Kafka) route on the consuming side.
-        envelope = self._envelope(event, cid)
-        return OutgoingEvent(
-            event=event,
-            envelope=envelope,
-            correlation_id=envelope["event"]["metadata"].get(CORRELATION_ID, cid),
-            trace_id=span.trace_id,
-            span_id=span.span_id,
-            trace_context=dict(span.context),
-        )
-
-    def _prepare(self, event: BaseEvent, span: EventSpan, cid: str) -> list[Message[Any]]:
-        actors = self._route(event.topic)
-        if not actors:
-            logger.debug(
-                "No handler subscribed to topic %s; event %s dropped.", event.topic, event.event_id
+        own = event.metadata.get(CORRELATION_ID)
+        if own is not None and not VALID_CORRELATION_ID.fullmatch(own):
+            # An id set in the event's metadata must be as safe as a header's.
+            event = event.model_copy(update={"metadata": {**event.metadata, CORRELATION_ID: cid}})
+            own = None
+        try:
+            envelope = encode_envelope(event, metadata)
+        except (PydanticSerializationError, ValueError, TypeError) as exc:
+            raise PublishError(
+                f"event {event.event_id} ({type(event).__name__}) cannot be written as JSON: {exc}"
+            ) from None
+        if len(envelope) > self.settings.max_event_bytes:
+            raise EventTooLargeError(
+                f"event {event.event_id} on {event.topic!r} is {len(envelope)} bytes as JSON, "
+                f"over EVENTBUS_MAX_EVENT_BYTES={self.settings.max_event_bytes}; store the "
+                "payload elsewhere and publish a reference"
             )
-            unrouted = getattr(self.metrics, "inc_unrouted", None)
-            if unrouted is not None:
-                unrouted(event.topic)
-            return []
-        envelope = self._envelope(event, cid)
+        event_cid = own or cid
         options: dict[str, Any] = {
             keys.TOPIC: event.topic,
-            keys.CORRELATION_ID: envelope["event"]["metadata"].get(CORRELATION_ID, cid),
+            keys.CORRELATION_ID: event_cid,
             keys.TRACE_ID: span.trace_id,
             keys.PARENT_SPAN_ID: span.span_id,
         }
-        if span.context:
-            options[keys.TRACE_CONTEXT] = span.context
-        return [handler_message(actor, envelope, options) for actor in actors]
-
-    def _replay(self, record: FailedEvent) -> None:
-        """Enqueue ``record``'s event for the handler that failed on it, retries reset."""
-        if self._routes_version != self.registry.version:
-            self._rebuild_routes()  # a handler unregistered since must not get it
-        options = {
-            keys.TOPIC: record.topic,
-            keys.CORRELATION_ID: record.correlation_id,
-            keys.TRACE_ID: record.trace_id,
-            keys.REPLAY_OF: record.id,
-        }
-        message: Message[Any] = Message(
-            queue_name=record.queue or self.settings.default_queue,
-            actor_name=record.handler,
-            args=(record.envelope,),
-            kwargs={},
+        context = span.context
+        if context:
+            options[keys.TRACE_CONTEXT] = context
+        return OutgoingEvent(
+            event=event,
+            envelope=envelope,
             options=options,
-            message_id=new_message_id(),
+            correlation_id=event_cid,
+            trace_id=span.trace_id,
+            span_id=span.span_id,
+            trace_context=dict(context) if context else {},
         )
-        self.backend.replay(message)
 
     async def publish(self, event: BaseEvent) -> None:
         """Deliver ``event`` to every handler subscribed to its topic.
 
-        Returns once the backend holds one message per handler.  A topic without
-        handlers is not an error (logged at debug level, counted as unrouted).
+        Returns once the backend holds the event for every subscription of its
+        topic.  A topic without any subscription is counted as unrouted and, per
+        ``EVENTBUS_UNROUTED``, logged at WARNING (default) or refused.
 
         Raises:
           TypeError: ``event`` is not a BaseEvent.
-          PublishError: The bus is not started or the backend refused the event;
-            nothing of it was enqueued.
+          PublishError: The bus is not started, the event has no topic, cannot be
+            written as JSON, or the backend refused it; nothing of it was enqueued.
+          EventTooLargeError: Its JSON is over ``EVENTBUS_MAX_EVENT_BYTES``.
+          UnroutedError: ``EVENTBUS_UNROUTED=error`` and no subscription handles
+            its topic.
         """
         self._check(event)
         cid = correlation_id_var.get()
@@ -345,7 +360,7 @@ class EventBus:
             correlation_id_var.reset(token)
 
     async def publish_many(self, events: Iterable[BaseEvent]) -> None:
-        """Publish several events with one backend call.
+        """Publish several events with one backend call, all or none.
 
         Every event is checked first: a non-event raises TypeError before any is sent.
         """
@@ -368,10 +383,9 @@ class EventBus:
         tracer = self.tracer
         started = time.perf_counter()
         spans: list[EventSpan] = []
-        messages: list[Message[Any]] = []
         outgoing: list[OutgoingEvent] = []
-        whole_events = self.backend.publishes_events
         traced = not isinstance(tracer, NoopTracer)  # the default: no span to make or finish
+        strict = self.settings.unrouted == "error"
         try:
             for event in batch:
                 if traced:
@@ -381,19 +395,15 @@ class EventBus:
                 else:
                     span = _UNTRACED
                 spans.append(span)
-                if whole_events:
-                    outgoing.append(self._outgoing(event, span, cid))
-                else:
-                    messages.extend(self._prepare(event, span, cid))
-            if messages:
-                await self.backend.enqueue(messages)
-            if outgoing:
-                await self.backend.publish_events(outgoing)
+                outgoing.append(self._outgoing(event, span, cid))
+            unrouted = await self.backend.publish(outgoing, strict=strict)
         except Exception as exc:
             for span in spans if traced else ():
                 span.finish(SpanStatus.ERROR, str(exc))
                 tracer.finish_span(span)
             if isinstance(exc, EventBusError):
+                if isinstance(exc, UnroutedError):
+                    self._unrouted(batch, set(exc.topics))
                 raise
             raise PublishError(f"could not publish to {self.backend.name}: {exc}") from exc
         elapsed = (time.perf_counter() - started) / len(batch)
@@ -404,3 +414,28 @@ class EventBus:
                 tracer.finish_span(span)
             metrics.inc_published(event.topic)
             metrics.observe_publish_duration(event.topic, elapsed)
+        if unrouted:
+            self._unrouted(batch, unrouted)
+
+    def _unrouted(self, batch: list[BaseEvent], topics: set[str]) -> None:
+        """Count the events of ``topics`` as unrouted; warn at most once a minute per topic."""
+        count = getattr(self.metrics, "inc_unrouted", None)
+        for event in batch:
+            if event.topic in topics and count is not None:
+                count(event.topic)
+        if self.settings.unrouted == "ignore":
+            return
+        now = time.monotonic()
+        for topic in sorted(topics):
+            last = self._unrouted_warned.get(topic)
+            if last is not None and now - last < UNROUTED_WARNING_INTERVAL:
+                continue
+            self._unrouted_warned[topic] = now
+            logger.warning(
+                "No subscription handles topic %r (%s backend): its events are dropped. "
+                "Register its handlers (workers write their subscriptions when they boot, "
+                "or run `eventbus subscriptions sync MODULES`); EVENTBUS_UNROUTED=error "
+                "refuses such publishes.",
+                topic,
+                self.backend.name,
+            )

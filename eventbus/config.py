@@ -39,11 +39,10 @@ DEFAULT_REDIS_MAX_CONNECTIONS = 10
 #: Prefix of every Redis key the redis backend writes.
 DEFAULT_REDIS_NAMESPACE = "eventbus"
 #: Seconds within which a dead worker's in-flight events are handed to another worker.
-DEFAULT_REDIS_REDELIVERY_TIMEOUT = 30.0
+DEFAULT_REDIS_REDELIVERY_TIMEOUT = 10.0
 #: Seconds ``publish`` may take on the redis backend before it raises PublishError.
 DEFAULT_REDIS_PUBLISH_TIMEOUT = 2.0
 DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "localhost:9092"
-DEFAULT_KAFKA_GROUP_ID = "fastapi-eventbus"
 #: Where a consumer group without committed offsets starts: the oldest record.
 DEFAULT_KAFKA_AUTO_OFFSET_RESET: Literal["earliest", "latest"] = "earliest"
 #: Milliseconds without a heartbeat before the group evicts a consumer.
@@ -65,6 +64,14 @@ DEFAULT_WORKER_THREADS = 8
 #: Seconds ``stop()`` waits for in-flight handlers.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
+#: Valid service names (they prefix Redis queue names: ``<service>.<queue>``).
+SERVICE_NAME = r"^[a-zA-Z_][a-zA-Z0-9_-]{0,99}$"
+#: Service name when none is set and the handlers do not name one package.
+DEFAULT_SERVICE = "default"
+UnroutedMode = Literal["ignore", "warn", "error"]
+#: What a publish to a topic without any subscription does.
+DEFAULT_UNROUTED: UnroutedMode = "warn"
+
 #: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
@@ -75,6 +82,19 @@ class EventBusSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     backend: BackendName = Field(DEFAULT_BACKEND, description="sync | redis | kafka")
+    #: The service this process belongs to.  It scopes subscriptions and queues on
+    #: Redis and is the Kafka consumer group unless ``kafka_group_id`` is set.
+    #: Default: the top-level package of the handlers' modules (``myapp`` for
+    #: ``myapp.handlers``), else ``default``.
+    service: str | None = Field(None, pattern=SERVICE_NAME)
+    #: Run handlers in this process on the redis and kafka backends (a
+    #: single-process deployment).  Workers (``dramatiq eventbus.actors``) always
+    #: do; the embedded ``sync`` backend always does.
+    consume: bool = False
+    #: ``ignore`` | ``warn`` | ``error``: a publish to a topic that has no
+    #: subscription anywhere is counted, and logged at WARNING at most once per
+    #: topic per minute (``warn``) or refused with UnroutedError (``error``).
+    unrouted: UnroutedMode = DEFAULT_UNROUTED
 
     max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0)
     retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0)
@@ -92,14 +112,14 @@ class EventBusSettings(BaseSettings):
     redis_publish_timeout: float = Field(DEFAULT_REDIS_PUBLISH_TIMEOUT, gt=0)
 
     kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
-    kafka_group_id: str = Field(DEFAULT_KAFKA_GROUP_ID, min_length=1)
+    #: Consumer group of this service's workers (default: the service name).
+    kafka_group_id: str | None = Field(None, min_length=1)
     kafka_client_id: str = Field("eventbus", min_length=1)
     kafka_auto_offset_reset: Literal["earliest", "latest"] = DEFAULT_KAFKA_AUTO_OFFSET_RESET
     kafka_session_timeout_ms: int = Field(DEFAULT_KAFKA_SESSION_TIMEOUT_MS, ge=1)
     kafka_heartbeat_interval_ms: int = Field(DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS, ge=1)
     kafka_acks: Literal["all", "1", "0"] = "all"
     kafka_publish_timeout: float = Field(DEFAULT_KAFKA_PUBLISH_TIMEOUT, gt=0)
-    kafka_consume: bool = True
     kafka_max_in_flight: int = Field(DEFAULT_KAFKA_MAX_IN_FLIGHT, ge=1)
     kafka_revoke_timeout: float = Field(DEFAULT_KAFKA_REVOKE_TIMEOUT, ge=0)
     kafka_accept_unknown_types: bool = False

@@ -23,6 +23,17 @@ class EventTooLargeError(PublishError):
     """An event's JSON is larger than ``EVENTBUS_MAX_EVENT_BYTES``; nothing was enqueued."""
 
 
+class UnroutedError(PublishError):
+    """No subscription anywhere handles a published topic (``EVENTBUS_UNROUTED=error``).
+
+    Nothing of the publish call was enqueued.  ``topics`` names the topics.
+    """
+
+    def __init__(self, message: str, topics: list[str]) -> None:
+        super().__init__(message)
+        self.topics = topics
+
+
 class SubscribeError(EventBusError):
     """A topic could not be subscribed."""
 

@@ -43,7 +43,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .asgi import correlation_id_var
+from .context import correlation_id_var
 from .tracing import EventSpan, SpanStatus
 
 #: Instrumentation scope name of the spans.

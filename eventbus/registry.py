@@ -11,11 +11,10 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .asgi import correlation_id_var
+from .context import correlation_id_var, current_event_var, get_current_event
 from .events import CORRELATION_ID, BaseEvent, decode_event
 from .exceptions import ConfigurationError
 
@@ -32,12 +31,7 @@ TOPIC_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,249}")
 #: Longest handler (actor) name.
 MAX_NAME_LENGTH = 512
 
-_current_event: ContextVar[BaseEvent | None] = ContextVar("eventbus_current_event", default=None)
-
-
-def get_current_event() -> BaseEvent | None:
-    """The event whose handler is running in this context, if any."""
-    return _current_event.get()
+__all__ = ["HandlerRegistry", "HandlerSpec", "get_current_event", "make_spec", "on_event"]
 
 
 def validate_topic(topic: object) -> str:
@@ -106,22 +100,22 @@ class HandlerSpec:
         """Decode ``envelope`` and run the (async) handler with the event's context set."""
         event = self.decode(envelope)
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
-        current = _current_event.set(event)
+        current = current_event_var.set(event)
         try:
             await self.fn(event)  # type: ignore[misc]
         finally:
-            _current_event.reset(current)
+            current_event_var.reset(current)
             correlation_id_var.reset(cid)
 
     def run_sync(self, envelope: Any) -> None:
         """Decode ``envelope`` and run the (sync) handler with the event's context set."""
         event = self.decode(envelope)
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
-        current = _current_event.set(event)
+        current = current_event_var.set(event)
         try:
             self.fn(event)
         finally:
-            _current_event.reset(current)
+            current_event_var.reset(current)
             correlation_id_var.reset(cid)
 
     def matches(self, handler: object) -> bool:

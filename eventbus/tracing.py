@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from .asgi import correlation_id_var
+from .context import correlation_id_var
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from eventbus import BaseEvent, EventBus, get_correlation_id, get_current_event, on_event
-from eventbus.asgi import CorrelationIdFilter
+from eventbus.context import CorrelationIdFilter
 from tests.redis_keys import client, key
 
 ORDER = "obs.order"

@@ -19,7 +19,7 @@ def test_defaults_match_the_seed_table_except_dlq_enabled() -> None:
     assert settings.redis_url == "redis://localhost:6379/0"
     assert settings.redis_max_connections == 10
     assert settings.kafka_bootstrap_servers == "localhost:9092"
-    assert settings.kafka_group_id == "fastapi-eventbus"
+    assert settings.kafka_group_id is None  # the service name: services never share a group
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from eventbus import (
     RetryPolicy,
     on_event,
 )
+from eventbus.exceptions import UnroutedError
 
 MakeBus = Callable[..., EventBus]
 
@@ -258,17 +259,57 @@ async def test_publish_before_start_is_a_clear_error(make_bus: MakeBus, topic: s
         await bus.publish(Ping(topic=topic))
 
 
-async def test_topic_without_handlers_is_counted_not_an_error(
+async def test_unrouted_publish_is_counted_and_warned_once_per_topic_per_interval(
     make_bus: MakeBus, topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     metrics = InMemoryMetricsCollector()
     bus = make_bus(metrics=metrics)
     await bus.start()
-    with caplog.at_level("DEBUG", logger="eventbus.bus"):
-        await bus.publish(Ping(topic=topic))
-    assert metrics.snapshot()["unrouted"] == {topic: 1}
-    assert metrics.snapshot()["published"] == {topic: 1}
-    assert any("No handler subscribed" in r.message for r in caplog.records)
+    with caplog.at_level("WARNING", logger="eventbus.bus"):
+        for _ in range(3):
+            await bus.publish(Ping(topic=topic))
+        await bus.publish(Ping(topic=topic + ".other"))
+    assert metrics.snapshot()["unrouted"] == {topic: 3, topic + ".other": 1}
+    assert metrics.snapshot()["published"] == {topic: 3, topic + ".other": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # one per topic, not one per event
+    assert f"No subscription handles topic {topic!r}" in warnings[0]
+
+
+async def test_unrouted_error_mode_refuses_the_publish(make_bus: MakeBus, topic: str) -> None:
+    metrics = InMemoryMetricsCollector()
+    bus = make_bus(metrics=metrics, settings=EventBusSettings(unrouted="error"))
+    seen: list[int] = []
+
+    async def handler(event: Ping) -> None:
+        seen.append(event.n)
+
+    await bus.registry.register(topic, handler)
+    await bus.start()
+    with pytest.raises(UnroutedError, match=topic + ".nobody") as caught:
+        await bus.publish_many([Ping(topic=topic, n=1), Ping(topic=topic + ".nobody", n=2)])
+    assert caught.value.topics == [topic + ".nobody"]
+    await bus.drain(timeout=2)
+    assert seen == []  # all or none: the routed event was not published either
+    assert metrics.snapshot()["unrouted"] == {topic + ".nobody": 1}
+    await bus.publish(Ping(topic=topic, n=3))
+    await bus.drain(timeout=2)
+    assert seen == [3]
+
+
+async def test_event_without_topic_is_refused_naming_its_class(make_bus: MakeBus) -> None:
+    class Untitled(BaseEvent):
+        n: int = 0
+
+    class Titled(Untitled):  # an intermediate base without a topic stays legal
+        topic: str = "titled"
+
+    bus = make_bus()
+    await bus.start()
+    with pytest.raises(PublishError, match="Untitled has no topic"):
+        await bus.publish(Untitled())
+    await bus.publish(Titled())
+    await bus.publish(Untitled(topic="given"))
 
 
 async def test_two_buses_both_dispatch_to_a_decorated_handler(

@@ -23,7 +23,7 @@ from eventbus import (
     RetryPolicy,
     create_lifespan,
 )
-from eventbus.asgi import CorrelationIdFilter
+from eventbus.context import CorrelationIdFilter
 from eventbus.otel import OpenTelemetryTracer
 from eventbus.prometheus import PrometheusMetricsCollector, metrics_router
 
@@ -165,13 +165,13 @@ async def test_traceparent_travels_in_the_message_options(
     await bus.registry.register(topic, handle)
     await bus.start()
     seen: list[dict[str, str]] = []
-    original = bus.backend.enqueue
+    original = bus.broker.enqueue
 
-    async def spy(messages):  # type: ignore[no-untyped-def]
-        seen.extend(m.options[keys.TRACE_CONTEXT] for m in messages)
-        await original(messages)
+    def spy(message, delay=None):  # type: ignore[no-untyped-def]
+        seen.append(message.options[keys.TRACE_CONTEXT])
+        return original(message, delay=delay)
 
-    bus.backend.enqueue = spy  # type: ignore[method-assign]
+    bus.broker.enqueue = spy  # type: ignore[method-assign]
     with trace.get_tracer("t", tracer_provider=provider).start_as_current_span("outer"):
         await bus.publish(Ordered(topic=topic))
     await bus.drain(timeout=5)
@@ -183,7 +183,7 @@ async def test_traceparent_travels_in_the_message_options(
 async def test_log_records_inside_a_handler_carry_the_correlation_id(
     topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from eventbus.asgi import correlation_id_var
+    from eventbus.context import correlation_id_var
 
     log = logging.getLogger("test.handler")
 

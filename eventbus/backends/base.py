@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,25 +10,29 @@ import dramatiq
 from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 
-from ..asgi import new_message_id
+from ..context import new_message_id
+from ..middleware import keys
 
 if TYPE_CHECKING:
     from dramatiq import Actor, Message
 
     from ..config import EventBusSettings
-    from ..dlq import DeadLetterStore
+    from ..dlq import DeadLetterStore, FailedEvent
     from ..events import BaseEvent
     from ..health import HealthResult
-    from ..registry import HandlerSpec
+    from ..routing import Subscriptions
 
 
 @dataclass(frozen=True, slots=True)
 class OutgoingEvent:
-    """One event as the bus hands it to a backend that publishes events itself.
+    """One event as the bus hands it to :meth:`Backend.publish`.
 
     Attributes:
       event: The event.
-      envelope: Its wire envelope (metadata already stamped with the correlation id).
+      envelope: Its wire envelope as JSON bytes, encoded once (metadata already
+        stamped with the correlation and causation ids).
+      options: The dramatiq message options every handler's message carries
+        (topic, correlation id, trace ids and propagation fields).
       correlation_id: The correlation id of the publishing request.
       trace_id, span_id: The publish span, parent of the handlers' dispatch spans.
       trace_context: The publish span's propagation fields (W3C ``traceparent``,
@@ -37,95 +40,107 @@ class OutgoingEvent:
     """
 
     event: BaseEvent
-    envelope: dict[str, Any]
+    envelope: bytes
+    options: dict[str, Any]
     correlation_id: str
-    trace_id: str
-    span_id: str
+    trace_id: str = ""
+    span_id: str = ""
     trace_context: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def topic(self) -> str:
+        """The event's topic."""
+        return self.event.topic
 
 
 class Backend(abc.ABC):
-    """Moves dramatiq messages from ``publish`` to the handlers' actors.
+    """Carries events from :meth:`publish` to the handlers subscribed to their topic.
 
-    The bus calls :meth:`bind` once with its middleware, declares one actor per
-    handler on the returned broker, then :meth:`start`, :meth:`enqueue` for each
+    One contract for every backend: the bus hands it events, never handler
+    messages.  Routing from a topic to its handlers happens where the
+    subscriptions live: in this process (embedded), in Redis (written by the
+    workers) or in the Kafka consumer group.
+
+    The bus calls :meth:`bind` once, then :meth:`start`, :meth:`publish` for each
     publish, and :meth:`stop`.
     """
 
     #: Short name used in logs and health results.
     name: str = "backend"
-    #: True when the backend publishes whole events (:meth:`publish_events`, one record
-    #: per event, e.g. Kafka) instead of one dramatiq message per handler (:meth:`enqueue`).
-    publishes_events: bool = False
+    #: The ``messaging.system`` of its trace spans.
+    messaging_system: str = "dramatiq"
+    #: True when handlers run in the publishing process whatever the settings say
+    #: (the embedded backend: the publisher is the subscriber).
+    always_consumes: bool = False
 
     @abc.abstractmethod
-    def bind(self, middleware: list[Middleware]) -> dramatiq.Broker:
-        """Create (once) and return the dramatiq broker, with ``middleware``."""
+    def bind(self, middleware: list[Middleware], subscriptions: Subscriptions) -> dramatiq.Broker:
+        """Create (once) and return the dramatiq broker that runs ``subscriptions``\'
+        handlers, with ``middleware``."""
 
     @abc.abstractmethod
-    async def start(self) -> None:
-        """Connect and begin delivering messages."""
+    async def start(self, consume: bool) -> None:
+        """Connect; with ``consume``, also run the subscribed handlers in this process."""
 
     @abc.abstractmethod
     async def stop(self, timeout: float) -> None:
         """Finish in-flight work within ``timeout`` seconds, then release everything."""
 
     @abc.abstractmethod
-    async def enqueue(self, messages: list[Message[Any]]) -> None:
-        """Enqueue all of ``messages`` or none of them."""
+    async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
+        """Publish all of ``events`` or none of them.
+
+        Parameters:
+          strict: Publish nothing when a topic has no subscription at all, and raise
+            :class:`~eventbus.exceptions.UnroutedError` (backends that cannot know,
+            such as Kafka, ignore it).
+
+        Returns:
+          The topics among ``events`` that reached no subscription.
+        """
 
     @abc.abstractmethod
     async def drain(self, timeout: float | None = None) -> None:
-        """Return once every message enqueued so far has been handled or dead-lettered.
+        """Return once every event published so far has been handled or dead-lettered.
 
         Raises:
-          TimeoutError: Messages are still pending after ``timeout`` seconds.
+          TimeoutError: Deliveries are still pending after ``timeout`` seconds.
         """
 
     @abc.abstractmethod
     async def health(self) -> list[HealthResult]:
         """The backend's health, as one or more results."""
 
+    @abc.abstractmethod
+    def replay(self, record: FailedEvent) -> None:
+        """Deliver a dead letter's event again to the handler that failed on it,
+        with a fresh retry budget (synchronous; may block)."""
+
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
         """The store this backend keeps dead letters in; None for the bus's in-memory one."""
         return None
-
-    def replay(self, message: Message[Any]) -> None:
-        """Enqueue a dead letter's message again (synchronously; may block).
-
-        The default enqueues it on the bound broker, declaring its queue first.
-        """
-        broker = self.bind([])
-        if message.queue_name not in broker.get_declared_queues():
-            broker.declare_queue(message.queue_name)
-        broker.enqueue(message)
 
     def backlog(self) -> dict[str, int]:
         """Messages waiting per queue, for the backlog gauge (may block briefly)."""
         return {}
 
-    def actor_options(self, spec: HandlerSpec) -> dict[str, Any]:
-        """Extra dramatiq actor options for ``spec`` (e.g. ``time_limit`` for a Worker)."""
-        return {}
 
-    async def publish_events(self, events: list[OutgoingEvent]) -> None:
-        """Publish all of ``events`` (called instead of :meth:`enqueue` when
-        :attr:`publishes_events` is true; handlers are then routed where the events
-        are consumed, not where they are published)."""
-        raise NotImplementedError(f"the {self.name} backend enqueues messages, not events")
-
-    def set_router(
-        self,
-        route: Callable[[str], list[Actor[Any, Any]]],
-        topics: Callable[[], list[str]],
-    ) -> None:
-        """Receive the bus's routing, once, right after :meth:`bind`.
-
-        ``route(topic)`` returns the actors of the topic's handlers (declaring new
-        ones); ``topics()`` the subscribed topics.  Backends that pull events
-        themselves (Kafka) use them; the default ignores them.
-        """
-        return None
+def replay_message(record: FailedEvent, queue_name: str) -> Message[Any]:
+    """The message that delivers ``record``'s event to its handler again, retries reset."""
+    options: dict[str, Any] = {
+        keys.TOPIC: record.topic,
+        keys.CORRELATION_ID: record.correlation_id,
+        keys.TRACE_ID: record.trace_id,
+        keys.REPLAY_OF: record.id,
+    }
+    return dramatiq.Message(
+        queue_name=queue_name,
+        actor_name=record.handler,
+        args=(record.envelope,),
+        kwargs={},
+        options=options,
+        message_id=new_message_id(),
+    )
 
 
 def handler_message(

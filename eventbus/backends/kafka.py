@@ -8,14 +8,12 @@ and the W3C ``traceparent`` of the publish span.  Producers wait for ``acks``
 ``publish_timeout`` seconds raises :class:`~eventbus.exceptions.PublishError`
 (the record was not confirmed; it may still arrive later).
 
-Handlers run where the events are consumed: every process whose bus uses this
-backend with ``consume=True`` and has subscribed topics runs one consumer in the
-group ``group_id`` (:mod:`eventbus.backends.kafka_bridge` explains offsets,
-rebalances, ordering and poison records).  Run dedicated workers with::
-
-    python -m eventbus.backends.kafka myapp.handlers     # EVENTBUS_KAFKA_* settings
-
-and set ``EVENTBUS_KAFKA_CONSUME=false`` in processes that only publish.
+Handlers run where the events are consumed: in worker processes (``dramatiq
+eventbus.actors myapp.handlers`` or ``python -m eventbus.backends.kafka
+myapp.handlers``), each running one consumer in the group ``group_id`` (default:
+the service name), and in the web process only with ``EVENTBUS_CONSUME=true``
+(:mod:`eventbus.backends.kafka_bridge` explains offsets, rebalances, ordering and
+poison records).
 
 Delivery is at least once: a record is committed only after every handler of it
 and of every earlier record of its partition finished (succeeded, or
@@ -49,14 +47,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
-from dramatiq import Actor, Message, Middleware
+from dramatiq import Middleware
 from pydantic_core import to_json
 
 from ..config import (
     DEFAULT_DLQ_TOPIC_SUFFIX,
     DEFAULT_KAFKA_AUTO_OFFSET_RESET,
     DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
-    DEFAULT_KAFKA_GROUP_ID,
     DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
     DEFAULT_KAFKA_MAX_IN_FLIGHT,
     DEFAULT_KAFKA_PUBLISH_TIMEOUT,
@@ -66,9 +63,10 @@ from ..config import (
     DEFAULT_WORKER_THREADS,
     EventBusSettings,
 )
+from ..dispatch import Dispatcher
 from ..exceptions import BackendError, ConfigurationError, PublishError
 from ..health import HealthResult, HealthStatus
-from ..middleware import keys
+from ..routing import Router, Subscriptions
 from .base import Backend, OutgoingEvent
 from .kafka_bridge import BridgeMiddleware, KafkaBridge
 from .kafka_config import (
@@ -83,13 +81,13 @@ from .kafka_config import (
     format_traceparent,
 )
 from .kafka_dlq import KafkaDeadLetterStore
-from .sync import Dispatcher, EmbeddedBroker
+from .sync import EmbeddedBroker
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer, TopicPartition
 
     from ..bus import EventBus
-    from ..dlq import DeadLetterStore
+    from ..dlq import DeadLetterStore, FailedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +137,12 @@ class KafkaBackend(Backend):
     """
 
     name = "kafka"
-    publishes_events = True
+    messaging_system = "kafka"
 
     def __init__(
         self,
         bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
-        group_id: str = DEFAULT_KAFKA_GROUP_ID,
+        group_id: str | None = None,
         auto_offset_reset: str = DEFAULT_KAFKA_AUTO_OFFSET_RESET,
         session_timeout_ms: int = DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
         heartbeat_interval_ms: int = DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
@@ -152,7 +150,6 @@ class KafkaBackend(Backend):
         *,
         acks: str | int = "all",
         publish_timeout: float = DEFAULT_KAFKA_PUBLISH_TIMEOUT,
-        consume: bool = True,
         max_in_flight: int = DEFAULT_KAFKA_MAX_IN_FLIGHT,
         revoke_timeout: float = DEFAULT_KAFKA_REVOKE_TIMEOUT,
         accept_unknown_types: bool = False,
@@ -187,7 +184,7 @@ class KafkaBackend(Backend):
                 f"heartbeat_interval_ms ({heartbeat_interval_ms}) must be below "
                 f"session_timeout_ms ({session_timeout_ms})"
             )
-        if not group_id:
+        if group_id is not None and not group_id:
             raise ConfigurationError("group_id is empty")
         self.config = config or KafkaConfig(
             bootstrap_servers,
@@ -208,7 +205,6 @@ class KafkaBackend(Backend):
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.acks: str | int = "all" if str(acks) in ("all", "-1") else int(acks)
         self.publish_timeout = publish_timeout
-        self.consume = consume
         self.max_in_flight = max_in_flight
         self.revoke_timeout = revoke_timeout
         self.accept_unknown_types = accept_unknown_types
@@ -218,12 +214,12 @@ class KafkaBackend(Backend):
             self.config, dlq_topic_suffix, skip_shutdown_errors=True
         )
         self.broker: EmbeddedBroker | None = None
+        self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
         self.bridge: KafkaBridge | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.consume = False
         self._bridge_middleware = BridgeMiddleware()
-        self._route: Callable[[str], list[Actor[Any, Any]]] = lambda topic: []
-        self._topics: Callable[[], list[str]] = list
         self._produced: dict[TopicPartition, int] = {}
 
     @classmethod
@@ -236,7 +232,6 @@ class KafkaBackend(Backend):
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             acks=settings.kafka_acks,
             publish_timeout=settings.kafka_publish_timeout,
-            consume=settings.kafka_consume,
             max_in_flight=settings.kafka_max_in_flight,
             revoke_timeout=settings.kafka_revoke_timeout,
             accept_unknown_types=settings.kafka_accept_unknown_types,
@@ -248,19 +243,16 @@ class KafkaBackend(Backend):
 
     # -- wiring --------------------------------------------------------------------
 
-    def bind(self, middleware: list[Middleware]) -> dramatiq.Broker:
+    def bind(self, middleware: list[Middleware], subscriptions: Subscriptions) -> dramatiq.Broker:
         if self.broker is None:
             self.broker = EmbeddedBroker([self._bridge_middleware, *middleware])
+            self.router = Router(subscriptions, self.broker, subscriptions.queue_of)
+            self.subscriptions = subscriptions
+            self.dead_letters.topics = self.router.topics
         return self.broker
 
-    def set_router(
-        self,
-        route: Callable[[str], list[Actor[Any, Any]]],
-        topics: Callable[[], list[str]],
-    ) -> None:
-        self._route = route
-        self._topics = topics
-        self.dead_letters.topics = topics
+    def _topics(self) -> list[str]:
+        return self.router.topics() if self.router is not None else []
 
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
         return self.dead_letters
@@ -272,7 +264,7 @@ class KafkaBackend(Backend):
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, consume: bool) -> None:
         """Connect the producer, start the dispatcher and (with ``consume``) the bridge.
 
         Raises:
@@ -303,14 +295,18 @@ class KafkaBackend(Backend):
             broker, loop, max_concurrency=self.max_concurrency, worker_threads=self.worker_threads
         )
         broker.dispatcher = self.dispatcher
-        if self.consume:
+        self.consume = consume
+        if self.group_id is None:
+            self.group_id = self.subscriptions.service
+        if consume:
+            assert self.router is not None
             self.bridge = KafkaBridge(
                 self.config,
                 self.group_id,
                 broker,
                 self._bridge_middleware,
-                self._route,
-                self._topics,
+                self.router.actors,
+                self.router.topics,
                 self.dead_letters,
                 auto_offset_reset=self.auto_offset_reset,
                 session_timeout_ms=self.session_timeout_ms,
@@ -377,8 +373,12 @@ class KafkaBackend(Backend):
                 headers.append((HEADER_TRACEPARENT, traceparent.encode()))
         return headers
 
-    async def publish_events(self, events: list[OutgoingEvent]) -> None:
+    async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
         """Send one record per event, then wait once for all acknowledgements.
+
+        Kafka keeps every record in its topic whoever subscribes, so no publish is
+        unrouted here (``strict`` has no effect): a consumer group created later
+        reads it from the earliest offset.
 
         Raises:
           PublishError: Not started, or the brokers did not acknowledge every record
@@ -389,11 +389,10 @@ class KafkaBackend(Backend):
         async def send_all() -> list[Any]:
             futures = []
             for outgoing in events:
-                value = to_json(outgoing.envelope)  # ~6x json.dumps; compact UTF-8 JSON
                 futures.append(
                     await producer.send(
                         outgoing.event.topic,
-                        value=value,
+                        value=outgoing.envelope,
                         key=outgoing.event.partition_key().encode(),
                         headers=self.record_headers(outgoing),
                     )
@@ -417,31 +416,28 @@ class KafkaBackend(Backend):
             tp = metadata.topic_partition
             if metadata.offset > produced.get(tp, -1):
                 produced[tp] = metadata.offset
+        return set()
 
-    async def enqueue(self, messages: list[Message[Any]]) -> None:
-        """Not used: this backend publishes whole events (:meth:`publish_events`)."""
-        raise BackendError("the Kafka backend publishes events, not messages", backend=self.name)
-
-    def replay(self, message: Message[Any]) -> None:
+    def replay(self, record: FailedEvent) -> None:
         """Publish a dead letter's event again, for the handler that failed on it only.
 
         The record goes to the event's topic with the ``eventbus-replay-handler``
         header: whichever worker of the group gets it runs that one handler.
         Blocking: it opens its own short-lived producer.
         """
-        topic = str(message.options.get(keys.TOPIC, ""))
-        envelope = message.args[0] if message.args else None
+        topic = record.topic
+        envelope = record.envelope
         if not topic or not isinstance(envelope, dict):
-            raise BackendError(f"cannot replay {message}: no topic or envelope", backend=self.name)
+            raise BackendError(
+                f"cannot replay dead letter {record.id}: no topic or envelope", backend=self.name
+            )
         event = envelope.get("event")
         key = str(event.get("event_id", "")) if isinstance(event, dict) else ""
         headers = [
-            (HEADER_REPLAY_HANDLER, message.actor_name.encode()),
-            (HEADER_CORRELATION_ID, str(message.options.get(keys.CORRELATION_ID, "")).encode()),
+            (HEADER_REPLAY_HANDLER, record.handler.encode()),
+            (HEADER_CORRELATION_ID, record.correlation_id.encode()),
+            (HEADER_REPLAY_OF, record.id.encode()),
         ]
-        replay_of = message.options.get(keys.REPLAY_OF)
-        if replay_of:
-            headers.append((HEADER_REPLAY_OF, str(replay_of).encode()))
         value = to_json(envelope)
 
         async def send(producer: AIOKafkaProducer) -> None:
@@ -567,7 +563,7 @@ async def run_worker(bus: EventBus, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(signum, stop.set)
             installed.append(signum)
     try:
-        await bus.start()
+        await bus.start(consume=True)
         logger.info(
             "Kafka worker consuming %s as group %s",
             ", ".join(bus.topics) or "(no topics yet)",

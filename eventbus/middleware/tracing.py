@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 
-from ..asgi import correlation_id_var
+from ..context import correlation_id_var
 from ..tracing import EventSpan, EventTracer, SpanStatus, reset_current_span, set_current_span
 from . import keys
 from .metrics import takes_keyword
