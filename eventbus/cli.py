@@ -1,4 +1,4 @@
-"""The ``eventbus`` command: inspect, replay and purge dead letters.
+"""The ``eventbus`` command: dead letters and subscriptions.
 
 It is configured by the same ``EVENTBUS_*`` environment as the application, so on
 a worker or web host::
@@ -9,6 +9,10 @@ a worker or web host::
     eventbus dlq replay --error-type TimeoutError
     eventbus dlq purge --all --yes
 
+    eventbus subscriptions list          # service, topic, handler, backlog, workers
+    eventbus subscriptions sync myapp.handlers   # a Procfile ``release:`` step
+    eventbus subscriptions remove 'user.created:myapp.handlers.old' --yes
+
 Every command takes ``--json`` for machine-readable output.  Exit status: 0 on
 success, 1 when something asked for was missing or failed, 2 on bad usage.
 """
@@ -16,7 +20,9 @@ success, 1 when something asked for was missing or failed, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -60,6 +66,26 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("--all", action="store_true", help="every record")
         if name == "purge":
             action.add_argument("--yes", action="store_true", help="confirm a filtered purge")
+
+    subs = commands.add_parser(
+        "subscriptions", help="handler subscriptions stored in Redis"
+    ).add_subparsers(dest="action", required=True)
+    listing = subs.add_parser("list", help="every subscription with its backlog and workers")
+    listing.add_argument("--service", help="only this service")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    sync = subs.add_parser(
+        "sync",
+        help="write the subscriptions of the handlers in MODULES without starting a worker",
+    )
+    sync.add_argument("modules", nargs="+", help="handler modules, e.g. myapp.handlers")
+    sync.add_argument("--json", action="store_true", help="print JSON")
+    remove = subs.add_parser(
+        "remove", help="remove a subscription; events queued for it are dead-lettered"
+    )
+    remove.add_argument("handler", help="the handler's actor name (see subscriptions list)")
+    remove.add_argument("--service", help="its service, when several have that handler")
+    remove.add_argument("--yes", action="store_true", help="confirm the removal")
+    remove.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -77,6 +103,85 @@ def _table(records: list[FailedEvent]) -> str:
     )
 
 
+def _grid(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
+    from .backends.redis import RedisBackend
+
+    backend = bus.backend
+    if not isinstance(backend, RedisBackend):
+        out.write(
+            f"subscriptions are stored by the redis backend; on {backend.name} "
+            "they live in the consumer groups (kafka) or the process (sync)\n"
+        )
+        return 2
+
+    def emit(data: Any, text: str) -> None:
+        out.write((json.dumps(data, indent=2, default=str) if args.json else text) + "\n")
+
+    if args.action == "sync":
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # modules of the project, as dramatiq's CLI does
+        for name in args.modules:
+            importlib.import_module(name)
+        bus.subscriptions.subscribe_all()
+        bus.subscriptions.service = bus.service
+        fields = backend.register_subscriptions()
+        emit(
+            {"service": bus.subscriptions.service, "subscriptions": fields},
+            f"service {bus.subscriptions.service}: {len(fields)} subscription(s) written",
+        )
+        return 0 if fields else 1
+
+    rows = backend.subscription_list()
+    if args.action == "list":
+        if args.service:
+            rows = [r for r in rows if r.service == args.service]
+        table: list[tuple[str, ...]] = [
+            ("SERVICE", "TOPIC", "HANDLER", "QUEUE", "BACKLOG", "WORKERS", "LAST SEEN (UTC)")
+        ]
+        for r in rows:
+            seen = r.last_seen.strftime("%Y-%m-%d %H:%M:%S") if r.last_seen else "never"
+            table.append(
+                (r.service, r.topic, r.handler, r.queue, str(r.backlog), str(r.live_workers), seen)
+            )
+        emit([r.to_dict() for r in rows], _grid(table) + f"\n{len(rows)} subscription(s)")
+        return 0
+
+    matches = [r for r in rows if r.handler == args.handler]
+    if args.service:
+        matches = [r for r in matches if r.service == args.service]
+    if not matches:
+        out.write(f"no subscription of handler {args.handler!r}\n")
+        return 1
+    if len(matches) > 1:
+        services = ", ".join(sorted(r.service for r in matches))
+        out.write(f"handler {args.handler!r} is subscribed in {services}: add --service\n")
+        return 2
+    [row] = matches
+    if not args.yes:
+        out.write(
+            f"removing {row.handler} ({row.service}, topic {row.topic}) stops its deliveries "
+            f"and dead-letters the {row.backlog} event(s) waiting for it: add --yes\n"
+        )
+        return 2
+    from .backends.redis_subscriptions import remove_subscription
+
+    count = remove_subscription(
+        backend.sync_client, backend.namespace, row.service, row.topic, row.handler, bus.dlq.store
+    )
+    emit(
+        {"removed": row.to_dict(), "dead_lettered": count},
+        f"removed {row.handler} ({row.service}); {count} waiting event(s) dead-lettered",
+    )
+    return 0
+
+
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"topic": args.topic, "handler": args.handler, "error_type": args.error_type}
 
@@ -84,6 +189,8 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 def run(argv: Sequence[str], bus: EventBus, out: TextIO = sys.stdout) -> int:
     """Run a command against ``bus``'s dead letters; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "subscriptions":
+        return _subscriptions(args, bus, out)
     dlq = bus.dlq
 
     def emit(data: Any, text: str) -> None:
@@ -142,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _parser().parse_args(argv)  # usage errors before touching any backend
     try:
         settings = EventBusSettings()
-        if settings.backend == "sync":
+        if settings.backend == "sync" and argv and argv[0] == "dlq":
             sys.stderr.write(
                 "EVENTBUS_BACKEND=sync keeps dead letters in the application's memory; the "
                 "CLI needs a durable backend (redis, kafka). Use dlq_router() in the app.\n"
