@@ -34,6 +34,10 @@ EVENT_KEY = "event"
 CORRELATION_ID = "correlation_id"
 #: Metadata key naming the event that caused this one (set when a handler publishes).
 CAUSATION_ID = "causation_id"
+#: Deepest nesting of objects and arrays in an envelope, the envelope itself being
+#: level 1 and its ``event`` object level 2.  Events are shallow; a bound far below
+#: the interpreter's recursion limit keeps hostile payloads from exhausting it.
+MAX_DEPTH = 64
 
 _registry: dict[str, type[BaseEvent]] = {}
 

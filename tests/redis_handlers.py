@@ -2,8 +2,8 @@
 
     dramatiq eventbus.actors tests.redis_handlers
 
-The test process imports this module too: a publisher fans an event out to the
-handlers it knows, so both sides must define the same ones.  Handlers record
+The test process imports it for the event classes only: publishing needs no
+handler, the workers' subscriptions in Redis route the events.  Handlers record
 what they did in Redis (the server and namespace of ``EVENTBUS_REDIS_URL`` /
 ``EVENTBUS_REDIS_NAMESPACE``), where the tests read it back.
 """

@@ -122,6 +122,44 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+#: The service of the test handler modules (their top-level package).
+TEST_SERVICE = "tests"
+
+
+def queue_name(queue: str = "eventbus", service: str = TEST_SERVICE) -> str:
+    """The Redis queue of a handler queue of a service: ``<service>.<queue>``."""
+    return f"{service}.{queue}"
+
+
+def sync_subscriptions(
+    redis_url: str,
+    namespace: str,
+    modules: tuple[str, ...] = ("tests.redis_handlers",),
+    env: dict[str, str] | None = None,
+) -> str:
+    """Run ``eventbus subscriptions sync MODULES`` as a deploy's release step would;
+    returns its output."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": redis_url,
+        "EVENTBUS_REDIS_NAMESPACE": namespace,
+        **(env or {}),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "eventbus.cli", "subscriptions", "sync", *modules],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"subscriptions sync failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """The URL of a Redis server for this test session."""

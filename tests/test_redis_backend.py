@@ -15,7 +15,7 @@ from dramatiq import Message
 
 from eventbus import EventBus, HealthStatus, PublishError
 from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import inflight_key, ready_key
+from eventbus.backends.redis_scripts import bodies_key, inflight_key, ready_key
 from eventbus.dlq import FailedEvent
 from eventbus.dlq_redis import RedisDeadLetterStore
 from tests import redis_handlers as h
@@ -25,7 +25,9 @@ from tests.redis_support import (  # noqa: E402
     TEST_REDELIVERY_TIMEOUT,
     RedisServer,
     Workers,
+    queue_name,
     require_redis_server_binary,
+    sync_subscriptions,
 )
 
 # The fixtures: redis_url, namespace, make_redis_bus, workers.
@@ -33,7 +35,8 @@ pytest_plugins = ["tests.redis_support"]
 
 pytestmark = pytest.mark.timeout(90)
 
-DEFAULT_QUEUE = "eventbus"
+DEFAULT_QUEUE = queue_name()
+OTHER_QUEUE = queue_name(h.OTHER_QUEUE)
 
 
 def client_for(url: str) -> redis.Redis:
@@ -59,9 +62,10 @@ def handled(client: redis.Redis, ns: str, name: str = "handled") -> set[int]:
 # -- publishing ---------------------------------------------------------------------
 
 
-async def test_publish_enqueues_one_message_per_handler_in_one_round_trip(
+async def test_publish_fans_out_to_every_subscription_inside_redis(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str
 ) -> None:
+    sync_subscriptions(redis_url, namespace)  # what a worker does when it boots
     bus = make_redis_bus()
     await bus.start()
     await bus.publish(h.Numbered(n=1))
@@ -69,13 +73,35 @@ async def test_publish_enqueues_one_message_per_handler_in_one_round_trip(
 
     r = client_for(redis_url)
     default = r.lrange(ready_key(namespace, DEFAULT_QUEUE), 0, -1)
-    other = r.lrange(ready_key(namespace, h.OTHER_QUEUE), 0, -1)
+    other = r.lrange(ready_key(namespace, OTHER_QUEUE), 0, -1)
     assert len(default) == len(other) == 101
-    first = Message.decode(default[0])
+    bodies = bodies_key(namespace, DEFAULT_QUEUE)
+    first = Message.decode(r.hget(bodies, default[0]))
     assert first.actor_name.endswith("tests.redis_handlers.record")
+    assert first.queue_name == DEFAULT_QUEUE
     assert first.args[0]["event"]["n"] == 1
-    assert Message.decode(other[0]).actor_name.endswith("record_async")
+    other_first = Message.decode(r.hget(bodies_key(namespace, OTHER_QUEUE), other[0]))
+    assert other_first.actor_name.endswith("record_async")
     assert await bus.backend.pending() == 202  # type: ignore[attr-defined]
+
+
+async def test_large_floats_and_text_cross_the_publish_script_byte_for_byte(
+    make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str
+) -> None:
+    # The script builds messages from the event's bytes, never through cjson
+    # (which keeps 14 significant digits).
+    sync_subscriptions(redis_url, namespace)
+    bus = make_redis_bus()
+    await bus.start()
+    event = h.Numbered(n=2**62 + 1, delay=0.1234567890123456789)
+    await bus.publish(event)
+    r = client_for(redis_url)
+    [entry] = r.lrange(ready_key(namespace, DEFAULT_QUEUE), 0, -1)
+    message = Message.decode(r.hget(bodies_key(namespace, DEFAULT_QUEUE), entry))
+    decoded = h.Numbered.model_validate(message.args[0]["event"])
+    assert decoded.n == 2**62 + 1
+    assert decoded.delay == 0.1234567890123456789
+    assert decoded.event_id == event.event_id
 
 
 async def test_publish_with_redis_down_raises_publish_error_quickly(
@@ -115,13 +141,14 @@ async def test_publish_to_a_silent_server_is_bounded_by_publish_timeout(
 async def test_events_published_with_no_worker_are_delivered_when_one_starts(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
 ) -> None:
+    sync_subscriptions(redis_url, namespace)  # the release step of a deploy
     bus = make_redis_bus()
     await bus.start()
     await bus.publish_many([h.Numbered(n=i) for i in range(30)])
     broker_health, worker_health = await bus.health.check()
     assert broker_health.status is HealthStatus.HEALTHY
     assert worker_health.status is HealthStatus.DEGRADED
-    assert DEFAULT_QUEUE in worker_health.detail
+    assert "tests.redis_handlers.record" in worker_health.detail
 
     # The handler module comes from EVENTBUS_HANDLERS this time, not the command line.
     workers.start(modules=(), env={"EVENTBUS_HANDLERS": "tests.redis_handlers"})
@@ -152,7 +179,7 @@ async def test_sigkilled_worker_loses_no_event(
     first.kill()  # SIGKILL, master and worker processes at once
     first.process.wait(5)
     killed_at = time.monotonic()
-    held = sum(r.llen(k) for k in r.scan_iter(match=f"{namespace}:a:*"))
+    held = sum(r.llen(k) for k in r.scan_iter(match=f"{namespace}:{{*}}:a:*"))
     assert held > 0, "the killed worker held no in-flight event: the test proves nothing"
 
     workers.start(threads=4)
@@ -167,7 +194,7 @@ async def test_sigkilled_worker_loses_no_event(
     assert time.monotonic() - killed_at < TEST_REDELIVERY_TIMEOUT + 10
     assert int(r.get(h.key("runs", namespace)) or 0) >= total
     await bus.drain(timeout=5)
-    assert not [k for k in r.scan_iter(match=f"{namespace}:a:*") if r.llen(k)]
+    assert not [k for k in r.scan_iter(match=f"{namespace}:{{*}}:a:*") if r.llen(k)]
 
 
 async def test_long_handler_on_a_live_worker_is_not_redelivered(
@@ -203,12 +230,16 @@ async def test_worker_survives_a_redis_restart(
         server.stop()
         with pytest.raises(PublishError):
             await bus.publish(h.Numbered(n=2))
-        server.start()  # same port, empty (no persistence)
+        server.start()  # same port, empty (no persistence): the subscriptions are gone too
+        await wait_for(
+            lambda: r.hlen(f"{namespace}:t:{h.RECORD}") == 2, 10, "the worker to subscribe again"
+        )
 
         await bus.publish(h.Numbered(n=3))
         await wait_for(lambda: handled(r, namespace) == {3}, 15, "an event after the restart")
         assert worker.process.poll() is None
         assert "Redis is back" in worker.output()
+        assert "writing its subscriptions again" in worker.output()
     finally:
         await bus.stop()
         workers.stop_all()
@@ -223,7 +254,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(
     workers.start()
     r = client_for(redis_url)
     queue = ready_key(namespace, DEFAULT_QUEUE)
-    record_actor = next(a for a in bus.broker.actors if a.endswith("tests.redis_handlers.record"))
+    record_actor = f"{h.RECORD}:tests.redis_handlers.record"
 
     def message(actor: str, args: list[object]) -> bytes:
         return json.dumps(
@@ -238,14 +269,16 @@ async def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(
             }
         ).encode()
 
-    r.rpush(
-        queue,
+    bad = [
         b"\x80\x04 not json at all",
         b'{"hello": "world"}',
         message("no.such.actor", [{}]),
         message(record_actor, [{"type": "tests.redis_handlers.Numbered", "event": {"n": "x"}}]),
         message(record_actor, []),
-    )
+    ]
+    for i, body in enumerate(bad):
+        r.hset(bodies_key(namespace, DEFAULT_QUEUE), f"bad{i}", body)
+        r.rpush(queue, f"bad{i}")
     await bus.publish(h.Numbered(n=7))
     await wait_for(lambda: 7 in handled(r, namespace), 10, "the valid event")
     await wait_for(lambda: bus.dlq.size() == 5, 10, "five dead letters")

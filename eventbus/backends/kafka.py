@@ -106,7 +106,8 @@ class KafkaBackend(Backend):
     Parameters:
       bootstrap_servers: ``host:port[,host:port...]`` of the brokers.
       group_id: Consumer group of this service's workers (one per service: every
-        service with its own group receives every event).
+        service with its own group receives every event); default: the bus's
+        service name (``EVENTBUS_SERVICE``, else the handlers' top-level package).
       auto_offset_reset: Where a group without committed offsets starts reading:
         ``earliest`` (default; nothing published before the first worker started
         is missed) or ``latest``.
@@ -119,8 +120,6 @@ class KafkaBackend(Backend):
       acks: ``"all"`` (default: every in-sync replica has the record), ``1`` or ``0``.
       publish_timeout: Seconds a publish waits for the acknowledgement before
         PublishError.
-      consume: Run the bridge consumer in this process while the bus has
-        subscribed topics.  False for processes that only publish.
       max_in_flight: Records fetched and not yet committable before fetching pauses.
       revoke_timeout: Seconds the handlers of revoked partitions get to finish.
       accept_unknown_types: Deliver events whose type this process does not define

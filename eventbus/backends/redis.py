@@ -50,7 +50,6 @@ from ..config import (
 )
 from ..exceptions import BackendError, ConfigurationError, PublishError, UnroutedError
 from ..health import HealthResult, HealthStatus
-from ..middleware import keys
 from ..middleware.event_loop import DaemonAsyncIO
 from ..routing import Router, Subscriptions
 from . import redis_scripts as lua
@@ -234,15 +233,8 @@ class RedisBackend(Backend):
         Redis (idempotent; blocking).  Returns the subscription names."""
         broker = self._require_broker()
         assert self.router is not None and self.subscriptions is not None
-        actors = self.router.declare()
-        fields = subs.register(
-            self.sync_client,
-            self.namespace,
-            self.subscriptions.service,
-            [(a.options[keys.HANDLER].topic, a.actor_name, a.queue_name) for a in actors],
-        )
-        broker.subscriptions = fields
-        return fields
+        self.router.declare()
+        return broker.write_subscriptions(self.subscriptions.service)
 
     async def start(self, consume: bool) -> None:
         broker = self._require_broker()

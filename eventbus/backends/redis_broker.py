@@ -44,6 +44,7 @@ from ..middleware import DeadLetters, keys
 from . import redis_scripts as lua
 from .base import CachedHooksBroker
 from .redis_messages import InvalidMessage, encode_message, message_problem
+from .redis_subscriptions import register
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class ReliableRedisBroker(CachedHooksBroker):
         self.worker_id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self.queues: set[str] = set()
         self.consumed: set[str] = set()
+        #: The service whose subscriptions this worker serves (set when it subscribes).
+        self.service: str | None = None
         #: The subscriptions ("<service>|<topic>|<actor>") this worker serves.
         self.subscriptions: list[str] = []
         self._fetch = client.register_script(lua.FETCH)
@@ -122,6 +125,7 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._reclaim = client.register_script(lua.RECLAIM)
         self._park = client.register_script(lua.PARK)
         self._heartbeat: _Heartbeat | None = None
+        self._beaten = False
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         self.add_middleware(_WorkerLifecycle())
@@ -203,6 +207,18 @@ class ReliableRedisBroker(CachedHooksBroker):
 
     # -- heartbeats, recovery ---------------------------------------------------------
 
+    def write_subscriptions(self, service: str) -> list[str]:
+        """Write the subscriptions of this broker's handlers for ``service`` to Redis
+        (idempotent); the heartbeat writes them again if Redis loses them."""
+        handlers = [
+            (actor.options[keys.HANDLER].topic, name, actor.queue_name)
+            for name, actor in list(self.actors.items())
+            if keys.HANDLER in actor.options
+        ]
+        self.subscriptions = register(self.client, self.namespace, service, handlers)
+        self.service = service
+        return self.subscriptions
+
     def beat(self) -> int:
         """Send one heartbeat and run one recovery pass; returns messages put back."""
         ns = self.namespace
@@ -212,7 +228,7 @@ class ReliableRedisBroker(CachedHooksBroker):
             if keys.HANDLER in actor.options
         )
         with self._beat_lock:  # concurrent beats must not register a stale queue list
-            moved, unparked = self._beat(
+            moved, unparked, unknown = self._beat(
                 args=[
                     ns,
                     self.worker_id,
@@ -223,6 +239,12 @@ class ReliableRedisBroker(CachedHooksBroker):
                     handlers,
                 ]
             )
+        if unknown and self.service is not None and self._beaten:
+            # Redis forgot this worker: restarted without persistence, flushed, or it
+            # declared us dead.  Our subscriptions may be gone too: write them again.
+            logger.warning("Redis did not know this worker; writing its subscriptions again.")
+            self.write_subscriptions(self.service)
+        self._beaten = True
         if moved:
             logger.warning("Redelivered %d in-flight event(s) of dead worker(s).", moved)
         if unparked:

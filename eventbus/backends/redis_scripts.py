@@ -177,14 +177,15 @@ end
 #: ready lists, then recovers: every worker silent for ARGV[4] ms has its
 #: in-flight entries put back at the front of their queues and is forgotten.
 #: ARGV: namespace, worker id, queues (comma-separated), timeout ms, max dead per
-#: pass, subscriptions, handlers.  Returns {entries recovered, entries unparked}.
+#: pass, subscriptions, handlers.  Returns {entries recovered, entries unparked,
+#: 1 when Redis did not know the worker (its first beat, or Redis lost its data)}.
 BEAT = (
     _NOW
     + _REQUEUE_WORKER
     + """
 local ns, wid = ARGV[1], ARGV[2]
 redis.call('ZADD', ns .. ':heartbeats', now, wid)
-redis.call('HSET', ns .. ':workers', wid, ARGV[3])
+local unknown = redis.call('HSET', ns .. ':workers', wid, ARGV[3])
 redis.call('HSET', ns .. ':wsubs', wid, ARGV[6])
 for field in string.gmatch(ARGV[6], '[^\\n]+') do
   redis.call('ZADD', ns .. ':seen', now, field)
@@ -204,7 +205,7 @@ local moved = 0
 for _, w in ipairs(dead) do
   if w ~= wid then moved = moved + requeue_worker(ns, w) end
 end
-return {moved, unparked}
+return {moved, unparked, unknown}
 """
 )
 
