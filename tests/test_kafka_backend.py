@@ -45,7 +45,9 @@ async def make_kafka_bus(
     """Buses on the Kafka backend (this test's group), stopped after the test."""
     buses: list[EventBus] = []
 
-    def factory(tracer: Any = None, **backend_options: Any) -> EventBus:
+    def factory(tracer: Any = None, consume: bool = True, **backend_options: Any) -> EventBus:
+        """A bus that runs its handlers here (``consume``, as a worker does) or only
+        publishes (``consume=False``, a web process's default)."""
         backend_options.setdefault("group_id", kafka_names[1])
         backend = KafkaBackend(
             kafka_bootstrap,
@@ -55,7 +57,7 @@ async def make_kafka_bus(
         )
         bus = EventBus(
             backend=backend,
-            settings=EventBusSettings(shutdown_timeout=3),
+            settings=EventBusSettings(shutdown_timeout=3, consume=consume),
             retry_policy=FAST,
             tracer=tracer,
         )
@@ -360,7 +362,7 @@ async def test_unreachable_broker_raises_publish_error_in_bounded_time(
 ) -> None:
     broker = TansuBroker.start()
     topic, group = kafka_names
-    backend = KafkaBackend(broker.bootstrap, group, publish_timeout=1.5, consume=False)
+    backend = KafkaBackend(broker.bootstrap, group, publish_timeout=1.5)
     bus = EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=1))
     try:
         await bus.start()

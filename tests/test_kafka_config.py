@@ -30,17 +30,17 @@ def test_settings_build_a_kafka_backend(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("EVENTBUS_KAFKA_BOOTSTRAP_SERVERS", "k1:9093,k2:9093")
     monkeypatch.setenv("EVENTBUS_KAFKA_GROUP_ID", "orders")
     monkeypatch.setenv("EVENTBUS_KAFKA_SESSION_TIMEOUT_MS", "6000")
-    monkeypatch.setenv("EVENTBUS_KAFKA_CONSUME", "false")
+    monkeypatch.delenv("EVENTBUS_CONSUME", raising=False)
     backend = create_backend(EventBusSettings())
     assert isinstance(backend, KafkaBackend)
     assert backend.config.bootstrap_servers == "k1:9093,k2:9093"
-    assert (backend.group_id, backend.session_timeout_ms, backend.consume) == (
-        "orders",
-        6000,
-        False,
-    )
+    assert (backend.group_id, backend.session_timeout_ms) == ("orders", 6000)
     assert backend.acks == "all" and backend.auto_offset_reset == "earliest"
-    assert isinstance(EventBus().backend, KafkaBackend)
+    bus = EventBus()
+    assert isinstance(bus.backend, KafkaBackend)
+    assert not bus.consumes  # a web process only publishes unless EVENTBUS_CONSUME=true
+    monkeypatch.setenv("EVENTBUS_CONSUME", "true")
+    assert EventBus().consumes
 
 
 def test_auto_commit_is_refused() -> None:
