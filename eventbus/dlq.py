@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from .events import BaseEvent, decode_event
+from .events import BaseEvent, decode_event, too_deep
 from .exceptions import EventDecodeError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ T = TypeVar("T")
 
 #: Records listed by ``peek`` when no limit is given.
 DEFAULT_PEEK_LIMIT = 10
+#: Characters kept of the JSON text of an envelope nested too deeply to decode
+#: (such payloads are written as text; 16 MiB: well over any broker's message size).
+MAX_ENVELOPE_TEXT = 16 * 1024 * 1024
 
 
 def _now() -> datetime:
@@ -49,7 +53,9 @@ class FailedEvent:
       event: The decoded event, or None when the payload could not be decoded
         (``envelope`` still holds it).  Events of a type the reading process does
         not know decode to :class:`~eventbus.events.UnknownEvent`.
-      envelope: The payload exactly as it was enqueued; replay sends this.
+      envelope: The payload exactly as it was enqueued; replay sends this.  A
+        payload nested deeper than :data:`~eventbus.events.MAX_DEPTH` (it cannot
+        be decoded, nor replayed) is written by :meth:`to_dict` as its JSON text.
       topic: The event's topic.
       handler: The actor name of the handler that failed.
       queue: The handler's dramatiq queue.
@@ -81,10 +87,17 @@ class FailedEvent:
     offset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as a JSON-compatible dict (the event as its envelope)."""
+        """The record as a JSON-compatible dict (the event as its envelope).
+
+        Safe for ``json.dumps`` whatever the envelope's depth: one too deeply
+        nested is given as its JSON text.
+        """
+        envelope = self.envelope
+        if too_deep(envelope):
+            envelope = json_text(envelope)
         return {
             "id": self.id,
-            "envelope": self.envelope,
+            "envelope": envelope,
             "topic": self.topic,
             "handler": self.handler,
             "queue": self.queue,
@@ -143,6 +156,44 @@ def newest(records: list[FailedEvent], limit: int | None) -> list[FailedEvent]:
     if limit is None:
         return records
     return records[-limit:] if limit > 0 else []
+
+
+class _Raw(str):
+    """JSON text that :func:`json_text` writes as is."""
+
+
+def json_text(value: Any, limit: int = MAX_ENVELOPE_TEXT) -> str:
+    """``value`` as compact JSON text, for any nesting depth (``json.dumps`` is
+    recursive and fails past ~1,000 levels).  At most ``limit`` characters."""
+    out: list[str] = []
+    size = 0
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is _Raw:
+            piece: str = item
+        elif isinstance(item, dict):
+            piece = "{"
+            stack.append(_Raw("}"))
+            entries = list(item.items())
+            for i in range(len(entries) - 1, -1, -1):
+                key, child = entries[i]
+                stack.append(child)
+                stack.append(_Raw(("," if i else "") + json.dumps(str(key)) + ":"))
+        elif isinstance(item, list | tuple):
+            piece = "["
+            stack.append(_Raw("]"))
+            for i in range(len(item) - 1, -1, -1):
+                stack.append(item[i])
+                if i:
+                    stack.append(_Raw(","))
+        else:
+            piece = json.dumps(item, default=str)
+        out.append(piece)
+        size += len(piece)
+        if size > limit:
+            return "".join(out)[:limit] + "…"
+    return "".join(out)
 
 
 def _parse_time(value: object) -> datetime:

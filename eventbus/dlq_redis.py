@@ -14,6 +14,9 @@ Keys (``{ns}`` is the backend's namespace)::
 
 A claimed record is hidden from listings and other replays; if its claimer dies
 before completing, the next read brings it back after :data:`CLAIM_TIMEOUT`.
+A stored value that is not a record (written by hand, or damaged) is listed as
+a record of error type ``UnreadableRecord`` holding the raw text, so it can be
+seen and purged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import redis
 
 from .dlq import FailedEvent, newest
+from .events import text_too_deep
 
 #: Records listed when no limit is given.
 DEFAULT_LIMIT = 10
@@ -31,6 +35,8 @@ DEFAULT_LIMIT = 10
 CLAIM_TIMEOUT = 60.0
 #: Records fetched per HMGET when scanning with filters.
 SCAN_CHUNK = 500
+#: ``error_type`` of a listed value that is not a valid record.
+UNREADABLE = "UnreadableRecord"
 
 _NOW = """
 local __t = redis.call('TIME')
@@ -135,10 +141,18 @@ class RedisDeadLetterStore:
         """Records dropped so far to stay within ``max_size``."""
         return int(self.client.get(self._evicted) or 0)
 
-    def _decode(self, data: Any) -> FailedEvent | None:
+    def _decode(self, record_id: str | bytes, data: Any) -> FailedEvent | None:
         if data is None:
             return None
-        return FailedEvent.from_dict(json.loads(data))
+        try:
+            if text_too_deep(data):  # to_dict never writes such a record
+                raise ValueError("nested too deeply")
+            fields = json.loads(data)
+            if not isinstance(fields, dict):
+                raise ValueError(f"a JSON {type(fields).__name__}, not an object")
+            return FailedEvent.from_dict(fields)
+        except (ValueError, KeyError, TypeError) as exc:
+            return _unreadable(record_id, data, exc)
 
     def _restore_stale(self) -> None:
         self._restore(
@@ -174,8 +188,8 @@ class RedisDeadLetterStore:
         records: list[FailedEvent] = []
         for i in range(0, len(ids), SCAN_CHUNK):
             chunk = ids[i : i + SCAN_CHUNK]
-            for data in self.client.hmget(self._hash, chunk):
-                record = self._decode(data)
+            for record_id, data in zip(chunk, self.client.hmget(self._hash, chunk), strict=True):
+                record = self._decode(record_id, data)
                 if record is not None and record.matches(topic, handler, error_type):
                     records.append(record)
         return newest(records, limit)
@@ -190,11 +204,12 @@ class RedisDeadLetterStore:
             pipe.zscore(self._order, record_id)
             pipe.hget(self._hash, record_id)
             score, data = pipe.execute()
-        return None if score is None else self._decode(data)
+        return None if score is None else self._decode(record_id, data)
 
     def remove(self, record_id: str) -> FailedEvent | None:
         """Delete and return the record with ``record_id``."""
-        return self._decode(self._remove(keys=[self._hash, self._order], args=[record_id]))
+        data = self._remove(keys=[self._hash, self._order], args=[record_id])
+        return self._decode(record_id, data)
 
     def size(self) -> int:
         """How many records are listed (claimed ones excluded)."""
@@ -208,7 +223,7 @@ class RedisDeadLetterStore:
     def claim(self, record_id: str) -> FailedEvent | None:
         """Hide the record from listings and other claims, and return it."""
         data = self._claim(keys=[self._hash, self._order, self._claimed], args=[record_id])
-        return self._decode(data)
+        return self._decode(record_id, data)
 
     def release(self, record: FailedEvent) -> None:
         """List a claimed record again (its replay failed)."""
@@ -220,3 +235,21 @@ class RedisDeadLetterStore:
             pipe.zrem(self._claimed, record_id)
             pipe.hdel(self._hash, record_id)
             pipe.execute()
+
+
+def _unreadable(record_id: str | bytes, data: str | bytes, exc: Exception) -> FailedEvent:
+    """A stand-in for a stored value that is not a record: listable and purgeable."""
+    if isinstance(record_id, bytes):
+        record_id = record_id.decode("utf-8", "replace")
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    return FailedEvent(
+        id=record_id,
+        event=None,
+        envelope=text,
+        topic="",
+        handler="",
+        queue="",
+        attempts=0,
+        error=f"the stored dead-letter record is not valid JSON of a record: {exc}",
+        error_type=UNREADABLE,
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -40,6 +41,13 @@ CAUSATION_ID = "causation_id"
 MAX_DEPTH = 64
 
 _registry: dict[str, type[BaseEvent]] = {}
+
+#: A JSON string, or an unterminated one up to the end (never backtracks).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_CONTAINERS = (dict, list, tuple)
+#: Every byte but the four brackets (deleted when measuring nesting).
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_TOO_DEEP = f"event envelope is too deeply nested (more than {MAX_DEPTH} levels of objects/arrays)"
 
 
 def _new_event_id() -> str:
@@ -206,14 +214,19 @@ def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> Base
       envelope, else an :class:`UnknownEvent` holding every field.
 
     Raises:
-      EventDecodeError: The envelope is not JSON, lacks ``type`` or ``event``, or
-        its fields do not validate.
+      EventDecodeError: The envelope is not JSON, nests deeper than
+        :data:`MAX_DEPTH`, lacks ``type`` or ``event``, or its fields do not
+        validate.
     """
     if isinstance(envelope, bytes | bytearray | str):
+        if text_too_deep(envelope):
+            raise EventDecodeError(_TOO_DEEP)
         try:
             envelope = json.loads(envelope)
         except (ValueError, UnicodeDecodeError) as exc:
             raise EventDecodeError(f"event envelope is not valid JSON: {exc}") from None
+    elif isinstance(envelope, dict) and too_deep(envelope):
+        raise EventDecodeError(_TOO_DEEP)
     if not isinstance(envelope, dict):
         raise EventDecodeError(
             f"event envelope must be a JSON object, got {type(envelope).__name__}"
@@ -248,3 +261,48 @@ def _summarize(exc: ValidationError) -> str:
     if more > 0:
         parts.append(f"... and {more} more")
     return "; ".join(parts)
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests dicts, lists and tuples more than ``limit`` levels.
+
+    ``value`` itself is level 1.  Iterative: safe on any depth, and on cycles
+    (reported as too deep).
+    """
+    level = [value] if isinstance(value, _CONTAINERS) else []
+    for _ in range(limit):
+        below = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, _CONTAINERS)
+        ]
+        if not below:
+            return False
+        level = below
+    return bool(level)
+
+
+def text_too_deep(text: str | bytes | bytearray, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON ``text`` nests objects and arrays more than ``limit`` levels.
+
+    Brackets inside strings do not count.  Text with at most ``limit`` opening
+    brackets is answered at C speed; otherwise one linear scan, without parsing.
+    """
+    if isinstance(text, str):
+        if text.count("[") + text.count("{") <= limit:
+            return False
+        data = text.encode("utf-8", "surrogatepass")
+    else:
+        if text.count(b"[") + text.count(b"{") <= limit:
+            return False
+        data = bytes(text)
+    depth = 0
+    for byte in _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS):
+        if byte == 0x5B or byte == 0x7B:  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False

@@ -373,3 +373,76 @@ async def test_cli_lists_shows_replays_and_purges(make_bus: MakeBus, topic: str)
 def test_cli_refuses_the_embedded_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVENTBUS_BACKEND", "sync")
     assert cli_main(["dlq", "list"]) == 2
+
+
+# -- hostile payloads -------------------------------------------------------------------
+
+
+def nested(depth: int) -> object:
+    """``depth`` nested lists, built without recursion."""
+    value: object = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def undecodable(record_id: str, envelope: object, handler: str = "h") -> FailedEvent:
+    return FailedEvent(
+        id=record_id,
+        event=None,
+        envelope=envelope,
+        topic="t",
+        handler=handler,
+        queue="eventbus",
+        attempts=1,
+        error="event envelope is too deeply nested",
+        error_type="EventDecodeError",
+    )
+
+
+def test_a_record_of_a_100000_levels_deep_payload_round_trips_through_json() -> None:
+    envelope = {"type": "x", "event": {"topic": "t", "p": nested(100_000)}}
+    record = undecodable("deep", envelope)
+
+    data = json.loads(json.dumps(record.to_dict()))
+    again = FailedEvent.from_dict(data)
+
+    assert isinstance(data["envelope"], str)  # kept whole, as its JSON text
+    assert data["envelope"].startswith('{"type":"x","event":{"topic":"t","p":[[[')
+    assert data["envelope"].count("[") == 100_000
+    assert again.event is None and again.id == "deep"
+    assert again.to_dict() == data
+
+
+async def test_a_deeply_nested_message_is_dead_lettered_with_the_reason_and_listed(
+    make_bus: MakeBus, topic: str
+) -> None:
+    from dramatiq import Message
+
+    from eventbus.middleware import keys
+
+    bus, _ = await dead_letters(make_bus, topic, n=0)
+    spec = bus.registry.get_handlers(topic)[0]
+    deep = {"type": "x.Deep", "event": {"topic": topic, "p": nested(500)}}
+    bus.broker.enqueue(
+        Message(
+            queue_name="eventbus",
+            actor_name=spec.name,
+            args=(deep,),
+            kwargs={},
+            options={keys.TOPIC: topic},
+        )
+    )
+    await bus.publish(Charge(topic=topic))  # a good event after it
+    await bus.drain(timeout=5)
+
+    records = {r.error_type: r for r in bus.dlq.peek()}
+    record = records["EventDecodeError"]
+    assert "too deeply nested" in record.error
+    assert record.event is None
+    out = io.StringIO()
+    assert cli_run(["dlq", "list"], bus, out) == 0
+    assert record.id in out.getvalue()
+    out = io.StringIO()
+    assert cli_run(["dlq", "show", record.id, "--json"], bus, out) == 0
+    assert json.loads(out.getvalue())["envelope"].count("[") == 500

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from eventbus import EventBus, EventBusSettings, UnknownEvent, decode_event
+from eventbus import EventBus, EventBusSettings, FailedEvent, UnknownEvent, decode_event
 from eventbus.backends.redis import RedisBackend
+from eventbus.dlq_redis import RedisDeadLetterStore
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")
@@ -162,3 +163,58 @@ async def test_cli_lists_shows_and_replays_from_redis(
     assert json.loads(replay.stdout)["replayed"] == [item["id"]]
     wait_until(lambda: len(handled(r, namespace)) == 1, 20, "the replayed event")
     assert cli("list", "--json").stdout and json.loads(cli("list", "--json").stdout)["size"] == 0
+
+
+# -- hostile payloads -------------------------------------------------------------------
+
+
+def _record(record_id: str, envelope: object) -> FailedEvent:
+    return FailedEvent(
+        id=record_id,
+        event=None,
+        envelope=envelope,
+        topic="t",
+        handler="h",
+        queue="eventbus",
+        attempts=1,
+        error="event envelope is too deeply nested",
+        error_type="EventDecodeError",
+    )
+
+
+def test_redis_store_writes_and_lists_a_100000_levels_deep_record(
+    r: redis.Redis, namespace: str
+) -> None:
+    deep: object = 0
+    for _ in range(100_000):
+        deep = [deep]
+    store = RedisDeadLetterStore(r, namespace=namespace)
+
+    store.add(_record("deep", {"type": "x", "event": {"topic": "t", "p": deep}}))
+
+    [listed] = store.find(None)
+    assert listed.id == "deep" and listed.event is None
+    assert listed.error_type == "EventDecodeError"
+    assert isinstance(listed.envelope, str) and listed.envelope.count("[") == 100_000
+    assert store.get("deep") is not None
+    assert store.remove("deep") is not None and store.size() == 0
+
+
+def test_redis_store_lists_and_purges_a_record_it_cannot_read(
+    r: redis.Redis, namespace: str
+) -> None:
+    store = RedisDeadLetterStore(r, namespace=namespace)
+    store.add(_record("good", {"type": "x", "event": {"topic": "t"}}))
+    # written by hand into the store's keys: not JSON, and JSON of the wrong shape
+    r.hset(f"{namespace}:dlq", mapping={"junk": b"\xff{not json", "shape": b'["a"]'})
+    r.zadd(f"{namespace}:dlq:order", {"junk": 100, "shape": 101})
+
+    listed = {record.id: record for record in store.find(None)}
+
+    assert set(listed) == {"good", "junk", "shape"}
+    assert listed["junk"].error_type == "UnreadableRecord"
+    assert "not valid JSON" in listed["junk"].error
+    assert listed["shape"].error_type == "UnreadableRecord"
+    assert store.get("junk") is not None
+    assert store.remove("junk") is not None and store.remove("shape") is not None
+    assert [record.id for record in store.find(None)] == ["good"]

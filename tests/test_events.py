@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from eventbus import BaseEvent, EventDecodeError, UnknownEvent, decode_event, encode_event
+from eventbus.events import MAX_DEPTH
 
 
 class UserCreated(BaseEvent):
@@ -109,3 +110,58 @@ def test_event_type_name_can_be_pinned() -> None:
 def test_seed_to_dict_from_dict_round_trip() -> None:
     event = UserCreated(user_id=3, username="d")
     assert BaseEvent.from_dict(event.to_dict()) == event
+
+
+# -- nesting depth -------------------------------------------------------------------
+
+
+def nested(depth: int, leaf: object = 0) -> object:
+    """``leaf`` inside ``depth`` lists, built without recursion."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def envelope_nesting(field_depth: int) -> dict[str, object]:
+    """An envelope whose field ``p`` holds ``field_depth`` nested lists."""
+    return {"type": "x.Deep", "event": {"topic": "deep", "p": nested(field_depth)}}
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_100000_levels_of_json_text_raise_event_decode_error(as_bytes: bool) -> None:
+    text = '{"type":"x","event":{"p":' + "[" * 100_000 + "]" * 100_000 + "}}"
+    payload: str | bytes = text.encode() if as_bytes else text
+
+    with pytest.raises(EventDecodeError, match="too deeply nested"):
+        decode_event(payload)
+
+
+def test_deeply_nested_dict_raises_event_decode_error() -> None:
+    with pytest.raises(EventDecodeError, match="too deeply nested"):
+        decode_event(envelope_nesting(100_000))
+
+
+def test_a_self_containing_envelope_raises_event_decode_error() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(EventDecodeError, match="too deeply nested"):
+        decode_event({"type": "x.Loop", "event": {"topic": "t", "p": loop}})
+
+
+def test_nesting_up_to_the_limit_decodes_one_more_level_does_not() -> None:
+    # envelope (1) > event (2) > the lists: MAX_DEPTH levels in all
+    fits = envelope_nesting(MAX_DEPTH - 2)
+    too_deep = envelope_nesting(MAX_DEPTH - 1)
+
+    for payload in (fits, json.dumps(fits)):
+        assert decode_event(payload).model_extra == {"p": fits["event"]["p"]}  # type: ignore[index]
+    for payload in (too_deep, json.dumps(too_deep), json.dumps(too_deep).encode()):
+        with pytest.raises(EventDecodeError, match=f"more than {MAX_DEPTH} levels"):
+            decode_event(payload)
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    text = "[{" * 10_000 + '\\"]'
+    event = decode_event(json.dumps({"type": "x.Text", "event": {"topic": "t", "s": text}}))
+    assert event.model_extra == {"s": text}
