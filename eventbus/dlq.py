@@ -320,8 +320,9 @@ class ReplayResult:
     Attributes:
       replayed: Ids whose event was re-enqueued (and whose record is gone).
       missing: Ids with no record (already replayed, purged, or never there).
-      failed: Ids whose replay could not be enqueued, with the reason; their
-        records are still in the store.
+      failed: Ids whose replay could not be enqueued or was refused (the payload
+        is not an event envelope), with the reason; their records are still in
+        the store.
     """
 
     replayed: list[str] = field(default_factory=list)
@@ -415,6 +416,8 @@ class DeadLetterQueue:
         Each record is claimed (hidden from concurrent replays), its event
         enqueued for its handler only, and then deleted: replaying the same id
         twice delivers once, and a failure midway leaves the record in place.
+        A record whose payload is not an event envelope (``event`` is None) is
+        refused and kept: it lands in ``failed`` with the reason.
 
         Parameters:
           ids: Record ids; or select by ``topic`` / ``handler`` / ``error_type``, or
@@ -429,6 +432,14 @@ class DeadLetterQueue:
             record = self.store.claim(record_id)
             if record is None:
                 result.missing.append(record_id)
+                continue
+            if record.event is None:
+                # Its handler would fail on it again, under a new id and another reason.
+                self.store.release(record)
+                result.failed[record_id] = (
+                    "cannot be replayed: its payload is not an event envelope "
+                    f"({record.error_type}: {record.error}); inspect it, then purge it"
+                )
                 continue
             try:
                 self._replayer(record)

@@ -446,3 +446,37 @@ async def test_a_deeply_nested_message_is_dead_lettered_with_the_reason_and_list
     out = io.StringIO()
     assert cli_run(["dlq", "show", record.id, "--json"], bus, out) == 0
     assert json.loads(out.getvalue())["envelope"].count("[") == 500
+
+
+async def test_replay_of_an_undecodable_record_is_refused_and_keeps_the_record(
+    make_bus: MakeBus, topic: str
+) -> None:
+    from dramatiq import Message
+
+    from eventbus.middleware import keys
+
+    bus, switch = await dead_letters(make_bus, topic, n=0)
+    spec = bus.registry.get_handlers(topic)[0]
+    bus.broker.enqueue(
+        Message(
+            queue_name="eventbus",
+            actor_name=spec.name,
+            args=({"not": "an envelope"},),
+            kwargs={},
+            options={keys.TOPIC: topic},
+        )
+    )
+    await bus.drain(timeout=5)
+    [record] = bus.dlq.peek()
+    assert record.event is None and record.error_type == "EventDecodeError"
+    switch.broken = False
+
+    result = bus.dlq.replay([record.id])
+    await bus.drain(timeout=5)
+
+    assert result.replayed == [] and list(result.failed) == [record.id]
+    assert "cannot be replayed" in result.failed[record.id]
+    assert "not an event envelope" in result.failed[record.id]
+    [kept] = bus.dlq.peek()  # the same record, with its original reason; no new one
+    assert kept.id == record.id and kept.error_type == "EventDecodeError"
+    assert switch.calls == 0
