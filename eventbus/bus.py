@@ -282,7 +282,7 @@ class EventBus:
             if not topic:
                 name = type(event).__name__
                 raise PublishError(
-                    f"{name} has no topic: give the class a default "
+                    f"{name} has no topic (topic=''): give the class a default "
                     '(topic: str = "orders.created") or pass topic=... when creating the event'
                 )
             raise PublishError(

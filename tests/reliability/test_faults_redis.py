@@ -36,6 +36,7 @@ from tests.redis_support import (  # noqa: E402
     RedisServer,
     WorkerProcess,
     Workers,
+    queue_name,
     require_redis_server_binary,
 )
 
@@ -43,7 +44,7 @@ pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(PROFILE.timeout)
 
 MODULES = ("tests.reliability.handlers",)
-QUEUE = "eventbus"
+QUEUE = queue_name()  # the default queue of service "tests"
 #: Events per publish call in paced streams.
 BATCH = 50
 #: Seconds to wait for the last events after the stream ended.
@@ -294,7 +295,8 @@ async def test_a_fetch_whose_reply_is_lost_is_put_back(
     The worker is alive, so no recovery pass would ever hand those messages to
     anyone: the consumer must put them back itself once Redis answers again."""
     bus = make_redis_bus()
-    await bus.start()
+    bus.backend.runs_worker = False  # type: ignore[attr-defined]  # we drive the consumer
+    await bus.start(consume=True)  # subscribes this process's handlers
     await bus.publish_many([Tracked(n=n) for n in range(3)])
     broker = bus.broker
     consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
