@@ -13,8 +13,18 @@ a worker or web host::
     eventbus subscriptions sync myapp.handlers   # a Procfile ``release:`` step
     eventbus subscriptions remove 'user.created:myapp.handlers.old' --yes
 
-Every command takes ``--json`` for machine-readable output.  Exit status: 0 on
-success, 1 when something asked for was missing or failed, 2 on bad usage.
+Every command takes ``--json`` for machine-readable output.  Text output escapes
+non-printable characters (``\\x1b``, ``\\n``): dead letters hold whatever was
+queued, and a terminal must not obey it.  An error is one line on stderr,
+``eventbus: <what is wrong>``, with passwords in URLs shown as ``***``;
+``eventbus -v ...`` adds the traceback and the libraries' logs.
+
+Exit status:
+  0  done
+  1  something asked for was missing or failed (no such record, a replay failed)
+  2  bad usage or refused: a wrong option or setting, ids mixed with --all or
+     filters, a purge or removal without --yes
+  3  the backend could not be reached (down, wrong address, credentials refused)
 """
 
 from __future__ import annotations
@@ -22,13 +32,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
+import re
+import socket
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import unquote
 
-from .config import EventBusSettings
-from .exceptions import EventBusError
+from .config import ENV_PREFIX, EventBusSettings
+from .exceptions import ConfigurationError, EventBusError
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -37,9 +52,70 @@ if TYPE_CHECKING:
 #: Widest error text shown in a table cell.
 MAX_ERROR_WIDTH = 60
 
+#: Exit status: done.
+EXIT_OK = 0
+#: Exit status: something asked for was missing or failed.
+EXIT_FAILED = 1
+#: Exit status: bad usage, an invalid setting, or an action refused (ids with
+#: filters, no ``--yes``).  argparse's own usage errors exit 2 as well.
+EXIT_USAGE = 2
+#: Exit status: the backend could not be reached.
+EXIT_UNREACHABLE = 3
+
+#: The password part of ``scheme://user:password@host`` (anything up to the ``@``).
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]+(?=@)")
+#: Settings that hold secrets outright (URLs are redacted wherever they appear).
+_SECRET_SETTINGS = ("KAFKA_SASL_PASSWORD", "KAFKA_SSL_PASSWORD")
+_MIXED_SELECTION = (
+    "give either record ids or a filter (--topic/--handler/--error-type) or --all, not several"
+)
+
+
+class Refused(Exception):
+    """A command refused to act (exit status 2); the message says what to do."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with URL passwords and each of ``secrets`` replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The secret values of the ``EVENTBUS_*`` environment (URL passwords included)."""
+    found = [environ.get(ENV_PREFIX + name, "") for name in _SECRET_SETTINGS]
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            for match in _URL_PASSWORD.finditer(value):
+                password = match.group(0)[len(match.group("head")) :]
+                found += [password, unquote(password)]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eventbus", description=__doc__.split("\n")[0])
+    from . import __version__
+
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        prog="eventbus",
+        description=doc.split("\n")[0],
+        epilog=doc[doc.index("Exit status:") :],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"eventbus {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log, and show tracebacks of errors"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     dlq = commands.add_parser("dlq", help="dead letters").add_subparsers(
         dest="action", required=True
@@ -90,36 +166,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _table(records: list[FailedEvent]) -> str:
-    rows = [("ID", "LAST FAILED (UTC)", "TOPIC", "HANDLER", "ATTEMPTS", "ERROR")]
+    rows: list[tuple[str, ...]] = [
+        ("ID", "LAST FAILED (UTC)", "TOPIC", "HANDLER", "ATTEMPTS", "ERROR")
+    ]
     for r in records:
-        error = f"{r.error_type}: {r.error}".replace("\n", " ")
+        error = printable(f"{r.error_type}: {r.error}")
         if len(error) > MAX_ERROR_WIDTH:
             error = error[: MAX_ERROR_WIDTH - 1] + "…"
         when = r.last_failed_at.strftime("%Y-%m-%d %H:%M:%S")
         rows.append((r.id, when, r.topic, r.handler, str(r.attempts), error))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return _grid(rows)
 
 
 def _grid(rows: list[tuple[str, ...]]) -> str:
+    """Aligned columns; every cell made printable."""
+    rows = [tuple(printable(c) for c in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     )
 
 
-def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
+def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> int:
     from .backends.redis import RedisBackend
 
     backend = bus.backend
     if not isinstance(backend, RedisBackend):
-        out.write(
+        raise Refused(
             f"subscriptions are stored by the redis backend; on {backend.name} "
-            "they live in the consumer groups (kafka) or the process (sync)\n"
+            "they live in the consumer groups (kafka) or the process (sync)"
         )
-        return 2
 
     def emit(data: Any, text: str) -> None:
         out.write((json.dumps(data, indent=2, default=str) if args.json else text) + "\n")
@@ -128,7 +204,10 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # modules of the project, as dramatiq's CLI does
         for name in args.modules:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise Refused(f"cannot import handler module {name!r}: {exc}") from exc
         bus.subscriptions.subscribe_all()
         bus.subscriptions.service = bus.service
         fields = backend.register_subscriptions()
@@ -157,19 +236,16 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
     if args.service:
         matches = [r for r in matches if r.service == args.service]
     if not matches:
-        out.write(f"no subscription of handler {args.handler!r}\n")
-        return 1
+        return _fail(err, f"no subscription of handler {args.handler!r}")
     if len(matches) > 1:
         services = ", ".join(sorted(r.service for r in matches))
-        out.write(f"handler {args.handler!r} is subscribed in {services}: add --service\n")
-        return 2
+        raise Refused(f"handler {args.handler!r} is subscribed in {services}: add --service")
     [row] = matches
     if not args.yes:
-        out.write(
+        raise Refused(
             f"removing {row.handler} ({row.service}, topic {row.topic}) stops its deliveries "
-            f"and dead-letters the {row.backlog} event(s) waiting for it: add --yes\n"
+            f"and dead-letters the {row.backlog} event(s) waiting for it: add --yes"
         )
-        return 2
     from .backends.redis_subscriptions import remove_subscription
 
     count = remove_subscription(
@@ -186,11 +262,33 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"topic": args.topic, "handler": args.handler, "error_type": args.error_type}
 
 
-def run(argv: Sequence[str], bus: EventBus, out: TextIO = sys.stdout) -> int:
-    """Run a command against ``bus``'s dead letters; returns the exit status."""
+def _fail(err: TextIO, message: str) -> int:
+    err.write(f"eventbus: {printable(message)}\n")
+    return EXIT_FAILED
+
+
+def run(
+    argv: Sequence[str], bus: EventBus, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run a command against ``bus``; returns the exit status.
+
+    Output goes to ``out``, refusals and failures (one line each) to ``err``
+    (default: stdout and stderr).  Backend errors propagate: :func:`main` turns
+    them into one line and an exit status.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     args = _parser().parse_args(argv)
-    if args.command == "subscriptions":
-        return _subscriptions(args, bus, out)
+    try:
+        if args.command == "subscriptions":
+            return _subscriptions(args, bus, out, err)
+        return _dlq(args, bus, out, err)
+    except Refused as exc:
+        err.write(f"eventbus: {printable(str(exc))}\n")
+        return EXIT_USAGE
+
+
+def _dlq(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> int:
     dlq = bus.dlq
 
     def emit(data: Any, text: str) -> None:
@@ -203,63 +301,125 @@ def run(argv: Sequence[str], bus: EventBus, out: TextIO = sys.stdout) -> int:
             {"size": total, "items": [r.to_dict() for r in records]},
             _table(records) + f"\n{len(records)} shown, {total} in store",
         )
-        return 0
+        return EXIT_OK
 
     if args.action == "show":
         record = dlq.get(args.id)
         if record is None:
-            out.write(f"no dead letter {args.id!r}\n")
-            return 1
+            return _fail(err, f"no dead letter {args.id!r}")
         data = record.to_dict()
-        text = "\n".join(f"{k}: {v}" for k, v in data.items() if k != "traceback")
-        emit(data, text + "\n\n" + record.traceback)
-        return 0
+        text = "\n".join(f"{k}: {printable(str(v))}" for k, v in data.items() if k != "traceback")
+        tb = "\n".join(printable(line) for line in record.traceback.split("\n"))
+        emit(data, text + "\n\n" + tb)
+        return EXIT_OK
 
-    selected = bool(args.ids or args.all or any(_filters(args).values()))
-    if not selected:
-        out.write("give record ids, a filter (--topic/--handler/--error-type) or --all\n")
-        return 2
+    filtered = any(value is not None for value in _filters(args).values())
+    if (args.ids and (args.all or filtered)) or (args.all and filtered):
+        raise Refused(_MIXED_SELECTION)
+    if not (args.ids or args.all or filtered):
+        raise Refused("give record ids, a filter (--topic/--handler/--error-type) or --all")
     kwargs = {**_filters(args), "all_records": args.all}
     ids = args.ids or None
 
     if args.action == "replay":
         result = dlq.replay(ids, **kwargs)
         lines = [f"replayed {len(result.replayed)}"]
-        lines += [f"missing {i}" for i in result.missing]
-        lines += [f"failed {i}: {why}" for i, why in result.failed.items()]
+        lines += [f"missing {printable(i)}" for i in result.missing]
+        lines += [f"failed {printable(i)}: {printable(why)}" for i, why in result.failed.items()]
         emit(
             {"replayed": result.replayed, "missing": result.missing, "failed": result.failed},
             "\n".join(lines),
         )
-        return 1 if result.missing or result.failed else 0
+        return EXIT_FAILED if result.missing or result.failed else EXIT_OK
 
     if ids is None and not args.yes:
-        out.write("purging by filter or --all deletes records for good: add --yes\n")
-        return 2
+        raise Refused("purging by filter or --all deletes records for good: add --yes")
     purged = dlq.purge(ids, **kwargs)
     emit({"purged": purged}, f"purged {purged}")
-    return 0 if ids is None or purged == len(ids) else 1
+    return EXIT_OK if ids is None or purged == len(ids) else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``eventbus`` console script."""
+    """Entry point of the ``eventbus`` console script; returns the exit status."""
     from .bus import EventBus
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    _parser().parse_args(argv)  # usage errors before touching any backend
+    args = _parser().parse_args(argv)  # usage errors (exit 2) before touching any backend
+    _route_logs(args.verbose)
+    secrets = _secrets(os.environ)
+    settings: EventBusSettings | None = None
     try:
         settings = EventBusSettings()
-        if settings.backend == "sync" and argv and argv[0] == "dlq":
-            sys.stderr.write(
+        if settings.backend == "sync" and args.command == "dlq":
+            raise Refused(
                 "EVENTBUS_BACKEND=sync keeps dead letters in the application's memory; the "
-                "CLI needs a durable backend (redis, kafka). Use dlq_router() in the app.\n"
+                "CLI needs a durable backend (redis, kafka). Use dlq_router() in the app."
             )
-            return 2
         bus = EventBus(settings=settings)
         return run(argv, bus)
-    except EventBusError as exc:
-        sys.stderr.write(f"eventbus: {exc}\n")
-        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        code, message = _describe_failure(exc, settings)
+        if args.verbose:
+            sys.stderr.write(redact("".join(traceback.format_exception(exc)), secrets))
+        sys.stderr.write(f"eventbus: {printable(redact(message, secrets))}\n")
+        return code
+
+
+def _route_logs(verbose: bool) -> None:
+    """Libraries' logs on stderr with ``-v``; else nowhere (errors are reported once)."""
+    root = logging.getLogger()
+    if verbose:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.setLevel(logging.INFO)
+    else:
+        # A handler on the root logger keeps Python's last-resort handler from
+        # printing WARNING records (aiokafka logs each failed connection attempt).
+        handler = logging.NullHandler()
+    if not any(type(h) is type(handler) for h in root.handlers):
+        root.addHandler(handler)
+
+
+def _describe_failure(exc: Exception, settings: EventBusSettings | None) -> tuple[int, str]:
+    """The exit status and the one-line message of a command that raised ``exc``."""
+    if isinstance(exc, Refused | ConfigurationError):
+        return EXIT_USAGE, str(exc)
+    cause = _connection_error(exc)
+    if cause is not None and settings is not None:
+        where = (
+            settings.redis_url if settings.backend == "redis" else settings.kafka_bootstrap_servers
+        )
+        return (
+            EXIT_UNREACHABLE,
+            f"cannot reach {settings.backend} at {where} ({type(cause).__name__}: {cause})",
+        )
+    if isinstance(exc, EventBusError):
+        return EXIT_FAILED, str(exc)
+    return EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+
+
+def _connection_error(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain saying a server could not be reached, if any."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    if "redis" in sys.modules:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        kinds += [RedisConnectionError, RedisTimeoutError]
+    if "aiokafka" in sys.modules:
+        from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+
+        kinds += [KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, tuple(kinds)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

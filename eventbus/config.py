@@ -55,6 +55,9 @@ DEFAULT_KAFKA_PUBLISH_TIMEOUT = 5.0
 DEFAULT_KAFKA_MAX_IN_FLIGHT = 1_000
 #: Seconds a revoked partition's in-flight handlers get to finish before it is released.
 DEFAULT_KAFKA_REVOKE_TIMEOUT = 5.0
+#: Idempotent producer: a retried send is written once (needs acks=all and brokers
+#: that give out producer ids: Apache Kafka does; Tansu, used by the tests, does not).
+DEFAULT_KAFKA_IDEMPOTENCE = True
 #: Default dramatiq queue of handlers that name none.
 DEFAULT_QUEUE = "eventbus"
 #: Async handlers the embedded backend runs at once on the application's loop.
@@ -119,6 +122,11 @@ class EventBusSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(DEFAULT_KAFKA_SESSION_TIMEOUT_MS, ge=1)
     kafka_heartbeat_interval_ms: int = Field(DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS, ge=1)
     kafka_acks: Literal["all", "1", "0"] = "all"
+    #: Idempotent producer (on: a send retried after a lost acknowledgement is
+    #: written once, and records of a partition keep their order across retries).
+    #: Needs ``kafka_acks=all``; turn it off for brokers without idempotence
+    #: support (Tansu; start then fails naming this setting).
+    kafka_idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE
     kafka_publish_timeout: float = Field(DEFAULT_KAFKA_PUBLISH_TIMEOUT, gt=0)
     kafka_max_in_flight: int = Field(DEFAULT_KAFKA_MAX_IN_FLIGHT, ge=1)
     kafka_revoke_timeout: float = Field(DEFAULT_KAFKA_REVOKE_TIMEOUT, ge=0)

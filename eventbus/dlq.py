@@ -332,6 +332,11 @@ class ReplayResult:
 
 Replayer = Callable[[FailedEvent], None]
 
+_MIXED_SELECTION = (
+    "give either record ids or filters (topic, handler, error_type) or all_records=True, "
+    "not several"
+)
+
 
 class DeadLetterQueue:
     """``bus.dlq``: inspect, replay and purge dead letters.
@@ -391,12 +396,20 @@ class DeadLetterQueue:
         topic: str | None,
         handler: str | None,
         error_type: str | None,
+        all_records: bool,
     ) -> list[str]:
+        filtered = topic is not None or handler is not None or error_type is not None
         if ids is not None:
             if isinstance(ids, str):
                 raise TypeError("pass a list of record ids, not a single string")
+            if filtered or all_records:
+                raise ValueError(_MIXED_SELECTION)
             return list(dict.fromkeys(ids))
-        if topic is None and handler is None and error_type is None:
+        if all_records:
+            if filtered:
+                raise ValueError(_MIXED_SELECTION)
+            return [r.id for r in self.store.find(None)]
+        if not filtered:
             raise ValueError("give record ids or at least one filter (use all_records=True)")
         return [
             r.id for r in self.store.find(None, topic=topic, handler=handler, error_type=error_type)
@@ -422,13 +435,15 @@ class DeadLetterQueue:
         Parameters:
           ids: Record ids; or select by ``topic`` / ``handler`` / ``error_type``, or
             ``all_records=True``.
+
+        Raises:
+          ValueError: Nothing selected, or ids together with filters or
+            ``all_records`` (which of them was meant is not guessed).
         """
         if self._replayer is None:
             raise RuntimeError("this dead-letter queue is not attached to a bus; cannot replay")
-        if all_records:
-            ids = [r.id for r in self.store.find(None)]
         result = ReplayResult()
-        for record_id in self._select(ids, topic, handler, error_type):
+        for record_id in self._select(ids, topic, handler, error_type, all_records):
             record = self.store.claim(record_id)
             if record is None:
                 result.missing.append(record_id)
@@ -461,13 +476,19 @@ class DeadLetterQueue:
         error_type: str | None = None,
         all_records: bool = False,
     ) -> int:
-        """Delete records by id, by filter, or all of them; returns how many went."""
-        if all_records:
+        """Delete records by id, by filter, or all of them; returns how many went.
+
+        Raises:
+          ValueError: Nothing selected, or ids together with filters or
+            ``all_records`` (which of them was meant is not guessed).
+        """
+        if all_records and ids is None:
+            self._select(ids, topic, handler, error_type, all_records)  # no filters
             count = self.store.size()
             self.store.clear()
             return count
         removed = 0
-        for record_id in self._select(ids, topic, handler, error_type):
+        for record_id in self._select(ids, topic, handler, error_type, all_records):
             if self.store.remove(record_id) is not None:
                 removed += 1
         return removed

@@ -68,7 +68,7 @@ def get_event_bus(conn: HTTPConnection) -> EventBus:
 
 
 class DeadLetterSelection(BaseModel):
-    """Body of the bulk replay and purge routes: ids, or filters, or ``all``."""
+    """Body of the bulk replay and purge routes: ids, or filters, or ``all``; one of them."""
 
     ids: list[str] | None = None
     topic: str | None = None
@@ -77,7 +77,19 @@ class DeadLetterSelection(BaseModel):
     all: bool = False
 
     def kwargs(self) -> dict[str, Any]:
-        if not (self.ids or self.topic or self.handler or self.error_type or self.all):
+        """The selection as keyword arguments of ``replay`` / ``purge`` (ids apart).
+
+        Raises:
+          HTTPException: 422 when nothing is selected, or ids come with filters
+            or ``all``, or ``all`` with filters: which was meant is not guessed.
+        """
+        filtered = self.topic is not None or self.handler is not None or self.error_type is not None
+        if (self.ids is not None and (filtered or self.all)) or (self.all and filtered):
+            raise HTTPException(
+                422,
+                "give either ids or filters (topic, handler, error_type) or all=true, not several",
+            )
+        if not (self.ids or filtered or self.all):
             raise HTTPException(422, "give ids, a filter (topic, handler, error_type) or all=true")
         return {
             "topic": self.topic,
@@ -116,7 +128,10 @@ def dlq_router(
 
     Routes (under ``prefix``): ``GET /`` (``limit``, ``topic``, ``handler``,
     ``error_type``), ``GET /{id}``, ``POST /{id}/replay``, ``DELETE /{id}``,
-    ``POST /replay`` and ``POST /purge`` (body: ``ids`` or filters or ``all``).
+    ``POST /replay`` and ``POST /purge`` (body: ``ids``, or filters, or
+    ``all``: one of them, else 422).  Ids may contain ``/`` (Kafka record ids are
+    ``topic:partition:offset``); replaying a record whose payload is not an
+    event envelope answers 409 and keeps it.
 
     Raises:
       ConfigurationError: No ``dependencies`` and not ``allow_unauthenticated``.
@@ -143,23 +158,25 @@ def dlq_router(
         records = await bus.dlq.apeek(limit, **filters)
         return {"size": await bus.dlq.asize(**filters), "items": [_summary(r) for r in records]}
 
-    @router.get("/{record_id}")
+    @router.get("/{record_id:path}")
     async def show_dead_letter(record_id: str, bus: EventBus = bus_dep) -> dict[str, Any]:
         record = await bus.dlq.aget(record_id)
         if record is None:
             raise HTTPException(404, f"no dead letter {record_id!r}")
         return record.to_dict()
 
-    @router.post("/{record_id}/replay")
+    @router.post("/{record_id:path}/replay")
     async def replay_dead_letter(record_id: str, bus: EventBus = bus_dep) -> dict[str, Any]:
+        record = await bus.dlq.aget(record_id)
         result = await bus.dlq.areplay([record_id])
         if result.missing:
             raise HTTPException(404, f"no dead letter {record_id!r}")
         if result.failed:
-            raise HTTPException(502, result.failed[record_id])
+            undecodable = record is not None and record.event is None
+            raise HTTPException(409 if undecodable else 502, result.failed[record_id])
         return asdict(result)
 
-    @router.delete("/{record_id}", status_code=204)
+    @router.delete("/{record_id:path}", status_code=204)
     async def delete_dead_letter(record_id: str, bus: EventBus = bus_dep) -> None:
         if not await bus.dlq.apurge([record_id]):
             raise HTTPException(404, f"no dead letter {record_id!r}")

@@ -55,6 +55,7 @@ from ..config import (
     DEFAULT_KAFKA_AUTO_OFFSET_RESET,
     DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
     DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
+    DEFAULT_KAFKA_IDEMPOTENCE,
     DEFAULT_KAFKA_MAX_IN_FLIGHT,
     DEFAULT_KAFKA_PUBLISH_TIMEOUT,
     DEFAULT_KAFKA_REVOKE_TIMEOUT,
@@ -118,6 +119,12 @@ class KafkaBackend(Backend):
       enable_auto_commit: Must stay False: offsets are committed only once the
         records' handlers finished.  True raises ConfigurationError.
       acks: ``"all"`` (default: every in-sync replica has the record), ``1`` or ``0``.
+      idempotence: Idempotent producer (default on): a send retried after a lost
+        acknowledgement is written once, and a partition's records keep their
+        order across retries.  Needs ``acks="all"`` and brokers that support it
+        (Apache Kafka does; Tansu does not: start then fails with a
+        BackendError naming ``EVENTBUS_KAFKA_IDEMPOTENCE``).  Off, a retried send
+        may be written twice; handlers are at-least-once anyway.
       publish_timeout: Seconds a publish waits for the acknowledgement before
         PublishError.
       max_in_flight: Records fetched and not yet committable before fetching pauses.
@@ -148,6 +155,7 @@ class KafkaBackend(Backend):
         enable_auto_commit: bool = False,
         *,
         acks: str | int = "all",
+        idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE,
         publish_timeout: float = DEFAULT_KAFKA_PUBLISH_TIMEOUT,
         max_in_flight: int = DEFAULT_KAFKA_MAX_IN_FLIGHT,
         revoke_timeout: float = DEFAULT_KAFKA_REVOKE_TIMEOUT,
@@ -178,6 +186,12 @@ class KafkaBackend(Backend):
             )
         if str(acks) not in ("all", "-1", "0", "1"):
             raise ConfigurationError(f"acks={acks!r}: use 'all', 1 or 0")
+        if idempotence and str(acks) not in ("all", "-1"):
+            raise ConfigurationError(
+                f"acks={acks!r} with an idempotent producer: idempotence needs acks=all; "
+                "set EVENTBUS_KAFKA_IDEMPOTENCE=false (idempotence=False) to use acks "
+                f"{acks}"
+            )
         if heartbeat_interval_ms >= session_timeout_ms:
             raise ConfigurationError(
                 f"heartbeat_interval_ms ({heartbeat_interval_ms}) must be below "
@@ -203,6 +217,7 @@ class KafkaBackend(Backend):
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.acks: str | int = "all" if str(acks) in ("all", "-1") else int(acks)
+        self.idempotence = idempotence
         self.publish_timeout = publish_timeout
         self.max_in_flight = max_in_flight
         self.revoke_timeout = revoke_timeout
@@ -210,7 +225,7 @@ class KafkaBackend(Backend):
         self.max_concurrency = max_concurrency
         self.worker_threads = worker_threads
         self.dead_letters = KafkaDeadLetterStore(
-            self.config, dlq_topic_suffix, skip_shutdown_errors=True
+            self.config, dlq_topic_suffix, skip_shutdown_errors=True, idempotence=idempotence
         )
         self.broker: EmbeddedBroker | None = None
         self.router: Router | None = None
@@ -230,6 +245,7 @@ class KafkaBackend(Backend):
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             acks=settings.kafka_acks,
+            idempotence=settings.kafka_idempotence,
             publish_timeout=settings.kafka_publish_timeout,
             max_in_flight=settings.kafka_max_in_flight,
             revoke_timeout=settings.kafka_revoke_timeout,
@@ -275,7 +291,7 @@ class KafkaBackend(Backend):
         loop = asyncio.get_running_loop()
         producer = self.config.producer(
             acks=self.acks,
-            enable_idempotence=False,  # broken on Tansu; ordering comes from keys
+            enable_idempotence=self.idempotence,
             request_timeout_ms=int(self.publish_timeout * 1000),
         )
         try:
@@ -283,11 +299,7 @@ class KafkaBackend(Backend):
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
-            raise BackendError(
-                f"cannot reach Kafka at {self.config.bootstrap_servers}: "
-                f"{type(exc).__name__}: {exc}",
-                backend=self.name,
-            ) from exc
+            raise BackendError(self._start_error(exc), backend=self.name) from exc
         self.producer = producer
         self.dead_letters.attach(producer, loop)
         self.dispatcher = Dispatcher(
@@ -315,6 +327,20 @@ class KafkaBackend(Backend):
                 accept_unknown_types=self.accept_unknown_types,
             )
             self.bridge.start()
+
+    def _start_error(self, exc: BaseException) -> str:
+        """What a producer that failed to start means, and what to do about it."""
+        from aiokafka.errors import KafkaConnectionError
+
+        reason = f"{type(exc).__name__}: {exc}"
+        if self.idempotence and not isinstance(exc, KafkaConnectionError | TimeoutError):
+            # The brokers answered but refused a producer id (InitProducerId).
+            return (
+                f"Kafka at {self.config.bootstrap_servers} refused an idempotent producer "
+                f"({reason}); brokers without idempotence support need "
+                "EVENTBUS_KAFKA_IDEMPOTENCE=false (KafkaBackend(idempotence=False))"
+            )
+        return f"cannot reach Kafka at {self.config.bootstrap_servers}: {reason}"
 
     async def stop(self, timeout: float) -> None:
         """Stop fetching, let in-flight handlers finish within ``timeout`` seconds,

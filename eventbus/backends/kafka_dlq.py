@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config import DEFAULT_DLQ_TOPIC_SUFFIX
+from ..config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
 from ..dlq import DEFAULT_PEEK_LIMIT, FailedEvent, newest
 from ..exceptions import BackendError, ShutdownError
 from .kafka_config import KafkaConfig
@@ -100,6 +100,8 @@ class KafkaDeadLetterStore:
       topics: ``topics()`` names the event topics whose DLQ topics are read (the
         Kafka backend passes its bus's subscribed topics); None, or an empty list:
         every topic ending with ``topic_suffix``.
+      idempotence: Whether the store's own producer is idempotent (see
+        :class:`~eventbus.backends.kafka.KafkaBackend`).
       skip_shutdown_errors: Drop records of handlers cancelled by shutdown
         (``ShutdownError``): the Kafka backend leaves their offset uncommitted, so
         the event is delivered again instead.
@@ -117,12 +119,14 @@ class KafkaDeadLetterStore:
         operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
         topics: Callable[[], list[str]] | None = None,
         skip_shutdown_errors: bool = False,
+        idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE,
     ) -> None:
         self.config = config
         self.topic_suffix = topic_suffix
         self.claim_timeout = claim_timeout
         self.operation_timeout = operation_timeout
         self.skip_shutdown_errors = skip_shutdown_errors
+        self.idempotence = idempotence
         self.topics = topics
         self._producer: AIOKafkaProducer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -221,7 +225,7 @@ class KafkaDeadLetterStore:
 
     def _blocking(self, operation: Callable[[AIOKafkaProducer], Awaitable[T]]) -> T:
         async def run() -> T:
-            producer = self.config.producer(acks="all", enable_idempotence=False)
+            producer = self.config.producer(acks="all", enable_idempotence=self.idempotence)
             await producer.start()
             try:
                 return await operation(producer)

@@ -169,8 +169,14 @@ class ReliableRedisBroker(CachedHooksBroker):
                     lua.delayed_key(self.namespace, queue),
                     lua.ready_key(self.namespace, queue),
                     lua.bodies_key(self.namespace, queue),
+                    lua.backlog_key(self.namespace, queue),
                 ],
-                args=[int(delay or 0), uuid.uuid4().hex, encode_message(message)],
+                args=[
+                    int(delay or 0),
+                    uuid.uuid4().hex,
+                    encode_message(message),
+                    message.actor_name,
+                ],
             )
         except redis.RedisError as exc:
             raise _closed(exc) from None
@@ -184,6 +190,7 @@ class ReliableRedisBroker(CachedHooksBroker):
             lua.ready_key(ns, queue_name),
             lua.delayed_key(ns, queue_name),
             lua.bodies_key(ns, queue_name),
+            lua.backlog_key(ns, queue_name),
         )
 
     def flush_all(self) -> None:
@@ -325,6 +332,7 @@ class _RedisConsumer(Consumer):
         self.ready = lua.ready_key(ns, queue_name)
         self.delayed = lua.delayed_key(ns, queue_name)
         self.bodies = lua.bodies_key(ns, queue_name)
+        self.backlog = lua.backlog_key(ns, queue_name)
         self.inflight = lua.inflight_key(ns, broker.worker_id, queue_name)
         self.cache: deque[tuple[bytes, bytes]] = deque()
         self.outstanding = 0
@@ -347,19 +355,19 @@ class _RedisConsumer(Consumer):
     def _remove(self, message: MessageProxy) -> None:
         entry = getattr(message, "entry", None)
         if entry is not None:
-            self._delete(entry)
+            try:
+                self._delete_entry(entry, message.actor_name)
+            except redis.RedisError as exc:
+                raise _closed(exc) from None
         self._done([entry] if entry is not None else [])
 
-    def _delete(self, entry: bytes) -> None:
-        try:
-            self._delete_entry(entry)
-        except redis.RedisError as exc:
-            raise _closed(exc) from None
-
-    def _delete_entry(self, entry: bytes) -> None:
+    def _delete_entry(self, entry: bytes, actor: str | None = None) -> None:
+        """Delete a finished entry (and count it off its handler's backlog)."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.lrem(self.inflight, 1, entry)  # type: ignore[arg-type]
             pipe.hdel(self.bodies, entry)
+            if actor is not None:
+                pipe.hincrby(self.backlog, actor, -1)
             pipe.execute()
 
     def _done(self, entries: list[bytes]) -> None:

@@ -10,6 +10,7 @@ keys of one queue share the hash tag ``{<queue>}``::
     {ns}:{q}:a:{worker}     LIST  entry ids a worker took and has not acked yet
     {ns}:{q}:p:{actor}      LIST  entry ids parked for a handler no live worker of
                                   this queue has yet (a rolling deploy)
+    {ns}:{q}:n              HASH  actor -> its events not finished yet (the backlog)
 
     {ns}:t:{topic}          HASH  "<service>|<actor>" -> "<queue>\\n<message prefix>"
     {ns}:subs               HASH  "<service>|<topic>|<actor>" -> {"queue": ...}
@@ -76,9 +77,11 @@ for i = 4, #ARGV, 4 do
     local nl = string.find(value, '\\n', 1, true)
     local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
     local eid = ARGV[i + 3] .. '.' .. (j / 2)
+    local sub = flat[j - 1]
     redis.call('HSET', tag .. ':m', eid, string.sub(value, nl + 1) .. ',"args":[' ..
       ARGV[i + 1] .. tail .. eid .. '","message_timestamp":' .. ts .. '}')
     redis.call('RPUSH', tag .. ':q', eid)
+    redis.call('HINCRBY', tag .. ':n', string.sub(sub, string.find(sub, '|', 1, true) + 1), 1)
   end
 end
 table.insert(unrouted, 1, 1)
@@ -130,15 +133,16 @@ return out
 """
 )
 
-#: Store message ARGV[3] under entry id ARGV[2] and make it ready in ARGV[1]
-#: milliseconds (0: now).  When it is now the earliest delayed entry, push a
-#: wake-up token on the ready list so a blocked consumer re-reads the schedule
-#: instead of sleeping past it.
-#: KEYS: delayed zset, ready list, bodies hash.  Returns the due time (ms).
+#: Store message ARGV[3] of actor ARGV[4] under entry id ARGV[2] and make it ready
+#: in ARGV[1] milliseconds (0: now).  When it is now the earliest delayed entry,
+#: push a wake-up token on the ready list so a blocked consumer re-reads the
+#: schedule instead of sleeping past it.
+#: KEYS: delayed zset, ready list, bodies hash, backlog hash.  Returns the due time (ms).
 SCHEDULE = (
     _NOW
     + """
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 local delay = tonumber(ARGV[1])
 if delay <= 0 then
   redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -307,6 +311,11 @@ def delayed_key(namespace: str, queue: str) -> str:
 def bodies_key(namespace: str, queue: str) -> str:
     """The hash of the messages of ``queue``, by entry id."""
     return f"{namespace}:{{{queue}}}:m"
+
+
+def backlog_key(namespace: str, queue: str) -> str:
+    """The hash of the unfinished events of ``queue``, by handler."""
+    return f"{namespace}:{{{queue}}}:n"
 
 
 def inflight_key(namespace: str, worker_id: str, queue: str) -> str:

@@ -49,9 +49,8 @@ class Subscription:
       topic: The topic it receives.
       handler: The handler's actor name.
       queue: The Redis queue (``<service>.<queue>``).
-      backlog: Events waiting for it: those parked for it, plus (while no live
-        worker has the handler) every event waiting in its queue.
-      parked: Events parked for it by workers that do not have the handler.
+      backlog: Its events not finished yet (ready, delayed, parked or being handled).
+      parked: Those parked by workers that do not have the handler.
       waiting: Events ready or delayed in its queue (for every handler of the queue).
       live_workers: Live worker processes that have the handler.
       last_seen: The last heartbeat of a worker that had the handler.
@@ -150,15 +149,17 @@ def list_subscriptions(
             pipe.zcard(lua.delayed_key(namespace, queue))
         for _, _, _, actor, queue in rows:
             pipe.llen(lua.parked_key(namespace, queue, actor))
+            pipe.hget(lua.backlog_key(namespace, queue), actor)
         lengths = pipe.execute()
     waiting = {
         queue: int(lengths[2 * i]) + int(lengths[2 * i + 1]) for i, queue in enumerate(queues)
     }
-    parked = lengths[2 * len(queues) :]
+    per_row = lengths[2 * len(queues) :]
     out = []
-    for (field, service, topic, actor, queue), held in zip(rows, parked, strict=True):
+    for i, (field, service, topic, actor, queue) in enumerate(rows):
+        held, pending = per_row[2 * i], per_row[2 * i + 1]
         live = sum(1 for fields in workers.values() if field in fields)
-        backlog = int(held) + (waiting[queue] if live == 0 else 0)
+        backlog = max(0, int(pending or 0))
         score = seen.get(field.encode())
         last = datetime.fromtimestamp(score / 1000, UTC) if score is not None else None
         out.append(
@@ -234,4 +235,5 @@ def remove_subscription(
                 r.rpush(parked_k, entry)
                 raise
         count += 1
+    r.hdel(lua.backlog_key(namespace, queue), handler)
     return count
