@@ -6,9 +6,10 @@ in-memory storage and kills it at the end.  Without the binary the Kafka tests
 skip, except under ``CI=true`` where they fail.
 
 Tansu quirks the tests live with: "latest" offsets are unreliable (groups start
-from earliest), the idempotent producer fails, records cannot be deleted, and a
-group's first member never leaves cleanly (short session timeouts, unique group
-and topic names per test).
+from earliest), the idempotent producer fails (every bus and worker of the tests
+sets ``EVENTBUS_KAFKA_IDEMPOTENCE=false``; real Kafka keeps the default, on),
+records cannot be deleted, and a group's first member never leaves cleanly
+(short session timeouts, unique group and topic names per test).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class Worker:
             "EVENTBUS_BACKEND": "kafka",
             "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "EVENTBUS_KAFKA_GROUP_ID": group,
+            "EVENTBUS_KAFKA_IDEMPOTENCE": "false",  # Tansu has no idempotent producer
             "EVENTBUS_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
             "EVENTBUS_KAFKA_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
             "EVENTBUS_KAFKA_REVOKE_TIMEOUT": "2",

@@ -51,6 +51,7 @@ async def make_kafka_bus(
         backend_options.setdefault("group_id", kafka_names[1])
         backend = KafkaBackend(
             kafka_bootstrap,
+            idempotence=False,  # Tansu has no idempotent producer
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
             **backend_options,
@@ -362,7 +363,7 @@ async def test_unreachable_broker_raises_publish_error_in_bounded_time(
 ) -> None:
     broker = TansuBroker.start()
     topic, group = kafka_names
-    backend = KafkaBackend(broker.bootstrap, group, publish_timeout=1.5)
+    backend = KafkaBackend(broker.bootstrap, group, publish_timeout=1.5, idempotence=False)
     bus = EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=1))
     try:
         await bus.start()
@@ -406,6 +407,7 @@ async def test_worker_thread_consumes_until_stopped(
         backend=KafkaBackend(
             kafka_bootstrap,
             group,
+            idempotence=False,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         ),
@@ -424,3 +426,15 @@ async def test_worker_thread_consumes_until_stopped(
     assert not worker_bus.started
     committed = await committed_offsets(kafka_bootstrap, group, topic, 2)
     assert sum(max(o, 0) for o in committed.values()) == 10
+
+
+async def test_a_broker_without_idempotent_producers_is_named_at_start(
+    kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    # Tansu cannot give out producer ids: the default (idempotence on, as real Kafka
+    # supports it) fails at start with the setting to change, not "unreachable".
+    bus = EventBus(backend=KafkaBackend(kafka_bootstrap, kafka_names[1], publish_timeout=2))
+    with pytest.raises(BackendError, match="EVENTBUS_KAFKA_IDEMPOTENCE=false") as raised:
+        await bus.start()
+    assert "cannot reach" not in str(raised.value)
+    assert not bus.started

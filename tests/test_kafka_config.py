@@ -95,3 +95,16 @@ def test_traceparent_round_trip() -> None:
     assert parse_traceparent(header) == ("a" * 32, "b" * 16)
     assert format_traceparent("", "b" * 16) is None
     assert parse_traceparent("garbage") is None
+
+
+def test_producer_idempotence_is_on_by_default_and_a_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert EventBusSettings().kafka_idempotence is True
+    assert KafkaBackend("k:9092").idempotence is True
+    monkeypatch.setenv("EVENTBUS_KAFKA_IDEMPOTENCE", "false")
+    backend = KafkaBackend.from_settings(EventBusSettings())
+    assert backend.idempotence is False
+    assert KafkaBackend("k:9092", acks=1, idempotence=False).acks == 1
+    with pytest.raises(ConfigurationError, match="EVENTBUS_KAFKA_IDEMPOTENCE"):
+        KafkaBackend("k:9092", acks=1)  # idempotence needs acks=all

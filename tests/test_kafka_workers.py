@@ -34,7 +34,7 @@ PARTITIONS = 4
 @pytest.fixture
 async def publisher(kafka_bootstrap: str, kafka_names: tuple[str, str]) -> AsyncIterator[EventBus]:
     """A publish-only bus (no consumer in the test process)."""
-    backend = KafkaBackend(kafka_bootstrap, kafka_names[1])
+    backend = KafkaBackend(kafka_bootstrap, kafka_names[1], idempotence=False)
     bus = EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=2))
     await bus.start()
     yield bus

@@ -50,7 +50,7 @@ def events(topic: str, batch: range) -> list[Numbered]:
 
 
 async def publisher_bus(bootstrap: str, group: str, **options: object) -> EventBus:
-    backend = KafkaBackend(bootstrap, group, **options)  # type: ignore[arg-type]
+    backend = KafkaBackend(bootstrap, group, idempotence=False, **options)  # type: ignore[arg-type]
     bus = EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=2))
     await bus.start()
     return bus

@@ -442,7 +442,7 @@ async def test_kafka_bridge_dead_letters_garbage_records_and_goes_on(
     ledger = Ledger(out, single=True)
     worker = kafka_workers(kafka_bootstrap, group, topic, out)
     publisher = EventBus(
-        backend=KafkaBackend(kafka_bootstrap, group),
+        backend=KafkaBackend(kafka_bootstrap, group, idempotence=False),
         settings=EventBusSettings(shutdown_timeout=2),
     )
     await publisher.start()
