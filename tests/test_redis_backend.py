@@ -13,7 +13,7 @@ import pytest
 import redis
 from dramatiq import Message
 
-from eventbus import EventBus, HealthStatus, PublishError
+from eventbus import EventBus, HealthStatus, InMemoryMetricsCollector, PublishError
 from eventbus.backends.redis import RedisBackend
 from eventbus.backends.redis_scripts import bodies_key, inflight_key, ready_key
 from eventbus.dlq import FailedEvent
@@ -102,6 +102,60 @@ async def test_large_floats_and_text_cross_the_publish_script_byte_for_byte(
     assert decoded.n == 2**62 + 1
     assert decoded.delay == 0.1234567890123456789
     assert decoded.event_id == event.event_id
+
+
+async def test_concurrent_publishes_share_script_calls_and_keep_their_own_outcome(
+    redis_url: str, namespace: str
+) -> None:
+    sync_subscriptions(redis_url, namespace)
+    metrics = InMemoryMetricsCollector()
+    backend = RedisBackend(url=redis_url, namespace=namespace)
+    bus = EventBus(backend=backend, metrics=metrics)
+    await bus.start()
+    calls = 0
+    original = backend._script
+
+    async def counting(script: str, args: list[object]) -> object:
+        nonlocal calls
+        calls += 1
+        return await original(script, args)
+
+    backend._script = counting  # type: ignore[method-assign]
+    try:
+        events = [h.Numbered(n=i) for i in range(64)]
+        await asyncio.gather(
+            *(bus.publish(e) for e in events), bus.publish(h.Numbered(n=99, topic="nobody.here"))
+        )
+        assert calls < 10  # grouped: not one round trip per caller
+        r = client_for(redis_url)
+        assert r.llen(ready_key(namespace, DEFAULT_QUEUE)) == 64
+        assert r.llen(ready_key(namespace, OTHER_QUEUE)) == 64
+        assert metrics.snapshot()["unrouted"] == {"nobody.here": 1}  # only its own caller
+        assert metrics.snapshot()["published"][h.RECORD] == 64
+    finally:
+        await bus.stop()
+        backend.broker.close()  # type: ignore[union-attr]
+
+
+async def test_unrouted_error_mode_on_redis_writes_nothing_of_the_call(
+    redis_url: str, namespace: str
+) -> None:
+    from eventbus import EventBusSettings
+    from eventbus.exceptions import UnroutedError
+
+    sync_subscriptions(redis_url, namespace)
+    backend = RedisBackend(url=redis_url, namespace=namespace)
+    bus = EventBus(backend=backend, settings=EventBusSettings(unrouted="error"))
+    await bus.start()
+    try:
+        with pytest.raises(UnroutedError, match="nobody.here"):
+            await bus.publish_many([h.Numbered(n=1), h.Numbered(n=2, topic="nobody.here")])
+        assert await backend.pending() == 0  # all or none
+        await bus.publish(h.Numbered(n=3))
+        assert await backend.pending() == 2
+    finally:
+        await bus.stop()
+        backend.broker.close()  # type: ignore[union-attr]
 
 
 async def test_publish_with_redis_down_raises_publish_error_quickly(

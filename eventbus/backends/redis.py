@@ -146,6 +146,9 @@ class RedisBackend(Backend):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RespClient] = (
             weakref.WeakKeyDictionary()
         )
+        self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Group] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @classmethod
     def from_settings(cls, settings: EventBusSettings) -> RedisBackend:
@@ -275,14 +278,69 @@ class RedisBackend(Backend):
             await client.close()
 
     async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
-        args: list[Any] = [self.namespace, "1" if strict else "0", int(time.time() * 1000)]
+        """Hand ``events`` to the fan-out script (see the class docstring).
+
+        Concurrent callers are grouped: while one script call is in flight on this
+        event loop, the events of other callers wait and go together in the next
+        call (group commit), so 64 concurrent publishers cost a few round trips,
+        not 64, and a lone caller never waits for a batch to fill.
+        """
+        args: list[Any] = []
         for outgoing in events:
             args.append(outgoing.event.topic)
             args.append(outgoing.envelope)
             args.append(to_json(outgoing.options))
             args.append(os.urandom(8).hex())
+        topics = {outgoing.event.topic for outgoing in events}
+        if strict:
+            return await self._fan_out(args, strict=True)
+        group = self._groups.get(asyncio.get_running_loop())
+        if group is None:
+            group = self._groups[asyncio.get_running_loop()] = _Group()
+        if group.busy:
+            waiter: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+            group.args.extend(args)
+            group.waiters.append((waiter, topics))
+            return await waiter
+        group.busy = True
         try:
-            reply = await self._script(lua.PUBLISH, args)
+            return await self._fan_out(args)
+        finally:
+            self._next_round(group)
+
+    def _next_round(self, group: _Group) -> None:
+        if not group.waiters:
+            group.busy = False
+            return
+        args, waiters = group.args, group.waiters
+        group.args, group.waiters = [], []
+        task = asyncio.get_running_loop().create_task(self._round(group, args, waiters))
+        group.tasks.add(task)
+        task.add_done_callback(group.tasks.discard)
+
+    async def _round(
+        self,
+        group: _Group,
+        args: list[Any],
+        waiters: list[tuple[asyncio.Future[set[str]], set[str]]],
+    ) -> None:
+        try:
+            unrouted = await self._fan_out(args)
+        except Exception as exc:
+            for waiter, _ in waiters:
+                if not waiter.done():
+                    waiter.set_exception(PublishError(str(exc)))
+        else:
+            for waiter, topics in waiters:
+                if not waiter.done():
+                    waiter.set_result(unrouted & topics)
+        finally:
+            self._next_round(group)
+
+    async def _fan_out(self, args: list[Any], *, strict: bool = False) -> set[str]:
+        head: list[Any] = [self.namespace, "1" if strict else "0", int(time.time() * 1000)]
+        try:
+            reply = await self._script(lua.PUBLISH, head + args)
         except RespConnectionError as exc:
             raise PublishError(f"could not publish to Redis: {exc}") from exc
         except RespError as exc:
@@ -375,6 +433,18 @@ class RedisBackend(Backend):
         return RedisDeadLetterStore(
             self.sync_client, namespace=self.namespace, max_size=settings.dlq_max_size
         )
+
+
+class _Group:
+    """Publishes waiting for the script call in flight on one event loop."""
+
+    __slots__ = ("args", "busy", "tasks", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.args: list[Any] = []
+        self.waiters: list[tuple[asyncio.Future[set[str]], set[str]]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
 
 
 _SHA_CACHE: dict[str, str] = {}
