@@ -148,7 +148,7 @@ async def test_unrouted_error_mode_on_redis_writes_nothing_of_the_call(
     bus = EventBus(backend=backend, settings=EventBusSettings(unrouted="error"))
     await bus.start()
     try:
-        with pytest.raises(UnroutedError, match="nobody.here"):
+        with pytest.raises(UnroutedError, match=r"nobody\.here"):
             await bus.publish_many([h.Numbered(n=1), h.Numbered(n=2, topic="nobody.here")])
         assert await backend.pending() == 0  # all or none
         await bus.publish(h.Numbered(n=3))
