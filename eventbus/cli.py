@@ -391,10 +391,10 @@ def _describe_failure(exc: Exception, settings: EventBusSettings | None) -> tupl
         where = (
             settings.redis_url if settings.backend == "redis" else settings.kafka_bootstrap_servers
         )
-        return (
-            EXIT_UNREACHABLE,
-            f"cannot reach {settings.backend} at {where} ({type(cause).__name__}: {cause})",
-        )
+        detail = str(cause)
+        if not detail.startswith(type(cause).__name__):
+            detail = f"{type(cause).__name__}: {detail}"
+        return EXIT_UNREACHABLE, f"cannot reach {settings.backend} at {where} ({detail})"
     if isinstance(exc, EventBusError):
         return EXIT_FAILED, str(exc)
     return EXIT_FAILED, f"{type(exc).__name__}: {exc}"

@@ -480,3 +480,152 @@ async def test_replay_of_an_undecodable_record_is_refused_and_keeps_the_record(
     [kept] = bus.dlq.peek()  # the same record, with its original reason; no new one
     assert kept.id == record.id and kept.error_type == "EventDecodeError"
     assert switch.calls == 0
+
+
+# -- admin actions: ids never mix with filters or all -------------------------------------
+
+
+async def test_dlq_api_refuses_ids_together_with_filters_or_all(
+    make_bus: MakeBus, topic: str
+) -> None:
+    bus, _ = await dead_letters(make_bus, topic, n=3)
+    first = bus.dlq.peek()[0].id
+
+    for kwargs in ({"all_records": True}, {"topic": topic}, {"error_type": "ConnectionError"}):
+        with pytest.raises(ValueError, match="either record ids or"):
+            bus.dlq.purge([first], **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="either record ids or"):
+            bus.dlq.replay([first], **kwargs)  # type: ignore[arg-type]
+    assert bus.dlq.size() == 3
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dlq", "purge", "ID", "--all"],
+        ["dlq", "purge", "ID", "--all", "--yes"],
+        ["dlq", "purge", "ID", "--topic", "TOPIC", "--yes"],
+        ["dlq", "replay", "ID", "--all"],
+        ["dlq", "replay", "ID", "--error-type", "ConnectionError"],
+    ],
+)
+async def test_cli_refuses_ids_together_with_all_or_filters(
+    make_bus: MakeBus, topic: str, argv: list[str]
+) -> None:
+    bus, _ = await dead_letters(make_bus, topic, n=12)
+    first = bus.dlq.peek()[0].id
+    argv = [first if a == "ID" else topic if a == "TOPIC" else a for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+
+    assert cli_run(argv, bus, out, err) == 2
+
+    assert bus.dlq.size() == 12
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("eventbus: ") and "either record ids or" in err.getvalue()
+
+
+def admin_app(bus: EventBus) -> FastAPI:
+    app = FastAPI(lifespan=create_lifespan(bus))
+    app.include_router(dlq_router(allow_unauthenticated=True))
+    return app
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ids": ["nope"], "all": True},
+        {"ids": ["nope"], "topic": "TOPIC"},
+        {"ids": ["nope"], "handler": "h", "error_type": "ConnectionError"},
+    ],
+)
+@pytest.mark.parametrize("action", ["purge", "replay"])
+def test_admin_router_refuses_ids_together_with_all_or_filters(
+    topic: str, action: str, body: dict[str, object]
+) -> None:
+    bus = EventBus(
+        settings=EventBusSettings(shutdown_timeout=1), retry_policy=RetryPolicy(max_retries=0)
+    )
+    body = {k: topic if v == "TOPIC" else v for k, v in body.items()}
+    with TestClient(admin_app(bus)) as client:
+        for i in range(15):
+            bus.dlq.store.add(
+                FailedEvent(
+                    id=str(i),
+                    event=None,
+                    envelope=None,
+                    topic=topic,
+                    handler="h",
+                    queue="eventbus",
+                    attempts=1,
+                    error="e",
+                    error_type="ConnectionError",
+                )
+            )
+        response = client.post(f"/eventbus/dlq/{action}", json=body)
+
+        assert response.status_code == 422
+        assert "either ids or" in response.json()["detail"]
+        assert client.get("/eventbus/dlq").json()["size"] == 15
+
+
+def test_admin_router_reaches_record_ids_containing_slashes(topic: str) -> None:
+    switch = Switch()
+    switch.broken = False
+    bus = EventBus(settings=EventBusSettings(shutdown_timeout=1))
+    with TestClient(admin_app(bus)) as client:
+        spec = client.portal.call(bus.registry.register, topic, switch)  # type: ignore[union-attr]
+        client.portal.call(bus.subscribe, topic)  # type: ignore[union-attr]
+        ids = [f"orders/eu/{topic}:0:17", f"orders/eu/{topic}:0:18", "a/replay", "x/ /y"]
+        for record_id in ids:
+            event = Charge(topic=topic)
+            bus.dlq.store.add(
+                FailedEvent(
+                    id=record_id,
+                    event=event,
+                    envelope=event.to_dict(),
+                    topic=topic,
+                    handler=spec.name,
+                    queue=spec.queue or "eventbus",
+                    attempts=1,
+                    error="e",
+                    error_type="ConnectionError",
+                )
+            )
+        first, second, third, fourth = ids
+
+        assert client.get(f"/eventbus/dlq/{first}").json()["id"] == first
+        assert client.get(f"/eventbus/dlq/{third}").json()["id"] == third
+        assert client.get("/eventbus/dlq/x/%20/y").json()["id"] == fourth
+        assert client.get("/eventbus/dlq/orders%2Feu%2Fnope").status_code == 404
+        replayed = client.post(f"/eventbus/dlq/{first}/replay")
+        assert replayed.status_code == 200 and replayed.json()["replayed"] == [first]
+        assert client.post(f"/eventbus/dlq/{third}/replay").json()["replayed"] == [third]
+        assert client.delete(f"/eventbus/dlq/{second}").status_code == 204
+        assert client.delete(f"/eventbus/dlq/{second}").status_code == 404
+        client.portal.call(bus.drain, 5)  # type: ignore[union-attr]
+
+        assert len(switch.seen) == 2
+        assert [item["id"] for item in client.get("/eventbus/dlq").json()["items"]] == [fourth]
+
+
+def test_admin_router_refuses_to_replay_an_undecodable_record() -> None:
+    bus = EventBus(settings=EventBusSettings(shutdown_timeout=1))
+    with TestClient(admin_app(bus)) as client:
+        bus.dlq.store.add(
+            FailedEvent(
+                id="raw",
+                event=None,
+                envelope="not json",
+                topic="t",
+                handler="h",
+                queue="eventbus",
+                attempts=1,
+                error="event envelope is not valid JSON",
+                error_type="EventDecodeError",
+            )
+        )
+        response = client.post("/eventbus/dlq/raw/replay")
+
+        assert response.status_code == 409
+        assert "not an event envelope" in response.json()["detail"]
+        assert client.get("/eventbus/dlq/raw").status_code == 200
