@@ -32,7 +32,6 @@ import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import unquote, urlparse
 
 #: Default bound, in seconds, on one call (connecting included).
 DEFAULT_TIMEOUT = 2.0
@@ -40,6 +39,47 @@ DEFAULT_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 10
 
 Command = Sequence[bytes | str | int | float]
+
+
+#: The TLS query options of a ``rediss://`` URL this client reads (as redis-py does).
+_TLS_OPTIONS = frozenset(
+    {
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+    }
+)
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py's SSLConnection would build from these URL options."""
+    reqs = options.get("ssl_cert_reqs", "required")
+    if isinstance(reqs, str):
+        if reqs.lower() not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs={reqs!r}: use none, optional or required")
+        reqs = _CERT_REQS[reqs.lower()]
+    context = ssl.create_default_context(
+        cafile=options.get("ssl_ca_certs"), capath=options.get("ssl_ca_path")
+    )
+    check = options.get("ssl_check_hostname", True)
+    context.check_hostname = bool(check) and reqs != ssl.CERT_NONE
+    context.verify_mode = reqs
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(
+            options["ssl_certfile"], options.get("ssl_keyfile"), options.get("ssl_password")
+        )
+    if options.get("ssl_min_version") is not None:
+        context.minimum_version = options["ssl_min_version"]
+    if options.get("ssl_ciphers"):
+        context.set_ciphers(options["ssl_ciphers"])
+    return context
 
 
 class RespError(Exception):
@@ -262,25 +302,39 @@ class RespClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> RespClient:
         """A client for ``redis://[[user]:password@]host[:port][/db]``, ``rediss://``
-        (TLS) or ``unix:///path?db=N``."""
-        parsed = urlparse(url)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme {parsed.scheme!r} in {url!r}")
-        query = dict(part.split("=", 1) for part in parsed.query.split("&") if "=" in part)
-        db = 0
-        path = parsed.path.lstrip("/")
-        if parsed.scheme != "unix" and path:
-            db = int(path)
-        if "db" in query:
-            db = int(query["db"])
+        (TLS) or ``unix:///path?db=N``.
+
+        The URL is read by redis-py's own parser, so the publishing client and the
+        workers' redis-py clients agree on every option: the database, credentials
+        and the TLS query options (``ssl_cert_reqs``, ``ssl_ca_certs``,
+        ``ssl_ca_path``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``,
+        ``ssl_check_hostname``, ``ssl_min_version``, ``ssl_ciphers``).  Socket
+        tuning options (``socket_timeout``, ``health_check_interval``, ...) apply
+        to the workers only: ``timeout`` bounds every call here.
+
+        Raises:
+          ValueError: The URL is invalid or sets a TLS option this client cannot honour.
+        """
+        from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        connection_class = options.pop("connection_class", None)
+        unsupported = sorted(k for k in options if k.startswith("ssl_") and k not in _TLS_OPTIONS)
+        if unsupported:
+            raise ValueError(f"TLS option(s) {', '.join(unsupported)} are not supported")
+        context = None
+        if connection_class is SSLConnection:
+            context = _ssl_context(options)
         return cls(
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 6379,
-            db=db,
-            username=unquote(parsed.username) if parsed.username else None,
-            password=unquote(parsed.password) if parsed.password else None,
-            unix_path=parsed.path if parsed.scheme == "unix" else None,
-            ssl_context=ssl.create_default_context() if parsed.scheme == "rediss" else None,
+            host=str(options.get("host") or "127.0.0.1"),
+            port=int(options.get("port") or 6379),
+            db=int(options.get("db") or 0),
+            username=options.get("username") or None,
+            password=options.get("password"),
+            unix_path=(
+                str(options["path"]) if connection_class is UnixDomainSocketConnection else None
+            ),
+            ssl_context=context,
             timeout=timeout,
             max_connections=max_connections,
         )
