@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.kafka_helpers import TansuBroker, Worker
+from eventbus import EventBus, EventBusSettings, RetryPolicy
+from eventbus.backends.kafka import KafkaBackend
+from tests.kafka_helpers import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS, TansuBroker, Worker
 
 _ids = itertools.count()
+
+#: One retry, 10 ms later: failures reach the dead letters quickly.
+FAST = RetryPolicy(max_retries=1, delay=0.01)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +56,35 @@ def kafka_workers() -> Iterator[Callable[..., Worker]]:
     yield factory
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+async def make_kafka_bus(
+    kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> AsyncIterator[Callable[..., EventBus]]:
+    """Buses on the Kafka backend (this test's group), stopped after the test."""
+    buses: list[EventBus] = []
+
+    def factory(tracer: Any = None, consume: bool = True, **backend_options: Any) -> EventBus:
+        """A bus that runs its handlers here (``consume``, as a worker does) or only
+        publishes (``consume=False``, a web process's default)."""
+        backend_options.setdefault("group_id", kafka_names[1])
+        backend = KafkaBackend(
+            kafka_bootstrap,
+            idempotence=False,  # Tansu has no idempotent producer
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            **backend_options,
+        )
+        bus = EventBus(
+            backend=backend,
+            settings=EventBusSettings(shutdown_timeout=3, consume=consume),
+            retry_policy=FAST,
+            tracer=tracer,
+        )
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in buses:
+        await bus.stop()

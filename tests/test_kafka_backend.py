@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,6 @@ from eventbus import (
     HealthStatus,
     LoggingTracer,
     PublishError,
-    RetryPolicy,
 )
 from eventbus.backends.kafka import KafkaBackend
 from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ERROR_TYPE, HEADER_ORIGINAL_OFFSET
@@ -34,40 +33,6 @@ from tests.kafka_helpers import (
 )
 
 pytest_plugins = ["tests.kafka_support"]
-
-FAST = RetryPolicy(max_retries=1, delay=0.01)
-
-
-@pytest.fixture
-async def make_kafka_bus(
-    kafka_bootstrap: str, kafka_names: tuple[str, str]
-) -> AsyncIterator[Callable[..., EventBus]]:
-    """Buses on the Kafka backend (this test's group), stopped after the test."""
-    buses: list[EventBus] = []
-
-    def factory(tracer: Any = None, consume: bool = True, **backend_options: Any) -> EventBus:
-        """A bus that runs its handlers here (``consume``, as a worker does) or only
-        publishes (``consume=False``, a web process's default)."""
-        backend_options.setdefault("group_id", kafka_names[1])
-        backend = KafkaBackend(
-            kafka_bootstrap,
-            idempotence=False,  # Tansu has no idempotent producer
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-            **backend_options,
-        )
-        bus = EventBus(
-            backend=backend,
-            settings=EventBusSettings(shutdown_timeout=3, consume=consume),
-            retry_policy=FAST,
-            tracer=tracer,
-        )
-        buses.append(bus)
-        return bus
-
-    yield factory
-    for bus in buses:
-        await bus.stop()
 
 
 async def test_round_trip_typed_event_with_key_and_headers(

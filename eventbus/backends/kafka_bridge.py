@@ -26,10 +26,12 @@ so it is delivered again elsewhere (at least once, never lost).
 records with the same key wait for each other: the next starts once the
 previous succeeded or was dead-lettered, retries included.
 
-**Poison records** (no value, not JSON, not an envelope, invalid fields, or an
-event type this process does not know unless ``accept_unknown_types``) go to
-the DLQ topic with the reason and count as finished: they never stall their
-partition.
+**Poison records** (no value, not JSON, nested too deeply, not an envelope,
+invalid fields, an event type this process does not know unless
+``accept_unknown_types``, or anything else that raises while the record is
+decoded) go to the DLQ topic with the reason and count as finished: they never
+stall their partition and never restart the consumer.  A poison value that
+nests more than :data:`~eventbus.events.MAX_DEPTH` levels is kept as text.
 
 **Errors.**  When the consumer fails, the bridge drops its in-flight state (those
 records are delivered again), closes the consumer and reconnects with an
@@ -53,7 +55,7 @@ from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
 
 from ..dlq import FailedEvent
-from ..events import CORRELATION_ID, EVENT_KEY, TYPE_KEY, UnknownEvent, decode_event
+from ..events import CORRELATION_ID, EVENT_KEY, TYPE_KEY, UnknownEvent, decode_event, too_deep
 from ..exceptions import EventDecodeError, ShutdownError
 from ..middleware import keys
 from .base import handler_message
@@ -455,9 +457,11 @@ class KafkaBridge:
         headers = {k: v for k, v in record.headers or ()}
         try:
             envelope = self._decode(record)
-        except _Poison as poison:
+            options = self._options(record, envelope, headers)
+        except Exception as exc:  # RecursionError included: no record stops its partition
+            reason = str(exc) if isinstance(exc, _Poison) else f"{type(exc).__name__}: {exc}"
             entry.remaining = 1
-            self._dead_letter_poison(entry, record, headers, str(poison))
+            self._dead_letter_poison(entry, record, headers, reason)
             return
         actors = self.route(record.topic)
         replay_to = headers.get(HEADER_REPLAY_HANDLER)
@@ -476,7 +480,6 @@ class KafkaBridge:
         if not actors:
             self._settle(entry)
             return
-        options = self._options(record, envelope, headers)
         entry.remaining = len(actors)
         for actor in actors:
             message = handler_message(actor, envelope, options)
@@ -506,6 +509,8 @@ class KafkaBridge:
             raise _Poison("record has no value")
         try:
             envelope = json.loads(bytes(record.value).decode("utf-8"))
+        except RecursionError:  # deeper than the parser's stack: ~1,000 levels
+            raise _Poison("record value is too deeply nested to decode as JSON") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Poison(f"record value is not UTF-8 JSON: {exc}") from None
         try:
@@ -555,10 +560,15 @@ class KafkaBridge:
         )
         value: Any = None
         if record.value is not None:
+            raw = bytes(record.value)
             try:
-                value = json.loads(record.value)
-            except (ValueError, UnicodeDecodeError):
-                value = bytes(record.value).decode("utf-8", "backslashreplace")
+                value = json.loads(raw)
+            except Exception:  # not JSON, or too deep for the parser (RecursionError)
+                value = raw
+            if value is raw or too_deep(value):
+                # Kept as text: a deep value would fail again when the dead letter
+                # is written as JSON, and the write would be retried forever.
+                value = raw.decode("utf-8", "backslashreplace")
         event_type = ""
         if isinstance(value, dict) and isinstance(value.get(TYPE_KEY), str):
             event_type = value[TYPE_KEY]

@@ -407,12 +407,33 @@ _HEADER_NAMES = [
     "tracestate",
     "baggage",
 ]
+
+
+def nested_text(depth: int, opener: str, leaf: str = "0") -> bytes:
+    """JSON text nesting ``depth`` arrays (``[``) or objects (``{"a":``) around ``leaf``."""
+    closer = "]" if opener == "[" else "}"
+    return (opener * depth + leaf + closer * depth).encode()
+
+
+#: Values nested from a few levels to far past any parser's recursion limit, bare or
+#: as the field of an envelope of a known type.
+deep_values = st.builds(
+    lambda depth, opener, wrapped: (
+        b'{"type":"tests.kafka.Numbered","event":{"n":1,"p":' + nested_text(depth, opener) + b"}}"
+        if wrapped
+        else nested_text(depth, opener)
+    ),
+    st.integers(1, 100_000),
+    st.sampled_from(["[", '{"a":']),
+    st.booleans(),
+)
 kafka_records = st.fixed_dictionaries(
     {
         "value": st.one_of(
             st.none(),
             st.binary(max_size=256),
             st.one_of(json_values, envelopes).map(lambda v: json.dumps(v).encode()),
+            deep_values,
         ),
         "key": st.none() | st.binary(max_size=16),
         "headers": st.lists(
@@ -429,11 +450,11 @@ async def test_kafka_bridge_dead_letters_garbage_records_and_goes_on(
     kafka_names: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    """Random records (no value, random bytes, random JSON, random envelopes; random
-    keys and headers) on a topic a worker process consumes: each one is
-    dead-lettered to ``<topic>.dlq`` (or handled, if it happens to be a valid
-    event), its offset committed, the worker lives on and the good event after
-    it is handled."""
+    """Random records (no value, random bytes, random JSON, random envelopes, values
+    nested up to 100,000 levels; random keys and headers) on a topic a worker
+    process consumes: each one is dead-lettered to ``<topic>.dlq`` (or handled, if
+    it happens to be a valid event), its offset committed, the worker lives on
+    (its consumer never restarts) and the good event after it is handled."""
     from aiokafka import AIOKafkaProducer
 
     topic, group = kafka_names
@@ -471,6 +492,7 @@ async def test_kafka_bridge_dead_letters_garbage_records_and_goes_on(
         phases=[Phase.explicit, Phase.generate],
     )
     @given(st.lists(kafka_records, min_size=1, max_size=5))
+    @example([{"value": nested_text(100_000, "["), "key": None, "headers": []}])
     def garbage_then_a_good_event(records: list[dict[str, Any]]) -> None:
         nonlocal produced, garbage_total
         for record in records:
@@ -498,6 +520,7 @@ async def test_kafka_bridge_dead_letters_garbage_records_and_goes_on(
         dead = await read_topic(kafka_bootstrap, f"{topic}.dlq", garbage_total - handled_garbage)
         assert len(dead) == garbage_total - handled_garbage
         assert worker.process.poll() is None
+        assert "reconnecting" not in worker.output(), worker.output()[-3000:]
     finally:
         abandoned.set()
         await producer.stop()
