@@ -1,4 +1,4 @@
-"""The context that travels with an event: correlation id, the event being handled.
+"""The context that travels with an event: correlation id, span, the event being handled.
 
 Backends, middlewares, the tracer and the ASGI middleware read and set these
 variables; nothing here imports another eventbus module.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .events import BaseEvent
+    from .tracing import EventSpan
 
 #: Correlation ids must match this; anything else (too long, characters that could
 #: forge log lines or headers) is replaced by a fresh id.
@@ -21,6 +22,8 @@ VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 #: The correlation id of the request or event being handled (``""``: none).
 correlation_id_var: ContextVar[str] = ContextVar("eventbus_correlation_id", default="")
+#: The span of the publish or handler running in this context (the tracer's).
+current_span_var: ContextVar[EventSpan | None] = ContextVar("eventbus_current_span", default=None)
 #: The event whose handler runs in this context.
 current_event_var: ContextVar[BaseEvent | None] = ContextVar("eventbus_current_event", default=None)
 

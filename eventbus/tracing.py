@@ -12,19 +12,18 @@ import logging
 import os
 import time
 from collections import deque
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from .context import correlation_id_var
+from .context import correlation_id_var, current_span_var
 
 logger = logging.getLogger(__name__)
 
 #: How many finished spans LoggingTracer keeps by default.
 DEFAULT_MAX_SPANS = 10_000
 
-_current_span: ContextVar[EventSpan | None] = ContextVar("eventbus_current_span", default=None)
+_current_span = current_span_var
 
 
 class SpanStatus(StrEnum):
