@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from datetime import UTC, datetime
@@ -189,15 +190,51 @@ def encode_envelope(event: BaseEvent, metadata: dict[str, str] | None = None) ->
       metadata: Entries merged into the event's metadata on the wire (entries the
         event already carries win), e.g. the correlation id.
 
+    A float that is NaN or infinite is refused rather than written: JSON has no
+    such values (``NaN`` is not JSON to other consumers, and ``null`` would
+    silently change the data).  So is an event nesting deeper than a consumer's
+    decoder accepts (:data:`MAX_DEPTH`).
+
     Raises:
-      pydantic_core.PydanticSerializationError: A field cannot be written as JSON.
+      pydantic_core.PydanticSerializationError: A field cannot be written as JSON
+        (a lone surrogate in a string, an object pydantic cannot serialize).
+      ValueError: A float field is NaN or infinite (the message names the field),
+        or the event nests too deeply.
     """
     if metadata:
         merged = {**metadata, **event.metadata}
         if merged != event.metadata:
             event = event.model_copy(update={"metadata": merged})
     body = event.__pydantic_serializer__.to_json(event)
-    return b'{"type":' + to_json(event.event_type) + b',"event":' + body + b"}"
+    # pydantic writes NaN and infinities as null (or NaN / "NaN", per the model's
+    # ser_json_inf_nan): look for them only when one of those can be in the text.
+    if b"null" in body or b"NaN" in body or b"Infinity" in body:
+        _refuse_non_finite(event)
+    envelope = b'{"type":' + to_json(event.event_type) + b',"event":' + body + b"}"
+    if text_too_deep(envelope):
+        raise ValueError(f"{_TOO_DEEP}: a consumer could not decode it")
+    return envelope
+
+
+def _refuse_non_finite(event: BaseEvent) -> None:
+    """Raise ValueError naming a float field of ``event`` that is NaN or infinite."""
+    fields = event.model_dump()
+    text = to_json(fields, inf_nan_mode="constants")  # ~1 us: most events pass here
+    if b"NaN" not in text and b"Infinity" not in text:
+        return
+    pending: list[tuple[str, Any]] = list(fields.items())
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            constant = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+            raise ValueError(
+                f"field {path!r} is {constant}, which JSON cannot carry: "
+                "send None, or the value as a string"
+            )
+        if isinstance(value, dict):
+            pending += [(f"{path}.{key}", child) for key, child in value.items()]
+        elif isinstance(value, list | tuple | set | frozenset):
+            pending += [(f"{path}[{i}]", child) for i, child in enumerate(value)]
 
 
 def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> BaseEvent:
