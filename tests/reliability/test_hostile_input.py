@@ -43,6 +43,7 @@ from eventbus.backends.kafka_config import (
 )
 from eventbus.backends.redis import RedisBackend
 from eventbus.backends.redis_scripts import bodies_key, ready_key
+from eventbus.events import MAX_DEPTH
 from eventbus.middleware import keys
 from eventbus.registry import MAX_NAME_LENGTH, QUEUE_NAME, TOPIC_NAME, make_spec
 from tests.kafka_events import Numbered
@@ -82,6 +83,72 @@ envelopes = st.fixed_dictionaries(
 )
 
 
+#: Numbers outside every usual range: NaN, infinities, subnormals, past 64 bits.
+wild_numbers = st.one_of(
+    st.floats(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.sampled_from([2**63, -(2**63) - 1, 2**64, 1e308, -1e308, 5e-324]),
+)
+#: Leaves of every JSON type, out of range or large (up to 64 KiB of text).
+wild_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    wild_numbers,
+    st.text(max_size=64),
+    st.text(min_size=1024, max_size=65_536),
+)
+wild_values = st.recursive(
+    wild_leaves,
+    lambda children: st.lists(children, max_size=64) | st.dictionaries(st.text(), children),
+    max_leaves=200,
+)
+#: Envelopes of a known type whose fields hold wild values (a timestamp of 1e308,
+#: an amount past 64 bits, a topic that is a list...).
+wild_envelopes = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["tests.reliability.test_hostile_input.Typed", "x.Y"]),
+        "event": st.fixed_dictionaries(
+            {},
+            optional={
+                "topic": st.one_of(st.text(), wild_values),
+                "event_id": st.one_of(st.text(), wild_values),
+                "timestamp": st.one_of(wild_numbers, st.text(), wild_values),
+                "amount": st.one_of(wild_numbers, wild_values),
+                "metadata": st.one_of(st.dictionaries(st.text(), st.text()), wild_values),
+                "p": wild_values,
+            },
+        ),
+    }
+)
+#: Nesting depths from one level to far past the interpreter's recursion limit,
+#: with the decoder's own limit and its neighbours always among them.
+depths = st.one_of(
+    st.integers(1, 100_000),
+    st.integers(MAX_DEPTH - 4, MAX_DEPTH + 2),
+    st.sampled_from([990, 1_000, 5_000]),
+)
+
+
+def deep_text(depth: int, opener: str, wrapped: bool) -> str:
+    """JSON nesting ``depth`` arrays or objects, bare or as the field ``p`` of an envelope."""
+    closer = "]" if opener == "[" else "}"
+    value = opener * depth + "0" + closer * depth
+    return '{"type":"x.Deep","event":{"topic":"t","p":' + value + "}}" if wrapped else value
+
+
+def deep_object(depth: int, in_dicts: bool) -> Any:
+    """``depth`` nested lists or dicts, built without recursion."""
+    value: Any = 0
+    for _ in range(depth):
+        value = {"a": value} if in_dicts else [value]
+    return value
+
+
+def envelope_depth(depth: int, wrapped: bool) -> int:
+    """Levels of objects and arrays of a :func:`deep_text` payload."""
+    return depth + 2 if wrapped else depth
+
+
 class Typed(BaseEvent):
     topic: str = "typed"
     amount: int
@@ -112,8 +179,84 @@ def test_random_envelopes_decode_or_raise(envelope: dict[str, Any]) -> None:
     _decodes_or_refuses(envelope, Typed)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(depths, st.sampled_from(["[", '{"a":']), st.booleans(), st.booleans())
+@example(100_000, "[", True, False)  # once a RecursionError
+@example(100_000, '{"a":', True, True)
+def test_deep_json_text_raises_event_decode_error_past_the_limit(
+    depth: int, opener: str, wrapped: bool, as_bytes: bool
+) -> None:
+    text = deep_text(depth, opener, wrapped)
+    payload: str | bytes = text.encode() if as_bytes else text
+    if envelope_depth(depth, wrapped) > MAX_DEPTH:
+        with pytest.raises(EventDecodeError, match="too deeply nested"):
+            decode_event(payload)
+    else:
+        _decodes_or_refuses(payload)
+        _decodes_or_refuses(payload, Typed)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(depths, st.booleans())
+@example(100_000, False)
+def test_deep_objects_raise_event_decode_error_past_the_limit(depth: int, in_dicts: bool) -> None:
+    envelope = {"type": "x.Deep", "event": {"topic": "t", "p": deep_object(depth, in_dicts)}}
+    if depth + 2 > MAX_DEPTH:
+        with pytest.raises(EventDecodeError, match="too deeply nested"):
+            decode_event(envelope)
+        with pytest.raises(EventDecodeError, match="too deeply nested"):
+            decode_event(envelope, Typed)
+    else:
+        _decodes_or_refuses(envelope)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wild_envelopes)
+def test_out_of_range_values_decode_or_raise(envelope: dict[str, Any]) -> None:
+    _decodes_or_refuses(envelope)
+    _decodes_or_refuses(envelope, Typed)
+    try:
+        text = json.dumps(envelope)
+    except ValueError:  # an integer past Python's int-to-text limit
+        return
+    _decodes_or_refuses(text)
+    _decodes_or_refuses(text.encode(), Typed)
+
+
+@pytest.mark.parametrize("digits", [4_300, 4_301, 100_000])
+def test_integers_past_the_parsers_digit_limit_raise_event_decode_error(digits: int) -> None:
+    text = '{"type":"x.Typed","event":{"topic":"typed","amount":' + "9" * digits + "}}"
+    if digits <= 4_300:
+        assert decode_event(text, Typed).amount == int("9" * digits)  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(EventDecodeError, match="not valid JSON"):
+            decode_event(text, Typed)
+
+
+#: What can be enqueued on the embedded broker (it encodes messages with json.dumps,
+#: which gives up near 1,000 levels): deep values up to 600 levels, wild values.
+_dispatcher_garbage = st.one_of(
+    envelopes,
+    json_values,
+    wild_envelopes,
+    st.builds(
+        lambda depth, in_dicts: {"type": "x.Deep", "event": {"p": deep_object(depth, in_dicts)}},
+        st.integers(MAX_DEPTH - 4, 600),
+        st.booleans(),
+    ),
+)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except ValueError:  # an integer past Python's int-to-text limit: cannot be enqueued
+        return False
+    return True
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(envelopes, json_values), min_size=1, max_size=20))
+@given(st.lists(_dispatcher_garbage.filter(_json_safe), min_size=1, max_size=20))
 async def test_embedded_dispatcher_survives_garbage_and_accounts_for_every_message(
     garbage: list[Any],
 ) -> None:
