@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Callable
 
+import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.testclient import TestClient
@@ -446,6 +447,15 @@ async def test_a_deeply_nested_message_is_dead_lettered_with_the_reason_and_list
     out = io.StringIO()
     assert cli_run(["dlq", "show", record.id, "--json"], bus, out) == 0
     assert json.loads(out.getvalue())["envelope"].count("[") == 500
+    app = FastAPI()  # the bus runs on this test's loop already
+    app.state.event_bus = bus
+    app.include_router(dlq_router(allow_unauthenticated=True))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        listed = (await client.get("/eventbus/dlq")).json()["items"]
+        assert record.id in [item["id"] for item in listed]
+        shown = (await client.get(f"/eventbus/dlq/{record.id}")).json()
+        assert shown["envelope"].count("[") == 500 and shown["error_type"] == "EventDecodeError"
 
 
 async def test_replay_of_an_undecodable_record_is_refused_and_keeps_the_record(
