@@ -4,15 +4,18 @@ cannot be written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
 
-from eventbus import EventBus
+import pytest
+
+from eventbus import EventBus, HealthStatus
 from eventbus.backends.kafka import KafkaBackend
 from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ORIGINAL_OFFSET
 from tests.kafka_events import Numbered
-from tests.kafka_helpers import committed_offsets, create_topic, read_topic
+from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
 
 pytest_plugins = ["tests.kafka_support"]
 
@@ -62,3 +65,98 @@ async def test_deeply_nested_records_are_dead_lettered_and_the_partition_moves_o
     records = sorted(await bus.dlq.apeek(limit=10), key=lambda r: r.offset or 0)
     assert [r.envelope for r in records] == [deep(depth).decode() for depth in depths]
     assert [json.loads(r.value)["offset"] for r in dead] == [0, 1, 2, 3]
+
+
+def keys_of_partition(partition: int, partitions: int, count: int) -> list[str]:
+    """``count`` keys that the default partitioner sends to ``partition``."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    choose = DefaultPartitioner()
+    every = list(range(partitions))
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        key = f"key-{n}"
+        if choose(key.encode(), every, every) == partition:
+            found.append(key)
+        n += 1
+    return found
+
+
+async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
+    make_kafka_bus: Callable[..., EventBus],
+    kafka_bootstrap: str,
+    kafka_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from eventbus.backends import kafka_bridge
+
+    monkeypatch.setattr(kafka_bridge, "PAUSE_AFTER", 0.5)  # seconds full before a pause
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 2)
+    stuck_keys = keys_of_partition(0, 2, 12)
+    free_keys = keys_of_partition(1, 2, 40)
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(event: Numbered) -> None:
+        started.append(event.key)
+        if event.key in stuck_keys:
+            await release.wait()  # a handler stuck on partition 0
+
+    bus = make_kafka_bus(max_in_flight=8)  # 4 records per assigned partition
+    await bus.registry.register(topic, handler, name=f"{topic}.h")
+    await bus.start()
+    await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(stuck_keys)])
+    await wait_for(lambda: len(started) >= 4, 20, "partition 0's handlers to start")
+    await asyncio.sleep(1.0)  # partition 0 full for longer than PAUSE_AFTER
+    free = [Numbered(topic=topic, n=100 + i, key=k) for i, k in enumerate(free_keys)]
+    await bus.publish_many(free)
+
+    await wait_for(
+        lambda: set(free_keys) <= set(started), 20, "partition 1 to flow past partition 0"
+    )
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
+    bridge = backend.bridge
+    assert len([k for k in started if k in stuck_keys]) == 4  # its share, no more
+    await wait_for(lambda: len(bridge.paused) == 1, 10, "the stuck partition to pause")
+    assert [tp.partition for tp in bridge.paused] == [0]
+    [health] = [r for r in await bus.health.check() if r.backend == "kafka-bridge"]
+    assert health.status is HealthStatus.HEALTHY, health.detail
+    assert "1 partition(s) paused" in health.detail
+
+    release.set()
+    await bus.drain(timeout=20)
+    assert sorted(started) == sorted(stuck_keys + free_keys)
+    assert bridge.paused == [] and bridge.in_flight == 0
+
+
+async def test_a_dead_letter_that_cannot_be_written_shows_in_health(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    # A 249-character topic is valid; its DLQ topic (253 characters) is not: every
+    # write of its dead letters fails, and the partition cannot commit past them.
+    topic = (kafka_names[0] + ".") + "x" * (249 - len(kafka_names[0]) - 1)
+    await create_topic(kafka_bootstrap, topic, 1)
+
+    async def fails(event: Numbered) -> None:
+        raise RuntimeError("payment service down")
+
+    bus = make_kafka_bus(publish_timeout=1)
+    await bus.registry.register(topic, fails, name="tests.fails")
+    await bus.start()
+    await bus.publish(Numbered(topic=topic, n=1))
+
+    async def bridge_health() -> Any:
+        return next(r for r in await bus.health.check() if r.backend == "kafka-bridge")
+
+    health = await bridge_health()
+    for _ in range(100):
+        if health.status is not HealthStatus.HEALTHY:
+            break
+        await asyncio.sleep(0.1)
+        health = await bridge_health()
+    assert health.status is HealthStatus.DEGRADED, health.detail
+    assert "dead letter" in health.detail and f"{topic}.dlq" in health.detail
+    assert "not written" in health.detail

@@ -549,7 +549,8 @@ class KafkaBackend(Backend):
             return [HealthResult(name, HealthStatus.UNHEALTHY, detail)]
         if not self._topics():
             return [HealthResult(name, HealthStatus.HEALTHY, "idle: no subscribed topics")]
-        age = time.monotonic() - bridge.last_poll if bridge.last_poll else None
+        now = time.monotonic()
+        age = now - bridge.last_poll if bridge.last_poll else None
         stale = max(STALE_POLL, self.session_timeout_ms / 1000)
         parts = [
             f"group {self.group_id}",
@@ -557,11 +558,24 @@ class KafkaBackend(Backend):
             f"last poll {age:.1f}s ago" if age is not None else "no poll yet",
             f"{bridge.in_flight} record(s) in flight",
         ]
+        paused = bridge.paused
+        if paused:
+            parts.append(f"{len(paused)} partition(s) paused (handlers stuck)")
         if lag is not None:
             parts.append(f"lag {lag}")
         detail = ", ".join(parts)
         if age is not None and age > stale:
             return [HealthResult(name, HealthStatus.UNHEALTHY, f"consumer stalled: {detail}")]
+        failing = self.dead_letters.failing_writes()
+        if failing:
+            first = failing[0]
+            more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
+            problem = (
+                f"dead letter {first.record_id} to {first.topic} not written after "
+                f"{first.attempts} attempt(s) in {now - first.since:.0f}s{more}: "
+                f"{first.error}; its partition cannot commit past it"
+            )
+            return [HealthResult(name, HealthStatus.DEGRADED, f"{problem}; {detail}")]
         return [HealthResult(name, HealthStatus.HEALTHY, detail)]
 
 

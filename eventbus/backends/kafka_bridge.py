@@ -14,6 +14,15 @@ of its partition, never the other way round.  Offsets are committed after a
 fetch when something finished and :data:`COMMIT_INTERVAL` seconds passed since
 the last commit, on revoke, and at shutdown; never automatically.
 
+**Budget.**  ``max_in_flight`` is shared equally by the assigned partitions:
+each may hold ``max_in_flight / assigned`` records (at least one) dispatched and
+not yet committable.  A full partition is simply not fetched until a record of
+it finishes; one full for :data:`PAUSE_AFTER` seconds (a stuck or slow handler,
+an ordered key waiting, a dead letter that cannot be written) is paused alone,
+and resumed once it has room: the other partitions keep flowing.  Records
+fetched past a partition's share wait in the bridge (at most one fetch per
+partition) and are dispatched as its records finish.
+
 **Rebalances.**  When partitions are revoked, the bridge stops dispatching their
 records, waits up to ``revoke_timeout`` seconds for their in-flight handlers,
 commits what finished, then lets them go.  Messages of a released partition that
@@ -51,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import ConsumerRebalanceListener
+from aiokafka.errors import IllegalStateError
 from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
 
@@ -83,7 +93,7 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 #: Milliseconds the broker may hold a fetch request open waiting for records.
 FETCH_MAX_WAIT_MS = 20
-#: Seconds at max_in_flight after which fetching pauses while polling goes on.
+#: Seconds a partition may be full (its share of max_in_flight) before it is paused.
 PAUSE_AFTER = 5.0
 #: Seconds between offset commits while records finish.
 COMMIT_INTERVAL = 0.1
@@ -107,10 +117,14 @@ class _Poison(Exception):
 @dataclass(eq=False)
 class _Partition:
     tp: TopicPartition
-    records: deque[_Record] = field(default_factory=deque)
+    records: deque[_Record] = field(default_factory=deque)  # dispatched, not committable
+    waiting: deque[ConsumerRecord] = field(default_factory=deque)  # fetched past the share
     committable: int | None = None  # next offset to commit
     committed: int | None = None
     released: bool = False
+    full_since: float | None = None  # since when it has no room
+    paused: bool = False
+    draining: bool = False
 
 
 @dataclass(eq=False)
@@ -180,7 +194,8 @@ class KafkaBridge:
       dead_letters: Where poison records go (their topic plus the DLQ suffix).
       auto_offset_reset: Where a group without committed offsets starts.
       session_timeout_ms, heartbeat_interval_ms: Group membership timing.
-      max_in_flight: Records fetched and not yet committable before fetching pauses.
+      max_in_flight: Records dispatched and not yet committable, shared equally by
+        the assigned partitions (see Budget above).
       revoke_timeout: Seconds revoked partitions' handlers get to finish.
       accept_unknown_types: Deliver events of types this process does not know as
         :class:`~eventbus.events.UnknownEvent` instead of dead-lettering them.
@@ -232,7 +247,8 @@ class KafkaBridge:
         self._deliveries: dict[str, _Delivery] = {}
         self._chains: dict[tuple[str, bytes], deque[Message[Any]]] = {}
         self._in_flight = 0
-        self._progress = asyncio.Event()
+        self._progress = asyncio.Event()  # a record finished
+        self._room = asyncio.Event()  # a full partition can be fetched again
         self._dirty = False
         self._last_commit = 0.0
         self._stopping = False
@@ -261,8 +277,17 @@ class KafkaBridge:
 
     @property
     def in_flight(self) -> int:
-        """Records fetched whose offset is not committable yet."""
+        """Records dispatched whose offset is not committable yet."""
         return self._in_flight
+
+    @property
+    def paused(self) -> list[TopicPartition]:
+        """The partitions paused because they stayed full (see Budget above)."""
+        return [part.tp for part in self._partitions.values() if part.paused]
+
+    def share(self) -> int:
+        """Records each assigned partition may have in flight."""
+        return max(1, self.max_in_flight // max(1, len(self._partitions)))
 
     async def pause(self) -> None:
         """Stop fetching and dispatching (the consumer stays in the group)."""
@@ -270,6 +295,7 @@ class KafkaBridge:
         task = self._task
         if task is not None and not task.done():
             self._progress.set()
+            self._room.set()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._consuming.wait()), CLOSE_TIMEOUT)
 
@@ -335,31 +361,31 @@ class KafkaBridge:
 
     async def _consume(self, consumer: AIOKafkaConsumer, topics: list[str]) -> None:
         self._consuming.clear()
-        full_since: float | None = None  # since when max_in_flight records are in flight
         try:
             while not self._stopping:
                 current = sorted(self.topics())
                 if current != topics and current:
                     topics = current
                     consumer.subscribe(topics, listener=_Listener(self, consumer))
-                room = self.max_in_flight - self._in_flight
-                if room > 0:
-                    full_since = None
+                fetch, room = self._flow(consumer)
+                if fetch:
+                    # Only partitions with room: a full one keeps what aiokafka
+                    # prefetched for it (pausing would drop it), unfetched.
+                    batch = await consumer.getmany(
+                        *fetch, timeout_ms=POLL_TIMEOUT_MS, max_records=room
+                    )
+                elif any(not part.paused for part in self._partitions.values()):
+                    # Backpressure: every partition is full, none for long: wait for
+                    # handlers to finish (polling goes on once they are paused).
+                    await self._wait_for_room()
+                    await self._commit_due(consumer)
+                    continue
                 else:
-                    now = time.monotonic()
-                    full_since = now if full_since is None else full_since
-                    if now - full_since < PAUSE_AFTER:
-                        # Backpressure: fetch nothing until handlers settle a quarter
-                        # of what is in flight.  Not consumer.pause() at once: aiokafka
-                        # drops what it prefetched for paused partitions, and getmany()
-                        # on paused partitions idles its whole timeout (200 ms a pause).
-                        await self._wait_for_room()
-                        await self._commit_due(consumer)
-                        continue
-                # Handlers stuck for long: pause and keep polling, so the group does
-                # not take this consumer for dead (max.poll.interval.ms).
-                self._flow(consumer, room > 0)
-                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(room, 1))
+                    # No partition yet (joining the group), or all paused: poll, so
+                    # the group does not take this consumer for dead.
+                    batch = await consumer.getmany(
+                        timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_in_flight
+                    )
                 self.last_poll = time.monotonic()
                 if self._stopping:
                     break  # not dispatched: delivered again after the restart
@@ -367,8 +393,8 @@ class KafkaBridge:
                     partition = self._partitions.get(tp)
                     if partition is None:
                         continue  # revoked while fetching; its new owner reads it again
-                    for record in records:
-                        self._dispatch(partition, record)
+                    partition.waiting.extend(records)
+                    self._drain(partition)
                 await self._commit_due(consumer)
         finally:
             self._consuming.set()
@@ -379,26 +405,62 @@ class KafkaBridge:
             await self._commit(consumer, list(self._partitions.values()))
 
     async def _wait_for_room(self) -> None:
-        """Wait (one poll interval at most) until in-flight records drop to 3/4 of
-        ``max_in_flight`` or the bridge stops."""
-        low_water = self.max_in_flight - max(1, self.max_in_flight // 4)
-        deadline = time.monotonic() + POLL_TIMEOUT_MS / 1000
-        while self._in_flight > low_water and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), remaining)
+        """Wait (one poll interval at most) until a full partition has room again
+        or the bridge stops."""
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), POLL_TIMEOUT_MS / 1000)
         self.last_poll = time.monotonic()  # the loop is alive, only waiting on handlers
 
-    def _flow(self, consumer: AIOKafkaConsumer, open_: bool) -> None:
-        assigned = consumer.assignment()
-        paused = consumer.paused()
-        if open_ and paused:
-            consumer.resume(*paused)
-        elif not open_ and assigned and not paused:
-            consumer.pause(*assigned)
+    def _flow(self, consumer: AIOKafkaConsumer) -> tuple[list[TopicPartition], int]:
+        """The partitions to fetch from and how many records they may take; pauses
+        partitions full for PAUSE_AFTER seconds and resumes those with room."""
+        now = time.monotonic()
+        share = self.share()
+        fetch: list[TopicPartition] = []
+        room = 0
+        for part in self._partitions.values():
+            free = share - len(part.records)
+            if free > 0 and not part.waiting:
+                part.full_since = None
+                if part.paused:
+                    part.paused = False
+                    with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                        consumer.resume(part.tp)
+                fetch.append(part.tp)
+                room += free
+            elif part.full_since is None:
+                part.full_since = now
+            elif not part.paused and now - part.full_since >= PAUSE_AFTER:
+                part.paused = True
+                with contextlib.suppress(IllegalStateError):
+                    consumer.pause(part.tp)
+                logger.info(
+                    "Kafka bridge paused %s[%d]: %d record(s) in flight for %.0fs.",
+                    part.tp.topic,
+                    part.tp.partition,
+                    len(part.records),
+                    now - part.full_since,
+                )
+        return fetch, room
+
+    def _drain(self, part: _Partition) -> None:
+        """Dispatch the partition's waiting records while it has room."""
+        if part.draining:
+            return  # a record settled while dispatching: the loop below goes on
+        part.draining = True
+        try:
+            share = self.share()
+            waiting = part.waiting
+            while (
+                waiting
+                and len(part.records) < share
+                and not self._stopping
+                and self._partitions.get(part.tp) is part  # not revoked
+            ):
+                self._dispatch(part, waiting.popleft())
+        finally:
+            part.draining = False
 
     # -- rebalance -------------------------------------------------------------
 
@@ -446,6 +508,7 @@ class KafkaBridge:
                 part.released = True
                 self._in_flight -= len(part.records)
                 part.records.clear()
+                part.waiting.clear()
             self._partitions.pop(part.tp, None)
 
     # -- dispatch ---------------------------------------------------------------
@@ -646,6 +709,14 @@ class KafkaBridge:
             self._in_flight -= 1
             self._dirty = True
         self._progress.set()
+        if part.waiting:
+            self._drain(part)
+        if (
+            not part.waiting
+            and part.full_since is not None
+            and len(records) <= self.share() * 3 // 4
+        ):
+            self._room.set()  # fetch again once a quarter of its share is free
 
     async def _commit(self, consumer: AIOKafkaConsumer, parts: list[_Partition]) -> None:
         offsets = {
@@ -681,7 +752,8 @@ class KafkaBridge:
                 return None
             base = part.committed if part.committed is not None else part.committable
             if base is None:
-                base = await consumer.position(part.tp) - len(part.records)
+                position = await consumer.position(part.tp)
+                base = position - len(part.records) - len(part.waiting)
             total += max(0, high - base)
         return total
 

@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
@@ -64,6 +65,25 @@ WRITE_BACKOFF_MIN = 0.1
 WRITE_BACKOFF_MAX = 5.0
 
 _OPS = ("remove", "claim", "release")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFailure:
+    """A dead letter the store keeps failing to write.
+
+    Attributes:
+      record_id: The dead letter's id.
+      topic: Its DLQ topic.
+      since: ``time.monotonic()`` of the first failed attempt.
+      attempts: Failed attempts so far.
+      error: The last attempt's error.
+    """
+
+    record_id: str
+    topic: str
+    since: float
+    attempts: int
+    error: str
 
 
 def dead_letter_headers(record: FailedEvent) -> list[tuple[str, bytes]]:
@@ -132,6 +152,7 @@ class KafkaDeadLetterStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._writes: dict[str, asyncio.Task[None]] = {}
+        self._failing: dict[str, WriteFailure] = {}
         self._closing = False
 
     def dlq_topic(self, topic: str) -> str:
@@ -190,27 +211,44 @@ class KafkaDeadLetterStore:
             broker acknowledged the record.
         """
         delay = WRITE_BACKOFF_MIN
-        while True:
-            producer = self._producer
-            if producer is None or self._closing:
-                raise BackendError(
-                    f"dead letter {record.id} not written: the backend stopped", backend="kafka"
-                )
-            try:
-                await asyncio.wait_for(self._send(producer, record), self.operation_timeout)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.error(
-                    "Could not write dead letter %s to %s (%s); retrying in %.1fs.",
-                    record.id,
-                    self.dlq_topic(record.topic),
-                    exc,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WRITE_BACKOFF_MAX)
+        try:
+            while True:
+                producer = self._producer
+                if producer is None or self._closing:
+                    raise BackendError(
+                        f"dead letter {record.id} not written: the backend stopped",
+                        backend="kafka",
+                    )
+                try:
+                    await asyncio.wait_for(self._send(producer, record), self.operation_timeout)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failure = self._failing.get(record.id)
+                    self._failing[record.id] = WriteFailure(
+                        record_id=record.id,
+                        topic=self.dlq_topic(record.topic),
+                        since=failure.since if failure is not None else time.monotonic(),
+                        attempts=failure.attempts + 1 if failure is not None else 1,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    logger.error(
+                        "Could not write dead letter %s to %s (%s); retrying in %.1fs.",
+                        record.id,
+                        self.dlq_topic(record.topic),
+                        exc,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_BACKOFF_MAX)
+        finally:
+            self._failing.pop(record.id, None)
+
+    def failing_writes(self) -> list[WriteFailure]:
+        """Dead letters whose write failed at least once and is still being retried
+        (their partitions cannot commit past them), oldest first."""
+        return sorted(self._failing.values(), key=lambda failure: failure.since)
 
     async def _send(self, producer: AIOKafkaProducer, record: FailedEvent) -> None:
         value = json.dumps(record.to_dict(), separators=(",", ":"), default=str).encode()
