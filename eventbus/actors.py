@@ -33,6 +33,8 @@ import asyncio
 import gc
 import importlib
 import logging
+import os
+import signal
 from collections.abc import Callable
 
 import dramatiq
@@ -116,6 +118,11 @@ class DeclareHandlers(Middleware):
             mark_process_dead()
 
 
+def _exit(reason: str) -> None:
+    logger.critical("Stopping this worker process: %s.", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _build() -> EventBus:
     settings = EventBusSettings()
     if settings.backend == "sync":
@@ -129,6 +136,10 @@ def _build() -> EventBus:
 
         if isinstance(bus.backend, RedisBackend):
             bus.backend.runs_worker = False  # the dramatiq CLI runs the Worker
+            # A worker thread that died leaves this process unable to handle events:
+            # exit (SIGTERM ourselves: a graceful stop) so that a supervisor restarts it.
+            assert bus.backend.broker is not None
+            bus.backend.broker.on_failure = _exit
     dramatiq.set_broker(bus.broker)
     bus.broker.add_middleware(DeclareHandlers(bus, handler_modules(settings.handlers)))
     return bus

@@ -212,7 +212,7 @@ def test_rolling_deploy_adds_then_deletes_a_handler(
     assert listed["tests|orders.audit"]["live_workers"] == 1
 
     refused = cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice")
-    assert refused.returncode == 2 and "--yes" in refused.stdout
+    assert refused.returncode == 2 and "--yes" in refused.stdout + refused.stderr
     removed = cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice", "--yes")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert "15 waiting event(s) dead-lettered" in removed.stdout

@@ -362,6 +362,29 @@ async def test_a_failed_attempt_is_retried_after_its_delay(
     assert bus.dlq.size() == 0
 
 
+async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhere(
+    make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
+) -> None:
+    from tests.dying_handlers import Doom
+
+    modules = ("tests.dying_handlers",)
+    doomed = workers.start(modules, threads=1)
+    bus = make_redis_bus()
+    await bus.start()
+    event = Doom()
+    await bus.publish(event)
+    r = client_for(redis_url)
+    await wait_for(lambda: r.exists(h.key("thread-killed", namespace)) == 1, 10, "the kill")
+    # Without its only thread the worker would hold the event while its heartbeat
+    # says it is alive; it exits instead, putting the event back.
+    await wait_for(lambda: doomed.process.poll() is not None, 20, "the worker to exit")
+    assert "worker thread(s) died" in doomed.output()
+    workers.start(modules, threads=1)
+    ok = h.key(f"doomed-ok:{event.event_id}", namespace)
+    await wait_for(lambda: r.exists(ok) == 1, 20, "the event, handled by another worker")
+    assert int(r.get(ok) or 0) == 2
+
+
 # -- recovery and dead letters, in process ---------------------------------------------
 
 

@@ -398,6 +398,11 @@ class RedisBackend(Backend):
                 HealthResult(workers_name, HealthStatus.UNHEALTHY, "unknown: Redis unreachable"),
             ]
         results = [HealthResult(broker_name, HealthStatus.HEALTHY, f"ping {rtt:.1f} ms")]
+        failed = self.broker.failed if self.broker is not None else None
+        if self.worker is not None and failed is not None:
+            results.append(
+                HealthResult(f"{self.name}.worker", HealthStatus.UNHEALTHY, f"stopped: {failed}")
+            )
         stranded = [s for s in rows if s.backlog and not s.live_workers]
         if stranded:
             listed = ", ".join(

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
@@ -40,6 +40,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 
 from ..config import DEFAULT_REDIS_NAMESPACE, DEFAULT_REDIS_REDELIVERY_TIMEOUT
+from ..events import MAX_DEPTH, text_too_deep
 from ..middleware import DeadLetters, keys
 from . import redis_scripts as lua
 from .base import CachedHooksBroker
@@ -65,6 +66,9 @@ WORKER_SOCKET_TIMEOUT = 10.0
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
 #: Seconds between ``join()`` polls.
 JOIN_POLL_INTERVAL = 0.01
+#: Deepest nesting of a message's JSON: an event envelope's limit plus the message's
+#: own levels (message, args, envelope).
+MAX_MESSAGE_DEPTH = MAX_DEPTH + 3
 #: Actor name given to the dead letter of bytes that are not a dramatiq message.
 UNDECODABLE_ACTOR = "<undecodable>"
 
@@ -80,6 +84,9 @@ class _RedisMessage(MessageProxy):
     def __init__(self, message: Message[Any], entry: bytes) -> None:
         super().__init__(message)
         self.entry = entry
+        #: Set once the middleware chain saw the outcome: an entry acked without it
+        #: comes from a worker thread that died mid-message, and is put back.
+        self.settled = False
 
 
 class ReliableRedisBroker(CachedHooksBroker):
@@ -126,6 +133,12 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._park = client.register_script(lua.PARK)
         self._heartbeat: _Heartbeat | None = None
         self._beaten = False
+        #: Why this worker stopped taking events (a worker thread died), or None.
+        self.failed: str | None = None
+        #: Called once when :attr:`failed` is set (the worker entry point exits the
+        #: process, so that its supervisor restarts it).
+        self.on_failure: Callable[[str], None] | None = None
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._beat_lock = threading.Lock()
         self.add_middleware(_WorkerLifecycle())
@@ -226,8 +239,36 @@ class ReliableRedisBroker(CachedHooksBroker):
         self.service = service
         return self.subscriptions
 
+    def thread_started(self, thread: threading.Thread) -> None:
+        """Watch a dramatiq worker thread (see :meth:`check_threads`)."""
+        self._threads.add(thread)
+
+    def thread_stopped(self, thread: threading.Thread) -> None:
+        """A worker thread stopped as it should."""
+        self._threads.discard(thread)
+
+    def check_threads(self) -> str | None:
+        """Fail this worker when a dramatiq worker thread died instead of stopping:
+        its events would sit in this worker's hands while its heartbeat says it is
+        alive.  It stops beating and taking events, so that live workers recover
+        what it held; returns the reason."""
+        if self.failed is None:
+            dead = sorted(t.name for t in list(self._threads) if not t.is_alive())
+            if dead:
+                self.failed = f"worker thread(s) died: {', '.join(dead)}"
+                logger.critical(
+                    "%s; this worker stops taking events and its in-flight events go to "
+                    "other workers within the redelivery timeout.",
+                    self.failed,
+                )
+                if self.on_failure is not None:
+                    self.on_failure(self.failed)
+        return self.failed
+
     def beat(self) -> int:
         """Send one heartbeat and run one recovery pass; returns messages put back."""
+        if self.check_threads() is not None:
+            return 0  # silent: live workers recover what this one held
         ns = self.namespace
         handlers = "\n".join(
             f"{actor.queue_name}|{name}"
@@ -309,7 +350,33 @@ class _Heartbeat(threading.Thread):
 
 
 class _WorkerLifecycle(Middleware):
-    """Releases the worker's hold on its messages once dramatiq's Worker stopped."""
+    """Watches the Worker's threads, and releases the worker's hold on its messages
+    once dramatiq's Worker stopped."""
+
+    def after_process_message(
+        self,
+        broker: dramatiq.Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        if isinstance(message, _RedisMessage):
+            message.settled = True
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if isinstance(message, _RedisMessage):
+            message.settled = True
+
+    def after_worker_thread_boot(self, broker: dramatiq.Broker, thread: threading.Thread) -> None:
+        if isinstance(broker, ReliableRedisBroker):
+            broker.thread_started(thread)
+
+    def before_worker_thread_shutdown(
+        self, broker: dramatiq.Broker, thread: threading.Thread
+    ) -> None:
+        if isinstance(broker, ReliableRedisBroker):
+            broker.thread_stopped(thread)
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if isinstance(broker, ReliableRedisBroker):
@@ -346,6 +413,17 @@ class _RedisConsumer(Consumer):
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
+        if isinstance(message, _RedisMessage) and not message.settled:
+            # Dramatiq acks a message whose worker thread died before the outcome
+            # reached the middleware (neither handled nor dead-lettered): keep it.
+            logger.error(
+                "Event %s of handler %s was not finished (its worker thread died); "
+                "putting it back.",
+                message.message_id,
+                message.actor_name,
+            )
+            self.requeue([message])
+            return
         self._remove(message)
 
     def nack(self, message: MessageProxy) -> None:
@@ -445,6 +523,9 @@ class _RedisConsumer(Consumer):
                 )
 
     def _next(self) -> MessageProxy | None:
+        if self.broker.failed is not None:
+            time.sleep(self.timeout)  # a failed worker takes nothing more
+            return None
         if self.must_reclaim:
             self._reclaim()
             self.must_reclaim = False
@@ -493,6 +574,12 @@ class _RedisConsumer(Consumer):
             return self._decode(entry, body)
 
     def _decode(self, entry: bytes, body: bytes) -> MessageProxy | None:
+        if text_too_deep(body, MAX_MESSAGE_DEPTH):
+            # Never handed to dramatiq: its failure log would take the message's repr.
+            self._reject_raw(
+                entry, body, InvalidMessage(f"nested deeper than {MAX_MESSAGE_DEPTH} levels")
+            )
+            return None
         try:
             message = Message.decode(body)
         except DecodeError as exc:

@@ -9,6 +9,7 @@ dead-letters what it cannot run, with the reason.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from dramatiq import Message
@@ -45,6 +46,9 @@ _OPTION_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "eta": ((int, float, type(None)), "a number"),
     "time_limit": ((int, float, type(None)), "a number"),
 }
+#: Seconds ahead an ``eta`` option may be: eventbus never sets one (retries wait in
+#: Redis, not in a worker's memory), so a far one is foreign.
+MAX_ETA_AHEAD = 60.0
 #: Epoch milliseconds of the end of year 9999 (the largest datetime).
 _MAX_EPOCH_MS = 253_402_300_799_000
 
@@ -85,6 +89,11 @@ def message_problem(message: Message[Any], queue: str) -> str | None:
         return f"option {keys.TRACE_CONTEXT} must map names to strings"
     if options.get("throws"):
         return "option throws cannot be set in JSON (dramatiq expects exception classes)"
+    eta = options.get("eta")
+    if eta is not None and eta > time.time() * 1000 + MAX_ETA_AHEAD * 1000:
+        # eventbus never sets eta (retries wait in Redis); a worker would hold such a
+        # message in memory until then, starving its other work.
+        return f"option eta is more than {MAX_ETA_AHEAD:g}s in the future"
     return None
 
 

@@ -42,6 +42,7 @@ from eventbus.backends.kafka_config import (
     HEADER_TRACEPARENT,
 )
 from eventbus.backends.redis import RedisBackend
+from eventbus.backends.redis_messages import MAX_ETA_AHEAD
 from eventbus.backends.redis_scripts import bodies_key, ready_key
 from eventbus.events import MAX_DEPTH
 from eventbus.middleware import keys
@@ -403,20 +404,50 @@ def _delayed_on_purpose(item: bytes | dict[str, Any]) -> bool:
     if isinstance(item, bytes):
         try:
             document = json.loads(item)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
     options = document.get("options") if isinstance(document, dict) else None
     eta = options.get("eta") if isinstance(options, dict) else None
-    return isinstance(eta, int | float) and not isinstance(eta, bool) and eta > time.time() * 1000
+    if not isinstance(eta, int | float) or isinstance(eta, bool):
+        return False
+    now = time.time() * 1000
+    # A far eta is dead-lettered (MAX_ETA_AHEAD); a near one is waited for, as asked.
+    return now < eta <= now + MAX_ETA_AHEAD * 1000 + 1000
+
+
+def _deep_message(actor: str, depth: int) -> bytes:
+    """A well-formed message whose envelope nests ``depth`` levels (as bytes: hypothesis
+    cannot print objects that deep)."""
+    envelope = b'{"type":"tests.reliability.handlers.Tracked","event":{"n":'
+    envelope += b"[" * depth + b"1" + b"]" * depth + b"}}"
+    shape = json.dumps({**_VALID_SHAPE, "actor_name": actor, "args": ["@"]}).encode()
+    return shape.replace(b'["@"]', b"[" + envelope + b"]")
+
+
+def _deep_and_out_of_range(actor: str) -> st.SearchStrategy[bytes | dict[str, Any]]:
+    """Message-shaped objects nested far too deep, and option values far out of range."""
+    deep = st.integers(min_value=60, max_value=100_000).map(lambda d: _deep_message(actor, d))
+    deep_text = st.integers(min_value=60, max_value=100_000).map(
+        lambda d: b'{"type":"x","event":{"p":' + b"[" * d + b"]" * d + b"}}"
+    )
+    out_of_range = st.builds(
+        lambda key, value: {**_VALID_SHAPE, "actor_name": actor, "options": {key: value}},
+        st.sampled_from(["eta", "time_limit", keys.ATTEMPTS, keys.FIRST_FAILED_AT]),
+        st.sampled_from([1e16, -1e16, 2**63, -(2**63), 1e308, 10**30]),
+    )
+    return st.one_of(deep, deep_text, out_of_range)
 
 
 def _queue_garbage(actor: str) -> st.SearchStrategy[bytes | dict[str, Any]]:
     """Bytes for a queue, or message-shaped objects (encoded by the test)."""
     encoded = st.one_of(json_values, envelopes).map(lambda value: json.dumps(value).encode())
     # b"" is excluded: an empty string in a ready list is a wake-up token by design.
-    return st.one_of(st.binary(min_size=1, max_size=256), encoded, _message_shaped(actor)).filter(
-        lambda item: not _delayed_on_purpose(item)
-    )
+    return st.one_of(
+        st.binary(min_size=1, max_size=256),
+        encoded,
+        _message_shaped(actor),
+        _deep_and_out_of_range(actor),
+    ).filter(lambda item: not _delayed_on_purpose(item))
 
 
 _unique = itertools.count()
@@ -492,6 +523,9 @@ async def test_redis_worker_dead_letters_garbage_in_its_queue_and_goes_on(
     @example([{**_VALID_SHAPE, "actor_name": actor, "options": {"throws": "x"}}])
     @example([{**_VALID_SHAPE, "actor_name": ["a"]}, {**_VALID_SHAPE, "message_id": True}])
     @example([{**_VALID_SHAPE, "actor_name": actor, "options": {keys.ATTEMPTS: "2"}}])
+    # Issue 12: an envelope ~1,000 deep killed worker threads; a far eta starved the worker.
+    @example([_deep_message(actor, 1000)] * 2)
+    @example([{**_VALID_SHAPE, "actor_name": actor, "options": {"eta": 1e16}}] * 40)
     def garbage_then_a_good_event(items: list[bytes | dict[str, Any]]) -> None:
         garbage = [_encode(item) for item in items]
         dead_before = bus.dlq.size()
