@@ -385,6 +385,29 @@ async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhe
     assert int(r.get(ok) or 0) == 2
 
 
+async def test_backlog_gauge_counts_waiting_events_per_queue(
+    redis_url: str, namespace: str
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from eventbus.prometheus import PrometheusMetricsCollector
+
+    sync_subscriptions(redis_url, namespace)
+    registry = CollectorRegistry()
+    backend = RedisBackend(url=redis_url, namespace=namespace)
+    bus = EventBus(backend=backend, metrics=PrometheusMetricsCollector(registry=registry))
+    await bus.start()
+    try:
+        await bus.publish_many([h.Numbered(n=i) for i in range(3)])
+        await bus.publish(h.Flaky())
+        text = (await asyncio.to_thread(generate_latest, registry)).decode()
+        assert f'eventbus_backlog{{queue="{DEFAULT_QUEUE}"}} 4.0' in text
+        assert f'eventbus_backlog{{queue="{OTHER_QUEUE}"}} 3.0' in text
+    finally:
+        await bus.stop()
+        backend.broker.close()  # type: ignore[union-attr]
+
+
 # -- recovery and dead letters, in process ---------------------------------------------
 
 
