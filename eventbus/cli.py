@@ -38,7 +38,7 @@ import re
 import socket
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import unquote
 
@@ -91,7 +91,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return text
 
 
-def _secrets(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+def _secrets(environ: Mapping[str, str]) -> list[str]:
     """The secret values of the ``EVENTBUS_*`` environment (URL passwords included)."""
     found = [environ.get(ENV_PREFIX + name, "") for name in _SECRET_SETTINGS]
     for name, value in environ.items():
@@ -105,11 +105,12 @@ def _secrets(environ: dict[str, str] | os._Environ[str]) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    doc = __doc__ or ""
+    doc = __doc__ or ""  # None under python -OO
+    _, heading, codes = doc.partition("Exit status:")
     parser = argparse.ArgumentParser(
         prog="eventbus",
         description=doc.split("\n")[0],
-        epilog=doc[doc.index("Exit status:") :],
+        epilog=heading + codes,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"eventbus {__version__}")
