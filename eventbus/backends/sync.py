@@ -23,13 +23,12 @@ from dramatiq.errors import QueueNotFound
 from pydantic_core import from_json
 
 from ..config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
-from ..context import new_message_id
 from ..dispatch import Dispatcher
 from ..exceptions import BackendError, ShutdownError, UnroutedError
 from ..health import HealthResult, HealthStatus
 from ..middleware.dead_letters import DeadLetters
 from ..routing import Router, Subscriptions
-from .base import Backend, CachedHooksBroker, OutgoingEvent, replay_message
+from .base import Backend, CachedHooksBroker, OutgoingEvent, handler_message, replay_message
 
 if TYPE_CHECKING:
     from ..dlq import FailedEvent
@@ -154,16 +153,7 @@ class SyncBackend(Backend):
             envelope = from_json(outgoing.envelope)
             options = outgoing.options
             for actor in actors:
-                enqueue(
-                    Message(
-                        queue_name=actor.queue_name,
-                        actor_name=actor.actor_name,
-                        args=(envelope,),
-                        kwargs={},
-                        options=dict(options),
-                        message_id=new_message_id(),
-                    )
-                )
+                enqueue(handler_message(actor, envelope, options))
         return unrouted
 
     def backlog(self) -> dict[str, int]:
