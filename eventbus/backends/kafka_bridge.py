@@ -368,12 +368,10 @@ class KafkaBridge:
                     topics = current
                     consumer.subscribe(topics, listener=_Listener(self, consumer))
                 fetch, room = self._flow(consumer)
-                if fetch:
-                    # Only partitions with room: a full one keeps what aiokafka
-                    # prefetched for it (pausing would drop it), unfetched.
-                    batch = await consumer.getmany(
-                        *fetch, timeout_ms=POLL_TIMEOUT_MS, max_records=room
-                    )
+                if len(fetch) == len(self._partitions) and fetch:
+                    batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
+                elif fetch:
+                    batch = await self._fetch_some(consumer, fetch, room)
                 elif any(not part.paused for part in self._partitions.values()):
                     # Backpressure: every partition is full, none for long: wait for
                     # handlers to finish (polling goes on once they are paused).
@@ -398,6 +396,30 @@ class KafkaBridge:
                 await self._commit_due(consumer)
         finally:
             self._consuming.set()
+
+    async def _fetch_some(
+        self, consumer: AIOKafkaConsumer, fetch: list[TopicPartition], room: int
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Fetch from the partitions with room only, until records come or a full
+        partition gets room again (then the next fetch includes it).
+
+        A full partition keeps what aiokafka prefetched for it (pausing would drop
+        it), unfetched.
+        """
+        self._room.clear()
+        getter = asyncio.ensure_future(
+            consumer.getmany(*fetch, timeout_ms=POLL_TIMEOUT_MS, max_records=room)
+        )
+        waiter = asyncio.ensure_future(self._room.wait())
+        try:
+            await asyncio.wait((getter, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not getter.done():
+                getter.cancel()  # nothing drained yet: records stay in aiokafka's buffer
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+        return getter.result() if not getter.cancelled() else {}
 
     async def _commit_due(self, consumer: AIOKafkaConsumer) -> None:
         """Commit what finished when the last commit is COMMIT_INTERVAL old."""
