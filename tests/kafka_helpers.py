@@ -31,10 +31,14 @@ from pathlib import Path
 
 import pytest
 
+from eventbus import RetryPolicy
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Group membership timing for tests: failover within ~2 s.
 SESSION_TIMEOUT_MS = 2000
 HEARTBEAT_INTERVAL_MS = 300
+#: One retry, 10 ms later: failures reach the dead letters quickly.
+FAST = RetryPolicy(max_retries=1, delay=0.01)
 #: Seconds Tansu may take to answer metadata after start.
 STARTUP_TIMEOUT = 10.0
 
@@ -269,3 +273,19 @@ async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def keys_of_partition(partition: int, partitions: int, count: int) -> list[str]:
+    """``count`` keys that the default partitioner sends to ``partition``."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    choose = DefaultPartitioner()
+    every = list(range(partitions))
+    found: list[str] = []
+    n = 0
+    while len(found) < count:
+        key = f"key-{n}"
+        if choose(key.encode(), every, every) == partition:
+            found.append(key)
+        n += 1
+    return found

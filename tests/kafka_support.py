@@ -12,14 +12,17 @@ from typing import Any
 
 import pytest
 
-from eventbus import EventBus, EventBusSettings, RetryPolicy
+from eventbus import EventBus, EventBusSettings
 from eventbus.backends.kafka import KafkaBackend
-from tests.kafka_helpers import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS, TansuBroker, Worker
+from tests.kafka_helpers import (
+    FAST,
+    HEARTBEAT_INTERVAL_MS,
+    SESSION_TIMEOUT_MS,
+    TansuBroker,
+    Worker,
+)
 
 _ids = itertools.count()
-
-#: One retry, 10 ms later: failures reach the dead letters quickly.
-FAST = RetryPolicy(max_retries=1, delay=0.01)
 
 
 @pytest.fixture(scope="session")

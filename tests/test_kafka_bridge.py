@@ -15,7 +15,13 @@ from eventbus import EventBus, HealthStatus
 from eventbus.backends.kafka import KafkaBackend
 from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ORIGINAL_OFFSET
 from tests.kafka_events import Numbered
-from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
+from tests.kafka_helpers import (
+    committed_offsets,
+    create_topic,
+    keys_of_partition,
+    read_topic,
+    wait_for,
+)
 
 pytest_plugins = ["tests.kafka_support"]
 
@@ -65,22 +71,6 @@ async def test_deeply_nested_records_are_dead_lettered_and_the_partition_moves_o
     records = sorted(await bus.dlq.apeek(limit=10), key=lambda r: r.offset or 0)
     assert [r.envelope for r in records] == [deep(depth).decode() for depth in depths]
     assert [json.loads(r.value)["offset"] for r in dead] == [0, 1, 2, 3]
-
-
-def keys_of_partition(partition: int, partitions: int, count: int) -> list[str]:
-    """``count`` keys that the default partitioner sends to ``partition``."""
-    from aiokafka.partitioner import DefaultPartitioner
-
-    choose = DefaultPartitioner()
-    every = list(range(partitions))
-    found: list[str] = []
-    n = 0
-    while len(found) < count:
-        key = f"key-{n}"
-        if choose(key.encode(), every, every) == partition:
-            found.append(key)
-        n += 1
-    return found
 
 
 async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(

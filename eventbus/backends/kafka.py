@@ -82,6 +82,7 @@ from .kafka_config import (
     format_traceparent,
 )
 from .kafka_dlq import KafkaDeadLetterStore
+from .kafka_lag import LagReader
 from .sync import EmbeddedBroker
 
 if TYPE_CHECKING:
@@ -235,6 +236,7 @@ class KafkaBackend(Backend):
         self.consume = False
         self._bridge_middleware = BridgeMiddleware()
         self._produced: dict[TopicPartition, int] = {}
+        self._lag_reader = LagReader(self.config, timeout=HEALTH_TIMEOUT)
 
     @classmethod
     def from_settings(cls, settings: EventBusSettings) -> KafkaBackend:
@@ -302,6 +304,7 @@ class KafkaBackend(Backend):
             raise BackendError(self._start_error(exc), backend=self.name) from exc
         self.producer = producer
         self.dead_letters.attach(producer, loop)
+        self._lag_reader.attach(loop)
         self.dispatcher = Dispatcher(
             broker, loop, max_concurrency=self.max_concurrency, worker_threads=self.worker_threads
         )
@@ -363,6 +366,7 @@ class KafkaBackend(Backend):
                     len(undelivered),
                 )
         producer, self.producer = self.producer, None
+        await self._lag_reader.close()
         await self.dead_letters.detach(max(0.0, deadline - time.monotonic()))
         if bridge is not None:
             await bridge.close()
@@ -504,6 +508,20 @@ class KafkaBackend(Backend):
             ) from None
         finally:
             await admin.close()
+
+    def backlog(self) -> dict[str, int]:
+        """The consumer group's lag per ``"<topic>:<partition>"`` of the subscribed
+        topics: records not yet handled (or handled, not yet committed) by any
+        worker of the service.
+
+        Cached for :data:`~eventbus.backends.kafka_lag.BACKLOG_TTL` seconds; never
+        blocks the event loop (on its thread it answers from the cache), and waits
+        at most :data:`~eventbus.backends.kafka_lag.BACKLOG_WAIT` seconds elsewhere.
+        """
+        group = self.group_id
+        if group is None:
+            return {}
+        return self._lag_reader.read(group, self._topics)
 
     async def health(self) -> list[HealthResult]:
         """Producer reachability (``kafka``) and bridge liveness (``kafka-bridge``)."""
