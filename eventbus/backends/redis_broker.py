@@ -133,6 +133,7 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._park = client.register_script(lua.PARK)
         self._heartbeat: _Heartbeat | None = None
         self._beaten = False
+        self._beats = 0
         #: Why this worker stopped taking events (a worker thread died), or None.
         self.failed: str | None = None
         #: Called once when :attr:`failed` is set (the worker entry point exits the
@@ -283,8 +284,9 @@ class ReliableRedisBroker(CachedHooksBroker):
                     ",".join(sorted(self.consumed)),
                     int(self.heartbeat_timeout * 1000),
                     MAX_DEAD_PER_PASS,
-                    "\n".join(self.subscriptions),
+                    "-" if self._beats % BEATS_PER_TIMEOUT else "+",
                     handlers,
+                    "\n".join(self.subscriptions),
                 ]
             )
         if unknown and self.service is not None and self._beaten:
@@ -293,6 +295,7 @@ class ReliableRedisBroker(CachedHooksBroker):
             logger.warning("Redis did not know this worker; writing its subscriptions again.")
             self.write_subscriptions(self.service)
         self._beaten = True
+        self._beats += 1
         if moved:
             logger.warning("Redelivered %d in-flight event(s) of dead worker(s).", moved)
         if unparked:

@@ -175,13 +175,14 @@ local function requeue_worker(ns, w)
 end
 """
 
-#: Heartbeat of worker ARGV[2]: registers the queues ARGV[3] it consumes and its
-#: subscriptions ARGV[6] (one per line, their last-seen time updated), moves the
+#: Heartbeat of worker ARGV[2]: registers the queues ARGV[3] it consumes and, when
+#: ARGV[6] is not "-" (every few beats) or Redis did not know the worker, its
+#: subscriptions ARGV[8] (one per line, their last-seen time updated); moves the
 #: entries parked for its handlers ARGV[7] (lines "<queue>|<actor>") back to their
 #: ready lists, then recovers: every worker silent for ARGV[4] ms has its
 #: in-flight entries put back at the front of their queues and is forgotten.
 #: ARGV: namespace, worker id, queues (comma-separated), timeout ms, max dead per
-#: pass, subscriptions, handlers.  Returns {entries recovered, entries unparked,
+#: pass, "-" or "+", handlers, subscriptions.  Returns {entries recovered, entries unparked,
 #: 1 when Redis did not know the worker (its first beat, or Redis lost its data)}.
 BEAT = (
     _NOW
@@ -190,9 +191,11 @@ BEAT = (
 local ns, wid = ARGV[1], ARGV[2]
 redis.call('ZADD', ns .. ':heartbeats', now, wid)
 local unknown = redis.call('HSET', ns .. ':workers', wid, ARGV[3])
-redis.call('HSET', ns .. ':wsubs', wid, ARGV[6])
-for field in string.gmatch(ARGV[6], '[^\\n]+') do
-  redis.call('ZADD', ns .. ':seen', now, field)
+if ARGV[6] ~= '-' or unknown == 1 then
+  redis.call('HSET', ns .. ':wsubs', wid, ARGV[8])
+  for field in string.gmatch(ARGV[8], '[^\\n]+') do
+    redis.call('ZADD', ns .. ':seen', now, field)
+  end
 end
 local unparked = 0
 for line in string.gmatch(ARGV[7], '[^\\n]+') do
