@@ -342,7 +342,10 @@ class EventBus:
         Raises:
           TypeError: ``event`` is not a BaseEvent.
           PublishError: The bus is not started, the event has no topic, cannot be
-            written as JSON, or the backend refused it; nothing of it was enqueued.
+            written as JSON (a NaN or infinite float, named; a lone surrogate; an
+            object pydantic cannot serialize; nesting deeper than
+            :data:`~eventbus.events.MAX_DEPTH`), or the backend refused it; nothing
+            of it was enqueued.
           EventTooLargeError: Its JSON is over ``EVENTBUS_MAX_EVENT_BYTES``.
           UnroutedError: ``EVENTBUS_UNROUTED=error`` and no subscription handles
             its topic.
