@@ -69,3 +69,22 @@ def write(event: Order) -> None:
 @on_event(Timed, name="bench.latency")
 def latency(event: Timed) -> None:
     client().rpush(LATENCY_KEY, time.time() - event.sent)
+
+
+SLEEPY = "bench.sleepy"
+#: Redis list of the ``i`` of every Sleepy event handled, with the time it finished.
+SLEEPY_DONE = "bench:sleepy:done"
+
+
+class Sleepy(BaseEvent):
+    """bench/redis_recovery.py: an event whose handler takes a while."""
+
+    topic: str = SLEEPY
+    i: int
+    seconds: float = 0.2
+
+
+@on_event(Sleepy, name="bench.sleepy")
+def sleepy(event: Sleepy) -> None:
+    time.sleep(event.seconds)
+    client().rpush(SLEEPY_DONE, f"{event.i} {time.time()}")
