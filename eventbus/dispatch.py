@@ -30,7 +30,13 @@ import dramatiq
 from dramatiq import Message
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import ActorNotFound
-from dramatiq.middleware import SkipMessage
+from dramatiq.middleware import (
+    Interrupt,
+    Shutdown,
+    SkipMessage,
+    TimeLimitExceeded,
+    raise_thread_exception,
+)
 
 from .config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
 from .exceptions import HandlerTimeout, ShutdownError
@@ -41,36 +47,130 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between checks while waiting for handler threads to exit.
 _THREAD_POLL = 0.005
+#: Seconds a sync handler may run on after its time-limit interrupt before a
+#: warning says it is blocked (an interrupt cannot cut a system call short).
+STUCK_WARNING_DELAY = 1.0
+#: Seconds sync handlers interrupted by ``stop()`` get to unwind (their ``finally``
+#: blocks run) on top of the shutdown timeout, before their threads are reported.
+UNWIND_GRACE = 0.5
 
 
 class ThreadJob:
-    """A sync handler call in the pool, interruptible when its time limit passes."""
+    """One attempt of a sync handler, run by a pool thread.
 
-    __slots__ = ("envelope", "lock", "spec", "thread_id")
+    * It never starts once given up (:meth:`give_up`, or ``halt`` set by
+      :meth:`Dispatcher.stop`), even when a thread picks it up later: an attempt
+      whose failure is recorded never starts afterwards.
+    * Its time limit counts from the moment a thread starts it, not from when it
+      was queued behind busy threads.
+    * It is interrupted with dramatiq's own exceptions, raised in its thread:
+      ``TimeLimitExceeded`` when the time limit passes, ``Shutdown`` when the bus
+      gives up on it.  Both are ``BaseException`` subclasses (dramatiq's
+      ``Interrupt``), so ``except Exception`` in handler code cannot swallow them.
+      They are dramatiq's rather than a private class so that a handler meets, at
+      its time limit, the very exception a dramatiq worker raises on the Redis
+      backend: cleanup written for one backend works on the other.
+    * The attempt itself fails with :class:`~eventbus.HandlerTimeout`, which stays
+      an ``EventBusError`` (an ``Exception``): the middleware chain, retry policies
+      (``retryable_exceptions=(Exception,)``) and ``except EventBusError`` in
+      callers treat it as an ordinary failure, under the one name dead letters use
+      on every backend.  Its traceback shows where the handler was stopped.
 
-    def __init__(self, spec: HandlerSpec, envelope: Any) -> None:
+    An interrupt lands when the thread next runs Python code: a handler blocked in
+    a system call (``time.sleep``, a socket read without timeout) stops only once
+    the call returns, and its attempt ends (retry or dead letter) then, as on a
+    dramatiq worker; a warning says so ``STUCK_WARNING_DELAY`` seconds after the
+    interrupt.
+    """
+
+    __slots__ = (
+        "envelope",
+        "given_up",
+        "halt",
+        "interrupted",
+        "lock",
+        "loop",
+        "spec",
+        "thread_id",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        spec: HandlerSpec,
+        envelope: Any,
+        loop: asyncio.AbstractEventLoop,
+        halt: threading.Event,
+    ) -> None:
         self.spec = spec
         self.envelope = envelope
+        self.loop = loop
+        self.halt = halt
         self.lock = threading.Lock()
         self.thread_id: int | None = None
+        self.given_up = False
+        self.interrupted = False
+        self.timer: asyncio.TimerHandle | None = None
 
     def __call__(self) -> None:
-        self.thread_id = threading.get_ident()
+        with self.lock:
+            if self.given_up or self.halt.is_set():
+                return  # given up while waiting for a thread; its outcome is recorded
+            self.thread_id = threading.get_ident()
         try:
+            if self.spec.time_limit is not None:
+                self.loop.call_soon_threadsafe(self._start_clock, time.monotonic())
             self.spec.run_sync(self.envelope)
         finally:
             with self.lock:
                 tid, self.thread_id = self.thread_id, None
-                if tid is not None:  # drop an interrupt that arrived too late to matter
+                if tid is not None:  # withdraw an interrupt sent too late to land
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
 
-    def interrupt(self) -> None:
-        """Raise HandlerTimeout inside the handler's thread, if it is still running."""
+    def interrupt(self, exception: type[Interrupt]) -> bool:
+        """Raise ``exception`` in the handler's thread, once; whether it was sent."""
         with self.lock:
-            if self.thread_id is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(self.thread_id), ctypes.py_object(HandlerTimeout)
-                )
+            if self.thread_id is None or self.interrupted:
+                return False
+            self.interrupted = True
+            raise_thread_exception(self.thread_id, exception)  # type: ignore[no-untyped-call]
+            return True
+
+    def give_up(self) -> None:
+        """Never start; interrupt with ``Shutdown`` if already running (on the loop)."""
+        with self.lock:
+            self.given_up = True
+        self.stop_clock()
+        self.interrupt(Shutdown)
+
+    def stop_clock(self) -> None:
+        """Cancel the pending time-limit check, if any (on the loop)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _start_clock(self, started: float) -> None:
+        # On the loop, before the attempt's result: the thread asked first (FIFO).
+        limit = self.spec.time_limit
+        if limit is None or self.given_up:
+            return
+        delay = max(0.0, started + limit - time.monotonic())
+        self.timer = self.loop.call_later(delay, self._time_up)
+
+    def _time_up(self) -> None:
+        self.timer = None
+        if self.interrupt(TimeLimitExceeded):
+            self.timer = self.loop.call_later(STUCK_WARNING_DELAY, self._warn_stuck)
+
+    def _warn_stuck(self) -> None:
+        self.timer = None
+        logger.warning(
+            "Handler %s passed its %gs time limit %gs ago and is still running: the "
+            "interrupt lands when its blocking call (sleep, socket read, C code) returns.",
+            self.spec.name,
+            self.spec.time_limit,
+            STUCK_WARNING_DELAY,
+        )
 
 
 class Dispatcher:
@@ -97,6 +197,8 @@ class Dispatcher:
         self.accepting = True
         self._loop_thread = threading.get_ident()
         self._threads: list[threading.Thread] = []
+        # Set when stop() gives up on in-flight work: no sync job starts from then on.
+        self._halt = threading.Event()
         self._executor = ThreadPoolExecutor(
             worker_threads,
             thread_name_prefix="eventbus-handler",
@@ -209,28 +311,26 @@ class Dispatcher:
         broker.emit_after(signal, proxy)
 
     async def _run_async_limited(self, spec: HandlerSpec, envelope: Any, limit: float) -> None:
+        # The handler sees the timeout as CancelledError, a BaseException that
+        # ``except Exception`` in its code cannot swallow (as on a dramatiq worker).
         try:
             async with asyncio.timeout(limit):
                 await spec.run_async(envelope)
-        except TimeoutError:
-            raise HandlerTimeout(
-                f"handler {spec.name} exceeded its {limit:g}s time limit"
-            ) from None
+        except TimeoutError as exc:
+            raise _timeout(spec, exc.__context__) from None
 
     async def _run_in_thread(self, spec: HandlerSpec, envelope: Any) -> None:
-        job = ThreadJob(spec, envelope)
-        future = self.loop.run_in_executor(self._executor, _copy_context_run(job))
-        if spec.time_limit is None:
-            await future
-            return
+        job = ThreadJob(spec, envelope, self.loop, self._halt)
         try:
-            await asyncio.wait_for(asyncio.shield(future), spec.time_limit)
-        except TimeoutError:
-            job.interrupt()
-            future.add_done_callback(_consume_result)
-            raise HandlerTimeout(
-                f"handler {spec.name} exceeded its {spec.time_limit:g}s time limit"
-            ) from None
+            # Cancelling this await also takes the job out of the pool's queue.
+            await self.loop.run_in_executor(self._executor, _copy_context_run(job))
+        except TimeLimitExceeded as exc:
+            raise _timeout(spec, exc) from None
+        except asyncio.CancelledError:
+            job.give_up()
+            raise
+        finally:
+            job.stop_clock()
 
     async def drain(self, timeout: float | None) -> None:
         """Wait until nothing is pending; TimeoutError names what is left."""
@@ -247,6 +347,11 @@ class Dispatcher:
 
     async def stop(self, timeout: float) -> list[Message[Any]]:
         """Stop accepting, finish in-flight work within ``timeout``, release threads.
+
+        Handlers still running when the bound passes are cancelled: async ones
+        get CancelledError, sync ones dramatiq's ``Shutdown`` (a BaseException)
+        and up to ``UNWIND_GRACE`` more seconds to unwind; a sync job still
+        waiting for a thread never starts.
 
         Returns the messages that could not be delivered (not yet due, not started,
         or cancelled when the bound passed).
@@ -271,6 +376,7 @@ class Dispatcher:
             logger.warning(
                 "Cancelling %d handler(s) still running after %gs.", len(self._running), timeout
             )
+            self._halt.set()
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
@@ -282,6 +388,7 @@ class Dispatcher:
     async def _shutdown_threads(self, deadline: float) -> None:
         threads = list(self._threads)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline += UNWIND_GRACE
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(_THREAD_POLL)
         stuck = [t.name for t in threads if t.is_alive()]
@@ -294,6 +401,9 @@ def _copy_context_run(job: ThreadJob) -> Callable[[], None]:
     return lambda: context.run(job)
 
 
-def _consume_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _timeout(spec: HandlerSpec, interrupted: BaseException | None) -> HandlerTimeout:
+    """The HandlerTimeout of an attempt, traced to where its handler was stopped."""
+    error = HandlerTimeout(f"handler {spec.name} exceeded its {spec.time_limit:g}s time limit")
+    if interrupted is None:
+        return error
+    return error.with_traceback(interrupted.__traceback__)

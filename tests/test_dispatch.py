@@ -14,7 +14,6 @@ from eventbus import (
     BaseEvent,
     EventBus,
     EventBusSettings,
-    HandlerTimeout,
     HealthStatus,
     InMemoryMetricsCollector,
     PublishError,
@@ -188,45 +187,6 @@ async def test_sync_handlers_run_in_a_thread_pool(make_bus: MakeBus, topic: str)
     assert len(threads) == 4
     assert all(name.startswith("eventbus-handler") for name in threads)
     assert time.monotonic() - started < 0.19  # ran in parallel, not 4 x 50 ms
-
-
-async def test_async_time_limit_fails_the_attempt(make_bus: MakeBus, topic: str) -> None:
-    async def slow(event: BaseEvent) -> None:
-        await asyncio.sleep(10)
-
-    bus = make_bus()
-    await bus.registry.register(topic, slow, time_limit=0.05, max_retries=1)
-    await bus.start()
-    await bus.publish(Ping(topic=topic))
-    await bus.drain(timeout=5)
-
-    [failed] = bus.dlq.peek()
-    assert failed.error_type == HandlerTimeout.__name__
-    assert failed.attempts == 2
-    assert "0.05s time limit" in failed.error
-
-
-async def test_sync_time_limit_interrupts_the_thread(make_bus: MakeBus, topic: str) -> None:
-    finished = threading.Event()
-
-    def spin(event: BaseEvent) -> None:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            pass
-        finished.set()
-
-    bus = make_bus()
-    await bus.registry.register(topic, spin, time_limit=0.1, max_retries=0)
-    await bus.start()
-    started = time.monotonic()
-    await bus.publish(Ping(topic=topic))
-    await bus.drain(timeout=5)
-
-    assert time.monotonic() - started < 2
-    [failed] = bus.dlq.peek()
-    assert failed.error_type == "HandlerTimeout"
-    await asyncio.sleep(0.1)
-    assert not finished.is_set()  # the loop was interrupted, not left running
 
 
 async def test_publish_rejects_non_events(make_bus: MakeBus) -> None:
