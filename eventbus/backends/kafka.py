@@ -265,7 +265,7 @@ class KafkaBackend(Backend):
             self.broker = EmbeddedBroker([self._bridge_middleware, *middleware])
             self.router = Router(subscriptions, self.broker, subscriptions.queue_of)
             self.subscriptions = subscriptions
-            self.dead_letters.topics = self.router.topics
+            self.dead_letters.topics = lambda: subscriptions.topics
         return self.broker
 
     def _topics(self) -> list[str]:
@@ -304,6 +304,7 @@ class KafkaBackend(Backend):
             raise BackendError(self._start_error(exc), backend=self.name) from exc
         self.producer = producer
         self.dead_letters.attach(producer, loop)
+        self.dead_letters.check_soon([self.dead_letters.dlq_topic(t) for t in self._topics()])
         self._lag_reader.attach(loop)
         self.dispatcher = Dispatcher(
             broker, loop, max_concurrency=self.max_concurrency, worker_threads=self.worker_threads
@@ -368,6 +369,7 @@ class KafkaBackend(Backend):
         producer, self.producer = self.producer, None
         await self._lag_reader.close()
         await self.dead_letters.detach(max(0.0, deadline - time.monotonic()))
+        await asyncio.to_thread(self.dead_letters.close)
         if bridge is not None:
             await bridge.close()
         if producer is not None:
@@ -452,7 +454,7 @@ class KafkaBackend(Backend):
 
         The record goes to the event's topic with the ``eventbus-replay-handler``
         header: whichever worker of the group gets it runs that one handler.
-        Blocking: it opens its own short-lived producer.
+        Blocking: it writes through the dead-letter store's producer.
         """
         topic = record.topic
         envelope = record.envelope
@@ -467,14 +469,7 @@ class KafkaBackend(Backend):
             (HEADER_CORRELATION_ID, record.correlation_id.encode()),
             (HEADER_REPLAY_OF, record.id.encode()),
         ]
-        value = to_json(envelope)
-
-        async def send(producer: AIOKafkaProducer) -> None:
-            await producer.send_and_wait(
-                topic, value=value, key=key.encode() or None, headers=headers
-            )
-
-        self.dead_letters._blocking(send)
+        self.dead_letters.send(topic, to_json(envelope), key.encode() or None, headers)
 
     # -- waiting and health ------------------------------------------------------------
 

@@ -6,12 +6,28 @@ error, handler, attempts, original partition and offset) so tools that only see
 headers can still tell why it is there.
 
 Kafka cannot delete single records, so removing, claiming and releasing are
-records too: a value-less record with the same key and an ``eventbus-dlq-op``
-header.  Readers replay each DLQ topic from its earliest offset and fold those
-markers in; a claim older than ``claim_timeout`` seconds is void, so a record
-claimed by a replay that died comes back by itself.  Two replays claiming the
-same record at the same instant can both win (Kafka offers no compare-and-set):
-the event is then delivered twice, which at-least-once handlers tolerate.
+records too: *markers*, with the same key, in the same partition, an
+``eventbus-dlq-op`` header and a small JSON value (never null: a null value is a
+tombstone to compaction).  Each process folds the DLQ topics once into memory
+(:mod:`~eventbus.backends.kafka_dlq_view`), in offset order per partition,
+and keeps the fold up to date; reads catch up with the end of the topics and
+never reread the history.  A claim older than ``claim_timeout`` seconds (by
+the marker's timestamp) is void, so a record claimed by a replay that died comes
+back by itself.  Two replays claiming the same record at the same instant can
+both win (Kafka offers no compare-and-set): the event is then delivered twice,
+which at-least-once handlers tolerate.
+
+**The DLQ topics must keep their records.**  Create them before the first dead
+letter (brokers otherwise create them with their defaults) with::
+
+    cleanup.policy=delete  retention.ms=-1  retention.bytes=-1
+
+A compacted topic keeps only the newest record per key, which for a claimed or
+released dead letter is its marker: the dead letter is gone.  A finite
+``retention.ms`` or ``retention.bytes`` deletes dead letters that nobody
+replayed, silently.  The store checks the configuration of each DLQ topic once
+per process (when the backend starts, when it first writes to one, when it
+starts reading one) and logs a WARNING naming the topic and the setting.
 
 Example::
 
@@ -27,25 +43,23 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
 from ..dlq import DEFAULT_PEEK_LIMIT, FailedEvent, newest
 from ..exceptions import BackendError, ShutdownError
 from .kafka_config import KafkaConfig
+from .kafka_dlq_fold import HEADER_OP as HEADER_OP  # re-exported: tools read it
+from .kafka_dlq_fold import DeadLetterFold
+from .kafka_dlq_view import DeadLetterView
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-#: Header naming a marker's operation: ``remove``, ``claim`` or ``release``.
-HEADER_OP = "eventbus-dlq-op"
 #: Headers repeating the failure on every dead-letter record.
 HEADER_ERROR_TYPE = "eventbus-error-type"
 HEADER_ERROR = "eventbus-error"
@@ -63,8 +77,6 @@ DEFAULT_OPERATION_TIMEOUT = 15.0
 #: First and last pause, in seconds, between attempts to write a dead letter.
 WRITE_BACKOFF_MIN = 0.1
 WRITE_BACKOFF_MAX = 5.0
-
-_OPS = ("remove", "claim", "release")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +114,26 @@ def dead_letter_headers(record: FailedEvent) -> list[tuple[str, bytes]]:
     return headers
 
 
+def dead_letter_value(record: FailedEvent) -> bytes:
+    """The value of ``record``'s DLQ record: its dict as compact JSON."""
+    return json.dumps(record.to_dict(), separators=(",", ":"), default=str).encode()
+
+
+def topic_problems(configs: dict[str, str]) -> list[str]:
+    """What in a DLQ topic's configuration loses dead letters (empty: nothing)."""
+    problems = []
+    if "compact" in configs.get("cleanup.policy", ""):
+        problems.append(
+            f"cleanup.policy={configs['cleanup.policy']} keeps only the newest record per "
+            "key, so a claimed or released dead letter is deleted (its marker is newer)"
+        )
+    for name in ("retention.ms", "retention.bytes"):
+        value = configs.get(name)
+        if value is not None and value.strip() != "-1":
+            problems.append(f"{name}={value} deletes dead letters nobody replayed")
+    return problems
+
+
 class KafkaDeadLetterStore:
     """A :class:`~eventbus.dlq.DeadLetterStore` over DLQ topics ``<topic><topic_suffix>``.
 
@@ -109,8 +141,10 @@ class KafkaDeadLetterStore:
     hands the record to the backend's producer without blocking the event loop and
     keeps retrying until the broker acknowledges it; the bridge commits the failed
     event's offset only after that (:meth:`take_write`).  Everything else (and
-    ``add`` outside a running backend) opens its own short-lived clients and
-    blocks: call it from a thread, or use the ``bus.dlq.a*`` methods.
+    ``add`` outside a running backend) runs on the store's view (one thread, one
+    consumer and one producer per store, started on first use, see
+    :mod:`~eventbus.backends.kafka_dlq_view`) and blocks: call it from a thread,
+    or use the ``bus.dlq.a*`` methods.  :meth:`close` ends the view.
 
     Parameters:
       config: Connection settings (TLS/SASL included).
@@ -153,11 +187,36 @@ class KafkaDeadLetterStore:
         self._loop_thread: int | None = None
         self._writes: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, WriteFailure] = {}
+        self._checks: set[asyncio.Task[None]] = set()
+        self._checked: set[str] = set()
+        self._checked_lock = threading.Lock()
         self._closing = False
+        self._view = DeadLetterView(
+            config,
+            self._wanted,
+            topic_suffix,
+            idempotence=idempotence,
+            timeout=operation_timeout,
+            new_topics=self.check_topics,
+        )
 
     def dlq_topic(self, topic: str) -> str:
         """The DLQ topic of events of ``topic``."""
         return f"{topic}{self.topic_suffix}"
+
+    def _wanted(self) -> set[str] | None:
+        names = self.topics() if self.topics is not None else []
+        return {self.dlq_topic(t) for t in names} if names else None
+
+    @property
+    def records_read(self) -> int:
+        """DLQ records this process has read since its view started (each once)."""
+        return self._view.fold.records_read
+
+    def close(self) -> None:
+        """End the view: its thread, consumer and producer (a later call starts it
+        again, reading the history once more)."""
+        self._view.close()
 
     # -- writing from the backend's loop ---------------------------------------------
 
@@ -175,6 +234,8 @@ class KafkaDeadLetterStore:
             await asyncio.wait(pending, timeout=timeout)
         self._closing = True
         for task in pending:
+            task.cancel()
+        for task in list(self._checks):
             task.cancel()
         self._producer = None
         self._loop = None
@@ -197,7 +258,9 @@ class KafkaDeadLetterStore:
             task.add_done_callback(lambda _: self._writes.pop(record.id, None))
             task.add_done_callback(_consume_result)
             return
-        self._blocking(lambda producer: self._send(producer, record))
+        topic = self.dlq_topic(record.topic)
+        value, headers = dead_letter_value(record), dead_letter_headers(record)
+        self._view.call(lambda: self._view.add(record, topic, value, headers))
 
     def take_write(self, record_id: str) -> asyncio.Task[None] | None:
         """The pending write of the record ``record_id`` added on the loop, if any."""
@@ -210,6 +273,8 @@ class KafkaDeadLetterStore:
           BackendError: The store was detached (the backend stopped) before the
             broker acknowledged the record.
         """
+        topic = self.dlq_topic(record.topic)
+        value, headers = dead_letter_value(record), dead_letter_headers(record)
         delay = WRITE_BACKOFF_MIN
         try:
             while True:
@@ -220,23 +285,19 @@ class KafkaDeadLetterStore:
                         backend="kafka",
                     )
                 try:
-                    await asyncio.wait_for(self._send(producer, record), self.operation_timeout)
-                    return
+                    send = producer.send_and_wait(
+                        topic, value=value, key=record.id.encode(), headers=headers
+                    )
+                    await asyncio.wait_for(send, self.operation_timeout)
+                    break
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    failure = self._failing.get(record.id)
-                    self._failing[record.id] = WriteFailure(
-                        record_id=record.id,
-                        topic=self.dlq_topic(record.topic),
-                        since=failure.since if failure is not None else time.monotonic(),
-                        attempts=failure.attempts + 1 if failure is not None else 1,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                    self._failed(record.id, topic, exc)
                     logger.error(
                         "Could not write dead letter %s to %s (%s); retrying in %.1fs.",
                         record.id,
-                        self.dlq_topic(record.topic),
+                        topic,
                         exc,
                         delay,
                     )
@@ -244,142 +305,85 @@ class KafkaDeadLetterStore:
                 delay = min(delay * 2, WRITE_BACKOFF_MAX)
         finally:
             self._failing.pop(record.id, None)
+        self.check_soon([topic])
+
+    def _failed(self, record_id: str, topic: str, exc: Exception) -> None:
+        failure = self._failing.get(record_id)
+        self._failing[record_id] = WriteFailure(
+            record_id=record_id,
+            topic=topic,
+            since=failure.since if failure is not None else time.monotonic(),
+            attempts=failure.attempts + 1 if failure is not None else 1,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def failing_writes(self) -> list[WriteFailure]:
         """Dead letters whose write failed at least once and is still being retried
         (their partitions cannot commit past them), oldest first."""
         return sorted(self._failing.values(), key=lambda failure: failure.since)
 
-    async def _send(self, producer: AIOKafkaProducer, record: FailedEvent) -> None:
-        value = json.dumps(record.to_dict(), separators=(",", ":"), default=str).encode()
-        await producer.send_and_wait(
-            self.dlq_topic(record.topic),
-            value=value,
-            key=record.id.encode(),
-            headers=dead_letter_headers(record),
-        )
+    # -- the DLQ topics' configuration -------------------------------------------------
 
-    # -- blocking operations -------------------------------------------------------
+    def check_soon(self, topics: list[str]) -> None:
+        """Check the configuration of ``topics`` in the background (on the running
+        loop), each once per process."""
+        with self._checked_lock:
+            todo = [t for t in topics if t not in self._checked]
+        if todo:
+            task = asyncio.get_running_loop().create_task(self.check_topics(todo))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
-    def _blocking(self, operation: Callable[[AIOKafkaProducer], Awaitable[T]]) -> T:
-        async def run() -> T:
-            producer = self.config.producer(acks="all", enable_idempotence=self.idempotence)
-            await producer.start()
-            try:
-                return await operation(producer)
-            finally:
-                await producer.stop()
+    async def check_topics(self, topics: list[str]) -> None:
+        """Log a WARNING for each existing DLQ topic among ``topics`` whose
+        configuration loses dead letters (see the module docstring)."""
+        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-        return self._run(run)
-
-    def _run(self, factory: Callable[[], Awaitable[T]]) -> T:
-        # A private loop in a private thread: callable from any thread, even one
-        # running an event loop (which it then blocks for the call's duration).
-        result: list[T] = []
-        error: list[BaseException] = []
-
-        async def bounded() -> T:
-            return await asyncio.wait_for(factory(), self.operation_timeout)
-
-        def target() -> None:
-            try:
-                result.append(asyncio.run(bounded()))
-            except BaseException as exc:
-                error.append(exc)
-
-        thread = threading.Thread(target=target, name="eventbus-kafka-dlq", daemon=True)
-        thread.start()
-        thread.join()
-        if error:
-            exc = error[0]
-            if isinstance(exc, BackendError):
-                raise exc
-            raise BackendError(f"Kafka dead-letter store: {exc!r}", backend="kafka") from exc
-        return result[0]
-
-    async def _read(self) -> list[tuple[FailedEvent, float | None]]:
-        """Every live record (with its claim time, if claimed), oldest first."""
-        consumer = self.config.consumer(
-            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
-        )
-        await consumer.start()
+        with self._checked_lock:
+            todo = [t for t in topics if t not in self._checked]
+        if not todo:
+            return
+        admin = self.config.admin(request_timeout_ms=int(self.operation_timeout * 1000))
         try:
-            from aiokafka import TopicPartition
-
-            wanted = {self.dlq_topic(t) for t in self.topics()} if self.topics else set()
-            topics = [
-                t
-                for t in await consumer.topics()
-                if (t in wanted if wanted else t.endswith(self.topic_suffix))
-            ]
-            partitions = [
-                TopicPartition(topic, p)
-                for topic in topics
-                for p in sorted(consumer.partitions_for_topic(topic) or ())
-            ]
-            if not partitions:
-                return []
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            ends: dict[Any, int] = await consumer.end_offsets(partitions)
-            waiting = {tp for tp, end in ends.items() if end > 0}
-            raw: list[Any] = []
-            while waiting:
-                for records in (await consumer.getmany(*waiting, timeout_ms=200)).values():
-                    raw.extend(records)
-                for tp in list(waiting):
-                    if await consumer.position(tp) >= ends[tp]:
-                        waiting.discard(tp)
+            await admin.start()
+            existing = set(await admin.list_topics())
+            todo = [t for t in todo if t in existing]
+            if not todo:
+                return
+            resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in todo]
+            responses = await admin.describe_configs(resources)
+        except Exception as exc:  # a check never stops the bus
+            logger.info("Could not check the DLQ topics' configuration: %r", exc)
+            return
         finally:
-            await consumer.stop()
-        return self._fold(sorted(raw, key=lambda r: (r.timestamp, r.topic, r.partition, r.offset)))
-
-    def _fold(self, raw: list[Any]) -> list[tuple[FailedEvent, float | None]]:
-        live: OrderedDict[str, tuple[FailedEvent, float | None]] = OrderedDict()
-        for rec in raw:
-            key = rec.key.decode("utf-8", "replace") if rec.key else ""
-            headers = {k: v for k, v in rec.headers or ()}
-            op = headers.get(HEADER_OP, b"").decode()
-            if op == "remove":
-                live.pop(key, None)
-            elif op == "claim":
-                if key in live:
-                    live[key] = (live[key][0], rec.timestamp / 1000)
-            elif op == "release":
-                if key in live:
-                    live[key] = (live[key][0], None)
-            elif rec.value is not None:
-                try:
-                    failed = FailedEvent.from_dict(json.loads(rec.value))
-                except (ValueError, KeyError, TypeError) as exc:
-                    logger.warning(
-                        "Skipping unreadable dead letter %s-%d@%d: %s",
-                        rec.topic,
-                        rec.partition,
-                        rec.offset,
-                        exc,
-                    )
+            await admin.close()
+        for response in responses:
+            for resource in response.to_object()["resources"]:
+                if resource["error_code"]:
                     continue
-                live.pop(failed.id, None)
-                live[failed.id] = (failed, None)
-        return list(live.values())
+                name = str(resource["resource_name"])
+                with self._checked_lock:
+                    if name in self._checked:
+                        continue
+                    self._checked.add(name)
+                configs = {
+                    str(e["config_names"]): str(e["config_value"])
+                    for e in resource["config_entries"]
+                    if e["config_value"] is not None
+                }
+                problems = topic_problems(configs)
+                if problems:
+                    logger.warning(
+                        "DLQ topic %s can lose dead letters: %s. Set cleanup.policy=delete, "
+                        "retention.ms=-1 and retention.bytes=-1 on it.",
+                        name,
+                        "; ".join(problems),
+                    )
 
-    def _visible(self) -> list[FailedEvent]:
-        now = time.time()
-        return [
-            failed
-            for failed, claimed in self._run(self._read)
-            if claimed is None or now - claimed > self.claim_timeout
-        ]
+    # -- reading and markers (blocking, on the view) -----------------------------------
 
-    async def _mark(self, producer: AIOKafkaProducer, record: FailedEvent, op: str) -> None:
-        assert op in _OPS
-        await producer.send_and_wait(
-            self.dlq_topic(record.topic),
-            value=None,
-            key=record.id.encode(),
-            headers=[(HEADER_OP, op.encode())],
-        )
+    def _visible(self, fold: DeadLetterFold) -> list[FailedEvent]:
+        return fold.visible(time.time(), self.claim_timeout)
 
     def find(
         self,
@@ -390,7 +394,12 @@ class KafkaDeadLetterStore:
         error_type: str | None = None,
     ) -> list[FailedEvent]:
         """Matching records, newest last; at most ``limit`` (the newest), None for all."""
-        return newest([r for r in self._visible() if r.matches(topic, handler, error_type)], limit)
+
+        async def run() -> list[FailedEvent]:
+            records = self._visible(await self._view.catch_up())
+            return newest([r for r in records if r.matches(topic, handler, error_type)], limit)
+
+        return self._view.call(run)
 
     def peek(self, limit: int = DEFAULT_PEEK_LIMIT) -> list[FailedEvent]:
         """The ``limit`` newest records, oldest first."""
@@ -398,49 +407,66 @@ class KafkaDeadLetterStore:
 
     def get(self, record_id: str) -> FailedEvent | None:
         """The record ``record_id``, or None (also while a replay holds it)."""
-        for record in self._visible():
-            if record.id == record_id:
-                return record
-        return None
 
-    def remove(self, record_id: str) -> FailedEvent | None:
-        """Remove and return the record ``record_id``."""
-        record = self.get(record_id)
-        if record is not None:
-            self._blocking(lambda producer: self._mark(producer, record, "remove"))
-        return record
+        async def run() -> FailedEvent | None:
+            entry = (await self._view.catch_up()).entry(record_id)
+            if entry is None or not entry.visible(time.time(), self.claim_timeout):
+                return None
+            return entry.record
+
+        return self._view.call(run)
 
     def size(self) -> int:
         """How many records there are."""
-        return len(self._visible())
+
+        async def run() -> int:
+            return (await self._view.catch_up()).count(time.time(), self.claim_timeout)
+
+        return self._view.call(run)
+
+    def _marked(self, record_id: str, op: Any, *, visible_only: bool) -> FailedEvent | None:
+        async def run() -> FailedEvent | None:
+            entry = (await self._view.catch_up()).entry(record_id)
+            if entry is None:
+                return None
+            if visible_only and not entry.visible(time.time(), self.claim_timeout):
+                return None
+            await self._view.mark(entry, op)
+            return entry.record
+
+        return self._view.call(run)
+
+    def remove(self, record_id: str) -> FailedEvent | None:
+        """Remove and return the record ``record_id``."""
+        return self._marked(record_id, "remove", visible_only=True)
 
     def clear(self) -> None:
         """Remove every record."""
-        records = self._visible()
 
-        async def remove_all(producer: AIOKafkaProducer) -> None:
-            for record in records:
-                await self._mark(producer, record, "remove")
+        async def run() -> None:
+            fold = await self._view.catch_up()
+            now = time.time()
+            entries = [e for e in fold.entries() if e.visible(now, self.claim_timeout)]
+            await asyncio.gather(*(self._view.mark(e, "remove") for e in entries))
 
-        if records:
-            self._blocking(remove_all)
+        self._view.call(run)
 
     def claim(self, record_id: str) -> FailedEvent | None:
         """Hide the record from other replays for ``claim_timeout`` seconds and return it."""
-        record = self.get(record_id)
-        if record is not None:
-            self._blocking(lambda producer: self._mark(producer, record, "claim"))
-        return record
+        return self._marked(record_id, "claim", visible_only=True)
 
     def release(self, record: FailedEvent) -> None:
         """Make a claimed record visible again (its replay failed)."""
-        self._blocking(lambda producer: self._mark(producer, record, "release"))
+        self._marked(record.id, "release", visible_only=False)
 
     def complete(self, record_id: str) -> None:
         """Delete a claimed record whose replay was enqueued."""
-        found = [failed for failed, _ in self._run(self._read) if failed.id == record_id]
-        if found:
-            self._blocking(lambda producer: self._mark(producer, found[0], "remove"))
+        self._marked(record_id, "remove", visible_only=False)
+
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: list[Any]) -> None:
+        """Write one record to ``topic`` through the view's producer (blocking):
+        the Kafka backend replays dead letters with it."""
+        self._view.call(lambda: self._view.send(topic, value, key, headers))
 
 
 def _consume_result(task: asyncio.Task[None]) -> None:
