@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -43,6 +44,10 @@ FETCH_MAX_WAIT_MS = 20
 DISCOVER_INTERVAL = 1.0
 #: Seconds closing the view's clients and thread may take.
 CLOSE_TIMEOUT = 5.0
+#: Seconds between attempts to read the DLQ topics after a failure.
+RETRY_PAUSE = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 class DeadLetterView:
@@ -190,8 +195,13 @@ class DeadLetterView:
             if not self._assigned:
                 await asyncio.sleep(POLL_TIMEOUT_MS / 1000)
                 continue
-            async with self._fetching:
-                batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+            try:
+                async with self._fetching:
+                    batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
+            except Exception as exc:  # reads time out meanwhile; the view goes on
+                logger.warning("Reading the DLQ topics failed (%r); retrying.", exc)
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
             for tp, records in batch.items():  # each partition in offset order
                 own = self._own.get(tp)
                 for rec in records:
@@ -244,10 +254,12 @@ class DeadLetterView:
             for p in consumer.partitions_for_topic(topic) or ()
         }
         self._discovered_at = time.monotonic()
-        added = parts - self._assigned
-        if not added:
+        if parts <= self._assigned:
             return
         async with self._fetching:
+            added = parts - self._assigned
+            if not added:
+                return  # another read assigned them meanwhile
             kept = {tp: await consumer.position(tp) for tp in self._assigned}
             consumer.assign(sorted(self._assigned | parts))
             for tp, position in kept.items():
