@@ -1,4 +1,5 @@
-"""FastAPI integration: lifespan helpers, the ``get_event_bus`` dependency, admin routers."""
+"""FastAPI integration: lifespan helpers, the ``get_event_bus`` dependency, the health
+and dead-letter routers (the metrics router is :func:`eventbus.prometheus.metrics_router`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse
 
 from .bus import EventBus
 from .dlq import FailedEvent
 from .exceptions import ConfigurationError
+from .health import HealthResult, HealthStatus, overall
+
+#: Status code of a health answer whose overall status is unhealthy.
+UNHEALTHY_STATUS_CODE = 503
 
 
 def create_lifespan(bus: EventBus) -> Callable[[Any], AbstractAsyncContextManager[None]]:
@@ -65,6 +71,117 @@ def get_event_bus(conn: HTTPConnection) -> EventBus:
             "or use eventbus_lifespan(bus, app) in your lifespan"
         )
     return bus
+
+
+class HealthCheck(BaseModel):
+    """One component's health, as :meth:`HealthResult.to_dict` writes it."""
+
+    backend: str
+    status: HealthStatus
+    detail: str
+
+
+class HealthReport(BaseModel):
+    """Body of the health routes: the overall status and every component's."""
+
+    status: HealthStatus
+    backends: list[HealthCheck]
+
+
+def health_router(
+    *,
+    bus: EventBus | None = None,
+    prefix: str = "/health",
+    tags: list[str | Enum] | None = None,
+    dependencies: Sequence[Any] | None = None,
+) -> APIRouter:
+    """A router answering readiness and liveness probes.
+
+    Example::
+
+        app.include_router(health_router())
+
+    Routes (under ``prefix``):
+
+    - ``GET /ready`` (readiness) runs :meth:`bus.health.check()
+      <eventbus.health.HealthChecker.check>`: round trips to the backend's servers
+      and the state of its workers.  503 when any component is unhealthy or the bus
+      is not started; 200 otherwise.  **Degraded answers 200**, with
+      ``"status": "degraded"`` in the body: the process still publishes (a backlog
+      no worker takes, a dead letter that cannot be written need an operator, not
+      a process taken out of service).
+    - ``GET /live`` (liveness) runs :meth:`bus.health.liveness()
+      <eventbus.health.HealthChecker.liveness>`: the bus is started and its
+      dispatcher, consumer and in-process worker are alive.  No network, so a
+      server that is down never makes the orchestrator restart every process.
+      503 when not.
+    - ``GET`` ``prefix`` itself answers as ``/ready`` (``curl localhost:8000/health``).
+
+    Body of each: ``{"status": "healthy" | "degraded" | "unhealthy", "backends":
+    [{"backend": ..., "status": ..., "detail": ...}]}``.
+
+    Parameters:
+      bus: The bus to check; default: the app's (``create_lifespan(bus)`` or
+        ``eventbus_lifespan``).
+      prefix: Path of the routes.
+      tags: OpenAPI tags (default ``["eventbus"]``).
+      dependencies: Dependencies of every route (the answers name servers and
+        handlers: guard them if the port is public).
+    """
+    router = APIRouter(prefix=prefix, tags=tags or ["eventbus"], dependencies=dependencies)
+    responses: dict[int | str, dict[str, Any]] = {
+        UNHEALTHY_STATUS_CODE: {"model": HealthReport, "description": "unhealthy"}
+    }
+
+    def app_bus(request: Request) -> EventBus | None:
+        found: EventBus | None = getattr(request.app.state, "event_bus", None)
+        return bus if bus is not None else found
+
+    async def readiness(request: Request) -> JSONResponse:
+        checked = app_bus(request)
+        if checked is None or not checked.started:
+            return _answer([_not_running(checked)])
+        return _answer(await checked.health.check())
+
+    async def liveness(request: Request) -> JSONResponse:
+        checked = app_bus(request)
+        if checked is None or not checked.started:
+            return _answer([_not_running(checked)])
+        return _answer(checked.health.liveness())
+
+    for path, endpoint, summary in (
+        ("", readiness, "Readiness (alias of /ready)"),
+        ("/ready", readiness, "Readiness: 503 when a component is unhealthy"),
+        ("/live", liveness, "Liveness: 503 when the bus's own tasks are dead"),
+    ):
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["GET"],
+            response_model=HealthReport,
+            responses=responses,
+            summary=summary,
+            name=f"eventbus_health{path.replace('/', '_')}",
+        )
+    return router
+
+
+def _not_running(bus: EventBus | None) -> HealthResult:
+    """The result of a bus that is missing or not started."""
+    if bus is None:
+        detail = (
+            "no EventBus on app.state: create the app with FastAPI(lifespan="
+            "create_lifespan(bus)) or pass health_router(bus=bus)"
+        )
+        return HealthResult("bus", HealthStatus.UNHEALTHY, detail)
+    return HealthResult("bus", HealthStatus.UNHEALTHY, "not started")
+
+
+def _answer(results: list[HealthResult]) -> JSONResponse:
+    status = overall(results)
+    code = UNHEALTHY_STATUS_CODE if status is HealthStatus.UNHEALTHY else 200
+    body = {"status": status.value, "backends": [r.to_dict() for r in results]}
+    return JSONResponse(body, status_code=code)
 
 
 class DeadLetterSelection(BaseModel):

@@ -1,14 +1,30 @@
-"""Health checks: ``await bus.health.check()`` returns one result per component."""
+"""Health checks: ``await bus.health.check()`` returns one result per component.
+
+Two questions, two answers (``health_router()`` serves both):
+
+- **readiness** (:meth:`HealthChecker.check`): can this process do its job now?
+  Each backend checks its server with a round trip (Redis ``PING``, Kafka
+  metadata) and reports its workers and consumers.
+- **liveness** (:meth:`HealthChecker.liveness`): is this process's own event
+  handling alive?  No network: the bus's dispatcher task, in-process worker and
+  Kafka consumer task.  A failing liveness probe means "restart me"; a server that
+  is down makes readiness fail and must not make every process restart.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+    from .backends.kafka import KafkaBackend
+    from .backends.redis import RedisBackend
+    from .dispatch import Dispatcher
 
 #: Seconds a health check may take before it reports unhealthy.
 DEFAULT_HEALTH_TIMEOUT = 5.0
@@ -19,6 +35,9 @@ class HealthStatus(StrEnum):
 
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    #: Working, with a problem that needs attention (a backlog nobody consumes, a
+    #: dead letter that cannot be written): not a reason to take the process out
+    #: of service.
     DEGRADED = "degraded"
 
 
@@ -31,8 +50,17 @@ class HealthResult:
     detail: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        """The result as a JSON-compatible dict."""
-        return {"name": self.backend, "status": self.status.value, "detail": self.detail}
+        """The result as a JSON-compatible dict, keyed by attribute name."""
+        return {"backend": self.backend, "status": self.status.value, "detail": self.detail}
+
+
+def overall(results: Iterable[HealthResult]) -> HealthStatus:
+    """The worst status among ``results`` (unhealthy, then degraded); healthy if none."""
+    statuses = {r.status for r in results}
+    for status in (HealthStatus.UNHEALTHY, HealthStatus.DEGRADED):
+        if status in statuses:
+            return status
+    return HealthStatus.HEALTHY
 
 
 class HealthChecker:
@@ -43,7 +71,7 @@ class HealthChecker:
         self._timeout = timeout
 
     async def check(self) -> list[HealthResult]:
-        """The health of every component of the backend."""
+        """The health of every component of the backend (readiness: round trips)."""
         name = self._backend.name
         try:
             return await asyncio.wait_for(self._backend.health(), timeout=self._timeout)
@@ -57,3 +85,67 @@ class HealthChecker:
     async def is_healthy(self) -> bool:
         """Whether every component is healthy."""
         return all(r.status is HealthStatus.HEALTHY for r in await self.check())
+
+    def liveness(self) -> list[HealthResult]:
+        """Whether this process's event handling is alive, without any round trip.
+
+        Checks the tasks and threads the backend runs here: the dispatcher of the
+        embedded and Kafka backends, the Kafka consumer (when this process
+        consumes), the in-process Redis worker.  Backends of other kinds report
+        healthy: there is nothing of theirs to look at without the network.
+        """
+        backend = self._backend
+        from .backends.sync import SyncBackend
+
+        if isinstance(backend, SyncBackend):
+            return [_dispatcher_liveness(backend.name, backend.dispatcher)]
+        if "eventbus.backends.kafka" in sys.modules:  # else no KafkaBackend exists
+            from .backends.kafka import KafkaBackend
+
+            if isinstance(backend, KafkaBackend):
+                return _kafka_liveness(backend)
+        if "eventbus.backends.redis" in sys.modules:  # else no RedisBackend exists
+            from .backends.redis import RedisBackend
+
+            if isinstance(backend, RedisBackend):
+                return [_redis_liveness(backend)]
+        return [HealthResult(backend.name, HealthStatus.HEALTHY, "no local task to check")]
+
+
+def _dispatcher_liveness(name: str, dispatcher: Dispatcher | None) -> HealthResult:
+    if dispatcher is None:
+        return HealthResult(name, HealthStatus.UNHEALTHY, "not started")
+    task = dispatcher.task
+    if task.done():
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        return HealthResult(name, HealthStatus.UNHEALTHY, f"dispatcher is dead: {reason}")
+    return HealthResult(
+        name, HealthStatus.HEALTHY, f"dispatcher running, {dispatcher.pending} pending"
+    )
+
+
+def _kafka_liveness(backend: KafkaBackend) -> list[HealthResult]:
+    results = [_dispatcher_liveness(backend.name, backend.dispatcher)]
+    if backend.consume:
+        name = f"{backend.name}-bridge"
+        bridge = backend.bridge
+        task = bridge.task if bridge is not None else None
+        if task is None:
+            results.append(HealthResult(name, HealthStatus.UNHEALTHY, "not started"))
+        elif task.done():
+            reason = "cancelled" if task.cancelled() else repr(task.exception())
+            detail = f"consumer task ended: {reason}"
+            results.append(HealthResult(name, HealthStatus.UNHEALTHY, detail))
+        else:
+            results.append(HealthResult(name, HealthStatus.HEALTHY, "consumer task running"))
+    return results
+
+
+def _redis_liveness(backend: RedisBackend) -> HealthResult:
+    name = f"{backend.name}.worker"
+    if backend.worker is None:
+        return HealthResult(backend.name, HealthStatus.HEALTHY, "no worker in this process")
+    failed = backend.broker.failed if backend.broker is not None else None
+    if failed is not None:
+        return HealthResult(name, HealthStatus.UNHEALTHY, f"stopped: {failed}")
+    return HealthResult(name, HealthStatus.HEALTHY, "worker running")

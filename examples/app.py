@@ -17,6 +17,7 @@ from eventbus import (
     get_event_bus,
     on_event,
 )
+from eventbus.fastapi import health_router
 
 
 # 1. 定义事件
@@ -46,14 +47,8 @@ async def create_user(bus: EventBus = Depends(get_event_bus)):  # type: ignore[n
     return {"status": "ok"}
 
 
-@app.get("/health")
-async def health(bus: EventBus = Depends(get_event_bus)):  # type: ignore[no-untyped-def]
-    results = await bus.health.check()
-    healthy = all(r.status.value == "healthy" for r in results)
-    return {
-        "status": "healthy" if healthy else "unhealthy",
-        "backends": [r.to_dict() for r in results],
-    }
+# 5. Health probes: GET /health (= /health/ready, 503 when unhealthy) and /health/live
+app.include_router(health_router())
 
 
 if __name__ == "__main__":
