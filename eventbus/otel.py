@@ -24,24 +24,27 @@ unsampled span costs a few times less than a recorded one.
 
 from __future__ import annotations
 
+from .extras import requires_extra
+
+with requires_extra("otel", __name__):
+    from opentelemetry import baggage, propagate, trace
+    from opentelemetry import context as otel_context
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 import re
 from collections.abc import Mapping
 from typing import Any
-
-from opentelemetry import baggage, propagate, trace
-from opentelemetry import context as otel_context
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-)
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .context import correlation_id_var
 from .tracing import EventSpan, SpanStatus

@@ -18,6 +18,22 @@ a gauge and records nothing when prometheus_client was imported first.
 
 from __future__ import annotations
 
+from .extras import requires_extra
+
+with requires_extra("prometheus", __name__):
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        REGISTRY,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+        start_http_server,
+    )
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
 import logging
 import os
 import threading
@@ -26,18 +42,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    start_http_server,
-)
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 if TYPE_CHECKING:

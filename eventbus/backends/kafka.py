@@ -34,6 +34,11 @@ Example::
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("kafka", __name__):
+    import aiokafka  # noqa: F401  (checked here: the bridge and clients need it)
+
 import asyncio
 import contextlib
 import importlib

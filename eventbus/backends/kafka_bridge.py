@@ -49,6 +49,12 @@ exponential backoff; health reports it unhealthy meanwhile.
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("kafka", __name__):
+    from aiokafka import ConsumerRebalanceListener
+    from aiokafka.errors import IllegalStateError
+
 import asyncio
 import contextlib
 import json
@@ -59,8 +65,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError
 from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
 

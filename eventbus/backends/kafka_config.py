@@ -18,6 +18,11 @@ Example::
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("kafka", __name__):
+    import aiokafka  # noqa: F401  (imported lazily below; checked here)
+
 import re
 import ssl
 from dataclasses import dataclass

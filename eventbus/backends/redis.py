@@ -26,6 +26,11 @@ layout and scripts are :mod:`eventbus.backends.redis_scripts`; subscriptions are
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("redis", __name__):
+    import redis
+
 import asyncio
 import hashlib
 import logging
@@ -35,7 +40,6 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
-import redis
 from dramatiq import Middleware
 from dramatiq.middleware import TimeLimit
 from pydantic_core import to_json

@@ -23,6 +23,11 @@ How it differs from dramatiq's own ``RedisBroker`` (same Worker, same middleware
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("redis", __name__):
+    import redis
+
 import logging
 import os
 import socket
@@ -34,7 +39,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
-import redis
 from dramatiq import Consumer, Message, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError

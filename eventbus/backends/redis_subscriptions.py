@@ -13,6 +13,11 @@ The key layout is in :mod:`eventbus.backends.redis_scripts`.
 
 from __future__ import annotations
 
+from ..extras import requires_extra
+
+with requires_extra("redis", __name__):
+    import redis
+
 import json
 import time
 from collections.abc import Iterable
@@ -20,7 +25,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import redis
 from dramatiq import Message
 from dramatiq.errors import DecodeError
 from pydantic_core import to_json
