@@ -274,8 +274,9 @@ class EventBus:
             raise TypeError(f"publish() takes a BaseEvent, got {type(event).__name__}")
         if not self._started:
             raise PublishError(
-                "the EventBus is not started: use FastAPI(lifespan=create_lifespan(bus)) "
-                "or await bus.start()"
+                "the EventBus is not started: the app's lifespan did not run (in tests, "
+                "`with TestClient(app) as client:` runs it; `TestClient(app)` alone does not). "
+                "Create the app with FastAPI(lifespan=create_lifespan(bus)), or await bus.start()."
             )
         topic = event.topic
         if not TOPIC_NAME.fullmatch(topic):
