@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq import Middleware
@@ -43,6 +43,9 @@ from .tracing import (
     SpanStatus,
     get_current_span,
 )
+
+if TYPE_CHECKING:
+    from .outbox import Outbox, OutboxSession
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +181,9 @@ class EventBus:
         if attach is not None:
             attach(self)
         self._unrouted_warned: dict[str, float] = {}
+        #: The transactional outbox ``publish(..., session=...)`` writes to, started
+        #: and stopped with the bus (set by :class:`~eventbus.outbox.Outbox`).
+        self.outbox: Outbox | None = None
         self._consume: bool | None = None
         self._started = False
 
@@ -232,6 +238,8 @@ class EventBus:
         self.subscriptions.service = self.service
         await self.backend.start(self.consumes)
         self._started = True
+        if self.outbox is not None:
+            await self.outbox.start()
         logger.info(
             "EventBus started (backend=%s, service=%s, handlers run %s, topics=%d)",
             self.backend.name,
@@ -245,6 +253,8 @@ class EventBus:
         if not self._started:
             return
         self._started = False
+        if self.outbox is not None:  # its relay sends its last batch through the backend
+            await self.outbox.stop(self.settings.shutdown_timeout)
         await self.backend.stop(self.settings.shutdown_timeout)
         logger.info("EventBus stopped")
 
@@ -333,7 +343,7 @@ class EventBus:
             trace_context=dict(context) if context else {},
         )
 
-    async def publish(self, event: BaseEvent) -> None:
+    async def publish(self, event: BaseEvent, *, session: OutboxSession | None = None) -> None:
         """Deliver ``event`` to every handler subscribed to its topic.
 
         Returns once the backend holds the event for every subscription of its
@@ -350,8 +360,16 @@ class EventBus:
           EventTooLargeError: Its JSON is over ``EVENTBUS_MAX_EVENT_BYTES``.
           UnroutedError: ``EVENTBUS_UNROUTED=error`` and no subscription handles
             its topic.
+
+        With ``session`` (a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``), the
+        event is written to the outbox in that session's transaction instead: it
+        leaves only if the transaction commits, through the outbox relay (see
+        :mod:`eventbus.outbox`; unrouted topics are then only warned about).
         """
         self._check(event)
+        if session is not None:
+            await self._write_outbox([event], session)
+            return
         cid = correlation_id_var.get()
         if cid:
             await self._publish_batch([event], cid)
@@ -363,13 +381,20 @@ class EventBus:
         finally:
             correlation_id_var.reset(token)
 
-    async def publish_many(self, events: Iterable[BaseEvent]) -> None:
+    async def publish_many(
+        self, events: Iterable[BaseEvent], *, session: OutboxSession | None = None
+    ) -> None:
         """Publish several events with one backend call, all or none.
 
         Every event is checked first: a non-event raises TypeError before any is sent.
+        With ``session``, they are written to the outbox in its transaction (see
+        :meth:`publish`).
         """
         batch = [self._check(event) for event in events]
         if not batch:
+            return
+        if session is not None:
+            await self._write_outbox(batch, session)
             return
         token = None
         cid = correlation_id_var.get()
@@ -420,6 +445,42 @@ class EventBus:
             metrics.observe_publish_duration(event.topic, elapsed)
         if unrouted:
             self._unrouted(batch, unrouted)
+
+    async def _write_outbox(self, batch: list[BaseEvent], session: OutboxSession) -> None:
+        """Encode ``batch`` as for a publish (span, correlation and causation ids) and
+        add it to the outbox in ``session``'s transaction."""
+        outbox = self.outbox
+        if outbox is None:
+            raise PublishError(
+                "publish(..., session=...) writes to the transactional outbox, and this bus "
+                "has none: create it with Outbox(bus, engine) (eventbus.outbox)"
+            )
+        cid = correlation_id_var.get() or new_correlation_id()
+        parent = get_current_span()
+        tracer = self.tracer
+        traced = not isinstance(tracer, NoopTracer)
+        spans: list[EventSpan] = []
+        try:
+            outgoing = []
+            for event in batch:
+                span = _UNTRACED
+                if traced:
+                    span = tracer.start_span(
+                        "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
+                    )
+                    spans.append(span)
+                outgoing.append(self._outgoing(event, span, cid))
+            await outbox.write(session, outgoing)
+        except Exception as exc:
+            for span in spans:
+                span.finish(SpanStatus.ERROR, str(exc))
+                tracer.finish_span(span)
+            if isinstance(exc, EventBusError):
+                raise
+            raise PublishError(f"could not write to the outbox: {exc}") from exc
+        for span in spans:
+            span.finish(SpanStatus.OK)
+            tracer.finish_span(span)
 
     def _unrouted(self, batch: list[BaseEvent], topics: set[str]) -> None:
         """Count the events of ``topics`` as unrouted; warn at most once a minute per topic."""

@@ -1,0 +1,406 @@
+"""The transactional outbox: publish with the database commit (PostgreSQL, SQLAlchemy 2 async).
+
+Writing a row and publishing an event are two writes to two systems: a crash
+between the commit and ``publish`` loses the event, and publishing first announces
+a row that a rollback then removes.  With an outbox, the event is written to a
+table *in the same transaction* as your rows, and a relay forwards committed rows
+to the bus's backend (Redis, Kafka, or the embedded one)::
+
+    engine = create_async_engine("postgresql+asyncpg://app@db/app")
+    Session = async_sessionmaker(engine, expire_on_commit=False)
+    bus = EventBus()
+    Outbox(bus, engine)                       # the lifespan starts its relay
+    app = FastAPI(lifespan=create_lifespan(bus))
+
+    @app.post("/users")
+    async def create_user(body: NewUser, bus: EventBus = Depends(get_event_bus)):
+        async with Session() as session, session.begin():
+            session.add(User(name=body.name))
+            await bus.publish(UserCreated(username=body.name), session=session)
+        # committed: the relay sends UserCreated now; rolled back: it never leaves
+
+Guarantees: an event leaves if and only if its transaction commits, at least
+once (a relay killed after sending and before marking the rows sends them again:
+make handlers idempotent, :mod:`eventbus.inbox`), and the events of one partition
+key (:meth:`BaseEvent.partition_key`) leave in commit order.  Publishing an event
+whose class names a ``__partition_key__`` takes a transaction-scoped advisory lock
+on that key, so transactions publishing the same key commit one after another:
+publish keyed events late in the transaction.  The relay runs in every process
+whose bus has an ``Outbox`` (``relay=False`` or ``EVENTBUS_OUTBOX_RELAY=false``
+turns it off) and as ``eventbus outbox relay``; any number may run.
+See docs/outbox.md for the failure semantics.
+
+The tables are :data:`eventbus.outbox_schema.metadata` (add it to your Alembic
+metadata) or :func:`~eventbus.outbox_schema.create_tables` for a quick start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, ValidationError
+from pydantic_core import to_json
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Table, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from .config import ENV_PREFIX
+from .exceptions import ConfigurationError
+from .health import HealthChecker, HealthResult, HealthStatus
+from .inbox import cleanup_inbox
+from .outbox_relay import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_POLL_INTERVAL,
+    OutboxStats,
+    Relay,
+    channel_of,
+    read_stats,
+)
+from .outbox_schema import inbox_table, key_lock, lock_class, outbox_table, shard_of
+
+if TYPE_CHECKING:
+    from .backends.base import OutgoingEvent
+    from .bus import EventBus
+
+__all__ = ["Outbox", "OutboxSession", "OutboxSettings", "OutboxStats"]
+
+logger = logging.getLogger(__name__)
+
+#: What ``publish(..., session=...)`` takes: the caller's transaction.
+OutboxSession = AsyncSession | AsyncConnection
+
+#: Seconds sent rows are kept before deletion (0: deleted as they are sent).
+DEFAULT_RETENTION = 0.0
+#: Seconds inbox rows are kept: longer than any redelivery can come (7 days).
+DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
+#: Seconds of outbox lag (oldest pending row) past which health is degraded.
+DEFAULT_LAG_WARNING = 30.0
+#: Seconds without a loop of this process's relay before its health is unhealthy.
+RELAY_STALL = 30.0
+
+
+class OutboxSettings(BaseSettings):
+    """The outbox settings; each reads ``EVENTBUS_OUTBOX_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=f"{ENV_PREFIX}OUTBOX_", extra="ignore")
+
+    #: SQLAlchemy async URL of the database (``eventbus outbox relay`` reads it),
+    #: e.g. ``postgresql+asyncpg://app@db/app``.
+    database_url: str | None = None
+    #: Run a relay in this process while the bus runs.
+    relay: bool = True
+    #: Rows per relay transaction and backend call.
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=10_000)
+    #: Seconds between polls when no notification arrives.
+    poll_interval: float = Field(DEFAULT_POLL_INTERVAL, gt=0)
+    #: LISTEN for commits (asyncpg and psycopg); else poll only.
+    listen: bool = True
+    #: Seconds sent rows are kept (0: deleted as they are sent).
+    retention: float = Field(DEFAULT_RETENTION, ge=0)
+    #: Seconds inbox rows are kept by the relay's cleanup (0: never cleaned here).
+    inbox_retention: float = Field(DEFAULT_INBOX_RETENTION, ge=0)
+    #: Seconds of lag past which the outbox health is degraded.
+    lag_warning: float = Field(DEFAULT_LAG_WARNING, gt=0)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(f"invalid outbox settings: {exc}") from None
+
+
+class Outbox:
+    """The transactional outbox of ``bus``: ``publish(..., session=...)`` writes here,
+    and a relay started with the bus forwards committed rows to its backend.
+
+    Parameters:
+      bus: The bus; ``Outbox(bus, ...)`` attaches itself (``bus.outbox``).
+      engine: The database of the outbox table (the relay's connections come from
+        its pool: two while it runs).  None: write only, never relay here.
+      settings: Default :class:`OutboxSettings` from the environment; keyword
+        arguments below override single settings.
+      table: The outbox table (default :data:`~eventbus.outbox_schema.outbox_table`).
+      inbox: The inbox table the relay cleans (None: no inbox cleanup here).
+
+    Health (``bus.health.check()``) gains ``outbox`` (pending rows, lag, relays
+    connected; degraded past ``lag_warning``, unhealthy when rows wait and no relay
+    runs anywhere) and ``outbox.relay`` for this process's relay.  A
+    :class:`~eventbus.prometheus.PrometheusMetricsCollector` gains
+    ``eventbus_outbox_pending``, ``eventbus_outbox_lag_seconds``,
+    ``eventbus_outbox_relays``, ``eventbus_outbox_relay_shards``,
+    ``eventbus_outbox_relay_alive_seconds`` (since this relay's last loop) and
+    ``eventbus_outbox_relayed_total``, read from the relay's last look (every 2 s).
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        engine: AsyncEngine | None = None,
+        *,
+        settings: OutboxSettings | None = None,
+        table: Table = outbox_table,
+        inbox: Table | None = inbox_table,
+        **overrides: Any,
+    ) -> None:
+        base = settings if settings is not None else OutboxSettings()
+        self.settings = base.model_copy(update=overrides) if overrides else base
+        if self.settings.relay and engine is None:
+            raise ConfigurationError(
+                "the outbox relay needs an engine: Outbox(bus, engine), or relay=False to "
+                "only write here (and run `eventbus outbox relay` elsewhere)"
+            )
+        self.bus = bus
+        self.engine = engine
+        self.table = table
+        self.inbox = inbox
+        self.relay: Relay | None = None
+        self._stats: OutboxStats | None = None
+        name = table.fullname
+        columns = "shard, topic, partition_key, event_id, event_type, envelope, options"
+        values = (
+            "CAST(:shard AS int2), CAST(:topic AS text), CAST(:key AS text), "
+            "CAST(:event_id AS text), CAST(:event_type AS text), CAST(:envelope AS bytea), "
+            "CAST(:options AS text)"
+        )
+        channel = channel_of(table)
+        # One statement, one round trip: the commit notifies the relays, and a keyed
+        # event locks its key until the commit, so same-key rows commit in id order.
+        self._insert = text(
+            f"INSERT INTO {name} ({columns}) SELECT {values} FROM "
+            f"(SELECT pg_notify('{channel}', '')) AS n"
+        )
+        self._insert_keyed = text(
+            f"INSERT INTO {name} ({columns}) SELECT {values} FROM "
+            f"(SELECT pg_notify('{channel}', ''), pg_advisory_xact_lock("
+            f"{lock_class(table, 0)}, CAST(:lock AS int4))) AS n"
+        )
+        self._lock_keys = text(
+            f"SELECT pg_advisory_xact_lock({lock_class(table, 0)}, k) FROM "
+            "(SELECT k FROM unnest(CAST(:locks AS int4[])) AS k ORDER BY k) AS s"
+        )
+        bus.outbox = self
+        bus.health = _HealthWithOutbox(bus.health, self, bus)
+        _attach_metrics(bus, self)
+
+    # -- writing --------------------------------------------------------------------
+
+    async def write(self, session: OutboxSession, events: list[OutgoingEvent]) -> None:
+        """Add ``events`` (encoded by the bus) to the outbox in ``session``'s transaction."""
+        rows = [self._row(outgoing) for outgoing in events]
+        if len(rows) == 1:
+            row = rows[0]
+            await session.execute(self._insert_keyed if "lock" in row else self._insert, row)
+            return
+        locks = sorted({row.pop("lock") for row in rows if "lock" in row})
+        if locks:  # taken in one order by every transaction: no deadlock between them
+            await session.execute(self._lock_keys, {"locks": locks})
+        await session.execute(self._insert, rows)
+
+    @staticmethod
+    def _row(outgoing: OutgoingEvent) -> dict[str, Any]:
+        event = outgoing.event
+        key = event.partition_key()
+        row: dict[str, Any] = {
+            "shard": shard_of(key),
+            "topic": event.topic,
+            "key": key,
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "envelope": outgoing.envelope,
+            "options": to_json(outgoing.options).decode(),
+        }
+        if key != event.event_id:  # an ordering key: same-key rows in commit order
+            row["lock"] = key_lock(key)
+        return row
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the relay (the bus calls this from ``start()``)."""
+        if not self.settings.relay or self.engine is None:
+            return
+        if self.relay is None:
+            cleanups = []
+            if self.inbox is not None and self.settings.inbox_retention:
+                inbox, keep = self.inbox, self.settings.inbox_retention
+
+                async def clean_inbox(conn: AsyncConnection) -> None:
+                    await cleanup_inbox(conn, older_than=keep, table=inbox)
+
+                cleanups.append(clean_inbox)
+            self.relay = Relay(
+                self.bus,
+                self.engine,
+                self.table,
+                batch_size=self.settings.batch_size,
+                poll_interval=self.settings.poll_interval,
+                listen=self.settings.listen,
+                retention=self.settings.retention,
+                cleanups=cleanups,
+            )
+        self.relay.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the relay after its batch in flight (the bus calls this from ``stop()``)."""
+        if self.relay is not None:
+            await self.relay.stop(timeout)
+
+    # -- visibility -----------------------------------------------------------------
+
+    @property
+    def stats(self) -> OutboxStats | None:
+        """The last stats read by the relay or a health check (None before any)."""
+        relay_stats = self.relay.stats if self.relay is not None else None
+        if relay_stats is None or (
+            self._stats is not None and self._stats.checked_at > relay_stats.checked_at
+        ):
+            return self._stats
+        return relay_stats
+
+    async def read_stats(self) -> OutboxStats:
+        """Count pending rows, their lag and the relays connected now."""
+        if self.engine is None:
+            raise ConfigurationError("this Outbox has no engine to read stats from")
+        async with self.engine.connect() as conn:
+            self._stats = await read_stats(conn, self.table, lock_class(self.table, 2))
+        return self._stats
+
+    async def health(self) -> list[HealthResult]:
+        """``outbox`` (and ``outbox.relay`` when this process relays) health."""
+        results = []
+        if self.engine is not None:
+            try:
+                stats = await self.read_stats()
+            except Exception as exc:
+                results.append(
+                    HealthResult("outbox", HealthStatus.UNHEALTHY, f"database unreachable: {exc}")
+                )
+            else:
+                detail = (
+                    f"{stats.pending} pending, oldest {stats.lag:.1f}s, "
+                    f"{stats.relays} relay(s) connected"
+                )
+                status = HealthStatus.HEALTHY
+                if stats.pending and not stats.relays:
+                    status = HealthStatus.UNHEALTHY
+                    detail += ": no relay runs (start one: `eventbus outbox relay`)"
+                elif stats.lag > self.settings.lag_warning:
+                    status = HealthStatus.DEGRADED
+                    detail += f": lag over {self.settings.lag_warning:g}s"
+                results.append(HealthResult("outbox", status, detail))
+        relay = self.relay
+        if relay is not None:
+            results.append(_relay_health(relay))
+        return results
+
+
+def _relay_health(relay: Relay) -> HealthResult:
+    failure = relay.failure
+    if failure is not None:
+        return HealthResult("outbox.relay", HealthStatus.UNHEALTHY, f"crashed: {failure!r}")
+    if not relay.running:
+        return HealthResult("outbox.relay", HealthStatus.UNHEALTHY, "not running")
+    idle = time.monotonic() - relay.alive_at
+    if idle > RELAY_STALL:
+        detail = f"stalled: no loop for {idle:.0f}s ({relay.last_error or 'no error'})"
+        return HealthResult("outbox.relay", HealthStatus.UNHEALTHY, detail)
+    detail = (
+        f"{len(relay.shards)} shard(s), {relay.relayed} relayed, "
+        f"{'listening' if relay.listening else 'polling'}"
+    )
+    if relay.last_error:
+        return HealthResult(
+            "outbox.relay", HealthStatus.DEGRADED, f"{detail}; retrying: {relay.last_error}"
+        )
+    return HealthResult("outbox.relay", HealthStatus.HEALTHY, detail)
+
+
+class _HealthWithOutbox(HealthChecker):
+    """The bus's health checker plus the outbox's results."""
+
+    def __init__(self, inner: HealthChecker, outbox: Outbox, bus: EventBus) -> None:
+        super().__init__(bus.backend)
+        self._inner = inner
+        self._outbox = outbox
+
+    async def check(self) -> list[HealthResult]:
+        results = await self._inner.check()
+        try:
+            extra = await asyncio.wait_for(self._outbox.health(), 5.0)
+        except TimeoutError:
+            extra = [HealthResult("outbox", HealthStatus.UNHEALTHY, "health check timed out")]
+        return [*results, *extra]
+
+
+def _attach_metrics(bus: EventBus, outbox: Outbox) -> None:
+    """Report the outbox through the bus's Prometheus registry, when it has one."""
+    try:
+        from .prometheus import MULTIPROC_ENV, PrometheusMetricsCollector
+    except ImportError:
+        return
+    metrics = bus.metrics
+    if not isinstance(metrics, PrometheusMetricsCollector) or os.environ.get(MULTIPROC_ENV):
+        return
+    collector = _collectors.get(metrics.registry)
+    if collector is None:
+        collector = _OutboxCollector()
+        metrics.registry.register(collector)
+        _collectors[metrics.registry] = collector
+    collector.outbox = weakref.ref(outbox)
+
+
+class _OutboxCollector:
+    """Scrape-time outbox gauges, read from the relay's last look (no query at scrape)."""
+
+    def __init__(self) -> None:
+        self.outbox: weakref.ref[Outbox] | None = None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        outbox = self.outbox() if self.outbox is not None else None
+        if outbox is None:
+            return
+        stats = outbox.stats
+        if stats is not None:
+            yield GaugeMetricFamily(
+                "eventbus_outbox_pending", "Outbox rows not sent yet", value=stats.pending
+            )
+            yield GaugeMetricFamily(
+                "eventbus_outbox_lag_seconds",
+                "Seconds since the oldest unsent outbox row was written",
+                value=stats.lag,
+            )
+            yield GaugeMetricFamily(
+                "eventbus_outbox_relays", "Outbox relays connected", value=stats.relays
+            )
+        relay = outbox.relay
+        if relay is not None:
+            yield GaugeMetricFamily(
+                "eventbus_outbox_relay_shards",
+                "Outbox shards this process's relay holds",
+                value=len(relay.shards),
+            )
+            alive = time.monotonic() - relay.alive_at if relay.running else float("inf")
+            yield GaugeMetricFamily(
+                "eventbus_outbox_relay_alive_seconds",
+                "Seconds since this process's relay last looped (inf: not running)",
+                value=alive,
+            )
+            yield CounterMetricFamily(
+                "eventbus_outbox_relayed", "Events this process's relay sent", value=relay.relayed
+            )
+            yield CounterMetricFamily(
+                "eventbus_outbox_relay_errors",
+                "Relay batches that failed and were retried",
+                value=relay.errors,
+            )
+
+
+_collectors: weakref.WeakKeyDictionary[Any, _OutboxCollector] = weakref.WeakKeyDictionary()
