@@ -40,7 +40,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from unittest.mock import MagicMock
@@ -93,6 +93,8 @@ HandlerRef = object
 EventFilter = type[BaseEvent] | str | None
 
 
+# A MiddlewareError: raised from a ``before_process_message`` hook, it fails the
+# attempt (dramatiq's brokers log and swallow any other exception raised there).
 class InjectedFault(MiddlewareError):
     """The failure :meth:`EventBusTestKit.fail` makes an attempt end with.
 
@@ -787,7 +789,8 @@ class _Outcomes(Middleware):
         kit = self.kit
         call = kit._running.pop(message.message_id, None)
         if call is not None:
-            call = _with_outcome(call, exception, isinstance(exception, InjectedFault))
+            injected = isinstance(exception, InjectedFault)
+            call = replace(call, error=exception, injected=injected, finished=time.monotonic())
             kit._record(message.actor_name).calls.append(call)
         if exception is None:
             if call is not None and self._crash(broker, message, call):
@@ -822,20 +825,6 @@ class _Outcomes(Middleware):
         second = self.kit._held.pop(message.message_id, None)
         if second is not None:
             broker.enqueue(second)
-
-
-def _with_outcome(call: HandlerCall, error: BaseException | None, injected: bool) -> HandlerCall:
-    return HandlerCall(
-        event=call.event,
-        attempt=call.attempt,
-        message_id=call.message_id,
-        error=error,
-        injected=injected,
-        redelivery=call.redelivery,
-        duplicate=call.duplicate,
-        started=call.started,
-        finished=time.monotonic(),
-    )
 
 
 def kit_fixture(

@@ -96,11 +96,29 @@ def test_the_bus_gets_its_backend_broker_and_dead_letters_back(backend: str) -> 
 
 def test_leaving_the_app_drains_pending_deliveries(shop: Shop) -> None:
     with EventBusTestKit(shop.bus) as kit:
-        kit.delay(shop.UserCreated, seconds=0.2)
+        kit.delay(shop.UserCreated, seconds=0.3)
         with TestClient(shop.app) as client:
             signup(client)
             assert shop.emails == []  # not drained: the delivery is held back
         assert shop.emails == ["ada@example.org"] and shop.welcomed == [1]
+
+
+async def test_leaving_an_async_kit_drains_and_stops_a_bus_the_test_started(shop: Shop) -> None:
+    async with EventBusTestKit(shop.bus) as kit:
+        kit.delay(shop.UserCreated, seconds=0.1)
+        await shop.bus.start()
+        await shop.bus.publish(shop.UserCreated(user_id=1, email="ada@example.org"))  # type: ignore[call-arg]
+    assert shop.emails == ["ada@example.org"] and shop.welcomed == [1]
+    assert not shop.bus.started and isinstance(shop.bus.backend, RedisBackend)
+
+
+def test_drain_times_out_naming_what_is_pending(shop: Shop) -> None:
+    with EventBusTestKit(shop.bus) as kit, TestClient(shop.app) as client:
+        kit.delay(shop.UserCreated, handler=shop.send_welcome, seconds=0.5)
+        signup(client)
+        with pytest.raises(TimeoutError, match="1 event deliveries still pending"):
+            kit.drain(timeout=0.05)
+    assert shop.emails == ["ada@example.org"]  # leaving the app waited for it
 
 
 def test_two_apps_in_a_row_on_one_kit(shop: Shop) -> None:
@@ -303,6 +321,7 @@ def test_crash_after_the_handler_ran_redelivers_the_same_message(shop: Shop) -> 
         assert shop.bus.dlq.size() == 0
     assert [(c.redelivery, c.ok) for c in welcome] == [(0, True), (1, True)]
     assert welcome[0].message_id == welcome[1].message_id  # the very message, again
+    assert [c.attempt for c in welcome] == [1, 1]  # a redelivery is not a retry
     assert welcome[1].started >= welcome[0].finished  # after the first run ended
     assert shop.emails == ["ada@example.org"]  # idempotent: the second run did nothing
     assert shop.signups == [1, 1, 1]  # not idempotent: times=2 -> three runs
@@ -324,6 +343,19 @@ def test_fail_the_first_attempts_then_the_handler_succeeds(shop: Shop) -> None:
     assert all(isinstance(c.error, InjectedFault) for c in calls[:2])
     assert record.mock.call_count == 1  # the handler itself ran once
     assert shop.emails == ["ada@example.org"] and shop.signups == [1]
+
+
+def test_fail_applies_to_every_delivery_of_the_handler(shop: Shop) -> None:
+    with EventBusTestKit(shop.bus) as kit, TestClient(shop.app) as client:
+        kit.fail(handler=shop.count_signup, times=1)
+        signup(client, 1)
+        signup(client, 2)
+        kit.drain()
+        calls = kit.handler(shop.count_signup).calls
+    by_user = sorted((c.event.user_id, c.attempt, c.injected) for c in calls)  # type: ignore[attr-defined]
+    assert by_user == [(1, 1, True), (1, 2, False), (2, 1, True), (2, 2, False)]
+    assert sorted(shop.signups) == [1, 2]
+    assert [c.ok for c in kit.handler(shop.send_welcome).calls] == [True, True]  # not its sibling
 
 
 def test_fail_more_attempts_than_retries_dead_letters_the_event(shop: Shop) -> None:
@@ -375,15 +407,28 @@ def test_a_mock_side_effect_fails_the_attempt(shop: Shop) -> None:
 
 def test_delay_holds_the_delivery_back(shop: Shop) -> None:
     with EventBusTestKit(shop.bus) as kit, TestClient(shop.app) as client:
-        kit.delay(shop.UserCreated, handler=shop.send_welcome, seconds=0.3)
+        kit.delay(shop.UserCreated, handler=shop.send_welcome, seconds=0.5)
         published = time.monotonic()
         signup(client, 1)
-        time.sleep(0.05)
-        assert shop.emails == [] and shop.signups == [1]  # only send_welcome waits
+        assert shop.emails == []  # the endpoint answered; the delivery waits
         kit.drain()
-        (call,) = kit.handler(shop.send_welcome).calls
-    assert call.started - published >= 0.3
+        (welcome,) = kit.handler(shop.send_welcome).calls
+        (counted,) = kit.handler(shop.count_signup).calls
+    assert welcome.started - published >= 0.5
+    assert counted.started - published < 0.5  # only send_welcome waited
     assert shop.emails == ["ada@example.org"]
+
+
+def test_delay_holds_only_the_first_attempt_back(shop: Shop) -> None:
+    with EventBusTestKit(shop.bus) as kit, TestClient(shop.app) as client:
+        kit.delay(handler=shop.count_signup, seconds=0.3)
+        kit.fail(handler=shop.count_signup, times=1)
+        published = time.monotonic()
+        signup(client, 1)
+        kit.drain()
+        first, second = kit.handler(shop.count_signup).calls
+    assert first.started - published >= 0.3
+    assert second.started - first.finished < 0.2  # the retry was not delayed again
 
 
 def test_faults_apply_to_matching_events_only_and_clear(shop: Shop) -> None:
