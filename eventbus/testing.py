@@ -505,7 +505,7 @@ class EventBusTestKit:
         counts: dict[str, int] = {}
         for e in events:
             counts[type(e).__name__] = counts.get(type(e).__name__, 0) + 1
-        return "published were " + ", ".join(f"{n} x{c}" for n, c in counts.items())
+        return "published: " + ", ".join(f"{n} x{c}" for n, c in counts.items())
 
     # -- what handlers did ------------------------------------------------------------
 
@@ -531,8 +531,11 @@ class EventBusTestKit:
     def _specs(self, handler: HandlerRef) -> list[HandlerSpec]:
         specs = [s for s in self.bus.registry.all_handlers() if s.matches(handler)]
         if not specs:
-            known = ", ".join(s.name for s in self.bus.registry.all_handlers()) or "none"
-            raise LookupError(f"{handler!r} is not a handler of this bus (handlers: {known})")
+            names = [s.name for s in self.bus.registry.all_handlers()]
+            known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "")
+            raise LookupError(
+                f"{handler!r} is not a handler of this bus (handlers: {known or 'none'})"
+            )
         return specs
 
     def _record(self, name: str) -> HandlerRecord:

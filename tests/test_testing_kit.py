@@ -199,6 +199,15 @@ def test_assert_published_when_nothing_of_the_class_was_published(shop: Shop) ->
             kit.drain()
         with pytest.raises(AssertionError) as caught:
             kit.assert_published(shop.WelcomeSent, user_id=2)
+
+        class Refunded(BaseEvent):
+            topic: str = "kit.refunded"
+
+        with pytest.raises(
+            AssertionError,
+            match=r"^Refunded was not published: published: UserCreated x1, WelcomeSent x1$",
+        ):
+            kit.assert_published(Refunded)
     assert str(caught.value).startswith("WelcomeSent with user_id=2 was not published; ")
     assert "user_id=1 (expected 2)" in str(caught.value)
 
