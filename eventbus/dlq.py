@@ -20,9 +20,9 @@ import asyncio
 import json
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -38,6 +38,10 @@ DEFAULT_PEEK_LIMIT = 10
 #: Characters kept of the JSON text of an envelope nested too deeply to decode
 #: (such payloads are written as text; 16 MiB: well over any broker's message size).
 MAX_ENVELOPE_TEXT = 16 * 1024 * 1024
+#: Audit entries a store keeps; older ones are dropped.
+DEFAULT_AUDIT_SIZE = 10_000
+#: Record ids written into one audit entry (the count says how many there were).
+MAX_AUDIT_IDS = 100
 
 
 def _now() -> datetime:
@@ -205,6 +209,94 @@ def _parse_time(value: object) -> datetime:
     return _now()
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """One action taken on dead letters: who did what, when, to which records.
+
+    Attributes:
+      at: When (UTC).
+      who: The person or client, as the console's auth dependency named it.
+      action: ``replay``, ``replay-edited`` or ``purge``.
+      count: How many records the action touched.
+      ids: Their ids, at most :data:`MAX_AUDIT_IDS` of them.
+      detail: What was selected and what came of it, in words.
+    """
+
+    at: datetime
+    who: str
+    action: str
+    count: int
+    ids: tuple[str, ...] = ()
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as a JSON-compatible dict."""
+        return {
+            "at": self.at.isoformat(),
+            "who": self.who,
+            "action": self.action,
+            "count": self.count,
+            "ids": list(self.ids),
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEntry:
+        """Rebuild an entry from :meth:`to_dict` output."""
+        ids = data.get("ids")
+        return cls(
+            at=_parse_time(data.get("at")),
+            who=str(data.get("who", "")),
+            action=str(data.get("action", "")),
+            count=int(data.get("count", 0)),
+            ids=tuple(str(i) for i in ids) if isinstance(ids, list) else (),
+            detail=str(data.get("detail", "")),
+        )
+
+
+@runtime_checkable
+class AuditLog(Protocol):
+    """Where the actions taken on dead letters are kept.  Safe across threads."""
+
+    #: True when calls do network I/O (callers on an event loop use a thread).
+    blocking: bool
+
+    def append(self, entry: AuditEntry) -> None:
+        """Keep ``entry``."""
+        ...
+
+    def entries(self, limit: int = 50) -> list[AuditEntry]:
+        """The newest ``limit`` entries, newest first."""
+        ...
+
+
+class MemoryAuditLog:
+    """The newest ``max_size`` audit entries, in memory (gone with the process)."""
+
+    blocking = False
+
+    def __init__(self, max_size: int = DEFAULT_AUDIT_SIZE) -> None:
+        self._entries: deque[AuditEntry] = deque(maxlen=max_size)
+        self._lock = threading.Lock()
+
+    def append(self, entry: AuditEntry) -> None:
+        with self._lock:
+            self._entries.append(entry)
+
+    def entries(self, limit: int = 50) -> list[AuditEntry]:
+        with self._lock:
+            newest_first = list(reversed(self._entries))
+        return newest_first[: max(limit, 0)]
+
+
+@runtime_checkable
+class AuditedStore(Protocol):
+    """A store that keeps an audit trail of the actions taken on its records."""
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+
 @runtime_checkable
 class DeadLetterStore(Protocol):
     """Where dead letters live.  Implementations must be safe across threads.
@@ -252,6 +344,8 @@ class MemoryDeadLetterStore:
     Parameters:
       max_size: Records kept; adding one more evicts the oldest and counts it in
         ``evicted``.
+
+    Its :attr:`audit` trail lives (and dies) with it, in memory.
     """
 
     blocking = False
@@ -259,6 +353,8 @@ class MemoryDeadLetterStore:
     def __init__(self, max_size: int = 10_000) -> None:
         self.max_size = max_size
         self.evicted = 0
+        #: Actions taken on these records (the console writes it).
+        self.audit = MemoryAuditLog()
         self._records: OrderedDict[str, FailedEvent] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -467,6 +563,36 @@ class DeadLetterQueue:
             result.replayed.append(record_id)
         return result
 
+    def replay_edited(self, record_id: str, envelope: dict[str, Any]) -> ReplayResult:
+        """Replay one record with ``envelope`` instead of the payload it failed on.
+
+        The record is claimed, the edited event enqueued for its handler, and the
+        record deleted, as with :meth:`replay`.  Validate ``envelope`` first
+        (against the handler's event class when the process knows it): it is only
+        checked here to be an event envelope.
+
+        Raises:
+          EventDecodeError: ``envelope`` is not an event envelope (nothing is done).
+        """
+        if self._replayer is None:
+            raise RuntimeError("this dead-letter queue is not attached to a bus; cannot replay")
+        event = decode_event(envelope)
+        result = ReplayResult()
+        record = self.store.claim(record_id)
+        if record is None:
+            result.missing.append(record_id)
+            return result
+        try:
+            self._replayer(replace(record, envelope=envelope, event=event))
+        except Exception as exc:
+            self.store.release(record)
+            result.failed[record_id] = f"{type(exc).__name__}: {exc}"
+            logger.warning("Replay of edited dead letter %s failed: %s", record_id, exc)
+            return result
+        self.store.complete(record_id)
+        result.replayed.append(record_id)
+        return result
+
     def purge(
         self,
         ids: Iterable[str] | None = None,
@@ -523,3 +649,7 @@ class DeadLetterQueue:
     async def apurge(self, ids: Iterable[str] | None = None, **filters: Any) -> int:
         """Async :meth:`purge`."""
         return await self._call(self.purge, ids, **filters)
+
+    async def areplay_edited(self, record_id: str, envelope: dict[str, Any]) -> ReplayResult:
+        """Async :meth:`replay_edited`."""
+        return await self._call(self.replay_edited, record_id, envelope)

@@ -1,8 +1,8 @@
 """A durable dead-letter store in Redis, shared by every process of a deployment.
 
 Workers write records; the web process (``bus.dlq``, the admin router, the
-``eventbus dlq`` CLI) reads, replays and purges them.  It is what the Redis
-backend returns from ``dead_letter_store()``.
+console, the ``eventbus dlq`` CLI) reads, replays and purges them.  It is what
+the Redis backend returns from ``dead_letter_store()``.
 
 Keys (``{ns}`` is the backend's namespace)::
 
@@ -11,6 +11,18 @@ Keys (``{ns}`` is the backend's namespace)::
     {ns}:dlq:claimed  ZSET  record id -> claim time (ms) of records being replayed
     {ns}:dlq:seq      counter of insertions
     {ns}:dlq:evicted  counter of records dropped to stay within ``max_size``
+    {ns}:dlq:sum      HASH  record id -> summary JSON (no payload, no traceback)
+    {ns}:dlq:ix       ZSET  record id -> final failure time (us), listed records
+    {ns}:dlq:ix:t:<topic>, :ix:h:<handler>, :ix:e:<error type>,
+    {ns}:dlq:ix:g:<group>    the same, per topic, handler, error type and group
+    {ns}:dlq:groups   HASH  group -> record count (group: handler and error type)
+    {ns}:dlq:ixkeys   SET   the per-value index keys that exist
+    {ns}:dlq:audit    LIST  audit entries (JSON), newest first
+
+The indexes let the console list, filter, page and group 100,000 records with
+a handful of O(log n) commands; every script that lists or unlists a record
+keeps them up to date.  Records written by a version without indexes are
+indexed on the next search (:meth:`RedisDeadLetterStore.reindex`).
 
 A claimed record is hidden from listings and other replays; if its claimer dies
 before completing, the next read brings it back after :data:`CLAIM_TIMEOUT`.
@@ -22,11 +34,21 @@ seen and purged.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import redis
 
-from .dlq import FailedEvent, newest
+from .console_store import (
+    MAX_GROUPS,
+    DeadLetterPage,
+    DeadLetterQuery,
+    DeadLetterSummary,
+    FailureGroup,
+    from_micros,
+    parse_cursor,
+)
+from .dlq import DEFAULT_AUDIT_SIZE, AuditEntry, FailedEvent, newest
 from .events import text_too_deep
 
 #: Records listed when no limit is given.
@@ -35,6 +57,9 @@ DEFAULT_LIMIT = 10
 CLAIM_TIMEOUT = 60.0
 #: Records fetched per HMGET when scanning with filters.
 SCAN_CHUNK = 500
+#: Index entries a search reads at most per page when two filters have no shared
+#: index (topic and error type): the page may then be short, with a next cursor.
+MAX_SCAN = 5_000
 #: ``error_type`` of a listed value that is not a valid record.
 UNREADABLE = "UnreadableRecord"
 
@@ -43,65 +68,181 @@ local __t = redis.call('TIME')
 local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
 """
 
-# KEYS: hash, order, claimed, seq, evicted.  ARGV: id, json, max_size.
-_ADD = """
-local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+# Index upkeep shared by the scripts.  P is the key prefix "{ns}:dlq"; a summary
+# is the JSON of _summary_json().  A group is "<bytes of handler>:<handler><error type>".
+_INDEX = """
+local P = ARGV[1]
+local function group(s)
+  return string.len(s.handler) .. ':' .. s.handler .. s.error_type
+end
+local function index_keys(s)
+  return {P .. ':ix:t:' .. s.topic, P .. ':ix:h:' .. s.handler,
+          P .. ':ix:e:' .. s.error_type, P .. ':ix:g:' .. group(s)}
+end
+local function index(id, data)
+  if not data then return end
+  local s = cjson.decode(data)
+  if redis.call('ZADD', P .. ':ix', s.t, id) == 0 then return end
+  for _, k in ipairs(index_keys(s)) do
+    redis.call('ZADD', k, s.t, id)
+    redis.call('SADD', P .. ':ixkeys', k)
+  end
+  redis.call('HINCRBY', P .. ':groups', group(s), 1)
+end
+local function unindex(id, data)
+  if not data or redis.call('ZREM', P .. ':ix', id) == 0 then return end
+  local s = cjson.decode(data)
+  for _, k in ipairs(index_keys(s)) do
+    if redis.call('ZREM', k, id) == 1 and redis.call('EXISTS', k) == 0 then
+      redis.call('SREM', P .. ':ixkeys', k)
+    end
+  end
+  if redis.call('HINCRBY', P .. ':groups', group(s), -1) <= 0 then
+    redis.call('HDEL', P .. ':groups', group(s))
+  end
+end
+"""
+
+# ARGV: prefix, id, record json, summary json, max_size.
+_ADD = (
+    _INDEX
+    + """
+local id = ARGV[2]
+local seq = redis.call('INCR', P .. ':seq')
+unindex(id, redis.call('HGET', P .. ':sum', id))
+redis.call('HSET', P, id, ARGV[3])
+redis.call('HSET', P .. ':sum', id, ARGV[4])
+redis.call('ZREM', P .. ':claimed', id)
+redis.call('ZADD', P .. ':order', seq, id)
+index(id, ARGV[4])
+local excess = redis.call('ZCARD', P .. ':order') - tonumber(ARGV[5])
 if excess > 0 then
-  local victims = redis.call('ZRANGE', KEYS[2], 0, excess - 1)
-  redis.call('ZREM', KEYS[2], unpack(victims))
-  redis.call('HDEL', KEYS[1], unpack(victims))
-  redis.call('INCRBY', KEYS[5], #victims)
+  local victims = redis.call('ZRANGE', P .. ':order', 0, excess - 1)
+  for _, victim in ipairs(victims) do
+    unindex(victim, redis.call('HGET', P .. ':sum', victim))
+    redis.call('HDEL', P .. ':sum', victim)
+  end
+  redis.call('ZREM', P .. ':order', unpack(victims))
+  redis.call('HDEL', P, unpack(victims))
+  redis.call('INCRBY', P .. ':evicted', #victims)
 end
 return 1
 """
+)
 
-# KEYS: hash, order, claimed, seq.  ARGV: claim timeout ms.  Lists stale claims again.
+# ARGV: prefix, claim timeout ms.  Lists stale claims again.
 _RESTORE = (
-    _NOW
+    _INDEX
+    + _NOW
     + """
-local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[1]),
+local stale = redis.call('ZRANGEBYSCORE', P .. ':claimed', '-inf', now - tonumber(ARGV[2]),
   'LIMIT', 0, 1000)
 for _, id in ipairs(stale) do
-  redis.call('ZREM', KEYS[3], id)
-  if redis.call('HEXISTS', KEYS[1], id) == 1 then
-    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), id)
+  redis.call('ZREM', P .. ':claimed', id)
+  if redis.call('HEXISTS', P, id) == 1 then
+    redis.call('ZADD', P .. ':order', redis.call('INCR', P .. ':seq'), id)
+    index(id, redis.call('HGET', P .. ':sum', id))
   end
 end
 return #stale
 """
 )
 
-# KEYS: hash, order, claimed.  ARGV: id.  Hides the record and returns it.
+# ARGV: prefix, id.  Hides the record and returns it.
 _CLAIM = (
-    _NOW
+    _INDEX
+    + _NOW
     + """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return false end
-redis.call('ZADD', KEYS[3], now, ARGV[1])
-return redis.call('HGET', KEYS[1], ARGV[1])
+local id = ARGV[2]
+if redis.call('ZREM', P .. ':order', id) == 0 then return false end
+redis.call('ZADD', P .. ':claimed', now, id)
+unindex(id, redis.call('HGET', P .. ':sum', id))
+return redis.call('HGET', P, id)
 """
 )
 
-# KEYS: hash, order.  ARGV: id.  Deletes a listed record and returns it.
-_REMOVE = """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return false end
-local data = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
+# ARGV: prefix, id.  Deletes a listed record and returns it.
+_REMOVE = (
+    _INDEX
+    + """
+local id = ARGV[2]
+if redis.call('ZREM', P .. ':order', id) == 0 then return false end
+unindex(id, redis.call('HGET', P .. ':sum', id))
+local data = redis.call('HGET', P, id)
+redis.call('HDEL', P, id)
+redis.call('HDEL', P .. ':sum', id)
 return data
 """
+)
+
+# ARGV: prefix, id.  Deletes a claimed record (listed again meanwhile, or not).
+_COMPLETE = (
+    _INDEX
+    + """
+local id = ARGV[2]
+redis.call('ZREM', P .. ':claimed', id)
+if redis.call('ZREM', P .. ':order', id) == 1 then
+  unindex(id, redis.call('HGET', P .. ':sum', id))
+end
+redis.call('HDEL', P, id)
+redis.call('HDEL', P .. ':sum', id)
+return 1
+"""
+)
+
+# ARGV: prefix.  Deletes every record and index (the eviction counter stays).
+_CLEAR = """
+local P = ARGV[1]
+local keys = redis.call('SMEMBERS', P .. ':ixkeys')
+for i = 1, #keys, 500 do
+  redis.call('DEL', unpack(keys, i, math.min(i + 499, #keys)))
+end
+redis.call('DEL', P, P .. ':order', P .. ':claimed', P .. ':sum', P .. ':ix',
+  P .. ':groups', P .. ':ixkeys')
+return 1
+"""
+
+# ARGV: prefix, then id, summary pairs.  Indexes listed records the indexes miss
+# (written by a version without indexes) and unindexes unlisted ones.
+_REINDEX = (
+    _INDEX
+    + """
+local fixed = 0
+for i = 2, #ARGV, 2 do
+  local id, data = ARGV[i], ARGV[i + 1]
+  local listed = redis.call('ZSCORE', P .. ':order', id)
+  local indexed = redis.call('ZSCORE', P .. ':ix', id)
+  if listed and not indexed then
+    redis.call('HSET', P .. ':sum', id, data)
+    index(id, data)
+    fixed = fixed + 1
+  elseif indexed and not listed then
+    unindex(id, redis.call('HGET', P .. ':sum', id) or data)
+    if redis.call('ZSCORE', P .. ':claimed', id) == false then
+      redis.call('HDEL', P .. ':sum', id)
+    end
+    fixed = fixed + 1
+  end
+end
+return fixed
+"""
+)
 
 
 class RedisDeadLetterStore:
     """Dead letters in Redis, bounded by count (the oldest are evicted and counted).
+
+    Also a :class:`~eventbus.console_store.SearchableStore` (indexed pages,
+    groups and selections for the console) and an
+    :class:`~eventbus.dlq.AuditedStore` (its :attr:`audit` trail is a Redis list
+    next to the records).
 
     Parameters:
       client: A synchronous redis-py client.
       namespace: Key prefix (the Redis backend's namespace).
       max_size: Records kept.
       claim_timeout: Seconds before an unfinished claim is undone.
+      audit_size: Audit entries kept.
 
     Example::
 
@@ -120,21 +261,29 @@ class RedisDeadLetterStore:
         namespace: str = "eventbus",
         max_size: int = 10_000,
         claim_timeout: float = CLAIM_TIMEOUT,
+        audit_size: int = DEFAULT_AUDIT_SIZE,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.max_size = max_size
         self.claim_timeout = claim_timeout
         base = f"{namespace}:dlq"
+        self._prefix = base
         self._hash = base
         self._order = f"{base}:order"
-        self._claimed = f"{base}:claimed"
-        self._seq = f"{base}:seq"
         self._evicted = f"{base}:evicted"
+        self._sum = f"{base}:sum"
+        self._ix = f"{base}:ix"
+        self._groups = f"{base}:groups"
         self._add = client.register_script(_ADD)
         self._restore = client.register_script(_RESTORE)
         self._claim = client.register_script(_CLAIM)
         self._remove = client.register_script(_REMOVE)
+        self._complete = client.register_script(_COMPLETE)
+        self._clear = client.register_script(_CLEAR)
+        self._reindex = client.register_script(_REINDEX)
+        #: Actions taken on these records, kept in Redis with them.
+        self.audit = RedisAuditLog(client, f"{base}:audit", max_size=audit_size)
 
     @property
     def evicted(self) -> int:
@@ -155,18 +304,12 @@ class RedisDeadLetterStore:
             return _unreadable(record_id, data, exc)
 
     def _restore_stale(self) -> None:
-        self._restore(
-            keys=[self._hash, self._order, self._claimed, self._seq],
-            args=[int(self.claim_timeout * 1000)],
-        )
+        self._restore(args=[self._prefix, int(self.claim_timeout * 1000)])
 
     def add(self, record: FailedEvent) -> None:
         """Store ``record``, replacing one with the same id."""
         data = json.dumps(record.to_dict(), default=str)
-        self._add(
-            keys=[self._hash, self._order, self._claimed, self._seq, self._evicted],
-            args=[record.id, data, self.max_size],
-        )
+        self._add(args=[self._prefix, record.id, data, _summary_json(record), self.max_size])
 
     def find(
         self,
@@ -180,11 +323,15 @@ class RedisDeadLetterStore:
         self._restore_stale()
         if limit is not None and limit <= 0:
             return []
-        filtered = topic is not None or handler is not None or error_type is not None
-        if not filtered and limit is not None:
-            ids: list[bytes] = self.client.zrange(self._order, -limit, -1)  # type: ignore[assignment]
+        if topic is None and handler is None and error_type is None:
+            start = -limit if limit is not None else 0
+            ids: list[bytes] = self.client.zrange(self._order, start, -1)  # type: ignore[assignment]
         else:
-            ids = self.client.zrange(self._order, 0, -1)  # type: ignore[assignment]
+            self._ensure_indexed()
+            query = DeadLetterQuery(topic=topic, handler=handler, error_type=error_type)
+            ids = self._insertion_order(self._select(query))
+            if limit is not None:
+                ids = ids[-limit:]
         records: list[FailedEvent] = []
         for i in range(0, len(ids), SCAN_CHUNK):
             chunk = ids[i : i + SCAN_CHUNK]
@@ -193,6 +340,16 @@ class RedisDeadLetterStore:
                 if record is not None and record.matches(topic, handler, error_type):
                     records.append(record)
         return newest(records, limit)
+
+    def _insertion_order(self, ids: list[bytes]) -> list[bytes]:
+        """``ids`` that are listed, oldest inserted first (``find``'s order)."""
+        ranked: list[tuple[float, bytes]] = []
+        for i in range(0, len(ids), SCAN_CHUNK):
+            chunk = ids[i : i + SCAN_CHUNK]
+            scores = self.client.zmscore(self._order, chunk)  # type: ignore[arg-type]
+            ranked += [(sc, m) for m, sc in zip(chunk, scores, strict=True) if sc is not None]
+        ranked.sort()
+        return [m for _, m in ranked]
 
     def peek(self, limit: int = DEFAULT_LIMIT) -> list[FailedEvent]:
         """The ``limit`` newest records, oldest first."""
@@ -208,7 +365,7 @@ class RedisDeadLetterStore:
 
     def remove(self, record_id: str) -> FailedEvent | None:
         """Delete and return the record with ``record_id``."""
-        data = self._remove(keys=[self._hash, self._order], args=[record_id])
+        data = self._remove(args=[self._prefix, record_id])
         return self._decode(record_id, data)
 
     def size(self) -> int:
@@ -217,12 +374,12 @@ class RedisDeadLetterStore:
         return int(self.client.zcard(self._order))
 
     def clear(self) -> None:
-        """Delete every record (the eviction counter stays)."""
-        self.client.delete(self._hash, self._order, self._claimed)
+        """Delete every record (the eviction counter and the audit trail stay)."""
+        self._clear(args=[self._prefix])
 
     def claim(self, record_id: str) -> FailedEvent | None:
         """Hide the record from listings and other claims, and return it."""
-        data = self._claim(keys=[self._hash, self._order, self._claimed], args=[record_id])
+        data = self._claim(args=[self._prefix, record_id])
         return self._decode(record_id, data)
 
     def release(self, record: FailedEvent) -> None:
@@ -231,10 +388,330 @@ class RedisDeadLetterStore:
 
     def complete(self, record_id: str) -> None:
         """Delete a claimed record (its replay is enqueued)."""
+        self._complete(args=[self._prefix, record_id])
+
+    # -- indexes: what the console reads --------------------------------------------
+
+    def reindex(self) -> int:
+        """Bring the indexes in line with the listed records; returns how many it fixed.
+
+        Needed once after records were written or deleted by a version without
+        indexes (a rolling upgrade); :meth:`search` and friends call it when the
+        index and the listing differ in size.  Reads every id: O(n).
+        """
+        listed = set(cast(list[bytes], self.client.zrange(self._order, 0, -1)))
+        indexed = set(cast(list[bytes], self.client.zrange(self._ix, 0, -1)))
+        fixed = 0
+        missing = sorted(listed - indexed)
+        for i in range(0, len(missing), SCAN_CHUNK):
+            chunk = missing[i : i + SCAN_CHUNK]
+            args: list[Any] = [self._prefix]
+            for record_id, data in zip(chunk, self.client.hmget(self._hash, chunk), strict=True):
+                record = self._decode(record_id, data)
+                if record is not None:
+                    args += [record_id, _summary_json(record)]
+            fixed += int(self._reindex(args=args))
+        stale = sorted(indexed - listed)
+        for i in range(0, len(stale), SCAN_CHUNK):
+            args = [self._prefix]
+            for record_id in stale[i : i + SCAN_CHUNK]:
+                args += [record_id, "{}"]
+            fixed += int(self._reindex(args=args))
+        return fixed
+
+    def _ensure_indexed(self) -> None:
+        self._restore_stale()
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self._order)
+            pipe.zcard(self._ix)
+            listed, indexed = pipe.execute()
+        if listed != indexed:
+            self.reindex()
+
+    def _index_for(self, query: DeadLetterQuery) -> tuple[str, bool]:
+        """The index key to walk for ``query``, and whether some filter is left to check."""
+        given = {
+            kind: value
+            for kind, value in (
+                ("t", query.topic),
+                ("h", query.handler),
+                ("e", query.error_type),
+            )
+            if value is not None
+        }
+        if query.handler is not None and query.error_type is not None:
+            group = _group(query.handler, query.error_type)
+            return f"{self._ix}:g:{group}", query.topic is not None
+        if not given:
+            return self._ix, False
+        keys = [f"{self._ix}:{kind}:{value}" for kind, value in given.items()]
+        if len(keys) == 1:
+            return keys[0], False
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zcard(key)
+            sizes = pipe.execute()
+        return min(zip(sizes, keys, strict=True))[1], True
+
+    def _summaries(self, ids: Sequence[bytes]) -> list[DeadLetterSummary]:
+        if not ids:
+            return []
+        return [
+            _summary(record_id, data)
+            for record_id, data in zip(ids, self.client.hmget(self._sum, ids), strict=True)
+            if data is not None
+        ]
+
+    def search(self, query: DeadLetterQuery, *, limit: int, cursor: str | None) -> DeadLetterPage:
+        """The page of at most ``limit`` records matching ``query`` after ``cursor``.
+
+        O(log n + limit) when the filters have an index of their own (none, one
+        of them, or handler with error type); topic with error type walks the
+        smaller index and reads at most :data:`MAX_SCAN` entries per page.
+        """
+        self._ensure_indexed()
+        key, residual = self._index_for(query)
+        low = "-inf" if query.low is None else query.low
+        high: int | str = "+inf" if query.high is None else query.high
+        position = parse_cursor(cursor)
+        after: tuple[int, bytes] | None = None
+        if position is not None:
+            after = (position[0], position[1].encode())
+            high = position[0] if query.high is None else min(position[0], query.high)
+        items: list[DeadLetterSummary] = []
+        offset = scanned = 0
+        batch = limit + 1 if not residual else max(limit + 1, 200)
+        last: tuple[int, bytes] | None = None
+        exhausted = False
+        while len(items) <= limit and scanned < MAX_SCAN:
+            rows: list[tuple[bytes, int]] = self.client.zrange(  # type: ignore[assignment]
+                key,
+                high,
+                low,
+                desc=True,
+                byscore=True,
+                offset=offset,
+                num=batch,
+                withscores=True,
+                score_cast_func=_score,
+            )
+            offset += len(rows)
+            scanned += len(rows)
+            fresh = [m for m, sc in rows if after is None or (sc, _b(m)) < after]
+            for summary in self._summaries(fresh):
+                if not residual or query.matches(summary):
+                    items.append(summary)
+            if rows:
+                last = (rows[-1][1], _b(rows[-1][0]))
+            if len(rows) < batch:
+                exhausted = True
+                break
+        next_cursor = None
+        if len(items) > limit:
+            items = items[:limit]
+            next_cursor = items[-1].cursor
+        elif not exhausted and last is not None:  # the scan stopped early: go on from there
+            next_cursor = f"{last[0]}:{last[1].decode('utf-8', 'replace')}"
+        total = None
+        if not residual:
+            full_high = "+inf" if query.high is None else query.high
+            total = int(self.client.zcount(key, low, full_high))
+        return DeadLetterPage(items=items, next_cursor=next_cursor, total=total)
+
+    def failure_groups(self, query: DeadLetterQuery) -> list[FailureGroup]:
+        """Groups (handler, error type) of the records matching ``query``, largest first.
+
+        One command per group and three per group in a pipeline: O(groups).
+        """
+        self._ensure_indexed()
+        groups: list[tuple[str, str, bytes]] = []
+        for field in cast(list[bytes], self.client.hkeys(self._groups)):
+            parsed = _parse_group(field)
+            if parsed is None:
+                continue
+            handler, error_type = parsed
+            if query.handler not in (None, handler) or query.error_type not in (None, error_type):
+                continue
+            groups.append((handler, error_type, self._ix.encode() + b":g:" + field))
+        low = "-inf" if query.low is None else query.low
+        high = "+inf" if query.high is None else query.high
+        with self.client.pipeline(transaction=False) as pipe:
+            for _, _, key in groups:
+                pipe.zcount(key, low, high)
+                pipe.zrange(
+                    key,
+                    low,
+                    high,
+                    byscore=True,
+                    offset=0,
+                    num=1,
+                    withscores=True,
+                    score_cast_func=_score,
+                )
+                pipe.zrange(
+                    key,
+                    high,
+                    low,
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=1,
+                    withscores=True,
+                    score_cast_func=_score,
+                )
+            replies = pipe.execute()
+        found: list[tuple[str, str, int, int, int, bytes]] = []
+        for i, (handler, error_type, _) in enumerate(groups):
+            count, oldest, newest_row = replies[3 * i : 3 * i + 3]
+            if count and oldest and newest_row:
+                found.append(
+                    (
+                        handler,
+                        error_type,
+                        int(count),
+                        oldest[0][1],
+                        newest_row[0][1],
+                        newest_row[0][0],
+                    )
+                )
+        samples = self._summaries([row[5] for row in found])
+        by_id = {s.id: s for s in samples}
+        result = []
+        for handler, error_type, count, first, last, sample_id in found:
+            sample = by_id.get(sample_id.decode("utf-8", "replace"))
+            topic = sample.topic if sample is not None else ""
+            if query.topic is not None and topic != query.topic:
+                continue
+            result.append(
+                FailureGroup(
+                    handler=handler,
+                    error_type=error_type,
+                    topic=topic,
+                    count=count,
+                    first_seen=from_micros(first),
+                    last_seen=from_micros(last),
+                    sample_error=sample.error if sample is not None else "",
+                )
+            )
+        result.sort(key=lambda g: (-g.count, g.handler, g.error_type))
+        return result[:MAX_GROUPS]
+
+    def select(self, query: DeadLetterQuery) -> list[str]:
+        """The ids of every record matching ``query``, newest first."""
+        self._ensure_indexed()
+        return [m.decode("utf-8", "replace") for m in self._select(query)]
+
+    def _select(self, query: DeadLetterQuery) -> list[bytes]:
+        key, residual = self._index_for(query)
+        low = "-inf" if query.low is None else query.low
+        high = "+inf" if query.high is None else query.high
+        ids: list[bytes] = self.client.zrange(key, high, low, desc=True, byscore=True)  # type: ignore[assignment]
+        if not residual:
+            return ids
+        kept: list[bytes] = []
+        for i in range(0, len(ids), SCAN_CHUNK):
+            chunk = ids[i : i + SCAN_CHUNK]
+            sums = self.client.hmget(self._sum, chunk)
+            kept += [
+                m
+                for m, data in zip(chunk, sums, strict=True)
+                if data is not None and query.matches(_summary(m, data))
+            ]
+        return kept
+
+
+class RedisAuditLog:
+    """An audit trail in a Redis list, newest first, capped at ``max_size`` entries."""
+
+    blocking = True
+
+    def __init__(self, client: redis.Redis, key: str, *, max_size: int = DEFAULT_AUDIT_SIZE):
+        self.client = client
+        self.key = key
+        self.max_size = max_size
+
+    def append(self, entry: AuditEntry) -> None:
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._claimed, record_id)
-            pipe.hdel(self._hash, record_id)
+            pipe.lpush(self.key, json.dumps(entry.to_dict()))
+            pipe.ltrim(self.key, 0, self.max_size - 1)
             pipe.execute()
+
+    def entries(self, limit: int = 50) -> list[AuditEntry]:
+        if limit <= 0:
+            return []
+        rows: list[bytes] = self.client.lrange(self.key, 0, limit - 1)  # type: ignore[assignment]
+        entries = []
+        for row in rows:
+            try:
+                data = json.loads(row)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                entries.append(AuditEntry.from_dict(data))
+        return entries
+
+
+def _b(member: bytes | str) -> bytes:
+    return member.encode() if isinstance(member, str) else member
+
+
+def _score(value: bytes | str) -> int:
+    return int(float(value))
+
+
+def _group(handler: str, error_type: str) -> str:
+    """The group field of (handler, error type): the handler's length in bytes first."""
+    return f"{len(handler.encode())}:{handler}{error_type}"
+
+
+def _parse_group(field: bytes) -> tuple[str, str] | None:
+    size, sep, rest = field.partition(b":")
+    if not sep or not size.isdigit():
+        return None
+    n = int(size)
+    return rest[:n].decode("utf-8", "replace"), rest[n:].decode("utf-8", "replace")
+
+
+def _summary_json(record: FailedEvent) -> str:
+    """What the indexes and the list need of ``record``: small, no payload."""
+    summary = DeadLetterSummary.of(record)
+    return json.dumps(
+        {
+            "t": str(summary.failed_at_us),
+            "topic": summary.topic,
+            "handler": summary.handler,
+            "error_type": summary.error_type,
+            "error": summary.error,
+            "attempts": summary.attempts,
+            "type": summary.event_type,
+        }
+    )
+
+
+def _summary(record_id: bytes | str, data: bytes | str) -> DeadLetterSummary:
+    text_id = record_id.decode("utf-8", "replace") if isinstance(record_id, bytes) else record_id
+    try:
+        fields = json.loads(data)
+        return DeadLetterSummary(
+            id=text_id,
+            topic=str(fields["topic"]),
+            handler=str(fields["handler"]),
+            error_type=str(fields["error_type"]),
+            error=str(fields.get("error", "")),
+            attempts=int(fields.get("attempts", 0)),
+            failed_at_us=int(fields["t"]),
+            event_type=str(fields.get("type", "")),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        return DeadLetterSummary(
+            id=text_id,
+            topic="",
+            handler="",
+            error_type=UNREADABLE,
+            error=f"unreadable summary: {exc}",
+            attempts=0,
+            failed_at_us=0,
+        )
 
 
 def _unreadable(record_id: str | bytes, data: str | bytes, exc: Exception) -> FailedEvent:

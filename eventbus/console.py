@@ -1,0 +1,611 @@
+"""The dead-letter console: web pages to search, group, inspect, edit, replay and purge.
+
+Mount it behind your auth, like :func:`~eventbus.fastapi.dlq_router`::
+
+    from eventbus.console import dlq_console
+
+    async def current_admin(credentials=Depends(HTTPBasic())) -> str:
+        if not is_admin(credentials):
+            raise HTTPException(401, headers={"WWW-Authenticate": "Basic"})
+        return credentials.username        # written into the audit trail
+
+    app.include_router(
+        dlq_console(bus, dependencies=[Depends(current_admin)],
+                    trace_url="https://jaeger.example.com/trace/{trace_id}")
+    )
+
+Pages are server-rendered HTML (Jinja2, the ``console`` extra) with no
+JavaScript and no external assets: they work offline.  Every form carries a CSRF
+token (:mod:`eventbus.console_csrf`); every value from a message is escaped
+(:mod:`eventbus.console_views`).  The actions and their rules are in
+:mod:`eventbus.console_actions`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from . import console_csrf as csrf
+from .bus import EventBus
+from .console_actions import (
+    ConsoleActions,
+    EditCheck,
+    Outcome,
+    Selection,
+    editable_fields,
+    editable_type,
+)
+from .console_audit import audit_log_for
+from .console_store import DeadLetterQuery, FailureGroup, from_micros, micros
+from .console_views import (
+    DEFAULT_MAX_FORM_BYTES,
+    BadForm,
+    environment,
+    fill_link,
+    first,
+    link_template,
+    parse_time,
+    query_string,
+    read_form,
+    render,
+    time_field,
+)
+from .dlq import AuditLog, FailedEvent
+from .exceptions import ConfigurationError
+from .fastapi import get_event_bus
+
+#: Records per page unless the request asks for another number (at most 200).
+DEFAULT_PAGE_SIZE = 50
+#: Largest page a request may ask for.
+MAX_PAGE_SIZE = 200
+#: Audit entries the audit page shows.
+AUDIT_PAGE = 200
+#: Files under ``eventbus/static/console/`` the console serves, with their type.
+STATIC_FILES = {"console.css": "text/css; charset=utf-8"}
+
+Identify = Callable[[Any], str]
+
+
+def default_identify(user: Any) -> str:
+    """Who ``user`` (an auth dependency's result) is, in a few words.
+
+    A string is taken as is; a mapping or object gives its ``username``,
+    ``email``, ``name``, ``sub`` or ``id``; anything else its ``str()``.
+    """
+    if isinstance(user, str):
+        return user[:200]
+    for key in ("username", "email", "name", "sub", "id"):
+        value = user.get(key) if isinstance(user, Mapping) else getattr(user, key, None)
+        if value:
+            return str(value)[:200]
+    return str(user)[:200]
+
+
+def _identity(dependencies: Sequence[Any], identify: Identify) -> Callable[..., Any]:
+    """A dependency that runs ``dependencies`` and names who passed them.
+
+    The first result that is not None is the user; with none (the dependencies
+    return nothing, or there are none) the client's address stands in.
+    """
+    parameters = [
+        inspect.Parameter(f"auth_{i}", inspect.Parameter.KEYWORD_ONLY, default=dependency)
+        for i, dependency in enumerate(dependencies)
+    ]
+    parameters.append(
+        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+    )
+
+    async def who(request: Request, **results: Any) -> str:
+        for result in results.values():
+            if result is not None:
+                return identify(result)
+        client = request.client.host if request.client else "unknown address"
+        return f"anonymous ({client})"
+
+    who.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return who
+
+
+@dataclass(frozen=True)
+class _Settings:
+    prefix: str
+    title: str
+    page_size: int
+    trace_url: str | None
+    correlation_url: str | None
+    max_form_bytes: int
+
+
+def dlq_console(
+    bus: EventBus | None = None,
+    *,
+    dependencies: Sequence[Any] | None = None,
+    allow_unauthenticated: bool = False,
+    prefix: str = "/eventbus/console",
+    trace_url: str | None = None,
+    correlation_url: str | None = None,
+    audit: AuditLog | None = None,
+    identify: Identify = default_identify,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    title: str = "Dead letters",
+    max_form_bytes: int = DEFAULT_MAX_FORM_BYTES,
+) -> APIRouter:
+    """A router serving the dead-letter console under ``prefix``.
+
+    Pages: the list (filters by topic, handler, error type and time; cursor
+    pages; replay, dry-run or purge the selected records or every match), the
+    failure groups (handler and exception type, with counts, first and last
+    seen; replay or purge a group), a record (envelope, attempts, traceback,
+    correlation and trace ids; replay, edit and replay, purge) and the audit
+    trail.  Purges always ask for confirmation first.
+
+    Parameters:
+      bus: The bus whose dead letters to show; None: the app's (``get_event_bus``).
+      dependencies: Your auth.  The first one that returns something other than
+        None names the user in the audit trail (see ``identify``).
+      allow_unauthenticated: Mount without ``dependencies`` (a private network
+        where everyone may replay and purge).
+      prefix: Where the pages live.
+      trace_url: A link template for trace ids, e.g.
+        ``https://jaeger.example.com/trace/{trace_id}``.
+      correlation_url: A link template for correlation ids (your log search), with
+        ``{correlation_id}``.
+      audit: Where to keep the audit trail; default: with the store
+        (:func:`~eventbus.console_audit.audit_log_for`).
+      identify: Turns an auth dependency's result into the name the audit trail
+        shows.
+      page_size: Records per list page (a request may ask for up to 200).
+      title: The pages' title.
+      max_form_bytes: Largest form accepted (an edited payload travels in one).
+
+    Raises:
+      ConfigurationError: No ``dependencies`` and not ``allow_unauthenticated``,
+        or a link template without its placeholder or with another scheme.
+    """
+    if not dependencies and not allow_unauthenticated:
+        raise ConfigurationError(
+            "dlq_console() needs an auth dependency, e.g. "
+            "dlq_console(bus, dependencies=[Depends(require_admin)]); pass "
+            "allow_unauthenticated=True only if every client that can reach it may "
+            "read, replay and purge your failed events"
+        )
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ConfigurationError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    settings = _Settings(
+        prefix=prefix.rstrip("/"),
+        title=title,
+        page_size=page_size,
+        trace_url=link_template(trace_url, "{trace_id}", "trace_url"),
+        correlation_url=link_template(correlation_url, "{correlation_id}", "correlation_url"),
+        max_form_bytes=max_form_bytes,
+    )
+    who_dep = Depends(_identity(list(dependencies or ()), identify))
+    router = APIRouter(prefix=settings.prefix, dependencies=[who_dep], include_in_schema=False)
+    pages = _Pages(settings, bus, audit)
+
+    async def actions_for(request: Request) -> ConsoleActions:
+        return pages.actions(bus if bus is not None else get_event_bus(request))
+
+    actions_dep = Depends(actions_for)
+
+    @router.get("", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
+    async def list_page(
+        request: Request,
+        topic: str | None = None,
+        handler: str | None = None,
+        error_type: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        cursor: str | None = None,
+        limit: int = Query(settings.page_size, ge=1, le=MAX_PAGE_SIZE),
+        who: str = who_dep,
+        actions: ConsoleActions = actions_dep,
+    ) -> Response:
+        started = time.perf_counter()
+        query, problems = _query(topic, handler, error_type, since, until)
+        page = await actions.call(actions.search.search, query, limit=limit, cursor=cursor)
+        groups = await actions.groups(DeadLetterQuery())
+        filters = _filter_fields(query, since, until, problems)
+        context = {
+            "page": page,
+            "query": query,
+            "filters": filters,
+            "facets": _facets(groups, query),
+            "limit": limit,
+            "cursor": cursor,
+            "next_url": _url(filters, limit, page.next_cursor) if page.next_cursor else None,
+            "first_url": _url(filters, limit, None) if cursor else None,
+            "filtered": any(
+                filters[k] for k in ("topic", "handler", "error_type", "since", "until")
+            ),
+        }
+        return pages.page(request, "list.html", "list", who, context, started=started)
+
+    @router.get("/groups", response_class=HTMLResponse)
+    async def groups_page(
+        request: Request,
+        topic: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        who: str = who_dep,
+        actions: ConsoleActions = actions_dep,
+    ) -> Response:
+        started = time.perf_counter()
+        query, problems = _query(topic, None, None, since, until)
+        groups = await actions.groups(query)
+        every = await actions.groups(DeadLetterQuery()) if query != DeadLetterQuery() else groups
+        context = {
+            "groups": groups,
+            "filters": _filter_fields(query, since, until, problems),
+            "facets": _facets(every, query),
+        }
+        return pages.page(request, "groups.html", "groups", who, context, started=started)
+
+    @router.get("/record", response_class=HTMLResponse)
+    async def record_page(
+        request: Request,
+        id: str = Query(..., max_length=1000),
+        who: str = who_dep,
+        actions: ConsoleActions = actions_dep,
+    ) -> Response:
+        started = time.perf_counter()
+        record = await actions.record(id)
+        if record is None:
+            return pages.missing(request, who, id)
+        context = pages.record_context(record, actions)
+        return pages.page(request, "record.html", "list", who, context, started=started)
+
+    @router.get("/record/edit", response_class=HTMLResponse)
+    async def edit_page(
+        request: Request,
+        id: str = Query(..., max_length=1000),
+        who: str = who_dep,
+        actions: ConsoleActions = actions_dep,
+    ) -> Response:
+        record = await actions.record(id)
+        if record is None:
+            return pages.missing(request, who, id)
+        return pages.edit(request, who, record, actions, editable_fields(record), None)
+
+    @router.post("/record/edit", response_class=HTMLResponse)
+    async def edit_submit(
+        request: Request, who: str = who_dep, actions: ConsoleActions = actions_dep
+    ) -> Response:
+        form, refused = await pages.checked_form(request, who)
+        if refused is not None:
+            return refused
+        record_id = first(form, "id") or ""
+        record = await actions.record(record_id)
+        if record is None:
+            return pages.missing(request, who, record_id)
+        text = first(form, "event") or ""
+        check = actions.check_edit(record, text)
+        if check.problems or first(form, "action") != "replay":
+            return pages.edit(request, who, record, actions, text, check)
+        outcome = await actions.replay_edited(record, check, who)
+        return pages.result(request, who, outcome)
+
+    @router.post("/actions", response_class=HTMLResponse)
+    async def act(
+        request: Request, who: str = who_dep, actions: ConsoleActions = actions_dep
+    ) -> Response:
+        form, refused = await pages.checked_form(request, who)
+        if refused is not None:
+            return refused
+        action, _, scope = (first(form, "action") or "").partition(":")
+        try:
+            selection = _selection(scope, form)
+        except ValueError as exc:
+            return pages.message(request, who, "Nothing to do", str(exc), status=400)
+        if action == "replay":
+            return pages.result(request, who, await actions.replay(selection, who))
+        if action == "dry-run":
+            return pages.result(request, who, await actions.preview("replay", selection))
+        if action == "purge" and first(form, "confirm") == "yes":
+            return pages.result(request, who, await actions.purge(selection, who))
+        if action == "purge":
+            outcome = await actions.preview("purge", selection)
+            return pages.confirm(request, who, scope, selection, outcome)
+        return pages.message(request, who, "Unknown action", f"no action {action!r}", status=400)
+
+    @router.get("/audit", response_class=HTMLResponse)
+    async def audit_page(
+        request: Request, who: str = who_dep, actions: ConsoleActions = actions_dep
+    ) -> Response:
+        started = time.perf_counter()
+        entries = await actions.entries(AUDIT_PAGE)
+        context = {"entries": entries, "audit_kind": type(actions.audit).__name__}
+        return pages.page(request, "audit.html", "audit", who, context, started=started)
+
+    @router.get("/static/{name}")
+    async def static(name: str) -> Response:
+        media_type = STATIC_FILES.get(name)
+        if media_type is None:
+            return Response("not found", status_code=404, media_type="text/plain")
+        body = resources.files("eventbus").joinpath("static", "console", name).read_bytes()
+        return Response(
+            body,
+            media_type=media_type,
+            headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    return router
+
+
+class _Pages:
+    """Builds the console's responses (one per router)."""
+
+    def __init__(self, settings: _Settings, bus: EventBus | None, audit: AuditLog | None):
+        self.settings = settings
+        self.env = environment()
+        self.audit = audit
+        self._actions: dict[int, tuple[EventBus, ConsoleActions]] = {}
+        if bus is not None:
+            self.actions(bus)
+
+    def actions(self, bus: EventBus) -> ConsoleActions:
+        """The actions on ``bus``'s dead letters (made once per bus)."""
+        known = self._actions.get(id(bus))
+        if known is None or known[0] is not bus:
+            audit = self.audit if self.audit is not None else audit_log_for(bus.dlq.store)
+            known = (bus, ConsoleActions(bus.dlq, bus.registry, audit))
+            self._actions[id(bus)] = known
+        return known[1]
+
+    def base(self, request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/") + self.settings.prefix
+
+    def page(
+        self,
+        request: Request,
+        template: str,
+        nav: str,
+        who: str,
+        context: dict[str, Any],
+        *,
+        status: int = 200,
+        started: float | None = None,
+    ) -> Response:
+        token, new = csrf.request_token(request)
+        full = {
+            "base": self.base(request),
+            "title": self.settings.title,
+            "nav": nav,
+            "who": who,
+            "csrf_field": csrf.FIELD,
+            "csrf_token": token,
+            **context,
+        }
+        response = render(self.env, template, full, status=status, started=started)
+        if new:
+            csrf.set_token_cookie(response, request, token, self.base(request))
+        return response
+
+    def message(
+        self, request: Request, who: str, heading: str, text: str, *, status: int
+    ) -> Response:
+        context = {"heading": heading, "text": text}
+        return self.page(request, "message.html", "", who, context, status=status)
+
+    def missing(self, request: Request, who: str, record_id: str) -> Response:
+        text = f"No dead letter {record_id!r}: it was replayed or purged, or never existed."
+        return self.message(request, who, "Not found", text, status=404)
+
+    async def checked_form(
+        self, request: Request, who: str
+    ) -> tuple[dict[str, list[str]], Response | None]:
+        """The form of a state-changing request, or the page refusing it."""
+        try:
+            form = await read_form(request, self.settings.max_form_bytes)
+        except BadForm as exc:
+            return {}, self.message(request, who, "Bad request", str(exc), status=exc.status)
+        refusal = csrf.refusal(request, first(form, csrf.FIELD))
+        if refusal is not None:
+            return form, self.message(request, who, "Refused", refusal, status=403)
+        return form, None
+
+    def record_context(self, record: FailedEvent, actions: ConsoleActions) -> dict[str, Any]:
+        type_name, cls = actions.event_class_of(record)
+        return {
+            "record": record,
+            "event_type": type_name,
+            "event_class": cls.__name__ if cls is not None else None,
+            "editable": editable_type(record) is not None,
+            "attempts": attempt_rows(record),
+            "trace_link": fill_link(self.settings.trace_url, "{trace_id}", record.trace_id),
+            "correlation_link": fill_link(
+                self.settings.correlation_url, "{correlation_id}", record.correlation_id
+            ),
+        }
+
+    def edit(
+        self,
+        request: Request,
+        who: str,
+        record: FailedEvent,
+        actions: ConsoleActions,
+        text: str,
+        check: EditCheck | None,
+    ) -> Response:
+        type_name, cls = actions.event_class_of(record)
+        context = {
+            "record": record,
+            "event_type": type_name,
+            "event_class": cls.__name__ if cls is not None else None,
+            "text": text,
+            "check": check,
+            "editable": editable_type(record) is not None,
+        }
+        status = 422 if check is not None and check.problems else 200
+        return self.page(request, "edit.html", "list", who, context, status=status)
+
+    def result(self, request: Request, who: str, outcome: Outcome) -> Response:
+        status = 200 if not outcome.failed else 207
+        return self.page(request, "result.html", "", who, {"outcome": outcome}, status=status)
+
+    def confirm(
+        self, request: Request, who: str, scope: str, selection: Selection, outcome: Outcome
+    ) -> Response:
+        query = selection.query or DeadLetterQuery()
+        bound = outcome.preview[0].last_failed_at if outcome.preview else None
+        context = {
+            "outcome": outcome,
+            "scope": scope,
+            "ids": selection.ids,
+            "fields": {
+                "topic": query.topic,
+                "handler": query.handler,
+                "error_type": query.error_type,
+                "since": query.since.isoformat() if query.since else None,
+                "until": query.until.isoformat() if query.until else None,
+                "bound": micros(bound) if bound is not None and scope != "selected" else None,
+            },
+        }
+        return self.page(request, "confirm.html", "", who, context)
+
+
+def attempt_rows(record: FailedEvent) -> list[dict[str, Any]]:
+    """One row per attempt: its number, when it failed (when known) and its outcome.
+
+    Stores keep the first and the final failure time and the final error; the
+    attempts in between are known to have failed and been retried.
+    """
+    if record.attempts <= 0:
+        return [
+            {
+                "number": "-",
+                "at": record.last_failed_at,
+                "outcome": "never ran: dead-lettered on arrival",
+                "error": f"{record.error_type}: {record.error}",
+            }
+        ]
+    rows = []
+    for number in range(1, record.attempts + 1):
+        final = number == record.attempts
+        rows.append(
+            {
+                "number": str(number),
+                "at": record.last_failed_at
+                if final
+                else record.first_failed_at
+                if number == 1
+                else None,
+                "outcome": "failed, gave up: dead-lettered" if final else "failed, retried",
+                "error": f"{record.error_type}: {record.error}" if final else "",
+            }
+        )
+    return rows
+
+
+def _clean(value: str | None) -> str | None:
+    return value if value else None
+
+
+def _query(
+    topic: str | None,
+    handler: str | None,
+    error_type: str | None,
+    since: str | None,
+    until: str | None,
+) -> tuple[DeadLetterQuery, list[str]]:
+    problems = []
+    times: list[datetime | None] = []
+    for name, value in (("from", since), ("to", until)):
+        try:
+            times.append(parse_time(value))
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}; ignored")
+            times.append(None)
+    query = DeadLetterQuery(
+        topic=_clean(topic),
+        handler=_clean(handler),
+        error_type=_clean(error_type),
+        since=times[0],
+        until=times[1],
+    )
+    return query, problems
+
+
+def _filter_fields(
+    query: DeadLetterQuery, since: str | None, until: str | None, problems: list[str]
+) -> dict[str, Any]:
+    return {
+        "topic": query.topic or "",
+        "handler": query.handler or "",
+        "error_type": query.error_type or "",
+        "since": time_field(query.since) if query.since else "",
+        "until": time_field(query.until) if query.until else "",
+        "problems": problems,
+    }
+
+
+def _facets(groups: list[FailureGroup], query: DeadLetterQuery) -> dict[str, list[str]]:
+    """The values the filter menus offer: those seen in the groups, plus the current one."""
+    facets = {
+        "topic": {g.topic for g in groups},
+        "handler": {g.handler for g in groups},
+        "error_type": {g.error_type for g in groups},
+    }
+    for name, value in (
+        ("topic", query.topic),
+        ("handler", query.handler),
+        ("error_type", query.error_type),
+    ):
+        if value is not None:
+            facets[name].add(value)
+    return {name: sorted(values) for name, values in facets.items()}
+
+
+def _url(filters: dict[str, Any], limit: int, cursor: str | None) -> str:
+    params = {k: filters[k] for k in ("topic", "handler", "error_type", "since", "until")}
+    return query_string({**params, "limit": limit, "cursor": cursor})
+
+
+def _selection(scope: str, form: Mapping[str, list[str]]) -> Selection:
+    """The records a bulk form names.
+
+    Raises:
+      ValueError: No record selected, or an unknown scope, or a group without
+        its handler and error type.
+    """
+    if scope == "selected":
+        ids = tuple(i for i in form.get("id", []) if i)
+        if not ids:
+            raise ValueError("select at least one record first (the boxes in the first column)")
+        return Selection("selected", ids=ids)
+    if scope not in ("filter", "group"):
+        raise ValueError(f"unknown selection {scope!r}")
+    query, problems = _query(
+        first(form, "topic"),
+        first(form, "handler"),
+        first(form, "error_type"),
+        first(form, "since"),
+        first(form, "until"),
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
+    if scope == "group" and (query.handler is None or query.error_type is None):
+        raise ValueError("a group is a handler and an error type: both are needed")
+    bound = first(form, "bound")
+    if bound and bound.lstrip("-").isdigit():  # a confirmed purge stops at what it showed
+        limit = from_micros(int(bound))
+        if query.until is None or query.until > limit:
+            query = DeadLetterQuery(
+                topic=query.topic,
+                handler=query.handler,
+                error_type=query.error_type,
+                since=query.since,
+                until=limit,
+            )
+    return Selection(scope, query=query)
