@@ -85,6 +85,11 @@ def when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
+def when_short(moment: datetime | None) -> str:
+    """``2024-05-01 12:00:03`` (UTC, to the second)."""
+    return when(moment)[:19]
+
+
 def pretty(value: Any) -> str:
     """``value`` as indented JSON (a string is shown as is), cut at :data:`MAX_SHOWN`."""
     if isinstance(value, str):
@@ -124,7 +129,9 @@ def environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=when, pretty=pretty, number=number, shorten=shorten)
+    env.filters.update(
+        when=when, when_short=when_short, pretty=pretty, number=number, shorten=shorten
+    )
     env.globals.update(query_string=query_string)
     return env
 
