@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=BaseEvent)
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 #: Rows deleted per statement by :func:`cleanup_inbox`.
 CLEANUP_CHUNK = 10_000
 
@@ -113,9 +114,19 @@ def idempotent(
                     return
                 await fn(event, session)
 
+        # The bus sees a handler of the event alone (the session is not a dependency).
+        parameters = list(inspect.signature(fn).parameters.values())
+        event = parameters[0] if parameters else None
+        if event is None or event.kind not in _POSITIONAL:
+            raise ConfigurationError(
+                f"@idempotent needs a handler taking (event, session), got {fn.__qualname__}"
+            )
         run_once.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            [event.replace(default=inspect.Parameter.empty)], return_annotation=None
         )
+        run_once.__annotations__ = {
+            key: value for key, value in fn.__annotations__.items() if key == event.name
+        }
         return run_once
 
     return decorator
