@@ -34,7 +34,7 @@ seen and purged.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -310,6 +310,19 @@ class RedisDeadLetterStore:
         """Store ``record``, replacing one with the same id."""
         data = json.dumps(record.to_dict(), default=str)
         self._add(args=[self._prefix, record.id, data, _summary_json(record), self.max_size])
+
+    def add_many(self, records: Iterable[FailedEvent], *, chunk: int = SCAN_CHUNK) -> None:
+        """Store many records, ``chunk`` per round trip (imports, benchmarks)."""
+        pending = list(records)
+        for i in range(0, len(pending), chunk):
+            with self.client.pipeline(transaction=False) as pipe:
+                for record in pending[i : i + chunk]:
+                    data = json.dumps(record.to_dict(), default=str)
+                    summary = _summary_json(record)
+                    self._add(
+                        args=[self._prefix, record.id, data, summary, self.max_size], client=pipe
+                    )
+                pipe.execute()
 
     def find(
         self,
