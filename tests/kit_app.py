@@ -1,8 +1,9 @@
 """A small FastAPI app for the test-kit tests: POST /users publishes UserCreated,
 two handlers react (one idempotent on ``event_id``, one not) and one publishes on.
 
-``make_shop`` builds a fresh one per test, on topics no other test uses (handlers
-registered with ``@on_event`` are process-wide).
+``make_shop`` builds a fresh one per test, on topics of its own.  Its handlers are
+registered on its bus only: ``@on_event`` handlers are process-wide, and every bus
+that other tests start later (Kafka, Redis) would subscribe to them.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from eventbus import (
     RetryPolicy,
     create_lifespan,
     get_event_bus,
-    on_event,
 )
+from eventbus.registry import make_spec
 
 _ids = itertools.count()
 
@@ -76,7 +77,6 @@ def make_shop(
     app = FastAPI(lifespan=create_lifespan(bus))
     processed: set[str] = set()
 
-    @on_event(UserCreated)
     async def send_welcome(event: UserCreated) -> None:
         if event.user_id in shop.broken:
             raise ValueError(f"no mailbox for user {event.user_id}")
@@ -86,13 +86,15 @@ def make_shop(
         await bus.publish(WelcomeSent(user_id=event.user_id))
         processed.add(event.event_id)
 
-    @on_event(UserCreated)
     def count_signup(event: UserCreated) -> None:
         shop.signups.append(event.user_id)
 
-    @on_event(WelcomeSent)
     async def note_welcome(event: WelcomeSent) -> None:
         shop.welcomed.append(event.user_id)
+
+    bus.registry.add(make_spec(UserCreated, send_welcome))
+    bus.registry.add(make_spec(UserCreated, count_signup))
+    bus.registry.add(make_spec(WelcomeSent, note_welcome))
 
     @app.post("/users", status_code=201)
     async def create_user(user: NewUser, bus: EventBus = Depends(get_event_bus)) -> dict[str, int]:
