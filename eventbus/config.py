@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -42,6 +43,12 @@ ENV_PREFIX = "EVENTBUS_"
 NOT_SETTINGS = frozenset({"EVENTBUS_RELIABILITY_PROFILE", "EVENTBUS_RELIABILITY_RESULTS"})
 #: Prefix of variables reserved for test suites: never settings, never warned about.
 TEST_PREFIX = "EVENTBUS_TEST_"
+#: Settings of optional parts, read under a prefix of their own: prefix -> (module,
+#: class, extra).  Their variables are checked against that class once its module
+#: is imported (importing it here would need its extra).
+SETTINGS_GROUPS: dict[str, tuple[str, str, str]] = {
+    "EVENTBUS_OUTBOX_": ("eventbus.outbox", "OutboxSettings", "outbox"),
+}
 
 BackendName = Literal["sync", "redis", "kafka"]
 
@@ -395,22 +402,24 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
     Returns:
       The variables warned about by this call.
     """
-    known = setting_names()
     fresh = []
     for variable in environ:
         upper = variable.upper()
         if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_PREFIX):
             continue
-        if upper in NOT_SETTINGS or upper in known:
+        if upper in NOT_SETTINGS:
+            continue
+        prefix, known = _settings_of(upper)
+        if known is None or upper in known:
             continue
         with _warned_lock:
             if variable in _warned:
                 continue
             _warned.add(variable)
         fresh.append(variable)
-        suffixes = [name.removeprefix(ENV_PREFIX) for name in known]
-        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
-        hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "no setting is close"
+        suffixes = [name.removeprefix(prefix) for name in known]
+        close = difflib.get_close_matches(upper.removeprefix(prefix), suffixes, n=1)
+        hint = f"did you mean {prefix}{close[0]}?" if close else "no setting is close"
         logger.warning(
             "%s is not an eventbus setting and is ignored (%s); `eventbus settings` lists "
             "them all.",
@@ -418,3 +427,16 @@ def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
             hint,
         )
     return fresh
+
+
+def _settings_of(variable: str) -> tuple[str, list[str] | None]:
+    """The prefix and the variable names of the settings ``variable`` belongs with;
+    None when they cannot be known yet (a group whose module is not imported)."""
+    for prefix, (module, name, _) in SETTINGS_GROUPS.items():
+        if variable.startswith(prefix):
+            loaded = sys.modules.get(module)
+            group: type[BaseSettings] | None = getattr(loaded, name, None)
+            if group is None:
+                return prefix, None
+            return prefix, [prefix + field.upper() for field in group.model_fields]
+    return ENV_PREFIX, setting_names()

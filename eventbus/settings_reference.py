@@ -14,7 +14,7 @@ import annotated_types
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from .config import ENV_PREFIX, NOT_SETTINGS, TEST_PREFIX, EventBusSettings
+from .config import ENV_PREFIX, NOT_SETTINGS, SETTINGS_GROUPS, TEST_PREFIX, EventBusSettings
 
 #: Section of the page of each name prefix; settings without one are "General".
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -123,4 +123,8 @@ def render() -> str:
         parts.append(f"## {title}\n")
         parts.append("| Variable | Type | Default | Meaning |\n| --- | --- | --- | --- |")
         parts.append("\n".join(rows[title]) + "\n")
+    for prefix, (module, name, extra) in SETTINGS_GROUPS.items():
+        parts.append(
+            f"## `{prefix}*`\n\nRead by `{module}.{name}` (extra `{extra}`), documented with it.\n"
+        )
     return "\n".join(parts)

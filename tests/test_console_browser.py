@@ -53,7 +53,7 @@ pytestmark = pytest.mark.timeout(180)
 T = TypeVar("T")
 
 #: Debian's Chromium (``apt-get install chromium chromium-driver``).
-CHROMIUM = os.environ.get("EVENTBUS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("EVENTBUS_TEST_CHROMIUM", "/usr/bin/chromium")
 #: Flags for a headless Chromium in a container with loopback traffic only.
 CHROMIUM_ARGS = [
     "--headless",
