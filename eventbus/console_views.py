@@ -16,12 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from .dlq import json_text
 from .exceptions import ConfigurationError
+from .extras import requires_extra
+
+with requires_extra("console", "eventbus.console"):
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 #: Characters of a payload or traceback shown on a page (the store keeps them all).
 MAX_SHOWN = 256 * 1024

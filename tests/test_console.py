@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from html import unescape
@@ -526,3 +528,14 @@ def test_unknown_records_and_bad_forms_get_clear_pages(
     assert group.status_code == 400 and "handler and an error type" in group.text
     bad_time = client.get(PREFIX + "/", params={"since": "yesterday"})
     assert bad_time.status_code == 200 and "is not a date and time" in bad_time.text
+
+
+def test_without_jinja2_the_import_names_the_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['jinja2'] = None\n"
+        "try:\n    import eventbus.console\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert 'eventbus.console needs the "console" extra' in done.stdout, done.stderr
+    assert 'pip install "fastapi-eventbus[console]"' in done.stdout
