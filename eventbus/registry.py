@@ -4,24 +4,30 @@ Each (topic, handler) pair becomes one dramatiq actor named by its
 :attr:`HandlerSpec.name`, so a failing handler is retried alone.  Decorated
 handlers live in a process-wide list that is only ever read, never consumed:
 every bus in the process sees them.
+
+A handler's signature is checked when it is registered: the event comes first,
+every other parameter is a FastAPI-style dependency (see :mod:`eventbus.dependencies`).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .context import correlation_id_var, current_event_var, get_current_event
+from .dependencies import DependencyOverrides, HandlerDependencies, handler_dependencies
 from .events import CORRELATION_ID, BaseEvent, decode_event
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from .middleware.retries import RetryPolicy
 
-Handler = Callable[[Any], Awaitable[None]] | Callable[[Any], None]
+#: A handler: takes the event first, then its dependencies (by keyword).
+Handler = Callable[..., Awaitable[None]] | Callable[..., None]
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Valid queue names (dramatiq's rule).
@@ -76,6 +82,8 @@ class HandlerSpec:
       ordered: On a keyed backend (Kafka), events with the same partition key reach
         this handler one after another, each once the previous one succeeded or was
         dead-lettered.  Other backends ignore it.
+      dependencies: The handler's dependencies, resolved for each attempt; None when
+        it takes only the event (it is then called without the resolver).
     """
 
     topic: str
@@ -87,6 +95,7 @@ class HandlerSpec:
     time_limit: float | None = None
     retry: RetryPolicy | None = None
     ordered: bool = False
+    dependencies: HandlerDependencies | None = field(default=None, repr=False)
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +111,10 @@ class HandlerSpec:
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
         current = current_event_var.set(event)
         try:
-            await self.fn(event)  # type: ignore[misc]
+            if self.dependencies is None:
+                await self.fn(event)  # type: ignore[misc]
+            else:
+                await self.dependencies.run_async(self.fn, event)
         finally:
             current_event_var.reset(current)
             correlation_id_var.reset(cid)
@@ -113,14 +125,19 @@ class HandlerSpec:
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
         current = current_event_var.set(event)
         try:
-            self.fn(event)
+            if self.dependencies is None:
+                self.fn(event)
+            else:
+                self.dependencies.run_sync(self.fn, event)
         finally:
             current_event_var.reset(current)
             correlation_id_var.reset(cid)
 
     def matches(self, handler: object) -> bool:
         """Whether ``handler`` (a function, a spec or a name) designates this spec."""
-        return handler is self or handler is self.fn or handler == self.name
+        if isinstance(handler, HandlerSpec):  # the same handler, maybe bound to another bus
+            return handler.name == self.name and handler.fn is self.fn
+        return handler is self.fn or handler == self.name
 
 
 def make_spec(
@@ -134,7 +151,12 @@ def make_spec(
     retry: RetryPolicy | None = None,
     ordered: bool = False,
 ) -> HandlerSpec:
-    """Validate the options of a handler and build its spec."""
+    """Validate the options and the signature of a handler and build its spec.
+
+    Raises:
+      ConfigurationError: An invalid option, or a signature the bus cannot call (see
+        :func:`~eventbus.dependencies.handler_dependencies`).
+    """
     if not callable(fn):
         raise TypeError(f"a handler must be callable, got {fn!r}")
     event_type: type[BaseEvent] | None = None
@@ -161,6 +183,9 @@ def make_spec(
         name = f"{topic}:{getattr(fn, '__module__', '_')}.{qualname}"
     if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
         raise ConfigurationError(f"invalid handler name {name!r}")
+    dependencies = handler_dependencies(
+        fn, handler=name, is_async=_is_async(fn), event_type=event_type
+    )
     return HandlerSpec(
         topic=topic,
         fn=fn,
@@ -171,6 +196,7 @@ def make_spec(
         time_limit=time_limit,
         retry=retry,
         ordered=ordered,
+        dependencies=dependencies,
     )
 
 
@@ -196,7 +222,17 @@ def on_event(
     """Register the decorated function as a handler of ``topic``, for every bus.
 
     ``topic`` is a topic string, or an event class: then the topic is the class's
-    default ``topic`` and each payload is validated into that class.
+    default ``topic`` and each payload is validated into that class.  With a topic
+    string, the event parameter's annotation changes nothing at run time: the handler
+    gets the class the payload names among the event classes of this process (or an
+    :class:`UnknownEvent`), so a topic may carry several event types; pass the class
+    to validate into it.
+
+    The handler takes the event as its first parameter; any other parameter is a
+    dependency declared with FastAPI's ``Depends``, resolved for each attempt (see
+    :mod:`eventbus.dependencies`).  The signature is checked here: a parameter that
+    is neither the event nor a dependency (nor has a default) raises
+    ConfigurationError now, not at the first event.
 
     Parameters:
       name: The actor name (default ``"<topic>:<module>.<qualname>"``).  Set it to
@@ -215,6 +251,9 @@ def on_event(
 
         @on_event(UserCreated, max_retries=5, time_limit=30)
         def index_user(event: UserCreated) -> None: ...   # runs in a thread
+
+        @on_event(UserCreated)
+        async def audit(event: UserCreated, db: Annotated[DB, Depends(get_db)]) -> None: ...
     """
 
     def decorator(fn: F) -> F:
@@ -244,13 +283,52 @@ def on_event(
 class HandlerRegistry:
     """The handlers one bus dispatches to: decorated ones plus its own.
 
-    Registering and unregistering here affects only this bus.
+    Registering and unregistering here affects only this bus, and so do its
+    :attr:`dependency_overrides`: the handlers it returns resolve their dependencies
+    with this bus's overrides.
     """
 
     def __init__(self) -> None:
         self._local: list[HandlerSpec] = []
         self._hidden: set[str] = set()
         self._version = 0
+        self._overrides = DependencyOverrides()
+        # Decorated handlers with dependencies, rebuilt on this bus's overrides (once each).
+        self._bound: weakref.WeakKeyDictionary[HandlerSpec, HandlerSpec] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def dependency_overrides(self) -> DependencyOverrides:
+        """``{dependency: replacement}`` for this bus's handlers, as FastAPI's
+        ``app.dependency_overrides``::
+
+            bus.registry.dependency_overrides[get_db] = get_test_db
+            ...
+            bus.registry.dependency_overrides.clear()
+
+        A replacement applies from the next attempt on, in every handler of this bus
+        and in sub-dependencies.  Assigning a mapping replaces every override.  Worker
+        processes have their own bus: see :class:`~eventbus.dependencies.DependencyOverrides`.
+        """
+        return self._overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(
+        self, overrides: Mapping[Callable[..., Any], Callable[..., Any]]
+    ) -> None:
+        self._overrides.replace(dict(overrides))
+
+    def _own(self, spec: HandlerSpec) -> HandlerSpec:
+        """``spec``, resolving its dependencies with this bus's overrides."""
+        dependencies = spec.dependencies
+        if dependencies is None or dependencies.provider is self._overrides.provider:
+            return spec
+        bound = self._bound.get(spec)
+        if bound is None:
+            bound = replace(spec, dependencies=dependencies.bind(self._overrides.provider))
+            self._bound[spec] = bound
+        return bound
 
     @property
     def version(self) -> tuple[int, int]:
@@ -268,7 +346,9 @@ class HandlerRegistry:
         return self.add(make_spec(topic, handler, **options))
 
     def add(self, spec: HandlerSpec) -> HandlerSpec:
-        """Add a prepared spec (synchronous form of :meth:`register`)."""
+        """Add a prepared spec (synchronous form of :meth:`register`); returns the spec
+        this bus runs."""
+        spec = self._own(spec)
         for existing in self.all_handlers():
             if existing.name == spec.name:
                 if existing.fn is spec.fn and existing.topic == spec.topic:
@@ -300,7 +380,7 @@ class HandlerRegistry:
 
     def all_handlers(self) -> list[HandlerSpec]:
         """Every handler of this bus."""
-        specs = [s for s in _decorated if s.name not in self._hidden]
+        specs = [self._own(s) for s in _decorated if s.name not in self._hidden]
         local_names = {s.name for s in self._local}
         return [s for s in specs if s.name not in local_names] + self._local
 
