@@ -27,9 +27,9 @@ class UserCreated(BaseEvent):
     username: str
 
 
-# 2. 注册处理器
-@on_event("user.created")
-async def handle_user_created(event: BaseEvent) -> None:
+# 2. 注册处理器 (typed: the topic comes from the class, the payload is validated into it)
+@on_event(UserCreated)
+async def handle_user_created(event: UserCreated) -> None:
     print(f"新用户: {event}  (correlation id {get_correlation_id()})", flush=True)
 
 
