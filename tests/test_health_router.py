@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -26,7 +27,7 @@ from tests.redis_support import (  # noqa: E402
     sync_subscriptions,
 )
 
-pytest_plugins = ["tests.redis_support"]
+pytest_plugins = ["tests.redis_support", "tests.kafka_support"]
 pytestmark = pytest.mark.timeout(60)
 
 ATTRIBUTES = {f.name for f in dataclasses.fields(HealthResult)}
@@ -211,3 +212,31 @@ def test_a_backlog_without_workers_is_degraded_and_still_200(
     degraded = [c for c in body["backends"] if c["status"] == "degraded"]
     assert [c["backend"] for c in degraded] == ["redis.workers"]
     assert "no live worker" in degraded[0]["detail"]
+
+
+# -- Kafka: a real Kafka-protocol broker ------------------------------------------------
+
+
+async def test_kafka_liveness_follows_the_consumer_task(
+    make_kafka_bus: Callable[..., EventBus],
+) -> None:
+    bus = make_kafka_bus(consume=True)
+    await bus.start()
+    app = FastAPI()
+    app.include_router(health_router(bus=bus))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        alive = await client.get("/health/live")
+        bridge = bus.backend.bridge  # type: ignore[attr-defined]
+        await cancel_and_wait(bridge.task)
+        dead = await client.get("/health/live")
+
+    assert alive.status_code == 200, alive.text
+    assert {c["backend"]: c["status"] for c in alive.json()["backends"]} == {
+        "kafka": "healthy",
+        "kafka-bridge": "healthy",
+    }
+    assert dead.status_code == 503
+    [bridge_check] = [c for c in dead.json()["backends"] if c["backend"] == "kafka-bridge"]
+    assert bridge_check["status"] == "unhealthy"
+    assert "consumer task ended" in bridge_check["detail"]
