@@ -52,6 +52,7 @@ FastAPI's markers for it and hides from it every parameter that is not a depende
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import threading
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
 import fast_depends
-from fast_depends.core import build_call_model
+from fast_depends.core import CallModel, build_call_model
 from fast_depends.dependencies import Dependant, Provider
 from fastapi import params
 from fastapi.security import SecurityScopes
@@ -195,15 +196,17 @@ def _wrap(call: Callable[..., Any], kind: str, declared: list[_Declared]) -> Cal
             return await call(**arguments(values))
 
     elif kind == "agen":
+        async_cm = asynccontextmanager(call)
 
         async def wrapper(**values: Any) -> Any:
-            async with asynccontextmanager(call)(**arguments(values)) as value:
+            async with async_cm(**arguments(values)) as value:
                 yield value
 
     elif kind == "gen":
+        sync_cm = contextmanager(call)
 
         def wrapper(**values: Any) -> Any:
-            with contextmanager(call)(**arguments(values)) as value:
+            with sync_cm(**arguments(values)) as value:
                 yield value
 
     else:
@@ -368,9 +371,11 @@ class DependencyOverrides(MutableMapping[Callable[..., Any], Callable[..., Any]]
 
     A replacement takes effect from the next attempt on, wherever the bus's handlers
     use the dependency, sub-dependencies included; ``del`` or :meth:`clear` restores
-    the original.  Both sides are checked when set: a replacement must be fillable
-    like any dependency, and a dependency that sync handlers can use (sync all the
-    way down) only takes a sync replacement.
+    the original.  A replacement is checked when set, as a dependency is at
+    registration; a dependency that sync handlers can use (sync all the way down)
+    only takes a sync replacement.  Overriding a dependency no handler can use (one
+    that needs an HTTP request) is accepted and changes nothing, so one mapping can
+    serve both ``app.dependency_overrides`` and the bus.
 
     Overrides are state of one process.  A worker process (``dramatiq
     eventbus.actors``) builds its own bus, :data:`eventbus.actors.bus`; to override
@@ -397,16 +402,30 @@ class DependencyOverrides(MutableMapping[Callable[..., Any], Callable[..., Any]]
         self._overrides: dict[Callable[..., Any], Callable[..., Any]] = {}
 
     def __setitem__(self, original: Callable[..., Any], override: Callable[..., Any]) -> None:
-        replaced, replacement = _checked_override(original, override)
-        self.provider.override(replaced.call, replacement.call)
+        checked = _checked_override(original, override)
+        if checked is not None:
+            replaced, replacement = checked
+            # Both models are built here rather than by Provider.override, which
+            # refuses a sync callable with async dependencies (FastAPI accepts it).
+            key = self.provider.add_dependant(self._model(replaced))
+            self.provider.overrides[key] = self._model(replacement)
         self._overrides[original] = override
+
+    def _model(self, dep: Dependency) -> CallModel:
+        return build_call_model(
+            dep.call,
+            dependency_provider=self.provider,
+            is_sync=not dep.needs_async,
+            serializer_cls=None,
+        )
 
     def __getitem__(self, original: Callable[..., Any]) -> Callable[..., Any]:
         return self._overrides[original]
 
     def __delitem__(self, original: Callable[..., Any]) -> None:
         del self._overrides[original]
-        self.provider.overrides.pop(dependency(original).call, None)
+        with contextlib.suppress(ConfigurationError):
+            self.provider.overrides.pop(dependency(original).call, None)
 
     def __iter__(self) -> Iterator[Callable[..., Any]]:
         return iter(self._overrides)
@@ -429,12 +448,16 @@ class DependencyOverrides(MutableMapping[Callable[..., Any], Callable[..., Any]]
 
 def _checked_override(
     original: Callable[..., Any], override: Callable[..., Any]
-) -> tuple[Dependency, Dependency]:
+) -> tuple[Dependency, Dependency] | None:
+    """The two sides of an override; None when no handler can use ``original``."""
     if not callable(original) or not callable(override):
         raise TypeError(
             f"dependency overrides map callables to callables, got {original!r}: {override!r}"
         )
-    replaced = dependency(original)
+    try:
+        replaced = dependency(original)
+    except ConfigurationError:
+        return None  # handlers cannot use it (it needs a request): nothing to replace
     replacement = dependency(override)
     if replacement.needs_async and not replaced.needs_async:
         raise ConfigurationError(

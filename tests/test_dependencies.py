@@ -375,9 +375,45 @@ def test_overrides_are_checked_when_set(make_bus: MakeBus) -> None:
     with pytest.raises(ConfigurationError, match="parameter 'q' is not a dependency"):
         overrides[get_settings] = lambda q: Settings()
     overrides[get_session] = get_async_settings  # async for async: fine
-    assert dict(overrides) == {get_session: get_async_settings}
-    del overrides[get_session]
+    overrides[needs_query] = get_cache  # no handler can use needs_query: kept, no effect
+    assert dict(overrides) == {get_session: get_async_settings, needs_query: get_cache}
+    del overrides[get_session], overrides[needs_query]
     assert len(overrides) == 0
+
+    registry = make_bus().registry
+    registry.dependency_overrides[get_settings] = fake_settings
+    with pytest.raises(ConfigurationError):  # assigning a mapping checks all of it first
+        registry.dependency_overrides = {get_session: get_cache, get_cache: get_async_settings}
+    assert dict(registry.dependency_overrides) == {get_settings: fake_settings}
+
+
+def get_service(session: Annotated[str, Depends(get_session)]) -> str:
+    """Sync, with an async dependency: fine for async handlers, as in FastAPI."""
+    return f"service({session})"
+
+
+def fake_service(settings: Annotated[Settings, Depends(get_async_settings)]) -> str:
+    return f"fake service({settings.prefix})"
+
+
+async def test_a_sync_dependency_of_async_ones_serves_async_handlers_and_is_overridable(
+    make_bus: MakeBus, topic: str
+) -> None:
+    seen: list[str] = []
+
+    async def handle(event: BaseEvent, service: str = Depends(get_service)) -> None:
+        seen.append(service)
+
+    bus = make_bus()
+    bus.registry.dependency_overrides = {get_service: fake_service}
+    await bus.registry.register(topic, handle)
+    await bus.start()
+    await bus.publish(Signup(topic=topic))
+    await bus.drain(timeout=5)
+    del bus.registry.dependency_overrides[get_service]
+    await bus.publish(Signup(topic=topic))
+    await bus.drain(timeout=5)
+    assert seen == ["fake service(async)", "service(prod-session)"]
 
 
 # -- signatures are checked at registration -----------------------------------------------
