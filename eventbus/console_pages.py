@@ -229,9 +229,9 @@ def parse_query(
 ) -> tuple[DeadLetterQuery, list[str]]:
     problems = []
     times: list[datetime | None] = []
-    for name, value in (("from", since), ("to", until)):
+    for name, value, end in (("from", since, False), ("to", until, True)):
         try:
-            times.append(parse_time(value))
+            times.append(parse_time(value, end=end))
         except ValueError as exc:
             problems.append(f"{name}: {exc}; ignored")
             times.append(None)

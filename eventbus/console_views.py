@@ -10,9 +10,10 @@ markup that slipped through could not run.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
@@ -191,19 +192,34 @@ def first(form: Mapping[str, list[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
-def parse_time(value: str | None) -> datetime | None:
+def parse_time(value: str | None, *, end: bool = False) -> datetime | None:
     """A time from a filter field (``2024-05-01T12:00``, naive is UTC); None if blank.
+
+    With ``end``, the last microsecond of what the text names: "to 12:00" includes
+    12:00:59.999999, "to 2024-05-01" the whole day.
 
     Raises:
       ValueError: Not an ISO 8601 date and time.
     """
     if value is None or not value.strip():
         return None
+    text = value.strip()
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{value!r} is not a date and time like 2024-05-01T12:00") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if end and "." not in text:
+        clock = re.split(r"[Z+-]", text[10:].lstrip("T "))[0]  # "12:00", "12:00:05", ""
+        if not clock:
+            span = timedelta(days=1)
+        elif clock.count(":") == 1:
+            span = timedelta(minutes=1)
+        else:
+            span = timedelta(seconds=1)
+        moment += span - timedelta(microseconds=1)
+    return moment
 
 
 def time_field(moment: datetime | None) -> str:

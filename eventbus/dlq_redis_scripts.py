@@ -37,6 +37,7 @@ end
 local function unindex(id, data)
   if not data or redis.call('ZREM', P .. ':ix', id) == 0 then return end
   local s = cjson.decode(data)
+  if type(s) ~= 'table' or not s.handler then return end  -- no summary: nothing more
   for _, k in ipairs(index_keys(s)) do
     if redis.call('ZREM', k, id) == 1 and redis.call('EXISTS', k) == 0 then
       redis.call('SREM', P .. ':ixkeys', k)

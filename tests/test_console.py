@@ -539,3 +539,17 @@ def test_without_jinja2_the_import_names_the_extra_to_install() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert 'eventbus.console needs the "console" extra' in done.stdout, done.stderr
     assert 'pip install "fastapi-eventbus[console]"' in done.stdout
+
+
+def test_a_time_range_includes_the_whole_minute_it_ends_with(
+    console: tuple[TestClient, EventBus, Ledger],
+) -> None:
+    client, bus, _ = console
+    for name, seconds in (("before", -1), ("first", 0), ("last", 59.999), ("after", 60)):
+        bus.dlq.store.add(record(f"at-{name}", at=T0 + timedelta(seconds=seconds)))
+    page = client.get(
+        PREFIX + "/", params={"since": "2024-05-01T12:00", "until": "2024-05-01T12:00"}
+    )
+    shown = re.findall(r'name="id" value="([^"]+)"', page.text)
+    assert shown == ["at-last", "at-first"]
+    assert 'value="2024-05-01T12:00:59"' in page.text  # the field shows what was applied
