@@ -73,7 +73,7 @@ async def test_deeply_nested_records_are_dead_lettered_and_the_partition_moves_o
     assert [json.loads(r.value)["offset"] for r in dead] == [0, 1, 2, 3]
 
 
-async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
+async def test_a_stuck_partition_pauses_alone_and_the_others_get_the_budget(
     make_kafka_bus: Callable[..., EventBus],
     kafka_bootstrap: str,
     kafka_names: tuple[str, str],
@@ -81,7 +81,7 @@ async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
 ) -> None:
     from eventbus.backends import kafka_bridge
 
-    monkeypatch.setattr(kafka_bridge, "PAUSE_AFTER", 0.5)  # seconds full before a pause
+    monkeypatch.setattr(kafka_bridge, "PAUSE_AFTER", 0.5)  # seconds stuck before a pause
     topic, _ = kafka_names
     await create_topic(kafka_bootstrap, topic, 2)
     stuck_keys = keys_of_partition(0, 2, 12)
@@ -94,12 +94,12 @@ async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
         if event.key in stuck_keys:
             await release.wait()  # a handler stuck on partition 0
 
-    bus = make_kafka_bus(max_in_flight=8)  # 4 records per assigned partition
+    bus = make_kafka_bus(max_in_flight=8)
     await bus.registry.register(topic, handler, name=f"{topic}.h")
     await bus.start()
     await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(stuck_keys)])
-    await wait_for(lambda: len(started) >= 4, 20, "partition 0's handlers to start")
-    await asyncio.sleep(1.0)  # partition 0 full for longer than PAUSE_AFTER
+    await wait_for(lambda: len(started) == 8, 20, "partition 0 to take the whole budget")
+    await asyncio.sleep(1.0)  # stuck for longer than PAUSE_AFTER
     free = [Numbered(topic=topic, n=100 + i, key=k) for i, k in enumerate(free_keys)]
     await bus.publish_many(free)
 
@@ -109,9 +109,8 @@ async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
     backend = bus.backend
     assert isinstance(backend, KafkaBackend) and backend.bridge is not None
     bridge = backend.bridge
-    assert len([k for k in started if k in stuck_keys]) == 4  # its share, no more
-    await wait_for(lambda: len(bridge.paused) == 1, 10, "the stuck partition to pause")
-    assert [tp.partition for tp in bridge.paused] == [0]
+    assert len([k for k in started if k in stuck_keys]) == 8  # what it held, no more
+    assert [tp.partition for tp in bridge.paused] == [0]  # paused alone
     [health] = [r for r in await bus.health.check() if r.backend == "kafka-bridge"]
     assert health.status is HealthStatus.HEALTHY, health.detail
     assert "1 partition(s) paused" in health.detail
@@ -120,6 +119,45 @@ async def test_a_stuck_partition_holds_its_own_share_and_the_others_flow(
     await bus.drain(timeout=20)
     assert sorted(started) == sorted(stuck_keys + free_keys)
     assert bridge.paused == [] and bridge.in_flight == 0
+
+
+async def test_a_partition_that_gets_stuck_beside_a_busy_one_takes_only_its_share(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 2)
+    stuck_keys = keys_of_partition(0, 2, 12)
+    busy_keys = keys_of_partition(1, 2, 42)
+    gate, release = asyncio.Event(), asyncio.Event()
+    started: list[str] = []
+
+    async def handler(event: Numbered) -> None:
+        started.append(event.key)
+        if event.key in stuck_keys:
+            await release.wait()  # stuck on partition 0
+        elif event.key in busy_keys[:2]:
+            await gate.wait()  # partition 1 busy for a while
+
+    bus = make_kafka_bus(max_in_flight=8)  # 4 each while both have records in flight
+    await bus.registry.register(topic, handler, name=f"{topic}.h")
+    await bus.start()
+    await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(busy_keys[:2])])
+    await wait_for(lambda: len(started) == 2, 20, "partition 1 to be busy")
+    await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(stuck_keys)])
+    await wait_for(lambda: len(started) == 6, 20, "partition 0's share to start")
+    await asyncio.sleep(0.5)  # time to take more, were it allowed
+    assert len([k for k in started if k in stuck_keys]) == 4
+
+    gate.set()
+    rest = [Numbered(topic=topic, n=100 + i, key=k) for i, k in enumerate(busy_keys[2:])]
+    await bus.publish_many(rest)
+    await wait_for(lambda: set(busy_keys) <= set(started), 20, "partition 1 to go on")
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
+    assert backend.bridge.paused == []  # nobody waited for partition 0 to be paused
+    release.set()
+    await bus.drain(timeout=20)
+    assert sorted(started) == sorted(stuck_keys + busy_keys)
 
 
 async def test_a_dead_letter_that_cannot_be_written_shows_in_health(

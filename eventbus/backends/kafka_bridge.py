@@ -14,14 +14,19 @@ of its partition, never the other way round.  Offsets are committed after a
 fetch when something finished and :data:`COMMIT_INTERVAL` seconds passed since
 the last commit, on revoke, and at shutdown; never automatically.
 
-**Budget.**  ``max_in_flight`` is shared equally by the assigned partitions:
-each may hold ``max_in_flight / assigned`` records (at least one) dispatched and
-not yet committable.  A full partition is simply not fetched until a record of
-it finishes; one full for :data:`PAUSE_AFTER` seconds (a stuck or slow handler,
-an ordered key waiting, a dead letter that cannot be written) is paused alone,
-and resumed once it has room: the other partitions keep flowing.  Records
-fetched past a partition's share wait in the bridge (at most one fetch per
-partition) and are dispatched as its records finish.
+**Budget.**  At most ``max_in_flight`` records are dispatched and not yet
+committable, shared by the partitions that have had records within
+:data:`PAUSE_AFTER` seconds: each may hold ``max_in_flight / those partitions``
+(at least one).  A partition alone uses the whole budget; one that is busy when
+others get records fetches no more until it is back under its share.  A full
+partition is simply not fetched (records fetched past its share wait in the
+bridge, one fetch at most).  One that is full and has committed nothing for
+:data:`PAUSE_AFTER` seconds (a stuck handler, an ordered key waiting, a dead
+letter that cannot be written) is *paused alone*: its records stop counting
+against the budget, the other partitions share all of it, and it resumes once
+it is under its share again.  So a stuck partition holds at most what it took,
+and the others wait for it at most :data:`PAUSE_AFTER` seconds (when it took
+the whole budget while they were idle), never longer.
 
 **Rebalances.**  When partitions are revoked, the bridge stops dispatching their
 records, waits up to ``revoke_timeout`` seconds for their in-flight handlers,
@@ -97,7 +102,7 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 #: Milliseconds the broker may hold a fetch request open waiting for records.
 FETCH_MAX_WAIT_MS = 20
-#: Seconds a partition may be full (its share of max_in_flight) before it is paused.
+#: Seconds a full partition may go without committing before it is paused alone.
 PAUSE_AFTER = 5.0
 #: Seconds between offset commits while records finish.
 COMMIT_INTERVAL = 0.1
@@ -127,6 +132,8 @@ class _Partition:
     committed: int | None = None
     released: bool = False
     full_since: float | None = None  # since when it has no room
+    progress_at: float = 0.0  # when its committable offset last moved
+    active_at: float = 0.0  # when it last had records in flight or waiting
     paused: bool = False
     draining: bool = False
 
@@ -198,8 +205,8 @@ class KafkaBridge:
       dead_letters: Where poison records go (their topic plus the DLQ suffix).
       auto_offset_reset: Where a group without committed offsets starts.
       session_timeout_ms, heartbeat_interval_ms: Group membership timing.
-      max_in_flight: Records dispatched and not yet committable, shared equally by
-        the assigned partitions (see Budget above).
+      max_in_flight: Records dispatched and not yet committable, shared by the
+        partitions that have records in flight (see Budget above).
       revoke_timeout: Seconds revoked partitions' handlers get to finish.
       accept_unknown_types: Deliver events of types this process does not know as
         :class:`~eventbus.events.UnknownEvent` instead of dead-lettering them.
@@ -251,6 +258,9 @@ class KafkaBridge:
         self._deliveries: dict[str, _Delivery] = {}
         self._chains: dict[tuple[str, bytes], deque[Message[Any]]] = {}
         self._in_flight = 0
+        self._held = 0  # records of paused partitions: not counted against the budget
+        self._share = max_in_flight
+        self._starved = False  # the budget was spent when the loop last looked
         self._progress = asyncio.Event()  # a record finished
         self._room = asyncio.Event()  # a full partition can be fetched again
         self._dirty = False
@@ -289,9 +299,20 @@ class KafkaBridge:
         """The partitions paused because they stayed full (see Budget above)."""
         return [part.tp for part in self._partitions.values() if part.paused]
 
-    def share(self) -> int:
-        """Records each assigned partition may have in flight."""
-        return max(1, self.max_in_flight // max(1, len(self._partitions)))
+    def _reshare(self) -> None:
+        """Split the budget among the partitions that have had records within
+        PAUSE_AFTER seconds (paused ones aside)."""
+        now = time.monotonic()
+        active = 0
+        for part in self._partitions.values():
+            if part.records or part.waiting:
+                part.active_at = now
+            if not part.paused and part.active_at and now - part.active_at < PAUSE_AFTER:
+                active += 1
+        self._share = max(1, self.max_in_flight // max(1, active))
+
+    def _room_left(self) -> int:
+        return self.max_in_flight - (self._in_flight - self._held)
 
     async def pause(self) -> None:
         """Stop fetching and dispatching (the consumer stays in the group)."""
@@ -372,13 +393,14 @@ class KafkaBridge:
                     topics = current
                     consumer.subscribe(topics, listener=_Listener(self, consumer))
                 fetch, room = self._flow(consumer)
-                if len(fetch) == len(self._partitions) and fetch:
+                self._starved = room <= 0
+                if fetch and room > 0 and len(fetch) == len(self._partitions):
                     batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
-                elif fetch:
+                elif fetch and room > 0:
                     batch = await self._fetch_some(consumer, fetch, room)
                 elif any(not part.paused for part in self._partitions.values()):
-                    # Backpressure: every partition is full, none for long: wait for
-                    # handlers to finish (polling goes on once they are paused).
+                    # Backpressure: the budget is spent, nothing stuck for long: wait
+                    # for handlers to finish (polling goes on once they are paused).
                     await self._wait_for_room()
                     await self._commit_due(consumer)
                     continue
@@ -386,16 +408,20 @@ class KafkaBridge:
                     # No partition yet (joining the group), or all paused: poll, so
                     # the group does not take this consumer for dead.
                     batch = await consumer.getmany(
-                        timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_in_flight
+                        timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, room)
                     )
                 self.last_poll = time.monotonic()
                 if self._stopping:
                     break  # not dispatched: delivered again after the restart
+                fetched = []
                 for tp, records in batch.items():
                     partition = self._partitions.get(tp)
                     if partition is None:
                         continue  # revoked while fetching; its new owner reads it again
                     partition.waiting.extend(records)
+                    fetched.append(partition)
+                self._reshare()
+                for partition in fetched:
                     self._drain(partition)
                 await self._commit_due(consumer)
         finally:
@@ -431,44 +457,53 @@ class KafkaBridge:
             await self._commit(consumer, list(self._partitions.values()))
 
     async def _wait_for_room(self) -> None:
-        """Wait (one poll interval at most) until a full partition has room again
-        or the bridge stops."""
+        """Wait (one poll interval at most) until the budget or a full partition
+        has room again, or the bridge stops."""
         self._room.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._room.wait(), POLL_TIMEOUT_MS / 1000)
         self.last_poll = time.monotonic()  # the loop is alive, only waiting on handlers
 
     def _flow(self, consumer: AIOKafkaConsumer) -> tuple[list[TopicPartition], int]:
-        """The partitions to fetch from and how many records they may take; pauses
-        partitions full for PAUSE_AFTER seconds and resumes those with room."""
+        """Dispatch waiting records the budget has room for; return the partitions
+        under their share with nothing waiting, and the room left.  Pauses the
+        partitions full and stuck for PAUSE_AFTER seconds, resumes paused ones
+        that are under their share again."""
         now = time.monotonic()
-        share = self.share()
-        fetch: list[TopicPartition] = []
-        room = 0
+        self._reshare()
         for part in self._partitions.values():
-            free = share - len(part.records)
-            if free > 0 and not part.waiting:
+            if part.waiting:
+                self._drain(part)
+        share = self._share
+        fetch: list[TopicPartition] = []
+        for part in self._partitions.values():
+            if len(part.records) < share:
                 part.full_since = None
                 if part.paused:
                     part.paused = False
+                    self._held -= len(part.records)
                     with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                         consumer.resume(part.tp)
-                fetch.append(part.tp)
-                room += free
-            elif part.full_since is None:
+                if not part.waiting:
+                    fetch.append(part.tp)
+                continue
+            if part.full_since is None:
                 part.full_since = now
-            elif not part.paused and now - part.full_since >= PAUSE_AFTER:
+            stuck_since = max(part.full_since, part.progress_at)
+            if not part.paused and now - stuck_since >= PAUSE_AFTER:
                 part.paused = True
+                self._held += len(part.records)
                 with contextlib.suppress(IllegalStateError):
                     consumer.pause(part.tp)
-                logger.info(
-                    "Kafka bridge paused %s[%d]: %d record(s) in flight for %.0fs.",
+                logger.warning(
+                    "Kafka bridge paused %s[%d]: %d record(s) in flight, nothing committed "
+                    "for %.0fs (a handler stuck?); the other partitions go on.",
                     part.tp.topic,
                     part.tp.partition,
                     len(part.records),
-                    now - part.full_since,
+                    now - stuck_since,
                 )
-        return fetch, room
+        return fetch, self._room_left()
 
     def _drain(self, part: _Partition) -> None:
         """Dispatch the partition's waiting records while it has room."""
@@ -476,11 +511,11 @@ class KafkaBridge:
             return  # a record settled while dispatching: the loop below goes on
         part.draining = True
         try:
-            share = self.share()
             waiting = part.waiting
             while (
                 waiting
-                and len(part.records) < share
+                and len(part.records) < self._share
+                and self._room_left() > 0
                 and not self._stopping
                 and self._partitions.get(part.tp) is part  # not revoked
             ):
@@ -533,6 +568,9 @@ class KafkaBridge:
             if not part.released:
                 part.released = True
                 self._in_flight -= len(part.records)
+                if part.paused:
+                    self._held -= len(part.records)
+                    part.paused = False
                 part.records.clear()
                 part.waiting.clear()
             self._partitions.pop(part.tp, None)
@@ -543,6 +581,8 @@ class KafkaBridge:
         entry = _Record(partition, record.offset)
         partition.records.append(entry)
         self._in_flight += 1
+        if partition.paused:
+            self._held += 1
         headers = {k: v for k, v in record.headers or ()}
         try:
             envelope = self._decode(record)
@@ -730,19 +770,24 @@ class KafkaBridge:
         if part.released:
             return
         records = part.records
-        while records and records[0].done:
-            part.committable = records.popleft().offset + 1
-            self._in_flight -= 1
-            self._dirty = True
+        if records and records[0].done:
+            part.progress_at = time.monotonic()
+            while records and records[0].done:
+                part.committable = records.popleft().offset + 1
+                self._in_flight -= 1
+                if part.paused:
+                    self._held -= 1
+                self._dirty = True
         self._progress.set()
         if part.waiting:
             self._drain(part)
-        if (
-            not part.waiting
-            and part.full_since is not None
-            and len(records) <= self.share() * 3 // 4
-        ):
-            self._room.set()  # fetch again once a quarter of its share is free
+        # Fetch again once a quarter of the spent budget, or of a full partition's
+        # share, is free (not after every record: fetches would shrink to one).
+        if self._starved and self._room_left() >= max(1, self.max_in_flight // 4):
+            self._starved = False
+            self._room.set()
+        elif part.full_since is not None and len(records) <= self._share * 3 // 4:
+            self._room.set()
 
     async def _commit(self, consumer: AIOKafkaConsumer, parts: list[_Partition]) -> None:
         offsets = {
