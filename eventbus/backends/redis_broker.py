@@ -88,8 +88,11 @@ class _RedisMessage(MessageProxy):
     def __init__(self, message: Message[Any], entry: bytes) -> None:
         super().__init__(message)
         self.entry = entry
-        #: Set once the middleware chain saw the outcome: an entry acked without it
-        #: comes from a worker thread that died mid-message, and is put back.
+        #: Set when a worker thread starts it, and once the middleware chain saw the
+        #: outcome: an entry acked between the two comes from a worker thread that
+        #: died mid-message, and is put back.  (An entry acked without being started
+        #: was re-enqueued by dramatiq's delay handling: a normal ack.)
+        self.started = False
         self.settled = False
 
 
@@ -360,6 +363,10 @@ class _WorkerLifecycle(Middleware):
     """Watches the Worker's threads, and releases the worker's hold on its messages
     once dramatiq's Worker stopped."""
 
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
+        if isinstance(message, _RedisMessage):
+            message.started = True
+
     def after_process_message(
         self,
         broker: dramatiq.Broker,
@@ -420,7 +427,7 @@ class _RedisConsumer(Consumer):
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
-        if isinstance(message, _RedisMessage) and not message.settled:
+        if isinstance(message, _RedisMessage) and message.started and not message.settled:
             # Dramatiq acks a message whose worker thread died before the outcome
             # reached the middleware (neither handled nor dead-lettered): keep it.
             logger.error(
