@@ -58,6 +58,8 @@ DEFAULT_POLL_INTERVAL = 1.0
 REBALANCE_INTERVAL = 2.0
 #: Seconds between refreshes of the pending-row count and lag.
 STATS_INTERVAL = 2.0
+#: Seconds between attempts to LISTEN again after the listening connection failed.
+LISTEN_RETRY_INTERVAL = 1.0
 #: Seconds between deletions of sent rows past the retention and of old inbox rows.
 CLEANUP_INTERVAL = 60.0
 #: Rows deleted per cleanup statement (short transactions on big tables).
@@ -289,14 +291,15 @@ class Relay:
                 return member
 
     async def _serve(self, conn: AsyncConnection) -> None:
-        next_rebalance = next_stats = 0.0
+        next_rebalance = next_stats = next_listen = 0.0
         next_cleanup = time.monotonic() + CLEANUP_INTERVAL / 10
         backoff = MIN_BACKOFF
         while not self._stopping:
             now = time.monotonic()
             self.alive_at = now
-            if self.listen and not self.listening:
+            if self.listen and not self.listening and now >= next_listen:
                 await self._start_listening()
+                next_listen = now + LISTEN_RETRY_INTERVAL
             if now >= next_rebalance:
                 await self._rebalance(conn)
                 next_rebalance = now + REBALANCE_INTERVAL
@@ -424,8 +427,14 @@ class Relay:
             )
             self.listen = False
             return
+        await self._unlisten()  # a lost listener's connection, if any
         try:
             conn = await self.engine.connect()
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("The outbox relay cannot LISTEN (%s): polling meanwhile", exc)
+            return
+        self._listener = conn  # closed by _unlisten, whatever happens next
+        try:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
             if driver_name == "asyncpg":
@@ -437,10 +446,10 @@ class Relay:
                 self._listen_task = asyncio.get_running_loop().create_task(
                     self._psycopg_notifies(driver)
                 )
-        except (SQLAlchemyError, OSError) as exc:
+        except Exception as exc:  # the driver's own errors (asyncpg, psycopg)
             logger.warning("The outbox relay cannot LISTEN (%s): polling meanwhile", exc)
+            await self._unlisten()
             return
-        self._listener = conn
         self.listening = True
         self._wake.set()  # rows committed before LISTEN took effect
 

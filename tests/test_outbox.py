@@ -306,3 +306,54 @@ async def test_two_relays_share_the_shards(
     assert not relays[0].shards & relays[1].shards
     await one.stop()
     await wait_for(lambda: len(relays[1].shards) == SHARDS, "the survivor taking all", timeout=15)
+
+
+async def test_a_refused_batch_stays_pending_and_is_retried(
+    make_bus: Callable[..., EventBus], pg_engine: AsyncEngine, topic: str
+) -> None:
+    bus, first, _ = await outbox_bus(make_bus, pg_engine, topic)
+    publish = bus.backend.publish
+    refusals = 2
+
+    async def refuse_twice(events: list[Any], *, strict: bool = False) -> set[str]:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise PublishError("the backend is down")
+        return await publish(events, strict=strict)
+
+    bus.backend.publish = refuse_twice  # type: ignore[method-assign]
+    async with pg_engine.begin() as conn:
+        await bus.publish(Placed(topic=topic, seq=1), session=conn)
+    relay = bus.outbox.relay if bus.outbox else None
+    assert relay is not None
+    await wait_for(lambda: relay.errors >= 1, "the first refusal")
+    health = {r.backend: r for r in await bus.health.check()}
+    if refusals:  # still failing: degraded, the error shown, the row kept
+        assert health["outbox.relay"].status is HealthStatus.DEGRADED, health["outbox.relay"]
+        assert "the backend is down" in health["outbox.relay"].detail
+    await wait_for(lambda: len(first) == 1, "the retried event")
+    assert relay.errors == 2 and relay.last_error == ""
+    assert await pending(pg_engine) == 0
+
+
+async def test_relay_reconnects_after_losing_its_database_connections(
+    make_bus: Callable[..., EventBus], pg_engine: AsyncEngine, topic: str
+) -> None:
+    bus, first, _ = await outbox_bus(make_bus, pg_engine, topic)
+    relay = bus.outbox.relay if bus.outbox else None
+    assert relay is not None
+    await wait_for(lambda: relay.listening and len(relay.shards) == SHARDS, "the relay")
+    async with pg_engine.begin() as conn:  # kill every other connection to this database
+        killed = await conn.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    assert killed and killed >= 2  # the relay's work and LISTEN connections
+    async with pg_engine.begin() as conn:
+        await bus.publish(Placed(topic=topic, seq=1), session=conn)
+    await wait_for(lambda: len(first) == 1, "the event after the reconnection")
+    await wait_for(lambda: relay.listening and len(relay.shards) == SHARDS, "the relay back")
+    assert relay.errors >= 1 and relay.running
