@@ -4,6 +4,12 @@ Usage (from the repo root): python bench/embedded.py [--n 20000] [--repeat 3]
 
 Every measurement runs in a fresh subprocess, one after another. The best
 (max) publish and end-to-end rates over the repeats are reported.
+
+The "2 dependencies" row runs the same handler with two FastAPI ``Depends``
+(an async function and an async ``yield`` dependency, resolved and cleaned up for
+every event); it takes turns with the plain handler's row, and the line under the
+table gives what the dependencies add per event: best run against best run, and
+round by round (each round runs both back to back) as the spread.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ ROOT = BENCH.parent
 SEED_VENV = BENCH / ".venvs" / "seed"
 SEED_VERSION = "0.1.1"
 SEED_NAME = "fastapi-eventbus 0.1.1 (sync backend)"
+PLAIN_NAME = "eventbus embedded (this project)"
+DI_NAME = "eventbus embedded, handler with 2 dependencies"
+#: Most microseconds two dependencies may add per event (issue 13).
+DI_BUDGET_US = 10.0
 
 
 @dataclass
@@ -40,6 +50,8 @@ class Row:
     publish: float | None = None  # events/s
     e2e: float | None = None  # events/s
     note: str = ""
+    e2e_runs: list[float] = field(default_factory=list)  # events/s, every run
+    cpu_runs: list[float] = field(default_factory=list)  # CPU us/event, runs that report it
 
 
 def log(msg: str) -> None:
@@ -78,19 +90,44 @@ def run_once(system: System, n: int) -> dict[str, float | str]:
     return result
 
 
-def measure(system: System, n: int, repeat: int) -> Row:
-    """Run `repeat` times; keep the best publish and end-to-end rates."""
-    pubs, e2es = [], []
+def measure(systems: list[System], n: int, repeat: int) -> list[Row]:
+    """Run each system `repeat` times, taking turns (A B A B ...) so that a machine
+    getting busier or quieter meanwhile weighs on all of them alike; keep the best
+    publish and end-to-end rates, and every end-to-end rate."""
+    pubs: dict[str, list[float]] = {s.name: [] for s in systems}
+    e2es: dict[str, list[float]] = {s.name: [] for s in systems}
+    cpus: dict[str, list[float]] = {s.name: [] for s in systems}
+    notes: dict[str, str] = {}
     for k in range(repeat):
-        res = run_once(system, n)
-        if "publish" not in res:
-            note = "not available" if "unavailable" in res else "failed"
-            log(f"  {system.name}: {note}: {res.get('unavailable') or res.get('error')}")
-            return Row(system.name, note=note)
-        pubs.append(n / float(res["publish"]))
-        e2es.append(n / float(res["e2e"]))
-        log(f"  {system.name} #{k + 1}: publish {pubs[-1]:,.0f}/s, end-to-end {e2es[-1]:,.0f}/s")
-    return Row(system.name, max(pubs), max(e2es))
+        for system in systems:
+            if system.name in notes:
+                continue
+            res = run_once(system, n)
+            if "publish" not in res:
+                notes[system.name] = "not available" if "unavailable" in res else "failed"
+                reason = res.get("unavailable") or res.get("error")
+                log(f"  {system.name}: {notes[system.name]}: {reason}")
+                continue
+            pubs[system.name].append(n / float(res["publish"]))
+            e2es[system.name].append(n / float(res["e2e"]))
+            if "cpu" in res:
+                cpus[system.name].append(float(res["cpu"]) / n * 1e6)
+            log(
+                f"  {system.name} #{k + 1}: publish {pubs[system.name][-1]:,.0f}/s, "
+                f"end-to-end {e2es[system.name][-1]:,.0f}/s"
+            )
+    return [
+        Row(s.name, note=notes[s.name])
+        if s.name in notes
+        else Row(
+            s.name,
+            max(pubs[s.name]),
+            max(e2es[s.name]),
+            e2e_runs=e2es[s.name],
+            cpu_runs=cpus[s.name],
+        )
+        for s in systems
+    ]
 
 
 def nproc() -> int:
@@ -123,11 +160,43 @@ def table(rows: list[Row], n: int, repeat: int) -> str:
             continue
         ratio = f"{r.e2e / base:.2f}x" if base else "n/a"
         out.append(f"| {r.name} | {r.publish:,.0f} | {r.e2e:,.0f} | {ratio} |")
+    overhead = di_overhead(rows)
+    if overhead:
+        out += ["", overhead]
     out += [
         "",
         f"machine: nproc={nproc()}, python {platform.python_version()}, CPU: {cpu_model()}",
     ]
     return "\n".join(out)
+
+
+def di_overhead(rows: list[Row]) -> str:
+    """What two dependencies add per event: wall time end to end (best vs best, and
+    round by round), and CPU time (round by round)."""
+    plain = next((r for r in rows if r.name == PLAIN_NAME and r.e2e_runs), None)
+    di = next((r for r in rows if r.name == DI_NAME and r.e2e_runs), None)
+    if plain is None or di is None:
+        return ""
+    best = 1e6 / max(di.e2e_runs) - 1e6 / max(plain.e2e_runs)
+    verdict = "within" if best <= DI_BUDGET_US else "OVER"
+    # Runs of one round ran back to back (see measure): compare them pairwise.
+    wall = [1e6 / d - 1e6 / p for d, p in zip(di.e2e_runs, plain.e2e_runs, strict=True)]
+    lines = [
+        f"2 dependencies add {best:.1f} us/event end to end, best vs best ({verdict} the "
+        f"{DI_BUDGET_US:g} us budget); round by round: {spread(wall)}"
+    ]
+    if len(di.cpu_runs) == len(plain.cpu_runs) == len(di.e2e_runs):
+        cpu = [d - p for d, p in zip(di.cpu_runs, plain.cpu_runs, strict=True)]
+        lines.append(f"CPU time they add per event, round by round: {spread(cpu)}")
+    return "\n".join(lines)
+
+
+def spread(values: list[float]) -> str:
+    """``median M us, from MIN to MAX us``."""
+    ordered = sorted(values)
+    return (
+        f"median {ordered[len(ordered) // 2]:.1f} us, from {ordered[0]:.1f} to {ordered[-1]:.1f} us"
+    )
 
 
 def main() -> None:
@@ -142,13 +211,8 @@ def main() -> None:
     systems = [
         System(SEED_NAME, ensure_seed_venv(), "_ref_seed.py"),
         System("raw dramatiq StubBroker + Worker", here, "_ref_dramatiq.py"),
-        System(
-            "eventbus embedded (this project)",
-            here,
-            "_run_eventbus.py",
-            ["publish"],
-            project,
-        ),
+        System(PLAIN_NAME, here, "_run_eventbus.py", ["publish"], project),
+        System(DI_NAME, here, "_run_eventbus.py", ["publish_di"], project),
         System(
             "eventbus embedded publish_many",
             here,
@@ -157,10 +221,14 @@ def main() -> None:
             project,
         ),
     ]
+    # The handler with dependencies takes turns with the same handler without them.
+    groups = [[s] for s in systems if s.name not in (PLAIN_NAME, DI_NAME)]
+    pair = [s for s in systems if s.name in (PLAIN_NAME, DI_NAME)]
+    groups.insert(2, pair)
     rows = []
-    for system in systems:
-        log(f"running {system.name} ...")
-        rows.append(measure(system, args.n, args.repeat))
+    for group in groups:
+        log(f"running {' / '.join(s.name for s in group)} ...")
+        rows += measure(group, args.n, args.repeat)
     print(table(rows, args.n, args.repeat))
 
 

@@ -559,15 +559,12 @@ def _marker(param: inspect.Parameter, where: str) -> tuple[Callable[..., Any], b
         if isinstance(base, type) and issubclass(base, REQUEST_TYPES):
             raise _request_bound(param, where)
         if isinstance(annotation, str) and "Depends" in annotation:
-            raise ConfigurationError(
-                f"{where}: cannot evaluate the annotation {annotation!r} of parameter "
-                f"{param.name!r}: define the names it uses at module level (not under "
-                "TYPE_CHECKING or inside a function), or use a default: "
-                f"{param.name}=Depends(...)"
-            )
+            raise _unevaluated(param, where)
         return None
     call = found.dependency
     if call is None:  # Depends(): the annotation is the dependency
+        if isinstance(base, str):
+            raise _unevaluated(param, where)
         call = base
     if not callable(call):
         raise ConfigurationError(
@@ -579,6 +576,15 @@ def _marker(param: inspect.Parameter, where: str) -> tuple[Callable[..., Any], b
             "supported in handlers: bound the handler's concurrency instead"
         )
     return call, bool(found.use_cache)
+
+
+def _unevaluated(param: inspect.Parameter, where: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{where}: cannot evaluate the annotation {param.annotation!r} of parameter "
+        f"{param.name!r}: define the names it uses at module level (not under "
+        "TYPE_CHECKING or inside a function), or name the dependency in a default: "
+        f"{param.name}=Depends(get_x)"
+    )
 
 
 def _request_bound(param: inspect.Parameter, where: str) -> ConfigurationError:

@@ -481,6 +481,11 @@ async def test_wrong_signatures_are_refused_at_registration(make_bus: MakeBus, t
     with pytest.raises(ConfigurationError, match="cannot evaluate the annotation"):
         await bus.registry.register(topic, unresolvable)
 
+    async def unresolvable_type(event: BaseEvent, x: Local = Depends()) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="'x': define the names it uses"):
+        await bus.registry.register(topic, unresolvable_type)
+
     async def typed_wrong(event: Other) -> None: ...
 
     with pytest.raises(ConfigurationError, match="receives Signup events, but its event"):
