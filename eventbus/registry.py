@@ -72,7 +72,8 @@ class HandlerSpec:
 
     Attributes:
       topic: The topic it handles.
-      fn: The handler, ``async def`` or plain ``def`` taking the event.
+      fn: The handler, ``async def`` or plain ``def`` taking the event (then its
+        dependencies).
       name: The dramatiq actor name: stable and unique per bus.
       queue: The dramatiq queue, or None for the bus's default queue.
       event_type: When set, every payload is validated into this class.
