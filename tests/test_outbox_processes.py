@@ -132,7 +132,7 @@ async def test_web_process_killed_after_commit_is_delivered_by_a_new_relay(
 async def test_relay_killed_mid_batch_loses_nothing_and_applies_effects_once(
     stack: Stack, pg_engine: AsyncEngine
 ) -> None:
-    total, batch = 1000, 100
+    total, batch = 500, 100
     bus = await writer(stack, pg_engine, relay=False)
     try:
         async with pg_engine.begin() as conn:
@@ -167,7 +167,7 @@ async def test_relay_killed_mid_batch_loses_nothing_and_applies_effects_once(
 async def test_two_relays_deliver_every_row_in_order_per_key(
     stack: Stack, pg_engine: AsyncEngine
 ) -> None:
-    total, keys, per_transaction = 2000, 20, 10
+    total, keys, per_transaction = 1000, 20, 10
     await stack.start_worker(threads=1)  # one at a time: handling order is queue order
     small_batches = {"EVENTBUS_OUTBOX_BATCH_SIZE": "20"}
     relays = [stack.start_relay(small_batches), stack.start_relay(small_batches)]
