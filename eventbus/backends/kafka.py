@@ -309,7 +309,9 @@ class KafkaBackend(Backend):
             raise BackendError(self._start_error(exc), backend=self.name) from exc
         self.producer = producer
         self.dead_letters.attach(producer, loop)
-        self.dead_letters.check_soon([self.dead_letters.dlq_topic(t) for t in self._topics()])
+        self.dead_letters.topic_check.check_soon(
+            [self.dead_letters.dlq_topic(t) for t in self._topics()]
+        )
         self._lag_reader.attach(loop)
         self.dispatcher = Dispatcher(
             broker, loop, max_concurrency=self.max_concurrency, worker_threads=self.worker_threads

@@ -27,7 +27,8 @@ released dead letter is its marker: the dead letter is gone.  A finite
 ``retention.ms`` or ``retention.bytes`` deletes dead letters that nobody
 replayed, silently.  The store checks the configuration of each DLQ topic once
 per process (when the backend starts, when it first writes to one, when it
-starts reading one) and logs a WARNING naming the topic and the setting.
+starts reading one) and logs a WARNING naming the topic and the setting
+(:mod:`~eventbus.backends.kafka_dlq_topics`).
 
 Example::
 
@@ -53,6 +54,7 @@ from ..exceptions import BackendError, ShutdownError
 from .kafka_config import KafkaConfig
 from .kafka_dlq_fold import HEADER_OP as HEADER_OP  # re-exported: tools read it
 from .kafka_dlq_fold import DeadLetterFold
+from .kafka_dlq_topics import TopicCheck
 from .kafka_dlq_view import DeadLetterView
 
 if TYPE_CHECKING:
@@ -119,21 +121,6 @@ def dead_letter_value(record: FailedEvent) -> bytes:
     return json.dumps(record.to_dict(), separators=(",", ":"), default=str).encode()
 
 
-def topic_problems(configs: dict[str, str]) -> list[str]:
-    """What in a DLQ topic's configuration loses dead letters (empty: nothing)."""
-    problems = []
-    if "compact" in configs.get("cleanup.policy", ""):
-        problems.append(
-            f"cleanup.policy={configs['cleanup.policy']} keeps only the newest record per "
-            "key, so a claimed or released dead letter is deleted (its marker is newer)"
-        )
-    for name in ("retention.ms", "retention.bytes"):
-        value = configs.get(name)
-        if value is not None and value.strip() != "-1":
-            problems.append(f"{name}={value} deletes dead letters nobody replayed")
-    return problems
-
-
 class KafkaDeadLetterStore:
     """A :class:`~eventbus.dlq.DeadLetterStore` over DLQ topics ``<topic><topic_suffix>``.
 
@@ -187,9 +174,7 @@ class KafkaDeadLetterStore:
         self._loop_thread: int | None = None
         self._writes: dict[str, asyncio.Task[None]] = {}
         self._failing: dict[str, WriteFailure] = {}
-        self._checks: set[asyncio.Task[None]] = set()
-        self._checked: set[str] = set()
-        self._checked_lock = threading.Lock()
+        self.topic_check = TopicCheck(config, operation_timeout)
         self._closing = False
         self._view = DeadLetterView(
             config,
@@ -197,7 +182,7 @@ class KafkaDeadLetterStore:
             topic_suffix,
             idempotence=idempotence,
             timeout=operation_timeout,
-            new_topics=self.check_topics,
+            new_topics=self.topic_check.check,
         )
 
     def dlq_topic(self, topic: str) -> str:
@@ -235,8 +220,7 @@ class KafkaDeadLetterStore:
         self._closing = True
         for task in pending:
             task.cancel()
-        for task in list(self._checks):
-            task.cancel()
+        self.topic_check.cancel()
         self._producer = None
         self._loop = None
         self._loop_thread = None
@@ -305,7 +289,7 @@ class KafkaDeadLetterStore:
                 delay = min(delay * 2, WRITE_BACKOFF_MAX)
         finally:
             self._failing.pop(record.id, None)
-        self.check_soon([topic])
+        self.topic_check.check_soon([topic])
 
     def _failed(self, record_id: str, topic: str, exc: Exception) -> None:
         failure = self._failing.get(record_id)
@@ -321,64 +305,6 @@ class KafkaDeadLetterStore:
         """Dead letters whose write failed at least once and is still being retried
         (their partitions cannot commit past them), oldest first."""
         return sorted(self._failing.values(), key=lambda failure: failure.since)
-
-    # -- the DLQ topics' configuration -------------------------------------------------
-
-    def check_soon(self, topics: list[str]) -> None:
-        """Check the configuration of ``topics`` in the background (on the running
-        loop), each once per process."""
-        with self._checked_lock:
-            todo = [t for t in topics if t not in self._checked]
-        if todo:
-            task = asyncio.get_running_loop().create_task(self.check_topics(todo))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
-
-    async def check_topics(self, topics: list[str]) -> None:
-        """Log a WARNING for each existing DLQ topic among ``topics`` whose
-        configuration loses dead letters (see the module docstring)."""
-        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
-        with self._checked_lock:
-            todo = [t for t in topics if t not in self._checked]
-        if not todo:
-            return
-        admin = self.config.admin(request_timeout_ms=int(self.operation_timeout * 1000))
-        try:
-            await admin.start()
-            existing = set(await admin.list_topics())
-            todo = [t for t in todo if t in existing]
-            if not todo:
-                return
-            resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in todo]
-            responses = await admin.describe_configs(resources)
-        except Exception as exc:  # a check never stops the bus
-            logger.info("Could not check the DLQ topics' configuration: %r", exc)
-            return
-        finally:
-            await admin.close()
-        for response in responses:
-            for resource in response.to_object()["resources"]:
-                if resource["error_code"]:
-                    continue
-                name = str(resource["resource_name"])
-                with self._checked_lock:
-                    if name in self._checked:
-                        continue
-                    self._checked.add(name)
-                configs = {
-                    str(e["config_names"]): str(e["config_value"])
-                    for e in resource["config_entries"]
-                    if e["config_value"] is not None
-                }
-                problems = topic_problems(configs)
-                if problems:
-                    logger.warning(
-                        "DLQ topic %s can lose dead letters: %s. Set cleanup.policy=delete, "
-                        "retention.ms=-1 and retention.bytes=-1 on it.",
-                        name,
-                        "; ".join(problems),
-                    )
 
     # -- reading and markers (blocking, on the view) -----------------------------------
 
