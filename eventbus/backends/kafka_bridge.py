@@ -62,7 +62,6 @@ with requires_extra("kafka", __name__):
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -73,20 +72,11 @@ from typing import TYPE_CHECKING, Any
 from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
 
-from ..dlq import FailedEvent
-from ..events import CORRELATION_ID, EVENT_KEY, TYPE_KEY, UnknownEvent, decode_event, too_deep
-from ..exceptions import EventDecodeError, ShutdownError
+from ..exceptions import ShutdownError
 from ..middleware import keys
 from .base import handler_message
-from .kafka_config import (
-    HEADER_CORRELATION_ID,
-    HEADER_REPLAY_HANDLER,
-    HEADER_REPLAY_OF,
-    HEADER_TRACEPARENT,
-    TRACE_CONTEXT_HEADERS,
-    KafkaConfig,
-    parse_traceparent,
-)
+from .kafka_config import HEADER_REPLAY_HANDLER, KafkaConfig
+from .kafka_records import Poison, decode_record, poison_dead_letter, record_options
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -113,14 +103,6 @@ RECONNECT_BACKOFF_MIN = 0.5
 RECONNECT_BACKOFF_MAX = 30.0
 #: Seconds closing a consumer may take.
 CLOSE_TIMEOUT = 5.0
-#: Error type of dead letters written for poison records.
-POISON_ERROR_TYPE = "EventDecodeError"
-#: Handler name on dead letters of poison records (no handler ever saw them).
-POISON_HANDLER = "eventbus.kafka-bridge"
-
-
-class _Poison(Exception):
-    """A record that can never become an event."""
 
 
 @dataclass(eq=False)
@@ -585,10 +567,10 @@ class KafkaBridge:
             self._held += 1
         headers = {k: v for k, v in record.headers or ()}
         try:
-            envelope = self._decode(record)
-            options = self._options(record, envelope, headers)
+            envelope = decode_record(record, self.accept_unknown_types)
+            options = record_options(record, envelope, headers)
         except Exception as exc:  # RecursionError included: no record stops its partition
-            reason = str(exc) if isinstance(exc, _Poison) else f"{type(exc).__name__}: {exc}"
+            reason = str(exc) if isinstance(exc, Poison) else f"{type(exc).__name__}: {exc}"
             entry.remaining = 1
             self._dead_letter_poison(entry, record, headers, reason)
             return
@@ -633,50 +615,6 @@ class KafkaBridge:
             logger.warning("Could not dispatch %s; it will be delivered again.", message)
             self.abandoned(message.message_id)
 
-    def _decode(self, record: ConsumerRecord) -> dict[str, Any]:
-        if record.value is None:
-            raise _Poison("record has no value")
-        try:
-            envelope = json.loads(bytes(record.value).decode("utf-8"))
-        except RecursionError:  # deeper than the parser's stack: ~1,000 levels
-            raise _Poison("record value is too deeply nested to decode as JSON") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _Poison(f"record value is not UTF-8 JSON: {exc}") from None
-        try:
-            event = decode_event(envelope)
-        except EventDecodeError as exc:
-            raise _Poison(str(exc)) from None
-        if isinstance(event, UnknownEvent) and not self.accept_unknown_types:
-            raise _Poison(
-                f"unknown event type {event.event_type!r}: no class of that name is "
-                "defined in this process (set EVENTBUS_KAFKA_ACCEPT_UNKNOWN_TYPES=true "
-                "to deliver it as UnknownEvent)"
-            )
-        assert isinstance(envelope, dict)
-        return envelope
-
-    def _options(
-        self, record: ConsumerRecord, envelope: dict[str, Any], headers: dict[str, bytes]
-    ) -> dict[str, Any]:
-        cid = headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace")
-        if not cid:
-            cid = str(envelope[EVENT_KEY].get("metadata", {}).get(CORRELATION_ID, ""))
-        options: dict[str, Any] = {keys.TOPIC: record.topic, keys.CORRELATION_ID: cid}
-        context = {
-            name: headers[name].decode("utf-8", "replace")
-            for name in TRACE_CONTEXT_HEADERS
-            if name in headers
-        }
-        if context:
-            options[keys.TRACE_CONTEXT] = context
-            parsed = parse_traceparent(context.get(HEADER_TRACEPARENT, ""))
-            if parsed is not None:
-                options[keys.TRACE_ID], options[keys.PARENT_SPAN_ID] = parsed
-        replay_of = headers.get(HEADER_REPLAY_OF)
-        if replay_of is not None:
-            options[keys.REPLAY_OF] = replay_of.decode("utf-8", "replace")
-        return options
-
     def _dead_letter_poison(
         self, entry: _Record, record: ConsumerRecord, headers: dict[str, bytes], reason: str
     ) -> None:
@@ -687,34 +625,7 @@ class KafkaBridge:
             record.offset,
             reason,
         )
-        value: Any = None
-        if record.value is not None:
-            raw = bytes(record.value)
-            try:
-                value = json.loads(raw)
-            except Exception:  # not JSON, or too deep for the parser (RecursionError)
-                value = raw
-            if value is raw or too_deep(value):
-                # Kept as text: a deep value would fail again when the dead letter
-                # is written as JSON, and the write would be retried forever.
-                value = raw.decode("utf-8", "backslashreplace")
-        event_type = ""
-        if isinstance(value, dict) and isinstance(value.get(TYPE_KEY), str):
-            event_type = value[TYPE_KEY]
-        failed = FailedEvent(
-            id=f"{record.topic}:{record.partition}:{record.offset}",
-            event=None,
-            envelope=value,
-            topic=record.topic,
-            handler=POISON_HANDLER,
-            queue="",
-            attempts=0,
-            error=reason + (f" (type {event_type})" if event_type else ""),
-            error_type=POISON_ERROR_TYPE,
-            correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
-            partition=record.partition,
-            offset=record.offset,
-        )
+        failed = poison_dead_letter(record, headers, reason)
         task = asyncio.get_running_loop().create_task(self.dead_letters.write(failed))
         task.add_done_callback(lambda t: self._after_write(entry, t))
 
