@@ -123,10 +123,15 @@ class Outbox:
       bus: The bus; ``Outbox(bus, ...)`` attaches itself (``bus.outbox``).
       engine: The database of the outbox table (the relay's connections come from
         its pool: two while it runs).  None: write only, never relay here.
-      settings: Default :class:`OutboxSettings` from the environment; keyword
-        arguments below override single settings.
+      settings: Default :class:`OutboxSettings` from the environment.
       table: The outbox table (default :data:`~eventbus.outbox_schema.outbox_table`).
       inbox: The inbox table the relay cleans (None: no inbox cleanup here).
+      overrides: Single settings, validated as :class:`OutboxSettings` fields:
+        ``Outbox(bus, engine, relay=False)``, ``batch_size=1000``, ``retention=86400``.
+
+    Raises:
+      ConfigurationError: ``relay`` without an ``engine``, or an invalid value.
+      TypeError: An override that is not a setting.
 
     Health (``bus.health.check()``) gains ``outbox`` (pending rows, lag, relays
     connected; degraded past ``lag_warning``, unhealthy when rows wait and no relay
@@ -149,7 +154,10 @@ class Outbox:
         **overrides: Any,
     ) -> None:
         base = settings if settings is not None else OutboxSettings()
-        self.settings = base.model_copy(update=overrides) if overrides else base
+        unknown = set(overrides) - set(OutboxSettings.model_fields)
+        if unknown:
+            raise TypeError(f"Outbox() got unknown settings: {', '.join(sorted(unknown))}")
+        self.settings = OutboxSettings(**{**base.model_dump(), **overrides}) if overrides else base
         if self.settings.relay and engine is None:
             raise ConfigurationError(
                 "the outbox relay needs an engine: Outbox(bus, engine), or relay=False to "
@@ -185,7 +193,10 @@ class Outbox:
             "(SELECT k FROM unnest(CAST(:locks AS int4[])) AS k ORDER BY k) AS s"
         )
         bus.outbox = self
-        bus.health = _HealthWithOutbox(bus.health, self, bus)
+        health = bus.health
+        if isinstance(health, _HealthWithOutbox):  # a second Outbox replaces the first
+            health = health.inner
+        bus.health = _HealthWithOutbox(health, self, bus)
         _attach_metrics(bus, self)
 
     # -- writing --------------------------------------------------------------------
@@ -326,11 +337,11 @@ class _HealthWithOutbox(HealthChecker):
 
     def __init__(self, inner: HealthChecker, outbox: Outbox, bus: EventBus) -> None:
         super().__init__(bus.backend)
-        self._inner = inner
+        self.inner = inner
         self._outbox = outbox
 
     async def check(self) -> list[HealthResult]:
-        results = await self._inner.check()
+        results = await self.inner.check()
         try:
             extra = await asyncio.wait_for(self._outbox.health(), 5.0)
         except TimeoutError:

@@ -192,12 +192,12 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._listener: AsyncConnection | None = None
         self._listen_task: asyncio.Task[None] | None = None
-        table_name = table.fullname
+        name = table.fullname
+        # Sent rows are deleted, or kept with their sent_at for the retention.
+        take = f"UPDATE {name} SET sent_at = now()" if retention else f"DELETE FROM {name}"
         self._take_sql = text(
-            f"{'DELETE FROM ' + table_name if not retention else 'UPDATE ' + table_name}"
-            f"{'' if not retention else ' SET sent_at = now()'} WHERE id IN ("
-            f"SELECT id FROM {table_name} WHERE sent_at IS NULL AND shard = ANY(:shards) "
-            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) "
+            f"{take} WHERE id IN (SELECT id FROM {name} WHERE sent_at IS NULL "
+            "AND shard = ANY(:shards) ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) "
             "RETURNING id, topic, partition_key, event_id, event_type, envelope, options"
         )
 
