@@ -41,14 +41,9 @@ with requires_extra("kafka", __name__):
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import signal
 import ssl
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -93,7 +88,6 @@ from .sync import EmbeddedBroker
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer, TopicPartition
 
-    from ..bus import EventBus
     from ..dlq import DeadLetterStore, FailedEvent
 
 logger = logging.getLogger(__name__)
@@ -599,91 +593,10 @@ class KafkaBackend(Backend):
         return [HealthResult(name, HealthStatus.HEALTHY, detail)]
 
 
-# -- worker entry point -------------------------------------------------------------
+# The worker entry points live in kafka_worker; importable from here as before.
+from .kafka_worker import main, run_worker, start_worker_thread  # noqa: E402
 
-
-async def run_worker(bus: EventBus, stop: asyncio.Event | None = None) -> None:
-    """Run ``bus`` (on the Kafka backend) until ``stop`` is set or SIGTERM/SIGINT.
-
-    This is what a Kafka worker process does: start the bus (the bridge joins the
-    consumer group and handles the subscribed topics), wait, then stop it within
-    ``settings.shutdown_timeout`` (in-flight handlers finish, offsets committed).
-    """
-    if not isinstance(bus.backend, KafkaBackend):
-        raise ConfigurationError(
-            f"run_worker needs the kafka backend, not {bus.backend.name!r} "
-            "(set EVENTBUS_BACKEND=kafka)"
-        )
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
-            installed.append(signum)
-    try:
-        await bus.start(consume=True)
-        logger.info(
-            "Kafka worker consuming %s as group %s",
-            ", ".join(bus.topics) or "(no topics yet)",
-            bus.backend.group_id,
-        )
-        await stop.wait()
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-        await bus.stop()
-
-
-def start_worker_thread(bus: EventBus) -> Callable[[float], None]:
-    """Run :func:`run_worker` for ``bus`` on its own event loop in a new thread.
-
-    For hosts that own the main thread, such as dramatiq's CLI (call it from a
-    ``before_worker_boot`` hook).  Returns ``stop(timeout)``, which ends the worker
-    (in-flight handlers finish, offsets committed) and joins the thread.
-    """
-    loop = asyncio.new_event_loop()
-    stop_event = asyncio.Event()
-    thread = threading.Thread(
-        target=loop.run_until_complete,
-        args=(run_worker(bus, stop_event),),
-        name="eventbus-kafka-worker",
-        # A daemon: a worker process that exits without stop() (dramatiq's second
-        # SIGTERM) must not hang on it; its uncommitted records are redelivered.
-        daemon=True,
-    )
-    thread.start()
-
-    def stop(timeout: float) -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(stop_event.set)
-        thread.join(timeout)
-        if not thread.is_alive():
-            loop.close()
-
-    return stop
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m eventbus.backends.kafka MODULE...``: a Kafka worker process.
-
-    Imports each MODULE (registering its ``@on_event`` handlers), then runs a bus
-    with ``EVENTBUS_BACKEND=kafka`` settings from the environment until SIGTERM.
-    """
-    from ..bus import EventBus
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if args else 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
-    )
-    for module in args:
-        importlib.import_module(module)
-    settings = EventBusSettings(backend="kafka")
-    asyncio.run(run_worker(EventBus(settings=settings)))
-    return 0
+__all__ = ["KafkaBackend", "main", "run_worker", "start_worker_thread"]
 
 
 if __name__ == "__main__":
