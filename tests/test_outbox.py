@@ -251,7 +251,7 @@ async def test_notification_wakes_the_relay_long_before_its_poll(
             committed = time.monotonic()
             await wait_for(lambda n=seq + 1: len(first) == n, "the event", timeout=5)
             latencies.append(time.monotonic() - committed)
-        assert max(latencies) < 1.0, latencies
+        assert max(latencies) < 3.0, latencies  # the poll would take 30 s
     finally:
         await bus.stop()
         await engine.dispose()
