@@ -1,10 +1,11 @@
 """Run: this project's eventbus with its default embedded backend.
 
-Usage: _run_eventbus.py N {publish,publish_many,publish_di}   (repo root on PYTHONPATH)
+Usage: _run_eventbus.py N MODE   (with the repo root on PYTHONPATH)
 
-publish_di: like publish, with a handler taking two dependencies (FastAPI's
-``Depends``): an async function and an async ``yield`` dependency, set up and
-cleaned up for every event.
+MODE: publish, publish_many, or like publish with a handler taking two
+dependencies (FastAPI's ``Depends``), resolved for every event:
+publish_di (an async function and an async ``yield`` dependency, cleaned up after
+every event) or publish_di_async (two async functions).
 
 Prints one JSON line: {"publish": seconds, "e2e": seconds, "cpu": seconds}
 (cpu: the process's CPU time from the first publish to the end of the drain, all
@@ -62,6 +63,10 @@ async def handler(event: BaseEvent) -> None:
     handled += 1
 
 
+async def get_user() -> str:
+    return "user"
+
+
 async def handler_di(
     event: BaseEvent,
     settings: Annotated[Settings, Depends(get_settings)],
@@ -71,9 +76,21 @@ async def handler_di(
     handled += 1
 
 
+async def handler_di_async(
+    event: BaseEvent,
+    settings: Annotated[Settings, Depends(get_settings)],
+    user: Annotated[str, Depends(get_user)],
+) -> None:
+    global handled
+    handled += 1
+
+
+HANDLERS = {"publish_di": handler_di, "publish_di_async": handler_di_async}
+
+
 async def run(n: int, mode: str) -> dict[str, float]:
     bus = EventBus()
-    await bus.registry.register(TOPIC, handler_di if mode == "publish_di" else handler)
+    await bus.registry.register(TOPIC, HANDLERS.get(mode, handler))
     await bus.start()
     await bus.subscribe(TOPIC)
 
