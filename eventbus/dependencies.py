@@ -33,8 +33,8 @@ application's own dependencies::
 * **Sync handlers** resolve their dependencies in the handler's own thread, so their
   dependencies must be sync all the way down.  **Async handlers** await async
   dependencies on their event loop and run sync ones (and sync generators) in a worker
-  thread, as FastAPI does: a thread hop costs tens of microseconds, so prefer async
-  dependencies for busy async handlers.
+  thread, as FastAPI does: a thread hop costs ~50 us, so prefer async dependencies
+  for busy async handlers.
 * **The event inside a dependency**: :func:`~eventbus.get_current_event` and
   :func:`~eventbus.get_correlation_id` work there, in threads too; both also work as
   dependencies themselves (``event = Depends(get_current_event)``).
@@ -44,10 +44,14 @@ application's own dependencies::
   on.  Worker processes build their own bus (:data:`eventbus.actors.bus`); overrides
   for them are set in a module the worker imports (see :class:`DependencyOverrides`).
 
-A handler whose only parameter is the event never calls the resolver.  Resolution is
-done by `fast-depends <https://github.com/Lancetnik/FastDepends>`_ (the resolver
-FastStream uses); FastAPI's own solver needs an HTTP request.  This module translates
-FastAPI's markers for it and hides from it every parameter that is not a dependency.
+**Cost.**  A handler whose only parameter is the event never calls the resolver.
+Measured on the embedded backend (``bench/embedded.py``, 2 cores): two async
+dependencies add ~8 us per event, an async one and an async ``yield`` one ~11 us.
+
+Resolution is done by `fast-depends <https://github.com/Lancetnik/FastDepends>`_ (the
+resolver FastStream uses); FastAPI's own solver needs an HTTP request.  This module
+translates FastAPI's markers for it and hides from it every parameter that is not a
+dependency.
 """
 
 from __future__ import annotations
