@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .bus import EventBus
 
 
 @runtime_checkable
@@ -18,8 +21,8 @@ class MetricsCollector(Protocol):
 
     ``inc_retry`` is called once per scheduled retry, ``inc_dlq`` once per dead
     letter, ``inc_dispatch_error`` once per failed handler attempt.  A collector may
-    also define ``inc_unrouted(topic)``: it is called for events published to a
-    topic no handler is subscribed to.
+    implement the optional protocols below as well: :class:`CountsUnrouted`,
+    :class:`LabelsHandlers`, :class:`TracksInProgress`, :class:`ReadsTheBus`.
     """
 
     def inc_published(self, topic: str) -> None: ...
@@ -35,6 +38,40 @@ class MetricsCollector(Protocol):
     def observe_dispatch_duration(self, topic: str, duration: float) -> None: ...
 
     def observe_publish_duration(self, topic: str, duration: float) -> None: ...
+
+
+@runtime_checkable
+class CountsUnrouted(Protocol):
+    """A collector that counts events published to a topic nobody subscribes."""
+
+    def inc_unrouted(self, topic: str) -> None: ...
+
+
+@runtime_checkable
+class LabelsHandlers(Protocol):
+    """A collector whose ``inc_dispatched``, ``inc_dispatch_error`` and
+    ``observe_dispatch_duration`` take a ``handler`` keyword (the handler's name).
+
+    Declare it with the class attribute ``labels_handlers = True``.
+    """
+
+    labels_handlers: ClassVar[bool]
+
+
+@runtime_checkable
+class TracksInProgress(Protocol):
+    """A collector told when each handler attempt starts and ends (an in-progress gauge)."""
+
+    def dispatch_started(self, topic: str, handler: str) -> None: ...
+
+    def dispatch_finished(self, topic: str, handler: str) -> None: ...
+
+
+@runtime_checkable
+class ReadsTheBus(Protocol):
+    """A collector given its bus once (to read the backlog and dead letters at scrape time)."""
+
+    def attach(self, bus: EventBus) -> None: ...
 
 
 class NoopMetricsCollector:

@@ -44,7 +44,7 @@ with requires_extra("otel", __name__):
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from .context import correlation_id_var
 from .tracing import EventSpan, SpanStatus
@@ -109,6 +109,9 @@ class OpenTelemetryTracer:
       tracer_provider: Defaults to the global provider.
       messaging_system: The ``messaging.system`` attribute (``dramatiq``, ``kafka``).
     """
+
+    #: ``start_span`` takes the span's attributes (see TakesSpanAttributes).
+    takes_span_attributes: ClassVar[bool] = True
 
     def __init__(
         self,

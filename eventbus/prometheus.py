@@ -39,7 +39,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fastapi import APIRouter
 from starlette.responses import Response
@@ -149,6 +149,9 @@ class PrometheusMetricsCollector:
         Collectors on the same registry share their metric objects.
       buckets: Histogram buckets in seconds.
     """
+
+    #: Its dispatch methods take the handler's name (see LabelsHandlers).
+    labels_handlers: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from .context import correlation_id_var, current_span_var
 
@@ -91,9 +91,9 @@ class EventSpan:
 class EventTracer(Protocol):
     """What the bus needs of a tracer.
 
-    A tracer whose ``start_span`` also takes an ``attributes`` keyword (a mapping:
-    ``handler``, ``attempt``, ``message_id`` for dispatch spans) gets them at the
-    start; for others the dispatch middleware sets them on the returned span.
+    A tracer that declares :class:`TakesSpanAttributes` gets the dispatch span's
+    attributes (``handler``, ``attempt``, ``message_id``) at the start; for others
+    the dispatch middleware sets them on the returned span.
     """
 
     def start_span(
@@ -109,6 +109,14 @@ class EventTracer(Protocol):
     def finish_span(self, span: EventSpan) -> None:
         """Finish and export a span (its status is already set)."""
         ...
+
+
+@runtime_checkable
+class TakesSpanAttributes(Protocol):
+    """A tracer whose ``start_span`` takes an ``attributes`` keyword (a mapping),
+    declared with the class attribute ``takes_span_attributes = True``."""
+
+    takes_span_attributes: ClassVar[bool]
 
 
 class NoopTracer:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 
-from ..metrics import MetricsCollector
+from ..metrics import LabelsHandlers, MetricsCollector, TracksInProgress
 from . import keys
 
 if TYPE_CHECKING:
@@ -17,22 +16,13 @@ if TYPE_CHECKING:
     from dramatiq.broker import MessageProxy
 
 
-def takes_keyword(method: Callable[..., Any], name: str) -> bool:
-    """Whether ``method`` (a user's collector or tracer method) accepts ``name``."""
-    try:
-        return name in inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class Metrics(Middleware):
     """Counts each handler attempt once: ``inc_dispatched`` on success,
     ``inc_dispatch_error`` on failure, and observes its duration.
 
-    Collectors whose ``inc_dispatched`` / ``inc_dispatch_error`` /
-    ``observe_dispatch_duration`` accept a ``handler`` keyword get the handler's
-    actor name too; collectors with ``dispatch_started(topic, handler)`` and
-    ``dispatch_finished(topic, handler)`` can keep an in-progress gauge.
+    Collectors that declare :class:`~eventbus.metrics.LabelsHandlers` get the
+    handler's actor name too; those implementing
+    :class:`~eventbus.metrics.TracksInProgress` can keep an in-progress gauge.
 
     Parameters:
       collector: Where the numbers go.
@@ -41,13 +31,12 @@ class Metrics(Middleware):
     def __init__(self, collector: MetricsCollector) -> None:
         self.collector = collector
         self._started: dict[str, float] = {}
-        self._with_handler = takes_keyword(collector.inc_dispatched, "handler")
-        self._on_start: Callable[[str, str], None] | None = getattr(
-            collector, "dispatch_started", None
-        )
-        self._on_finish: Callable[[str, str], None] | None = getattr(
-            collector, "dispatch_finished", None
-        )
+        self._with_handler = isinstance(collector, LabelsHandlers) and collector.labels_handlers
+        self._on_start: Callable[[str, str], None] | None = None
+        self._on_finish: Callable[[str, str], None] | None = None
+        if isinstance(collector, TracksInProgress):
+            self._on_start = collector.dispatch_started
+            self._on_finish = collector.dispatch_finished
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         self._started[message.message_id] = time.perf_counter()

@@ -10,9 +10,15 @@ from typing import TYPE_CHECKING, Any
 from dramatiq import Middleware
 
 from ..context import correlation_id_var
-from ..tracing import EventSpan, EventTracer, SpanStatus, reset_current_span, set_current_span
+from ..tracing import (
+    EventSpan,
+    EventTracer,
+    SpanStatus,
+    TakesSpanAttributes,
+    reset_current_span,
+    set_current_span,
+)
 from . import keys
-from .metrics import takes_keyword
 
 if TYPE_CHECKING:
     from dramatiq import Broker
@@ -32,7 +38,9 @@ class Tracing(Middleware):
         self._active: dict[str, tuple[EventSpan, Token[str], Any]] = {}
         # A tracer whose start_span takes ``attributes`` gets them at the start
         # (cheaper for the OpenTelemetry SDK); others find them on the span.
-        self._with_attributes = takes_keyword(tracer.start_span, "attributes")
+        self._with_attributes = (
+            isinstance(tracer, TakesSpanAttributes) and tracer.takes_span_attributes
+        )
         self._start: Callable[..., EventSpan] = tracer.start_span
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
