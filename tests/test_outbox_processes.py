@@ -22,7 +22,7 @@ from eventbus import EventBus
 from eventbus.outbox import Outbox
 from eventbus.outbox_schema import lock_class, outbox_table
 
-pytest.register_assert_rewrite("tests.redis_support", "tests.kafka_helpers", "tests.outbox_support")
+pytest.register_assert_rewrite("tests.redis_support", "tests.outbox_support")
 from tests.kafka_helpers import create_topic  # noqa: E402
 from tests.outbox_events import Placed  # noqa: E402
 from tests.outbox_support import Stack, count, kafka_stack, redis_stack, wait_rows  # noqa: E402
