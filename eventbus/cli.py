@@ -258,6 +258,16 @@ def _parser() -> argparse.ArgumentParser:
     kafka.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
     )
+
+    outbox = commands.add_parser(
+        "outbox", help="the transactional outbox (PostgreSQL)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do")
+    relay = outbox.add_parser(
+        "relay", help="forward committed outbox rows to the backend until SIGTERM"
+    )
+    relay.add_argument(
+        "--database-url", help="SQLAlchemy async URL (default: EVENTBUS_OUTBOX_DATABASE_URL)"
+    )
     return parser
 
 
@@ -358,6 +368,13 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
     return {"topic": args.topic, "handler": args.handler, "error_type": args.error_type}
 
 
+def _outbox(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
+    """``outbox relay``: run the relay until SIGTERM (see :mod:`eventbus.outbox_process`)."""
+    from .outbox_process import run_relay
+
+    return run_relay(bus, out, args.database_url)
+
+
 def _fail(err: TextIO, message: str) -> int:
     err.write(f"eventbus: {printable(message)}\n")
     return EXIT_FAILED
@@ -378,6 +395,8 @@ def run(
     try:
         if args.command == "subscriptions":
             return _subscriptions(args, bus, out, err)
+        if args.command == "outbox":
+            return _outbox(args, bus, out)
         return _dlq(args, bus, out, err)
     except Refused as exc:
         err.write(f"eventbus: {printable(str(exc))}\n")
