@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -31,7 +31,13 @@ from .exceptions import (
     UnroutedError,
 )
 from .health import HealthChecker
-from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
+from .metrics import (
+    CountsUnrouted,
+    InMemoryMetricsCollector,
+    MetricsCollector,
+    NoopMetricsCollector,
+    ReadsTheBus,
+)
 from .middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing, keys
 from .registry import TOPIC_NAME, HandlerRegistry, HandlerSpec
 from .routing import Subscriptions
@@ -45,6 +51,7 @@ from .tracing import (
 )
 
 if TYPE_CHECKING:
+    from .dependencies import DependencyOverrides
     from .outbox import Outbox, OutboxSession
 
 logger = logging.getLogger(__name__)
@@ -177,14 +184,14 @@ class EventBus:
         self.dlq = DeadLetterQueue(store, replayer=self.backend.replay)
         self.broker = self.backend.bind(self._middleware(), self.subscriptions)
         self.health = HealthChecker(self.backend)
-        attach = getattr(self.metrics, "attach", None)
-        if attach is not None:
-            attach(self)
+        if isinstance(self.metrics, ReadsTheBus):
+            self.metrics.attach(self)
         self._unrouted_warned: dict[str, float] = {}
         #: The transactional outbox ``publish(..., session=...)`` writes to, started
         #: and stopped with the bus (set by :class:`~eventbus.outbox.Outbox`).
         self.outbox: Outbox | None = None
         self._consume: bool | None = None
+        self._stopping = False
         self._started = False
 
     def _middleware(self) -> list[Middleware]:
@@ -249,14 +256,35 @@ class EventBus:
         )
 
     async def stop(self) -> None:
-        """Finish in-flight handlers (within ``settings.shutdown_timeout``) and stop."""
-        if not self._started:
+        """Finish in-flight handlers (within ``settings.shutdown_timeout``) and stop.
+
+        Handlers still finishing may publish follow-up events until the backend has
+        stopped (the embedded backend refuses them once it stopped accepting work).
+        """
+        if not self._started or self._stopping:
             return
-        self._started = False
-        if self.outbox is not None:  # its relay sends its last batch through the backend
-            await self.outbox.stop(self.settings.shutdown_timeout)
-        await self.backend.stop(self.settings.shutdown_timeout)
+        self._stopping = True
+        try:
+            if self.outbox is not None:  # its relay sends its last batch through the backend
+                await self.outbox.stop(self.settings.shutdown_timeout)
+            await self.backend.stop(self.settings.shutdown_timeout)
+        finally:
+            self._started = False
+            self._stopping = False
         logger.info("EventBus stopped")
+
+    @property
+    def dependency_overrides(self) -> DependencyOverrides:
+        """Replacements for handler dependencies on this bus, as FastAPI's
+        ``app.dependency_overrides``::
+
+            bus.dependency_overrides[get_db] = get_test_db
+        """
+        return self.registry.dependency_overrides
+
+    @dependency_overrides.setter
+    def dependency_overrides(self, value: Mapping[Callable[..., Any], Callable[..., Any]]) -> None:
+        self.registry.dependency_overrides = value
 
     async def drain(self, timeout: float | None = None) -> None:
         """Return once every event published so far is handled or dead-lettered.
@@ -484,10 +512,11 @@ class EventBus:
 
     def _unrouted(self, batch: list[BaseEvent], topics: set[str]) -> None:
         """Count the events of ``topics`` as unrouted; warn at most once a minute per topic."""
-        count = getattr(self.metrics, "inc_unrouted", None)
-        for event in batch:
-            if event.topic in topics and count is not None:
-                count(event.topic)
+        metrics = self.metrics
+        if isinstance(metrics, CountsUnrouted):
+            for event in batch:
+                if event.topic in topics:
+                    metrics.inc_unrouted(event.topic)
         if self.settings.unrouted == "ignore":
             return
         now = time.monotonic()

@@ -336,7 +336,8 @@ async def test_overrides_replace_a_dependency_everywhere_on_one_bus_only(
         seen.append((get_correlation_id(), repo))
 
     overridden, plain = make_bus(), make_bus()
-    overridden.registry.dependency_overrides[get_settings] = fake_settings
+    overridden.dependency_overrides[get_settings] = fake_settings  # as app.dependency_overrides
+    assert overridden.registry.dependency_overrides[get_settings] is fake_settings
     await overridden.start()
     await plain.start()
 
