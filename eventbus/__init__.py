@@ -1,79 +1,121 @@
-"""fastapi-eventbus: durable event-driven pub/sub for FastAPI, built on Dramatiq."""
+"""fastapi-eventbus: durable event-driven pub/sub for FastAPI, built on Dramatiq.
+
+The top level holds what an application uses every day; backends and
+integrations live in their modules::
+
+    from eventbus import BaseEvent, EventBus, create_lifespan, get_event_bus, on_event
+    from eventbus.backends.redis import RedisBackend      # pip install "fastapi-eventbus[redis]"
+    from eventbus.backends.kafka import KafkaBackend      # pip install "fastapi-eventbus[kafka]"
+    from eventbus.prometheus import PrometheusMetricsCollector, metrics_router
+    from eventbus.otel import OpenTelemetryTracer
+    from eventbus.testing import EventBusTestKit
+
+Names that moved keep working from here with a DeprecationWarning naming their
+new home.
+"""
 
 from __future__ import annotations
 
-from .asgi import EventBusMiddleware, get_correlation_id
+import importlib
+import warnings
+from typing import Any
+
+from .asgi import EventBusMiddleware
 from .bus import EventBus
 from .config import EventBusSettings
-from .context import get_current_event
-from .dlq import DeadLetterQueue, DeadLetterStore, FailedEvent, MemoryDeadLetterStore, ReplayResult
-from .events import BaseEvent, UnknownEvent, decode_event, encode_event
+from .context import CorrelationIdFilter, get_correlation_id, get_current_event
+from .dlq import FailedEvent
+from .events import BaseEvent
 from .exceptions import (
-    BackendError,
     ConfigurationError,
     EventBusError,
     EventDecodeError,
     EventTooLargeError,
-    HandlerError,
     HandlerTimeout,
     PublishError,
-    RetryExhaustedError,
-    ShutdownError,
-    SubscribeError,
+    UnroutedError,
 )
-from .fastapi import create_lifespan, dlq_router, eventbus_lifespan, get_event_bus
+from .fastapi import create_lifespan, dlq_router, get_event_bus, health_router
 from .health import HealthResult, HealthStatus
-from .metrics import InMemoryMetricsCollector, MetricsCollector, NoopMetricsCollector
+from .metrics import MetricsCollector
 from .middleware.retries import Retry, RetryPolicy
-from .registry import HandlerRegistry, HandlerSpec, on_event
-from .tracing import EventSpan, EventTracer, LoggingTracer, NoopTracer, SpanStatus, get_current_span
+from .registry import on_event
+from .tracing import EventTracer
 
 __all__ = [
-    "BackendError",
     "BaseEvent",
     "ConfigurationError",
-    "DeadLetterQueue",
-    "DeadLetterStore",
+    "CorrelationIdFilter",
     "EventBus",
     "EventBusError",
     "EventBusMiddleware",
     "EventBusSettings",
     "EventDecodeError",
-    "EventSpan",
     "EventTooLargeError",
     "EventTracer",
     "FailedEvent",
-    "HandlerError",
-    "HandlerRegistry",
-    "HandlerSpec",
     "HandlerTimeout",
     "HealthResult",
     "HealthStatus",
-    "InMemoryMetricsCollector",
-    "LoggingTracer",
-    "MemoryDeadLetterStore",
     "MetricsCollector",
-    "NoopMetricsCollector",
-    "NoopTracer",
     "PublishError",
-    "ReplayResult",
     "Retry",
-    "RetryExhaustedError",
     "RetryPolicy",
-    "ShutdownError",
-    "SpanStatus",
-    "SubscribeError",
-    "UnknownEvent",
+    "UnroutedError",
     "create_lifespan",
-    "decode_event",
     "dlq_router",
-    "encode_event",
-    "eventbus_lifespan",
     "get_correlation_id",
     "get_current_event",
-    "get_current_span",
     "get_event_bus",
+    "health_router",
     "on_event",
 ]
 
 __version__ = "0.2.0.dev0"
+
+#: Names that left the top level: name -> (module, note).  Reading one still works,
+#: with a DeprecationWarning.
+_MOVED: dict[str, tuple[str, str]] = {
+    "UnknownEvent": ("eventbus.events", ""),
+    "decode_event": ("eventbus.events", ""),
+    "encode_event": ("eventbus.events", ""),
+    "DeadLetterQueue": ("eventbus.dlq", ""),
+    "DeadLetterStore": ("eventbus.dlq", ""),
+    "MemoryDeadLetterStore": ("eventbus.dlq", ""),
+    "ReplayResult": ("eventbus.dlq", ""),
+    "BackendError": ("eventbus.exceptions", ""),
+    "ShutdownError": ("eventbus.exceptions", ""),
+    "HandlerError": ("eventbus.exceptions", "; it is never raised"),
+    "RetryExhaustedError": ("eventbus.exceptions", "; it is never raised"),
+    "SubscribeError": ("eventbus.exceptions", "; it is never raised"),
+    "eventbus_lifespan": ("eventbus.fastapi", "; use create_lifespan(bus)"),
+    "InMemoryMetricsCollector": ("eventbus.metrics", ""),
+    "NoopMetricsCollector": ("eventbus.metrics", ""),
+    "HandlerRegistry": ("eventbus.registry", "; use bus.registry"),
+    "HandlerSpec": ("eventbus.registry", ""),
+    "EventSpan": ("eventbus.tracing", ""),
+    "SpanStatus": ("eventbus.tracing", ""),
+    "LoggingTracer": ("eventbus.tracing", ""),
+    "NoopTracer": ("eventbus.tracing", ""),
+    "get_current_span": ("eventbus.tracing", ""),
+}
+#: Backends, importable from the top level without a warning (they need their extra).
+_BACKENDS = {
+    "RedisBackend": "eventbus.backends.redis",
+    "KafkaBackend": "eventbus.backends.kafka",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BACKENDS:
+        return getattr(importlib.import_module(_BACKENDS[name]), name)
+    moved = _MOVED.get(name)
+    if moved is None:
+        raise AttributeError(f"module 'eventbus' has no attribute {name!r}")
+    module, note = moved
+    warnings.warn(
+        f"eventbus.{name} moved: import it from {module}{note}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)

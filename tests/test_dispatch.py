@@ -15,13 +15,13 @@ from eventbus import (
     EventBus,
     EventBusSettings,
     HealthStatus,
-    InMemoryMetricsCollector,
     PublishError,
     Retry,
     RetryPolicy,
     on_event,
 )
 from eventbus.exceptions import UnroutedError
+from eventbus.metrics import InMemoryMetricsCollector
 
 MakeBus = Callable[..., EventBus]
 

@@ -17,13 +17,13 @@ from eventbus import (
     EventBus,
     EventBusSettings,
     FailedEvent,
-    MemoryDeadLetterStore,
     RetryPolicy,
     create_lifespan,
     dlq_router,
 )
 from eventbus.cli import main as cli_main
 from eventbus.cli import run as cli_run
+from eventbus.dlq import MemoryDeadLetterStore
 
 MakeBus = Callable[..., EventBus]
 

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from eventbus import EventBus, EventBusSettings, FailedEvent, UnknownEvent, decode_event
+from eventbus import EventBus, EventBusSettings, FailedEvent
 from eventbus.backends.redis import RedisBackend
 from eventbus.dlq_redis import RedisDeadLetterStore
+from eventbus.events import UnknownEvent, decode_event
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")

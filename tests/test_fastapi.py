@@ -17,11 +17,11 @@ from eventbus import (
     EventBusMiddleware,
     EventBusSettings,
     create_lifespan,
-    eventbus_lifespan,
     get_correlation_id,
     get_event_bus,
     on_event,
 )
+from eventbus.fastapi import eventbus_lifespan
 
 
 def make_quickstart(topic: str, seen: list[Any]) -> tuple[FastAPI, EventBus]:

@@ -10,17 +10,11 @@ from typing import Any
 
 import pytest
 
-from eventbus import (
-    BaseEvent,
-    EventBus,
-    EventBusSettings,
-    HealthStatus,
-    LoggingTracer,
-    PublishError,
-)
+from eventbus import BaseEvent, EventBus, EventBusSettings, HealthStatus, PublishError
 from eventbus.backends.kafka import KafkaBackend
 from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ERROR_TYPE, HEADER_ORIGINAL_OFFSET
 from eventbus.exceptions import BackendError
+from eventbus.tracing import LoggingTracer
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
     HEARTBEAT_INTERVAL_MS,

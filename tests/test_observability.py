@@ -213,7 +213,8 @@ async def test_log_records_inside_a_handler_carry_the_correlation_id(
 
 
 def test_settings_select_collector_and_tracer() -> None:
-    from eventbus import InMemoryMetricsCollector, LoggingTracer
+    from eventbus.metrics import InMemoryMetricsCollector
+    from eventbus.tracing import LoggingTracer
 
     bus = EventBus(settings=EventBusSettings(metrics="memory", tracing="logging"))
     assert isinstance(bus.metrics, InMemoryMetricsCollector)

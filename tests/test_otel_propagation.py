@@ -25,8 +25,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from eventbus import BaseEvent, EventBus, EventSpan, SpanStatus
+from eventbus import BaseEvent, EventBus
 from eventbus.otel import OpenTelemetryTracer
+from eventbus.tracing import EventSpan, SpanStatus
 
 W3C = TraceContextTextMapPropagator()
 

@@ -31,7 +31,6 @@ from eventbus import (
     HealthStatus,
     PublishError,
     RetryPolicy,
-    decode_event,
 )
 from eventbus.backends.kafka import KafkaBackend
 from eventbus.backends.kafka_config import (
@@ -44,7 +43,7 @@ from eventbus.backends.kafka_config import (
 from eventbus.backends.redis import RedisBackend
 from eventbus.backends.redis_messages import MAX_ETA_AHEAD
 from eventbus.backends.redis_scripts import bodies_key, ready_key
-from eventbus.events import MAX_DEPTH
+from eventbus.events import MAX_DEPTH, decode_event
 from eventbus.middleware import keys
 from eventbus.registry import MAX_NAME_LENGTH, QUEUE_NAME, TOPIC_NAME, make_spec
 from tests.kafka_events import Numbered
