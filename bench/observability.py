@@ -62,7 +62,9 @@ async def _measure(n: int, config: str, workload: str, url: str) -> float:
     """Child: embedded backend, N events, one handler; returns events/s."""
     import redis.asyncio as aioredis
 
-    from eventbus import BaseEvent, EventBus, MetricsCollector, NoopMetricsCollector, NoopTracer
+    from eventbus import BaseEvent, EventBus, MetricsCollector
+    from eventbus.metrics import NoopMetricsCollector
+    from eventbus.tracing import NoopTracer
     from eventbus.tracing import EventTracer
 
     # Not bench._redis_bench_handlers: its @on_event handlers would join this bus.
