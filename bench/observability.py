@@ -64,8 +64,7 @@ async def _measure(n: int, config: str, workload: str, url: str) -> float:
 
     from eventbus import BaseEvent, EventBus, MetricsCollector
     from eventbus.metrics import NoopMetricsCollector
-    from eventbus.tracing import NoopTracer
-    from eventbus.tracing import EventTracer
+    from eventbus.tracing import EventTracer, NoopTracer
 
     # Not bench._redis_bench_handlers: its @on_event handlers would join this bus.
     class Noop(BaseEvent):
