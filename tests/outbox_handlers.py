@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.pool import NullPool
 
 from eventbus import on_event
+from eventbus.context import get_correlation_id
 from eventbus.inbox import idempotent
 from tests.outbox_events import TOPIC, Placed, deliveries, effects
 
@@ -42,7 +43,7 @@ async def _delivered(handler: str, event: Placed) -> None:
                 key=event.key,
                 seq=event.seq,
                 pid=os.getpid(),
-                correlation_id=event.metadata.get("correlation_id", ""),
+                correlation_id=get_correlation_id(),  # restored by the worker from the message
             )
         )
 

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from eventbus import EventBus
+from eventbus.context import correlation_id_var
 from eventbus.outbox import Outbox
 from eventbus.outbox_schema import lock_class, outbox_table
 
@@ -89,11 +90,15 @@ async def test_commit_delivers_once_to_every_handler_and_rollback_nothing(
             async with sessions() as session, session.begin():
                 await bus.publish(Placed(topic=stack.topic, key="rolled-back"), session=session)
                 raise RuntimeError("the endpoint failed after publishing")
-        for seq in range(30):
-            async with sessions() as session, session.begin():
-                await bus.publish(
-                    Placed(topic=stack.topic, key=f"k{seq % 3}", seq=seq), session=session
-                )
+        token = correlation_id_var.set("request-7")  # as EventBusMiddleware sets it
+        try:
+            for seq in range(30):
+                async with sessions() as session, session.begin():
+                    await bus.publish(
+                        Placed(topic=stack.topic, key=f"k{seq % 3}", seq=seq), session=session
+                    )
+        finally:
+            correlation_id_var.reset(token)
         await wait_rows(pg_engine, "SELECT count(*) FROM outbox_test_deliveries", 90)
         await asyncio.sleep(1.0)  # time for any extra delivery to show
         for handler in HANDLERS:
@@ -104,6 +109,12 @@ async def test_commit_delivers_once_to_every_handler_and_rollback_nothing(
             pg_engine, "SELECT count(*) FROM outbox_test_deliveries WHERE key = 'rolled-back'", 0
         )
         await exactly(pg_engine, PENDING, 0)
+        # The request's correlation id reached every handler's context through the relay.
+        await exactly(
+            pg_engine,
+            "SELECT count(*) FROM outbox_test_deliveries WHERE correlation_id = 'request-7'",
+            90,
+        )
     finally:
         await bus.stop()
 
