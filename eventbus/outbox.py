@@ -54,12 +54,12 @@ from .config import ENV_PREFIX
 from .exceptions import ConfigurationError
 from .health import HealthChecker, HealthResult, HealthStatus
 from .inbox import cleanup_inbox
+from .outbox_listen import channel_of
 from .outbox_relay import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_POLL_INTERVAL,
     OutboxStats,
     Relay,
-    channel_of,
     read_stats,
 )
 from .outbox_schema import inbox_table, key_lock, lock_class, outbox_table, shard_of

@@ -15,9 +15,10 @@ SKIP LOCKED RETURNING`` them, the backend's ``publish`` of those events, then
 ``COMMIT``.  A relay killed between the publish and the commit leaves the rows
 pending: the next relay sends them again (at least once; duplicates, never losses).
 
-A second connection LISTENs on the outbox's channel: publishing with a session
-notifies it at commit, so the relay wakes at once; without it (another driver, a
-lost connection) the relay polls every ``poll_interval`` seconds.
+A second connection LISTENs on the outbox's channel (:mod:`eventbus.outbox_listen`):
+publishing with a session notifies it at commit, so the relay wakes at once;
+without it (another driver, a lost connection) the relay polls every
+``poll_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .backends.base import OutgoingEvent
 from .events import BaseEvent
 from .exceptions import EventBusError
 from .middleware import keys
+from .outbox_listen import Listener, channel_of
 from .outbox_schema import SHARDS, lock_class
 
 if TYPE_CHECKING:
@@ -131,11 +133,6 @@ class OutboxStats:
     checked_at: float
 
 
-def channel_of(table: Table) -> str:
-    """The LISTEN/NOTIFY channel of an outbox table."""
-    return table.fullname.replace(".", "_")[:63]
-
-
 class Relay:
     """Sends the committed rows of ``table`` to ``bus``'s backend until stopped.
 
@@ -171,7 +168,6 @@ class Relay:
         self.listen = listen
         self.retention = retention
         self.cleanups = list(cleanups)
-        self.channel = channel_of(table)
         self._shard_class = lock_class(table, 1)
         self._member_class = lock_class(table, 2)
         #: The shards this relay holds now.
@@ -186,12 +182,10 @@ class Relay:
         self.alive_at = 0.0
         #: The last :class:`OutboxStats` read, or None.
         self.stats: OutboxStats | None = None
-        self.listening = False
         self._wake = asyncio.Event()
+        self.listener = Listener(engine, channel_of(table), self._wake.set)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._listener: AsyncConnection | None = None
-        self._listen_task: asyncio.Task[None] | None = None
         name = table.fullname
         # Sent rows are deleted, or kept with their sent_at for the retention.
         take = f"UPDATE {name} SET sent_at = now()" if retention else f"DELETE FROM {name}"
@@ -200,6 +194,11 @@ class Relay:
             "AND shard = ANY(:shards) ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) "
             "RETURNING id, topic, partition_key, event_id, event_type, envelope, options"
         )
+
+    @property
+    def listening(self) -> bool:
+        """Whether commits wake the relay now (else it polls)."""
+        return self.listener.listening
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -271,7 +270,7 @@ class Relay:
             await self._serve(conn)
         finally:
             self.shards = set()
-            await self._unlisten()
+            await self.listener.close()
             # Closing the connection (not returning it to the pool) drops its locks.
             with contextlib.suppress(Exception):
                 await conn.invalidate()
@@ -297,8 +296,16 @@ class Relay:
         while not self._stopping:
             now = time.monotonic()
             self.alive_at = now
-            if self.listen and not self.listening and now >= next_listen:
-                await self._start_listening()
+            if self.listen and not self.listener.listening and now >= next_listen:
+                if not self.listener.supported:
+                    logger.warning(
+                        "The outbox relay cannot LISTEN with the %s driver: it polls every %gs",
+                        self.engine.dialect.driver,
+                        self.poll_interval,
+                    )
+                    self.listen = False
+                else:
+                    await self.listener.start()
                 next_listen = now + LISTEN_RETRY_INTERVAL
             if now >= next_rebalance:
                 await self._rebalance(conn)
@@ -413,74 +420,6 @@ class Relay:
                     break
         for cleanup in self.cleanups:
             await cleanup(conn)
-
-    # -- LISTEN ---------------------------------------------------------------------
-
-    async def _start_listening(self) -> None:
-        """LISTEN on a connection of its own (asyncpg or psycopg); poll if that fails."""
-        driver_name = self.engine.dialect.driver
-        if driver_name not in ("asyncpg", "psycopg"):
-            logger.warning(
-                "The outbox relay cannot LISTEN with the %s driver: it polls every %gs",
-                driver_name,
-                self.poll_interval,
-            )
-            self.listen = False
-            return
-        await self._unlisten()  # a lost listener's connection, if any
-        try:
-            conn = await self.engine.connect()
-        except (SQLAlchemyError, OSError) as exc:
-            logger.warning("The outbox relay cannot LISTEN (%s): polling meanwhile", exc)
-            return
-        self._listener = conn  # closed by _unlisten, whatever happens next
-        try:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            if driver_name == "asyncpg":
-                await driver.add_listener(self.channel, self._notified)
-                driver.add_termination_listener(self._listener_lost)
-            else:
-                await driver.set_autocommit(True)
-                await driver.execute(f'LISTEN "{self.channel}"')
-                self._listen_task = asyncio.get_running_loop().create_task(
-                    self._psycopg_notifies(driver)
-                )
-        except Exception as exc:  # the driver's own errors (asyncpg, psycopg)
-            logger.warning("The outbox relay cannot LISTEN (%s): polling meanwhile", exc)
-            await self._unlisten()
-            return
-        self.listening = True
-        self._wake.set()  # rows committed before LISTEN took effect
-
-    def _notified(self, *args: Any) -> None:
-        self._wake.set()
-
-    def _listener_lost(self, *args: Any) -> None:
-        self.listening = False
-
-    async def _psycopg_notifies(self, driver: Any) -> None:
-        try:
-            async for _ in driver.notifies():
-                self._wake.set()
-        except Exception as exc:
-            logger.warning("The outbox relay's LISTEN connection failed (%s): polling", exc)
-        finally:
-            self.listening = False
-
-    async def _unlisten(self) -> None:
-        self.listening = False
-        task, self._listen_task = self._listen_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        conn, self._listener = self._listener, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            with contextlib.suppress(Exception):
-                await conn.close()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
