@@ -24,13 +24,12 @@ from eventbus import (
     EventBus,
     EventBusSettings,
     FailedEvent,
-    MemoryDeadLetterStore,
     RetryPolicy,
     create_lifespan,
 )
 from eventbus.console import dlq_console
 from eventbus.console_store import DeadLetterQuery, ScanSearch, SearchableStore, micros
-from eventbus.dlq import AuditEntry, DeadLetterStore
+from eventbus.dlq import AuditEntry, DeadLetterStore, MemoryDeadLetterStore
 from eventbus.dlq_redis import RedisDeadLetterStore
 
 pytest_plugins = ["tests.redis_support"]

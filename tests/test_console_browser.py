@@ -28,17 +28,11 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from eventbus import (
-    BaseEvent,
-    EventBus,
-    EventBusSettings,
-    FailedEvent,
-    RetryPolicy,
-    decode_event,
-    eventbus_lifespan,
-)
+from eventbus import BaseEvent, EventBus, EventBusSettings, FailedEvent, RetryPolicy
 from eventbus.backends.redis import RedisBackend
 from eventbus.console import dlq_console
+from eventbus.events import decode_event
+from eventbus.fastapi import eventbus_lifespan
 from tests import dlq_handlers as poison
 
 pytest.register_assert_rewrite("tests.redis_support")
