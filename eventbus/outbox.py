@@ -47,8 +47,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError
 from pydantic_core import to_json
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Table, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from .extras import requires_extra
+
+with requires_extra("outbox", __name__):
+    from sqlalchemy import Table, text
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .config import ENV_PREFIX
 from .exceptions import ConfigurationError

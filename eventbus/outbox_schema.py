@@ -30,21 +30,24 @@ from __future__ import annotations
 
 import zlib
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    Identity,
-    Index,
-    LargeBinary,
-    MetaData,
-    SmallInteger,
-    Table,
-    Text,
-    func,
-    text,
-)
-from sqlalchemy.ext.asyncio import AsyncEngine
+from .extras import requires_extra
+
+with requires_extra("outbox", __name__):
+    from sqlalchemy import (
+        BigInteger,
+        Column,
+        DateTime,
+        Identity,
+        Index,
+        LargeBinary,
+        MetaData,
+        SmallInteger,
+        Table,
+        Text,
+        func,
+        text,
+    )
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 #: Shards of the outbox: a relay owns whole shards, so the events of one
 #: partition key (always in one shard) go out through one relay at a time, in order.
