@@ -184,10 +184,11 @@ class Pages:
 
 
 def attempt_rows(record: FailedEvent) -> list[dict[str, Any]]:
-    """One row per attempt: its number, when it failed (when known) and its outcome.
+    """One row per attempt: its number, when it failed and its outcome.
 
-    Stores keep the first and the final failure time and the final error; the
-    attempts in between are known to have failed and been retried.
+    Records carry each failed attempt's time and error (``attempt_log``, the newest
+    20); older records keep only the first and final failure, and the attempts in
+    between are known to have failed and been retried.
     """
     if record.attempts <= 0:
         return [
@@ -197,6 +198,20 @@ def attempt_rows(record: FailedEvent) -> list[dict[str, Any]]:
                 "outcome": "never ran: dead-lettered on arrival",
                 "error": f"{record.error_type}: {record.error}",
             }
+        ]
+    log = record.attempt_log
+    if log:
+        first = record.attempts - len(log) + 1  # the log keeps the newest attempts
+        return [
+            {
+                "number": str(first + i),
+                "at": entry["at"],
+                "outcome": "failed, gave up: dead-lettered"
+                if i == len(log) - 1
+                else "failed, retried",
+                "error": f"{entry['error_type']}: {entry['error']}",
+            }
+            for i, entry in enumerate(log)
         ]
     rows = []
     for number in range(1, record.attempts + 1):

@@ -89,6 +89,9 @@ class FailedEvent:
     trace_id: str = ""
     partition: int | None = None
     offset: int | None = None
+    #: Each failed attempt, oldest first: ``{"at": datetime, "error_type": str,
+    #: "error": str}`` (the last one is the final failure; older records have none).
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-compatible dict (the event as its envelope).
@@ -115,6 +118,7 @@ class FailedEvent:
             "trace_id": self.trace_id,
             "partition": self.partition,
             "offset": self.offset,
+            "attempt_log": [{**entry, "at": entry["at"].isoformat()} for entry in self.attempt_log],
         }
 
     @classmethod
@@ -142,6 +146,15 @@ class FailedEvent:
             trace_id=str(data.get("trace_id", "")),
             partition=data.get("partition"),
             offset=data.get("offset"),
+            attempt_log=[
+                {
+                    "at": _parse_time(entry.get("at")),
+                    "error_type": str(entry.get("error_type", "")),
+                    "error": str(entry.get("error", "")),
+                }
+                for entry in data.get("attempt_log") or []
+                if isinstance(entry, dict)
+            ],
         )
 
     def matches(

@@ -639,3 +639,37 @@ def test_admin_router_refuses_to_replay_an_undecodable_record() -> None:
         assert response.status_code == 409
         assert "not an event envelope" in response.json()["detail"]
         assert client.get("/eventbus/dlq/raw").status_code == 200
+
+
+async def test_a_dead_letter_keeps_each_attempts_outcome(make_bus: MakeBus, topic: str) -> None:
+    errors = iter(["timeout talking to smtp", "connection refused", "mailbox full"])
+
+    async def flaky(event: BaseEvent) -> None:
+        message = next(errors)
+        if message.startswith("timeout"):
+            raise TimeoutError(message)
+        raise ConnectionError(message)
+
+    bus = make_bus(retry_policy=RetryPolicy(max_retries=2, delay=0.01))
+    await bus.registry.register(topic, flaky)
+    await bus.start()
+    await bus.publish(BaseEvent(topic=topic))
+    await bus.drain(timeout=5)
+    [record] = bus.dlq.peek(10)
+    log = record.attempt_log
+    assert [(e["error_type"], e["error"]) for e in log] == [
+        ("TimeoutError", "timeout talking to smtp"),
+        ("ConnectionError", "connection refused"),
+        ("ConnectionError", "mailbox full"),
+    ]
+    assert [e["at"] for e in log] == sorted(e["at"] for e in log)
+    assert FailedEvent.from_dict(record.to_dict()).attempt_log == log
+    from eventbus.console_pages import attempt_rows  # the console's record page shows them
+
+    rows = attempt_rows(record)
+    assert [r["error"] for r in rows] == [
+        "TimeoutError: timeout talking to smtp",
+        "ConnectionError: connection refused",
+        "ConnectionError: mailbox full",
+    ]
+    assert [r["outcome"] for r in rows][-1] == "failed, gave up: dead-lettered"

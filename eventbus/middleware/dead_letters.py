@@ -15,12 +15,16 @@ from ..events import EVENT_KEY, decode_event
 from ..exceptions import EventDecodeError, HandlerTimeout
 from ..metrics import MetricsCollector
 from . import keys
+from .retries import attempt_log
 
 if TYPE_CHECKING:
     from dramatiq import Broker, Message
     from dramatiq.broker import MessageProxy
 
 logger = logging.getLogger(__name__)
+
+#: Epoch milliseconds of the end of year 9999 (the largest datetime).
+_MAX_EPOCH_MS = 253_402_300_799_000
 
 
 class DeadLetters(Middleware):
@@ -114,4 +118,15 @@ def build_failed_event(
         last_failed_at=now,
         correlation_id=str(options.get(keys.CORRELATION_ID, "")),
         trace_id=str(options.get(keys.TRACE_ID, "")),
+        attempt_log=[
+            {
+                "at": datetime.fromtimestamp(entry[0] / 1000, UTC),
+                "error_type": str(entry[1]),
+                "error": str(entry[2]),
+            }
+            for entry in attempt_log(options, exception)
+            if len(entry) == 3
+            and isinstance(entry[0], int | float)
+            and 0 <= entry[0] <= _MAX_EPOCH_MS  # from the wire: hostile values are dropped
+        ],
     )

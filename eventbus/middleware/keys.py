@@ -19,6 +19,13 @@ TRACE_CONTEXT = "eventbus_trace_ctx"
 ATTEMPTS = "eventbus_attempts"
 #: Milliseconds since the epoch of the first failure.
 FIRST_FAILED_AT = "eventbus_first_failed"
+#: The outcome of each failed attempt so far: ``[[epoch ms, error type, message], ...]``
+#: (the newest :data:`MAX_ATTEMPT_LOG`, messages cut to :data:`MAX_ATTEMPT_ERROR` chars).
+ATTEMPT_LOG = "eventbus_attempt_log"
+#: Failed attempts remembered in :data:`ATTEMPT_LOG`.
+MAX_ATTEMPT_LOG = 20
+#: Characters of an error message kept per attempt.
+MAX_ATTEMPT_ERROR = 200
 
 #: Id of the dead letter a replayed message comes from.
 REPLAY_OF = "eventbus_replay_of"

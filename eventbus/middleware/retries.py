@@ -133,6 +133,17 @@ class RetryPolicy:
         return isinstance(exception, self.retryable_exceptions)
 
 
+def attempt_log(options: dict[str, Any], exception: BaseException) -> list[list[Any]]:
+    """The message's attempt log with the attempt that just failed with ``exception``."""
+    log = options.get(keys.ATTEMPT_LOG)
+    entries = [e for e in log if isinstance(e, list)] if isinstance(log, list) else []
+    name = (
+        "HandlerTimeout" if isinstance(exception, TimeLimitExceeded) else type(exception).__name__
+    )
+    entries.append([int(time.time() * 1000), name, str(exception)[: keys.MAX_ATTEMPT_ERROR]])
+    return entries[-keys.MAX_ATTEMPT_LOG :]
+
+
 class Retries(Middleware):
     """Re-enqueues a failed handler message with backoff, or marks it failed.
 
@@ -181,7 +192,10 @@ class Retries(Middleware):
             delay_ms = int(exception.delay)
         else:
             delay_ms = int(policy.get_delay(failures - 1) * 1000)
-        options = {keys.ATTEMPTS: failures}
+        options: dict[str, Any] = {
+            keys.ATTEMPTS: failures,
+            keys.ATTEMPT_LOG: attempt_log(message.options, exception),
+        }
         if keys.FIRST_FAILED_AT not in message.options:
             options[keys.FIRST_FAILED_AT] = int(time.time() * 1000)
         logger.info(
