@@ -322,7 +322,7 @@ async def publish_and_read(bootstrap: str, alive: Callable[[], bool]) -> bytes:
         try:
             await bus.start()
             break
-        except eventbus.BackendError:
+        except eventbus.exceptions.BackendError:
             if not alive() or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from eventbus import BaseEvent, EventDecodeError, UnknownEvent, decode_event, encode_event
-from eventbus.events import MAX_DEPTH
+from eventbus import BaseEvent, EventDecodeError
+from eventbus.events import MAX_DEPTH, UnknownEvent, decode_event, encode_event
 
 
 class UserCreated(BaseEvent):
