@@ -20,14 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +35,7 @@ import redis  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from bench.redis_bench import redis_server  # noqa: E402
 from eventbus import EventBus, EventBusSettings, FailedEvent  # noqa: E402
 from eventbus.backends.redis import RedisBackend  # noqa: E402
 from eventbus.console import dlq_console  # noqa: E402
@@ -50,37 +47,6 @@ BUDGET_MS = 300.0
 TOPICS = ["orders.paid", "orders.refunded", "users.created", "mail.bounced", "stock.moved"]
 ERRORS = ["ConnectionError", "TimeoutError", "KeyError", "ValueError", "HandlerTimeout", "OSError"]
 NAMESPACE = "consolebench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def records(n: int, now: datetime) -> Iterator[FailedEvent]:
