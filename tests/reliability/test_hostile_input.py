@@ -419,7 +419,11 @@ def _deep_message(actor: str, depth: int) -> bytes:
     cannot print objects that deep)."""
     envelope = b'{"type":"tests.reliability.handlers.Tracked","event":{"n":'
     envelope += b"[" * depth + b"1" + b"]" * depth + b"}}"
-    shape = json.dumps({**_VALID_SHAPE, "actor_name": actor, "args": ["@"]}).encode()
+    # A unique message id: dead letters are keyed by it (see _encode).
+    unique = f"{next(_unique)}:deep"
+    shape = json.dumps(
+        {**_VALID_SHAPE, "actor_name": actor, "args": ["@"], "message_id": unique}
+    ).encode()
     return shape.replace(b'["@"]', b"[" + envelope + b"]")
 
 
