@@ -180,6 +180,19 @@ async def committed_offsets(
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
+def worker_env(bootstrap: str, group: str) -> dict[str, str]:
+    """The ``EVENTBUS_*`` variables of a Kafka worker process against the test's Tansu."""
+    return {
+        "EVENTBUS_BACKEND": "kafka",
+        "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "EVENTBUS_KAFKA_GROUP_ID": group,
+        "EVENTBUS_KAFKA_IDEMPOTENCE": "false",  # Tansu has no idempotent producer
+        "EVENTBUS_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+        "EVENTBUS_KAFKA_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
+        "EVENTBUS_KAFKA_REVOKE_TIMEOUT": "2",
+    }
+
+
 class Worker:
     """A Kafka worker process (``python -m eventbus.backends.kafka tests.kafka_handlers``)."""
 
@@ -196,13 +209,7 @@ class Worker:
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "EVENTBUS_BACKEND": "kafka",
-            "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "EVENTBUS_KAFKA_GROUP_ID": group,
-            "EVENTBUS_KAFKA_IDEMPOTENCE": "false",  # Tansu has no idempotent producer
-            "EVENTBUS_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
-            "EVENTBUS_KAFKA_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
-            "EVENTBUS_KAFKA_REVOKE_TIMEOUT": "2",
+            **worker_env(bootstrap, group),
             "EVENTBUS_SHUTDOWN_TIMEOUT": "5",
             "KAFKA_TEST_TOPIC": topic,
             "KAFKA_TEST_OUT": str(out),

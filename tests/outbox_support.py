@@ -154,18 +154,12 @@ def redis_stack(
 
 def kafka_stack(pg_url: str, bootstrap: str, group: str, tmp: Path, topic: str) -> Stack:
     from eventbus.backends.kafka import KafkaBackend
-    from tests.kafka_helpers import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS
+    from tests.kafka_helpers import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS, worker_env
 
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "EVENTBUS_BACKEND": "kafka",
-        "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "EVENTBUS_KAFKA_GROUP_ID": group,
-        "EVENTBUS_KAFKA_IDEMPOTENCE": "false",  # Tansu has no idempotent producer
-        "EVENTBUS_KAFKA_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
-        "EVENTBUS_KAFKA_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
-        "EVENTBUS_KAFKA_REVOKE_TIMEOUT": "2",
+        **worker_env(bootstrap, group),
         **_common_env(pg_url, topic),
     }
 
