@@ -187,31 +187,30 @@ def dlq_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], list
     ]
 
 
+async def create_with_dlq(bootstrap: str, topic: str, dlq_configs: dict[str, str]) -> None:
+    """Create ``topic`` and its ``.dlq`` topic with ``dlq_configs``."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, 1, 1), NewTopic(f"{topic}.dlq", 1, 1, topic_configs=dlq_configs)]
+        )
+    finally:
+        await admin.close()
+
+
 async def test_a_dlq_topic_that_would_lose_dead_letters_is_named_at_start(
     make_kafka_bus: Callable[..., EventBus],
     kafka_bootstrap: str,
     kafka_names: tuple[str, str],
     dlq_warnings: Callable[[], list[str]],
 ) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     topic, _ = kafka_names
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(topic, 1, 1),
-                NewTopic(
-                    f"{topic}.dlq",
-                    1,
-                    1,
-                    topic_configs={"cleanup.policy": "compact", "retention.ms": "86400000"},
-                ),
-            ]
-        )
-    finally:
-        await admin.close()
+    await create_with_dlq(
+        kafka_bootstrap, topic, {"cleanup.policy": "compact", "retention.ms": "86400000"}
+    )
 
     async def handler(event: Numbered) -> None:
         pass
@@ -232,25 +231,10 @@ async def test_a_dlq_topic_that_keeps_dead_letters_raises_no_warning(
     kafka_names: tuple[str, str],
     dlq_warnings: Callable[[], list[str]],
 ) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     topic, _ = kafka_names
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(topic, 1, 1),
-                NewTopic(
-                    f"{topic}.dlq",
-                    1,
-                    1,
-                    topic_configs={"cleanup.policy": "delete", "retention.ms": "-1"},
-                ),
-            ]
-        )
-    finally:
-        await admin.close()
+    await create_with_dlq(
+        kafka_bootstrap, topic, {"cleanup.policy": "delete", "retention.ms": "-1"}
+    )
 
     async def handler(event: Numbered) -> None:
         pass
