@@ -35,7 +35,6 @@ does not change the interpreter's collector behind the application's back.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import importlib
 import logging
@@ -48,7 +47,6 @@ from dramatiq import Middleware
 
 from .bus import EventBus
 from .config import EventBusSettings
-from .exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +71,15 @@ class DeclareHandlers(Middleware):
     def __init__(self, bus: EventBus, modules: list[str]) -> None:
         self.bus = bus
         self.modules = modules
-        self._stop_bridge: Callable[[float], None] | None = None
+        self._stop_backend: Callable[[float], None] | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         for name in self.modules:
             importlib.import_module(name)
-        if self.bus.settings.backend == "kafka":
-            # One Kafka consumer per worker process, on its own loop and thread; it
-            # starts the bus (declaring the actors) before it consumes.
-            from .backends.kafka import start_worker_thread
-
-            self._stop_bridge = start_worker_thread(self.bus)
-        else:
-            # Declares the actors (so the Worker consumes their queues) and writes
-            # their subscriptions to Redis; the dramatiq CLI runs the Worker.
-            asyncio.run(self.bus.start(consume=True))
+        # The backend decides how this process handles events: on Redis the bus
+        # declares the actors (the Worker then consumes their queues with its
+        # --threads); on Kafka a bridge consumes on its own loop and thread.
+        self._stop_backend = self.bus.backend.boot_worker_process(self.bus)
         port = self.bus.settings.metrics_port
         if port is not None:
             from .prometheus import serve_worker_metrics
@@ -115,9 +107,9 @@ class DeclareHandlers(Middleware):
             )
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        if self._stop_bridge is not None:
-            self._stop_bridge(self.bus.settings.shutdown_timeout + BRIDGE_STOP_MARGIN)
-            self._stop_bridge = None
+        if self._stop_backend is not None:
+            self._stop_backend(self.bus.settings.shutdown_timeout + BRIDGE_STOP_MARGIN)
+            self._stop_backend = None
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.bus.settings.metrics == "prometheus":
@@ -133,21 +125,9 @@ def _exit(reason: str) -> None:
 
 def _build() -> EventBus:
     settings = EventBusSettings()
-    if settings.backend == "sync":
-        raise ConfigurationError(
-            "dramatiq eventbus.actors needs a shared backend: set EVENTBUS_BACKEND=redis "
-            "(or kafka); the sync backend runs handlers inside the web process"
-        )
     bus = EventBus(settings=settings)
-    if settings.backend == "redis":
-        from .backends.redis import RedisBackend
-
-        if isinstance(bus.backend, RedisBackend):
-            bus.backend.runs_worker = False  # the dramatiq CLI runs the Worker
-            # A worker thread that died leaves this process unable to handle events:
-            # exit (SIGTERM ourselves: a graceful stop) so that a supervisor restarts it.
-            assert bus.backend.broker is not None
-            bus.backend.broker.on_failure = _exit
+    # Raises ConfigurationError on a backend that cannot feed worker processes.
+    bus.backend.prepare_worker_process(_exit)
     dramatiq.set_broker(bus.broker)
     bus.broker.add_middleware(DeclareHandlers(bus, handler_modules(settings.handlers)))
     return bus

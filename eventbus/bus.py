@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -13,6 +13,7 @@ from dramatiq import Middleware
 from dramatiq.encoder import JSONEncoder
 from pydantic_core import PydanticSerializationError
 
+from .backends import create_backend
 from .backends.base import Backend, OutgoingEvent
 from .config import DEFAULT_SERVICE, EventBusSettings
 from .context import (
@@ -21,7 +22,7 @@ from .context import (
     get_current_event,
     new_correlation_id,
 )
-from .dlq import DeadLetterQueue, MemoryDeadLetterStore
+from .dlq import DeadLetterQueue, DeadLetterStore, MemoryDeadLetterStore
 from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_envelope
 from .exceptions import (
     ConfigurationError,
@@ -61,27 +62,6 @@ _UNTRACED = EventSpan(span_id="", operation="publish")
 
 #: Seconds between two warnings about the same unrouted topic.
 UNROUTED_WARNING_INTERVAL = 60.0
-
-
-def create_backend(settings: EventBusSettings) -> Backend:
-    """The backend ``settings.backend`` names, configured from ``settings``."""
-    if settings.backend == "sync":
-        from .backends.sync import SyncBackend
-
-        return SyncBackend(
-            max_concurrency=settings.max_concurrency, worker_threads=settings.worker_threads
-        )
-    if settings.backend == "redis":
-        from .backends.redis import RedisBackend
-
-        return RedisBackend.from_settings(settings)
-    if settings.backend == "kafka":
-        from .backends.kafka import KafkaBackend
-
-        return KafkaBackend.from_settings(settings)
-    raise ConfigurationError(
-        f"EVENTBUS_BACKEND={settings.backend!r} is not available in this version"
-    )
 
 
 def _metrics(settings: EventBusSettings) -> MetricsCollector:
@@ -193,6 +173,7 @@ class EventBus:
         self._consume: bool | None = None
         self._stopping = False
         self._started = False
+        self._before_stop: Callable[[], Awaitable[None]] | None = None
 
     def _middleware(self) -> list[Middleware]:
         store = self.dlq.store if self.settings.dlq_enabled else None
@@ -205,6 +186,46 @@ class EventBus:
         middleware.append(DeadLetters(store, self.metrics))
         middleware.append(Retries(self.retry_policy, self.metrics))
         return middleware
+
+    def run_on(
+        self,
+        backend: Backend,
+        *,
+        outer: Sequence[Middleware] = (),
+        inner: Sequence[Middleware] = (),
+        dead_letter_store: DeadLetterStore | None = None,
+        before_stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> Callable[[], None]:
+        """Run this stopped bus on ``backend`` until the returned ``restore()`` is called.
+
+        For test kits (:class:`~eventbus.testing.EventBusTestKit` runs an app's bus
+        on the embedded backend this way).  The bus's own middleware chain (metrics,
+        tracing, dead letters, retries) runs between ``outer`` (first, so its
+        ``after_`` hooks run last) and ``inner``; dead letters go to
+        ``dead_letter_store`` (default: a fresh in-memory store), and
+        ``before_stop`` is awaited at the start of :meth:`stop` while the bus still
+        runs (to drain, say).  ``restore()`` gives the bus back its backend, broker,
+        dead-letter queue and health checker.
+
+        Raises:
+          RuntimeError: The bus is running.
+        """
+        if self._started:
+            raise RuntimeError("run_on() needs a stopped bus")
+        saved = (self.backend, self.broker, self.dlq, self.health, self._before_stop)
+        if dead_letter_store is None:
+            dead_letter_store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
+        self.dlq = DeadLetterQueue(dead_letter_store, replayer=backend.replay)
+        chain = [*outer, *self._middleware(), *inner]
+        self.broker = backend.bind(chain, self.subscriptions)
+        self.backend = backend
+        self.health = HealthChecker(backend)
+        self._before_stop = before_stop
+
+        def restore() -> None:
+            (self.backend, self.broker, self.dlq, self.health, self._before_stop) = saved
+
+        return restore
 
     @property
     def started(self) -> bool:
@@ -263,6 +284,8 @@ class EventBus:
         """
         if not self._started or self._stopping:
             return
+        if self._before_stop is not None:
+            await self._before_stop()
         self._stopping = True
         try:
             if self.outbox is not None:  # its relay sends its last batch through the backend

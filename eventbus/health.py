@@ -14,7 +14,6 @@ Two questions, two answers (``health_router()`` serves both):
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,8 +21,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .backends.kafka import KafkaBackend
-    from .backends.redis import RedisBackend
     from .dispatch import Dispatcher
 
 #: Seconds a health check may take before it reports unhealthy.
@@ -89,30 +86,15 @@ class HealthChecker:
     def liveness(self) -> list[HealthResult]:
         """Whether this process's event handling is alive, without any round trip.
 
-        Checks the tasks and threads the backend runs here: the dispatcher of the
-        embedded and Kafka backends, the Kafka consumer (when this process
-        consumes), the in-process Redis worker.  Backends of other kinds report
-        healthy: there is nothing of theirs to look at without the network.
+        The backend's :meth:`~eventbus.backends.base.Backend.liveness`: the tasks
+        and threads it runs here (the embedded and Kafka dispatchers, the Kafka
+        consumer when this process consumes, the in-process Redis worker).
         """
-        backend = self._backend
-        from .backends.sync import SyncBackend
-
-        if isinstance(backend, SyncBackend):
-            return [_dispatcher_liveness(backend.name, backend.dispatcher)]
-        if "eventbus.backends.kafka" in sys.modules:  # else no KafkaBackend exists
-            from .backends.kafka import KafkaBackend
-
-            if isinstance(backend, KafkaBackend):
-                return _kafka_liveness(backend)
-        if "eventbus.backends.redis" in sys.modules:  # else no RedisBackend exists
-            from .backends.redis import RedisBackend
-
-            if isinstance(backend, RedisBackend):
-                return [_redis_liveness(backend)]
-        return [HealthResult(backend.name, HealthStatus.HEALTHY, "no local task to check")]
+        return self._backend.liveness()
 
 
-def _dispatcher_liveness(name: str, dispatcher: Dispatcher | None) -> HealthResult:
+def dispatcher_liveness(name: str, dispatcher: Dispatcher | None) -> HealthResult:
+    """The liveness of an in-process :class:`~eventbus.dispatch.Dispatcher`."""
     if dispatcher is None:
         return HealthResult(name, HealthStatus.UNHEALTHY, "not started")
     task = dispatcher.task
@@ -122,30 +104,3 @@ def _dispatcher_liveness(name: str, dispatcher: Dispatcher | None) -> HealthResu
     return HealthResult(
         name, HealthStatus.HEALTHY, f"dispatcher running, {dispatcher.pending} pending"
     )
-
-
-def _kafka_liveness(backend: KafkaBackend) -> list[HealthResult]:
-    results = [_dispatcher_liveness(backend.name, backend.dispatcher)]
-    if backend.consume:
-        name = f"{backend.name}-bridge"
-        bridge = backend.bridge
-        task = bridge.task if bridge is not None else None
-        if task is None:
-            results.append(HealthResult(name, HealthStatus.UNHEALTHY, "not started"))
-        elif task.done():
-            reason = "cancelled" if task.cancelled() else repr(task.exception())
-            detail = f"consumer task ended: {reason}"
-            results.append(HealthResult(name, HealthStatus.UNHEALTHY, detail))
-        else:
-            results.append(HealthResult(name, HealthStatus.HEALTHY, "consumer task running"))
-    return results
-
-
-def _redis_liveness(backend: RedisBackend) -> HealthResult:
-    name = f"{backend.name}.worker"
-    if backend.worker is None:
-        return HealthResult(backend.name, HealthStatus.HEALTHY, "no worker in this process")
-    failed = backend.broker.failed if backend.broker is not None else None
-    if failed is not None:
-        return HealthResult(name, HealthStatus.UNHEALTHY, f"stopped: {failed}")
-    return HealthResult(name, HealthStatus.HEALTHY, "worker running")

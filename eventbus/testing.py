@@ -52,10 +52,8 @@ from .backends.base import OutgoingEvent
 from .backends.sync import EmbeddedBroker, SyncBackend
 from .bus import EventBus
 from .context import new_message_id
-from .dlq import DeadLetterQueue, MemoryDeadLetterStore
 from .events import BaseEvent, decode_event
 from .exceptions import EventDecodeError
-from .health import HealthChecker
 from .middleware import keys
 from .registry import HandlerSpec
 from .routing import Router, Subscriptions
@@ -252,7 +250,7 @@ class EventBusTestKit:
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         self._backend: _TestBackend | None = None
-        self._saved: tuple[Any, Any, Any, Any] | None = None
+        self._restore_bus: Callable[[], None] | None = None
         # Per message id, on the bus's loop: the attempt in progress, crashes
         # injected, the second delivery held until the first is done.
         self._running: dict[str, HandlerCall] = {}
@@ -306,39 +304,34 @@ class EventBusTestKit:
                 "the bus is already running: enter the kit before the app starts, "
                 "`with EventBusTestKit(bus) as kit, TestClient(app) as client:`"
             )
-        self._saved = (bus.backend, bus.broker, bus.dlq, bus.health)
         backend = _TestBackend(
             self,
             max_concurrency=bus.settings.max_concurrency,
             worker_threads=bus.settings.worker_threads,
         )
-        store = MemoryDeadLetterStore(max_size=bus.settings.dlq_max_size)
-        bus.dlq = DeadLetterQueue(store, replayer=backend.replay)
-        # The production chain on the new dead-letter store, between the kit's two.
-        middleware = [_Outcomes(self), *bus._middleware(), _Injections(self)]
-        bus.broker = backend.bind(middleware, bus.subscriptions)
-        bus.backend = backend
-        bus.health = HealthChecker(backend)
-        # Drain while the bus still runs: handlers finishing then may still publish.
-        bus.stop = self._stop_bus  # type: ignore[method-assign]
+        # The production chain on a fresh dead-letter store, between the kit's two;
+        # drain while the bus still runs (handlers finishing may still publish).
+        self._restore_bus = bus.run_on(
+            backend,
+            outer=[_Outcomes(self)],
+            inner=[_Injections(self)],
+            before_stop=self._drain_before_stop,
+        )
         self._backend = backend
 
-    async def _stop_bus(self) -> None:
-        """``bus.stop`` while the kit is active: drain everything, then stop."""
+    async def _drain_before_stop(self) -> None:
+        """Run by ``bus.stop()`` while the kit is active: drain everything first."""
         backend = self._backend
         if self.bus.started and backend is not None:
             try:
                 await backend.drain(self.drain_timeout)
             except TimeoutError as exc:
                 self._on_failure(HandlerFailure(None, None, 0, exc))
-        await EventBus.stop(self.bus)
 
     def _restore(self) -> None:
-        if self._saved is not None:
-            bus = self.bus
-            bus.backend, bus.broker, bus.dlq, bus.health = self._saved
-            del bus.stop  # the class's method again
-            self._saved = None
+        if self._restore_bus is not None:
+            self._restore_bus()
+            self._restore_bus = None
 
     # -- waiting for handlers --------------------------------------------------------
 

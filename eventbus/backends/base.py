@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dramatiq
 from dramatiq import Middleware
@@ -21,6 +23,23 @@ if TYPE_CHECKING:
     from ..events import BaseEvent
     from ..health import HealthResult
     from ..routing import Subscriptions
+
+#: ``stop(timeout)``: ends what :meth:`Backend.boot_worker_process` started, within
+#: ``timeout`` seconds.
+StopWorker = Callable[[float], None]
+
+
+class HostedBus(Protocol):
+    """What a backend may do with the bus of a ``dramatiq eventbus.actors`` process."""
+
+    backend: Backend
+
+    async def start(self, *, consume: bool | None = None) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def topics(self) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +92,11 @@ class Backend(abc.ABC):
     #: (the embedded backend: the publisher is the subscriber).
     always_consumes: bool = False
 
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: EventBusSettings) -> Backend:
+        """The backend configured from ``settings`` (``EVENTBUS_BACKEND`` chose it)."""
+
     @abc.abstractmethod
     def bind(self, middleware: list[Middleware], subscriptions: Subscriptions) -> dramatiq.Broker:
         """Create (once) and return the dramatiq broker that runs ``subscriptions``\'
@@ -123,6 +147,40 @@ class Backend(abc.ABC):
     def backlog(self) -> dict[str, int]:
         """Messages waiting per queue, for the backlog gauge (may block briefly)."""
         return {}
+
+    def liveness(self) -> list[HealthResult]:
+        """Whether this process's own event handling is alive, without a round trip.
+
+        The tasks and threads the backend runs here (a dispatcher, a consumer, an
+        in-process worker).  A failing result means "restart this process"; a
+        server that is down is :meth:`health`'s business, not this.
+        """
+        from ..health import HealthResult, HealthStatus
+
+        return [HealthResult(self.name, HealthStatus.HEALTHY, "no local task to check")]
+
+    def prepare_worker_process(self, on_failure: Callable[[str], None]) -> None:
+        """Called once when ``dramatiq eventbus.actors`` builds its bus on this backend.
+
+        The dramatiq CLI owns the process: it runs the Worker, its threads and the
+        signals.  A backend that cannot feed a worker process raises
+        :class:`~eventbus.exceptions.ConfigurationError`.  ``on_failure(reason)``
+        stops the process gracefully (a supervisor restarts it): call it when the
+        backend can no longer handle events here.  The default keeps nothing to do.
+        """
+        return None
+
+    def boot_worker_process(self, bus: HostedBus) -> StopWorker | None:
+        """Start handling events in a ``dramatiq eventbus.actors`` process.
+
+        Called from dramatiq's ``before_worker_boot`` hook, after the handler
+        modules were imported and before the Worker creates its consumers.  The
+        default starts ``bus`` consuming (declaring one actor per handler, whose
+        queues the Worker then consumes with its ``--threads``).  Returns a
+        ``stop(timeout)`` to call when the Worker shuts down, or None.
+        """
+        asyncio.run(bus.start(consume=True))
+        return None
 
 
 def replay_message(record: FailedEvent, queue_name: str) -> Message[Any]:

@@ -66,9 +66,9 @@ from ..config import (
 )
 from ..dispatch import Dispatcher
 from ..exceptions import BackendError, ConfigurationError, PublishError
-from ..health import HealthResult, HealthStatus
+from ..health import HealthResult, HealthStatus, dispatcher_liveness
 from ..routing import Router, Subscriptions
-from .base import Backend, OutgoingEvent
+from .base import Backend, HostedBus, OutgoingEvent, StopWorker
 from .kafka_bridge import BridgeMiddleware, KafkaBridge
 from .kafka_config import (
     HEADER_CORRELATION_ID,
@@ -518,6 +518,37 @@ class KafkaBackend(Backend):
         if group is None:
             return {}
         return self._lag_reader.read(group, self._topics)
+
+    def liveness(self) -> list[HealthResult]:
+        """The dispatcher and, when this process consumes, the bridge's consumer task."""
+        results = [dispatcher_liveness(self.name, self.dispatcher)]
+        if self.consume:
+            name = f"{self.name}-bridge"
+            bridge = self.bridge
+            task = bridge.task if bridge is not None else None
+            if task is None:
+                results.append(HealthResult(name, HealthStatus.UNHEALTHY, "not started"))
+            elif task.done():
+                reason = "cancelled" if task.cancelled() else repr(task.exception())
+                detail = f"consumer task ended: {reason}"
+                results.append(HealthResult(name, HealthStatus.UNHEALTHY, detail))
+            else:
+                results.append(HealthResult(name, HealthStatus.HEALTHY, "consumer task running"))
+        return results
+
+    def boot_worker_process(self, bus: HostedBus) -> StopWorker:
+        """Run the bridge for ``bus`` on its own event loop and thread.
+
+        Under ``dramatiq eventbus.actors`` the dramatiq Worker runs over the
+        embedded broker, whose ``enqueue`` hands each message to this backend's
+        dispatcher: handlers run on the bridge's loop (async ones) and in its
+        thread pool of ``EVENTBUS_WORKER_THREADS`` (sync ones), with at most
+        ``EVENTBUS_MAX_CONCURRENCY`` at once.  dramatiq's own ``--threads`` have no
+        queue to consume and stay idle; ``--processes`` gives one consumer group
+        member per process.  The bridge commits a record's offset once every
+        handler of it finished, which a dramatiq worker thread could not promise.
+        """
+        return start_worker_thread(bus)
 
     async def health(self) -> list[HealthResult]:
         """Producer reachability (``kafka``) and bridge liveness (``kafka-bridge``)."""

@@ -18,12 +18,12 @@ from ..config import EventBusSettings
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from ..bus import EventBus
+    from .base import HostedBus
 
 logger = logging.getLogger("eventbus.backends.kafka")
 
 
-async def run_worker(bus: EventBus, stop: asyncio.Event | None = None) -> None:
+async def run_worker(bus: HostedBus, stop: asyncio.Event | None = None) -> None:
     """Run ``bus`` (on the Kafka backend) until ``stop`` is set or SIGTERM/SIGINT.
 
     This is what a Kafka worker process does: start the bus (the bridge joins the
@@ -58,7 +58,7 @@ async def run_worker(bus: EventBus, stop: asyncio.Event | None = None) -> None:
         await bus.stop()
 
 
-def start_worker_thread(bus: EventBus) -> Callable[[float], None]:
+def start_worker_thread(bus: HostedBus) -> Callable[[float], None]:
     """Run :func:`run_worker` for ``bus`` on its own event loop in a new thread.
 
     For hosts that own the main thread, such as dramatiq's CLI (call it from a

@@ -37,6 +37,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -388,6 +389,23 @@ class RedisBackend(Backend):
     def subscription_list(self) -> list[subs.Subscription]:
         """Every subscription in this namespace, with backlog and live workers (blocking)."""
         return subs.list_subscriptions(self.sync_client, self.namespace, self.heartbeat_timeout)
+
+    def liveness(self) -> list[HealthResult]:
+        """The in-process worker (``EVENTBUS_CONSUME=true``), if this process runs one."""
+        if self.worker is None:
+            return [HealthResult(self.name, HealthStatus.HEALTHY, "no worker in this process")]
+        name = f"{self.name}.worker"
+        failed = self.broker.failed if self.broker is not None else None
+        if failed is not None:
+            return [HealthResult(name, HealthStatus.UNHEALTHY, f"stopped: {failed}")]
+        return [HealthResult(name, HealthStatus.HEALTHY, "worker running")]
+
+    def prepare_worker_process(self, on_failure: Callable[[str], None]) -> None:
+        """The dramatiq CLI runs the Worker (its ``--threads`` consume the handlers'
+        queues); a worker thread that died makes this process stop gracefully
+        through ``on_failure``, so that its supervisor restarts it."""
+        self.runs_worker = False
+        self._require_broker().on_failure = on_failure
 
     async def health(self) -> list[HealthResult]:
         broker_name, workers_name = self.name, f"{self.name}.workers"

@@ -24,13 +24,22 @@ from pydantic_core import from_json
 
 from ..config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
 from ..dispatch import Dispatcher
-from ..exceptions import BackendError, ShutdownError, UnroutedError
-from ..health import HealthResult, HealthStatus
+from ..exceptions import BackendError, ConfigurationError, ShutdownError, UnroutedError
+from ..health import HealthResult, dispatcher_liveness
 from ..middleware.dead_letters import DeadLetters
 from ..routing import Router, Subscriptions
-from .base import Backend, CachedHooksBroker, OutgoingEvent, handler_message, replay_message
+from .base import (
+    Backend,
+    CachedHooksBroker,
+    OutgoingEvent,
+    handler_message,
+    replay_message,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import EventBusSettings
     from ..dlq import FailedEvent
 
 logger = logging.getLogger(__name__)
@@ -76,6 +85,10 @@ class SyncBackend(Backend):
         self.broker: EmbeddedBroker | None = None
         self.router: Router | None = None
         self.dispatcher: Dispatcher | None = None
+
+    @classmethod
+    def from_settings(cls, settings: EventBusSettings) -> SyncBackend:
+        return cls(max_concurrency=settings.max_concurrency, worker_threads=settings.worker_threads)
 
     def bind(self, middleware: list[Middleware], subscriptions: Subscriptions) -> dramatiq.Broker:
         if self.broker is None:
@@ -165,14 +178,13 @@ class SyncBackend(Backend):
             await self.dispatcher.drain(timeout)
 
     async def health(self) -> list[HealthResult]:
-        dispatcher = self.dispatcher
-        if dispatcher is None:
-            return [HealthResult(self.name, HealthStatus.UNHEALTHY, "not started")]
-        task = dispatcher.task
-        if task.done():
-            reason = "cancelled" if task.cancelled() else repr(task.exception())
-            return [
-                HealthResult(self.name, HealthStatus.UNHEALTHY, f"dispatcher is dead: {reason}")
-            ]
-        detail = f"{dispatcher.pending} pending"
-        return [HealthResult(self.name, HealthStatus.HEALTHY, detail)]
+        return self.liveness()
+
+    def liveness(self) -> list[HealthResult]:
+        return [dispatcher_liveness(self.name, self.dispatcher)]
+
+    def prepare_worker_process(self, on_failure: Callable[[str], None]) -> None:
+        raise ConfigurationError(
+            "dramatiq eventbus.actors needs a shared backend: set EVENTBUS_BACKEND=redis "
+            "(or kafka); the sync backend runs handlers inside the web process"
+        )
