@@ -3,7 +3,11 @@
 Each dead letter is a record whose value is :meth:`FailedEvent.to_dict` as JSON
 and whose key is the record id; its headers repeat the failure (error type,
 error, handler, attempts, original partition and offset) so tools that only see
-headers can still tell why it is there.
+headers can still tell why it is there.  A dead letter larger than
+``max_record_bytes`` is cut to fit (its traceback and error first, then its
+payload, kept as size, sha256 and the reason; see
+:mod:`~eventbus.backends.kafka_dlq_record`): a record too large for the broker
+would never be written, and its partition would never commit past it.
 
 Kafka cannot delete single records, so removing, claiming and releasing are
 records too: *markers*, with the same key, in the same partition, an
@@ -40,7 +44,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -50,10 +53,26 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
 from ..dlq import DEFAULT_PEEK_LIMIT, FailedEvent, newest
-from ..exceptions import BackendError, ShutdownError
+from ..exceptions import BackendError, ConfigurationError, ShutdownError
 from .kafka_config import KafkaConfig
 from .kafka_dlq_fold import HEADER_OP as HEADER_OP  # re-exported: tools read it
 from .kafka_dlq_fold import DeadLetterFold
+from .kafka_dlq_record import (
+    DEFAULT_MAX_RECORD_BYTES,
+    MIN_RECORD_BYTES,
+    Fitted,
+    fit_dead_letter,
+    too_large,
+)
+from .kafka_dlq_record import HEADER_ATTEMPTS as HEADER_ATTEMPTS  # re-exported: tools read them
+from .kafka_dlq_record import HEADER_CUT as HEADER_CUT
+from .kafka_dlq_record import HEADER_ERROR as HEADER_ERROR
+from .kafka_dlq_record import HEADER_ERROR_TYPE as HEADER_ERROR_TYPE
+from .kafka_dlq_record import HEADER_HANDLER as HEADER_HANDLER
+from .kafka_dlq_record import HEADER_ORIGINAL_OFFSET as HEADER_ORIGINAL_OFFSET
+from .kafka_dlq_record import HEADER_ORIGINAL_PARTITION as HEADER_ORIGINAL_PARTITION
+from .kafka_dlq_record import HEADER_ORIGINAL_TOPIC as HEADER_ORIGINAL_TOPIC
+from .kafka_dlq_record import HEADER_PAYLOAD_DROPPED as HEADER_PAYLOAD_DROPPED
 from .kafka_dlq_topics import TopicCheck
 from .kafka_dlq_view import DeadLetterView
 
@@ -62,16 +81,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Headers repeating the failure on every dead-letter record.
-HEADER_ERROR_TYPE = "eventbus-error-type"
-HEADER_ERROR = "eventbus-error"
-HEADER_HANDLER = "eventbus-handler"
-HEADER_ATTEMPTS = "eventbus-attempts"
-HEADER_ORIGINAL_TOPIC = "eventbus-original-topic"
-HEADER_ORIGINAL_PARTITION = "eventbus-original-partition"
-HEADER_ORIGINAL_OFFSET = "eventbus-original-offset"
-#: Longest error message copied into a header, in characters (the value has it all).
-MAX_HEADER_ERROR = 1_000
 #: Seconds a claim hides a record from other replays.
 DEFAULT_CLAIM_TIMEOUT = 60.0
 #: Seconds a blocking read or marker write may take before BackendError.
@@ -100,27 +109,6 @@ class WriteFailure:
     error: str
 
 
-def dead_letter_headers(record: FailedEvent) -> list[tuple[str, bytes]]:
-    """The headers of ``record``'s DLQ record."""
-    headers = [
-        (HEADER_ERROR_TYPE, record.error_type.encode()),
-        (HEADER_ERROR, record.error[:MAX_HEADER_ERROR].encode()),
-        (HEADER_HANDLER, record.handler.encode()),
-        (HEADER_ATTEMPTS, str(record.attempts).encode()),
-        (HEADER_ORIGINAL_TOPIC, record.topic.encode()),
-    ]
-    if record.partition is not None:
-        headers.append((HEADER_ORIGINAL_PARTITION, str(record.partition).encode()))
-    if record.offset is not None:
-        headers.append((HEADER_ORIGINAL_OFFSET, str(record.offset).encode()))
-    return headers
-
-
-def dead_letter_value(record: FailedEvent) -> bytes:
-    """The value of ``record``'s DLQ record: its dict as compact JSON."""
-    return json.dumps(record.to_dict(), separators=(",", ":"), default=str).encode()
-
-
 class KafkaDeadLetterStore:
     """A :class:`~eventbus.dlq.DeadLetterStore` over DLQ topics ``<topic><topic_suffix>``.
 
@@ -146,6 +134,12 @@ class KafkaDeadLetterStore:
       skip_shutdown_errors: Drop records of handlers cancelled by shutdown
         (``ShutdownError``): the Kafka backend leaves their offset uncommitted, so
         the event is delivered again instead.
+      max_record_bytes: Largest DLQ record written, in bytes (the producers'
+        ``max_request_size``); larger dead letters are cut to fit.  When the broker
+        refuses a record as too large all the same (a smaller ``message.max.bytes``
+        or ``max.message.bytes``), the store halves its limit for that topic, down
+        to :data:`~eventbus.backends.kafka_dlq_record.MIN_RECORD_BYTES`, and
+        writes the record again, cut further.
     """
 
     #: Calls do network I/O: async wrappers run them in a thread.
@@ -161,7 +155,13 @@ class KafkaDeadLetterStore:
         topics: Callable[[], list[str]] | None = None,
         skip_shutdown_errors: bool = False,
         idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
+        if max_record_bytes < MIN_RECORD_BYTES:
+            raise ConfigurationError(
+                f"max_record_bytes={max_record_bytes}: a dead-letter record needs room for "
+                f"its ids, error and attempt log; use at least {MIN_RECORD_BYTES} bytes"
+            )
         self.config = config
         self.topic_suffix = topic_suffix
         self.claim_timeout = claim_timeout
@@ -169,6 +169,8 @@ class KafkaDeadLetterStore:
         self.skip_shutdown_errors = skip_shutdown_errors
         self.idempotence = idempotence
         self.topics = topics
+        self.max_record_bytes = max_record_bytes
+        self._limits: dict[str, int] = {}  # DLQ topic -> limit learned from the broker
         self._producer: AIOKafkaProducer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -243,8 +245,17 @@ class KafkaDeadLetterStore:
             task.add_done_callback(_consume_result)
             return
         topic = self.dlq_topic(record.topic)
-        value, headers = dead_letter_value(record), dead_letter_headers(record)
-        self._view.call(lambda: self._view.add(record, topic, value, headers))
+        self._view.call(lambda: self._add_fitted(record, topic))
+
+    async def _add_fitted(self, record: FailedEvent, topic: str) -> None:
+        while True:
+            fitted = self._fit(record, topic)
+            try:
+                await self._view.add(fitted.record, topic, fitted.value, fitted.headers)
+                return
+            except Exception as exc:
+                if not (too_large(exc) and self._shrink(topic, fitted, exc)):
+                    raise
 
     def take_write(self, record_id: str) -> asyncio.Task[None] | None:
         """The pending write of the record ``record_id`` added on the loop, if any."""
@@ -258,7 +269,6 @@ class KafkaDeadLetterStore:
             broker acknowledged the record.
         """
         topic = self.dlq_topic(record.topic)
-        value, headers = dead_letter_value(record), dead_letter_headers(record)
         delay = WRITE_BACKOFF_MIN
         try:
             while True:
@@ -268,15 +278,19 @@ class KafkaDeadLetterStore:
                         f"dead letter {record.id} not written: the backend stopped",
                         backend="kafka",
                     )
+                fitted = self._fit(record, topic)
                 try:
                     send = producer.send_and_wait(
-                        topic, value=value, key=record.id.encode(), headers=headers
+                        topic, value=fitted.value, key=record.id.encode(), headers=fitted.headers
                     )
                     await asyncio.wait_for(send, self.operation_timeout)
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if too_large(exc) and self._shrink(topic, fitted, exc):
+                        continue  # at once, cut to the smaller limit
+                    # Anything else (the broker away, a timeout) may pass: retry as is.
                     self._failed(record.id, topic, exc)
                     logger.error(
                         "Could not write dead letter %s to %s (%s); retrying in %.1fs.",
@@ -290,6 +304,57 @@ class KafkaDeadLetterStore:
         finally:
             self._failing.pop(record.id, None)
         self.topic_check.check_soon([topic])
+
+    def limit(self, topic: str) -> int:
+        """The size limit of dead-letter records written to the DLQ topic ``topic``,
+        in bytes: ``max_record_bytes``, or less once the broker refused a record."""
+        return self._limits.get(topic, self.max_record_bytes)
+
+    def _fit(self, record: FailedEvent, topic: str) -> Fitted:
+        limit = self.limit(topic)
+        fitted = fit_dead_letter(record, limit)
+        if fitted.cut:
+            logger.warning(
+                "Dead letter %s of handler %s is over the %d-byte record limit of %s: "
+                "%s cut to fit%s.",
+                record.id,
+                record.handler,
+                limit,
+                topic,
+                ", ".join(fitted.cut),
+                f" ({fitted.dropped})" if fitted.dropped else "",
+            )
+        return fitted
+
+    def _shrink(self, topic: str, fitted: Fitted, exc: Exception) -> bool:
+        """Lower the record limit of ``topic`` after the producer or the broker
+        refused ``fitted`` as too large; False when it is at its floor already."""
+        limit = self.limit(topic)
+        smaller = max(MIN_RECORD_BYTES, min(limit, fitted.size) // 2)
+        if smaller >= limit:
+            logger.error(
+                "Dead letter %s (%d bytes) refused as too large by %s (%s), even cut to "
+                "%d bytes: raise the topic's max.message.bytes (or the broker's "
+                "message.max.bytes) to at least %d; retrying meanwhile.",
+                fitted.record.id,
+                fitted.size,
+                topic,
+                exc,
+                limit,
+                self.max_record_bytes,
+            )
+            return False
+        self._limits[topic] = smaller
+        logger.warning(
+            "Dead letter %s (%d bytes) refused as too large by %s (%s): dead letters "
+            "to it are cut to %d bytes from now on.",
+            fitted.record.id,
+            fitted.size,
+            topic,
+            exc,
+            smaller,
+        )
+        return True
 
     def _failed(self, record_id: str, topic: str, exc: Exception) -> None:
         failure = self._failing.get(record_id)
