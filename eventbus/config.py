@@ -63,6 +63,8 @@ DEFAULT_DLQ_ENABLED = True
 DEFAULT_DLQ_TOPIC_SUFFIX = ".dlq"
 #: Dead letters kept by the in-memory store; the oldest are evicted (and counted).
 DEFAULT_DLQ_MAX_SIZE = 10_000
+#: Bytes of dead letters (their JSON) the Redis store keeps; the oldest are evicted.
+DEFAULT_DLQ_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_REDIS_MAX_CONNECTIONS = 10
 #: Prefix of every Redis key the redis backend writes.
@@ -181,8 +183,15 @@ class EventBusSettings(BaseSettings):
     dlq_max_size: int = Field(
         DEFAULT_DLQ_MAX_SIZE,
         ge=1,
-        description="Dead letters kept by the in-memory store (`sync` backend); the oldest "
-        "are evicted, and counted.",
+        description="Dead letters kept by the in-memory store (`sync` backend) and the "
+        "Redis store; the oldest are evicted, and counted.",
+    )
+    dlq_max_bytes: int = Field(
+        DEFAULT_DLQ_MAX_BYTES,
+        ge=64 * 1024,
+        description="Bytes of dead letters (their JSON) the Redis store keeps; the oldest are "
+        "evicted, and counted. A record over a tenth of it is cut to fit (error and "
+        "traceback first, then the payload).",
     )
 
     redis_url: str = Field(
