@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .asgi import EventBusMiddleware
 from .bus import EventBus
@@ -99,6 +99,10 @@ _MOVED: dict[str, tuple[str, str]] = {
     "NoopTracer": ("eventbus.tracing", ""),
     "get_current_span": ("eventbus.tracing", ""),
 }
+if TYPE_CHECKING:  # typed for mypy; imported on first use (they need their extra)
+    from .backends.kafka import KafkaBackend as KafkaBackend
+    from .backends.redis import RedisBackend as RedisBackend
+
 #: Backends, importable from the top level without a warning (they need their extra).
 _BACKENDS = {
     "RedisBackend": "eventbus.backends.redis",
@@ -106,7 +110,8 @@ _BACKENDS = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def _lazy(name: str) -> Any:
+    """A backend (imported on first use) or a moved name (with a DeprecationWarning)."""
     if name in _BACKENDS:
         return getattr(importlib.import_module(_BACKENDS[name]), name)
     moved = _MOVED.get(name)
@@ -119,3 +124,9 @@ def __getattr__(name: str) -> Any:
         stacklevel=2,
     )
     return getattr(importlib.import_module(module), name)
+
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers: a module ``__getattr__`` would make mypy accept any
+    # name (``from eventbus import EvnetBus``); the moved names are deprecated there.
+    __getattr__ = _lazy

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .events import BaseEvent
-    from .tracing import EventSpan
 
 #: Correlation ids must match this; anything else (too long, characters that could
 #: forge log lines or headers) is replaced by a fresh id.
@@ -22,8 +21,6 @@ VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 #: The correlation id of the request or event being handled (``""``: none).
 correlation_id_var: ContextVar[str] = ContextVar("eventbus_correlation_id", default="")
-#: The span of the publish or handler running in this context (the tracer's).
-current_span_var: ContextVar[EventSpan | None] = ContextVar("eventbus_current_span", default=None)
 #: The event whose handler runs in this context.
 current_event_var: ContextVar[BaseEvent | None] = ContextVar("eventbus_current_event", default=None)
 
@@ -41,13 +38,6 @@ def get_current_event() -> BaseEvent | None:
 def new_correlation_id() -> str:
     """A fresh correlation id (32 random hex characters)."""
     return os.urandom(16).hex()
-
-
-def safe_correlation_id(value: object) -> str:
-    """``value`` when it is a valid correlation id, else a fresh one."""
-    if isinstance(value, str) and VALID_CORRELATION_ID.fullmatch(value):
-        return value
-    return new_correlation_id()
 
 
 def new_message_id() -> str:

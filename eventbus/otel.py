@@ -29,7 +29,6 @@ from .extras import requires_extra
 with requires_extra("otel", __name__):
     from opentelemetry import baggage, propagate, trace
     from opentelemetry import context as otel_context
-    from opentelemetry.baggage.propagation import W3CBaggagePropagator
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.trace import (
@@ -68,7 +67,8 @@ _TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _NONE: frozenset[str] = frozenset()
 #: Span names cached per (topic, operation), up to this many.
 _MAX_CACHED_NAMES = 4096
-_W3C_TYPES = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+#: The carrier fields of W3C trace context and baggage, the default propagators.
+_W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
 def _is_w3c(textmap: TextMapPropagator) -> bool:
@@ -77,8 +77,9 @@ def _is_w3c(textmap: TextMapPropagator) -> bool:
         return True
     if type(textmap) is not CompositePropagator:
         return False
-    parts: list[TextMapPropagator] = getattr(textmap, "_propagators", None) or []
-    return bool(parts) and all(type(part) in _W3C_TYPES for part in parts)
+    # Its public ``fields``: the union of its propagators' (no private attribute read).
+    fields = set(textmap.fields)
+    return _TRACEPARENT in fields and fields <= _W3C_FIELDS
 
 
 def _parse_traceparent(value: str) -> SpanContext | None:

@@ -12,18 +12,20 @@ import logging
 import os
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from .context import correlation_id_var, current_span_var
+from .context import correlation_id_var
 
 logger = logging.getLogger(__name__)
 
 #: How many finished spans LoggingTracer keeps by default.
 DEFAULT_MAX_SPANS = 10_000
 
-_current_span = current_span_var
+#: The span of the publish or handler running in this context.
+_current_span: ContextVar[EventSpan | None] = ContextVar("eventbus_current_span", default=None)
 
 
 class SpanStatus(StrEnum):
