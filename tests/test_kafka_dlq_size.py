@@ -13,13 +13,33 @@ cover it with a producer that refuses like one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any, cast
 
-from eventbus import BaseEvent, EventBus
+import pytest
+
+from eventbus import BaseEvent, EventBus, FailedEvent
+from eventbus.backends.kafka_config import KafkaConfig
+from eventbus.backends.kafka_dlq import (
+    KafkaDeadLetterStore,
+    dead_letter_headers,
+    dead_letter_value,
+)
+from eventbus.backends.kafka_dlq_record import (
+    DEFAULT_MAX_RECORD_BYTES,
+    HEADER_CUT,
+    HEADER_PAYLOAD_DROPPED,
+    cut_text,
+    fit_dead_letter,
+    payload_dropped,
+)
+from eventbus.dlq import DeadLetterQueue, MemoryDeadLetterStore
+from eventbus.exceptions import ConfigurationError
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
 
 pytest_plugins = ["tests.kafka_support"]
@@ -137,3 +157,225 @@ async def test_a_dead_letter_with_a_huge_error_keeps_its_event_and_replays(
     result = await bus.dlq.areplay([dead.id])
     assert result.replayed == [dead.id]
     await wait_for(lambda: handled == [1, 0], 20, "the replayed event")
+
+
+async def test_a_poison_record_whose_dead_letter_is_too_large_does_not_block_its_partition(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    topic, group = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+    handled: list[int] = []
+
+    async def handler(event: Bulky) -> None:
+        handled.append(event.n)
+
+    bus = make_kafka_bus()
+    await bus.registry.register(topic, handler, name=f"{topic}.h")
+    await bus.start()
+    # 400 KB of binary: kept as text with escapes (\xff -> "\\xff" in JSON), its
+    # dead letter would be five times the record.
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"\xff" * 400_000)
+    finally:
+        await producer.stop()
+    await bus.publish(Bulky(topic=topic, n=1))
+    await bus.drain(timeout=20)
+
+    assert handled == [1]
+    assert await committed_offsets(kafka_bootstrap, group, topic) == {0: 2}
+    [dead] = await bus.dlq.apeek()
+    assert dead.offset == 0 and dead.error_type == "EventDecodeError"
+    dropped = dead.envelope["payload_dropped"]
+    assert dropped["reason"].startswith("payload dropped: ")
+    assert dead.error.startswith(dropped["reason"]) and "not UTF-8 JSON" in dead.error
+
+
+# -- without a broker -------------------------------------------------------------
+
+
+def failed_event(envelope: Any, *, error: str = "boom", traceback: str = "") -> FailedEvent:
+    return FailedEvent(
+        id="dl-1",
+        event=None,
+        envelope=envelope,
+        topic="orders",
+        handler="orders.h",
+        queue="eventbus",
+        attempts=2,
+        error=error,
+        error_type="RuntimeError",
+        traceback=traceback,
+    )
+
+
+def bulky_envelope(size: int) -> dict[str, Any]:
+    event = Bulky(topic="orders", n=1, blob="p" * size)
+    return {"type": event.event_type, "event": event.model_dump(mode="json")}
+
+
+def test_cut_text_keeps_head_and_tail_around_a_mark() -> None:
+    text = "HEAD" + "x" * 10_000 + "TAIL"
+    cut = cut_text(text, 100)
+    assert cut.startswith("HEAD" + "x" * 46) and cut.endswith("x" * 46 + "TAIL")
+    assert "[9908 characters cut]" in cut and len(cut) < 150
+    assert cut_text("short", 100) == "short"
+
+
+def test_a_dead_letter_that_fits_is_written_unchanged() -> None:
+    record = failed_event(bulky_envelope(1_000), traceback="Traceback ...\n")
+    fitted = fit_dead_letter(record, 100_000)
+    assert fitted.record is record and fitted.cut == ()
+    assert json.loads(fitted.value) == record.to_dict()
+    assert HEADER_CUT not in dict(fitted.headers)
+
+
+def test_a_long_traceback_and_error_are_cut_first_and_the_payload_kept() -> None:
+    envelope = bulky_envelope(50_000)
+    record = failed_event(
+        envelope,
+        error="E-HEAD " + "e" * 200_000 + " E-TAIL",
+        traceback="Traceback (most recent call last):\n" + "t" * 300_000 + "\nRuntimeError: T-TAIL",
+    )
+    fitted = fit_dead_letter(record, 100_000)
+
+    assert fitted.cut == ("traceback", "error")
+    assert len(fitted.value) <= fitted.size <= 100_000
+    value = json.loads(fitted.value)
+    assert value["envelope"] == envelope  # the event survives
+    assert value["error"].startswith("E-HEAD") and value["error"].endswith("E-TAIL")
+    assert value["traceback"].startswith("Traceback (most recent call last):")
+    assert value["traceback"].endswith("RuntimeError: T-TAIL")
+    assert "characters cut" in value["traceback"] and "characters cut" in value["error"]
+    assert dict(fitted.headers)[HEADER_CUT] == b"traceback,error"
+    assert dict(fitted.headers)["eventbus-error"].startswith(b"E-HEAD")
+
+
+def test_a_payload_too_large_on_its_own_is_dropped_with_its_size_hash_and_reason() -> None:
+    envelope = bulky_envelope(300_000)
+    payload = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    record = failed_event(envelope, traceback="Traceback ...\nRuntimeError: boom")
+    fitted = fit_dead_letter(record, 100_000)
+
+    assert fitted.cut == ("payload",)
+    assert fitted.size <= 100_000
+    kept = json.loads(fitted.value)["envelope"]["payload_dropped"]
+    match = re.fullmatch(r"payload dropped: (\d+) bytes over the limit of 100000", kept["reason"])
+    assert match is not None
+    over = int(match[1])
+    assert len(payload) - 100_000 < over < len(payload)  # the whole record counts
+    assert kept["bytes"] == len(payload)
+    assert kept["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert (
+        kept["event_type"] == "tests.kafka.Bulky"
+        and kept["event_id"] == envelope["event"]["event_id"]
+    )
+    assert fitted.record.error == f"{kept['reason']}; boom"
+    assert fitted.record.event is None and payload_dropped(fitted.record) == kept
+    assert dict(fitted.headers)[HEADER_PAYLOAD_DROPPED] == kept["reason"].encode()
+    assert FailedEvent.from_dict(json.loads(fitted.value)).event is None
+
+
+def test_replay_refuses_a_dead_letter_without_its_payload_and_keeps_it() -> None:
+    fitted = fit_dead_letter(failed_event(bulky_envelope(300_000)), 100_000)
+    store = MemoryDeadLetterStore()
+    store.add(fitted.record)
+    replayed: list[str] = []
+    dlq = DeadLetterQueue(store, replayer=lambda record: replayed.append(record.id))
+
+    result = dlq.replay(["dl-1"])
+
+    assert replayed == [] and result.replayed == []
+    assert "payload dropped: " in result.failed["dl-1"]
+    assert store.get("dl-1") is not None  # kept, visible again
+
+
+def test_an_error_with_lone_surrogates_still_makes_a_record() -> None:
+    # str(OSError) of a file name decoded with surrogateescape: a strict encode
+    # failed the write on every attempt, and the partition never committed again.
+    record = failed_event(bulky_envelope(10), error="no such file: '/tmp/\udcff'")
+    headers = dict(dead_letter_headers(record))
+    assert headers["eventbus-error"] == b"no such file: '/tmp/\\udcff'"
+    assert FailedEvent.from_dict(json.loads(dead_letter_value(record))).error == record.error
+
+
+class RefusingProducer:
+    """Stands in for a producer in front of a broker whose ``message.max.bytes`` is
+    ``limit`` (Tansu enforces none), or of a broker that is away for ``outage``
+    attempts."""
+
+    def __init__(self, limit: int = 10**9, outage: int = 0) -> None:
+        self.limit = limit
+        self.outage = outage
+        self.sent: list[tuple[str, bytes, dict[str, bytes]]] = []
+        self.attempts = 0
+
+    async def send_and_wait(
+        self, topic: str, *, value: bytes, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+
+        self.attempts += 1
+        if self.outage:
+            self.outage -= 1
+            raise KafkaConnectionError("Connection to the broker lost")
+        if len(value) > self.limit:
+            raise MessageSizeTooLargeError()  # what the broker answers (error 10)
+        self.sent.append((topic, value, dict(headers)))
+
+
+@pytest.fixture
+async def attached() -> AsyncIterator[Callable[[RefusingProducer], KafkaDeadLetterStore]]:
+    stores: list[KafkaDeadLetterStore] = []
+
+    def attach(producer: RefusingProducer) -> KafkaDeadLetterStore:
+        # Nothing listens on port 1: the store only writes through ``producer``.
+        store = KafkaDeadLetterStore(KafkaConfig("127.0.0.1:1"), idempotence=False)
+        store.attach(cast(Any, producer), asyncio.get_running_loop())
+        stores.append(store)
+        return store
+
+    yield attach
+    for store in stores:
+        await store.detach(0)
+        store.close()
+
+
+async def test_a_broker_refusing_a_record_as_too_large_gets_it_cut_further(
+    attached: Callable[[RefusingProducer], KafkaDeadLetterStore],
+) -> None:
+    producer = RefusingProducer(limit=300_000)
+    store = attached(producer)
+    await store.write(failed_event(bulky_envelope(700_000)))
+
+    [(topic, value, headers)] = producer.sent
+    assert topic == "orders.dlq" and len(value) <= 300_000
+    assert json.loads(value)["envelope"]["payload_dropped"]["bytes"] > 700_000
+    assert headers[HEADER_CUT] == b"payload"
+    assert store.limit("orders.dlq") < DEFAULT_MAX_RECORD_BYTES and store.failing_writes() == []
+    attempts = producer.attempts
+    # The limit is remembered: the next large dead letter goes through at once.
+    await store.write(replace(failed_event(bulky_envelope(700_000)), id="dl-2"))
+    assert producer.attempts == attempts + 1 and len(producer.sent) == 2
+
+
+async def test_a_broker_outage_is_retried_with_the_dead_letter_unchanged(
+    attached: Callable[[RefusingProducer], KafkaDeadLetterStore],
+) -> None:
+    producer = RefusingProducer(outage=2)
+    store = attached(producer)
+    record = failed_event(bulky_envelope(500_000))
+    await store.write(record)  # retried with backoff until the broker is back
+
+    [(_, value, headers)] = producer.sent
+    assert producer.attempts == 3
+    assert json.loads(value) == record.to_dict() and HEADER_CUT not in headers
+    assert store.limit("orders.dlq") == DEFAULT_MAX_RECORD_BYTES
+
+
+def test_a_record_limit_too_small_for_any_dead_letter_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="at least 65536 bytes"):
+        KafkaDeadLetterStore(KafkaConfig("127.0.0.1:1"), max_record_bytes=1_000)

@@ -73,6 +73,8 @@ from .kafka_dlq_record import HEADER_ORIGINAL_OFFSET as HEADER_ORIGINAL_OFFSET
 from .kafka_dlq_record import HEADER_ORIGINAL_PARTITION as HEADER_ORIGINAL_PARTITION
 from .kafka_dlq_record import HEADER_ORIGINAL_TOPIC as HEADER_ORIGINAL_TOPIC
 from .kafka_dlq_record import HEADER_PAYLOAD_DROPPED as HEADER_PAYLOAD_DROPPED
+from .kafka_dlq_record import dead_letter_headers as dead_letter_headers
+from .kafka_dlq_record import dead_letter_value as dead_letter_value
 from .kafka_dlq_topics import TopicCheck
 from .kafka_dlq_view import DeadLetterView
 
