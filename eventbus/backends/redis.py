@@ -458,7 +458,10 @@ class RedisBackend(Backend):
         from ..dlq_redis import RedisDeadLetterStore
 
         return RedisDeadLetterStore(
-            self.sync_client, namespace=self.namespace, max_size=settings.dlq_max_size
+            self.sync_client,
+            namespace=self.namespace,
+            max_size=settings.dlq_max_size,
+            max_bytes=settings.dlq_max_bytes,
         )
 
 
