@@ -19,7 +19,8 @@ measures, on a private ``redis-server`` (no persistence, free loopback port):
   command the backend sent for one of those events (captured from ``_script``), with
   a fresh timestamp and entry id per call, as ``_fan_out`` and ``publish`` build them.
   ``redis.asyncio`` uses a ``BlockingConnectionPool`` as large as ``RespClient``'s
-  (``max_connections``), bounded by the publish timeout as ``RespClient`` is.
+  (``max_connections``), bounded by the publish timeout as ``RespClient`` is; for
+  the 64 callers, a pool of 64 (``RespClient`` pipelines them on its 10).
 * **worker, idle path**: the commands the worker's consumer
   (``eventbus/backends/redis_broker.py``) issues per message when it wakes from a
   blocking wait: ``BLMOVE`` ready -> in flight, ``HGET`` the body, then the ack
@@ -146,7 +147,9 @@ class RedisPyClient:
         if len(commands) == 1:  # the backend's only case: one script call
             try:
                 return [await self.client.execute_command(*commands[0])]
-            except redis.ResponseError as exc:  # NOSCRIPT included: returned, as RespClient does
+            except redis.exceptions.NoScriptError as exc:  # redis-py drops the error code
+                return [RespError(f"NOSCRIPT {exc}")]
+            except redis.ResponseError as exc:  # returned, not raised, as RespClient does
                 return [RespError(str(exc))]
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
@@ -294,12 +297,21 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
             [reply] = await client.execute([("EVALSHA", sha, 0, *fan_out_args())])
             return reply
 
+        fan_out_wide = fan_out  # multiplexed: the same 10 connections
+
     else:
         aio = redis_asyncio_client(url, backend.max_connections, backend.publish_timeout)
-        aclient = aio
+        # redis.asyncio holds a connection per command in flight: for 64 callers, one
+        # connection each.  (With the 10 of the pool above, callers wait for a
+        # connection, unfairly: some waited past the 2 s timeout and failed with
+        # "No connection available" on this machine.)
+        wide = redis_asyncio_client(url, CALLERS, backend.publish_timeout)
 
-        async def fan_out() -> Any:
-            return await aclient.evalsha(sha, 0, *fan_out_args())
+        async def fan_out(client: redis.asyncio.Redis = aio) -> Any:
+            return await client.evalsha(sha, 0, *fan_out_args())
+
+        async def fan_out_wide() -> Any:
+            return await fan_out(wide)
 
     for _ in range(WARMUP):
         await fan_out()
@@ -309,7 +321,7 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
             await fan_out()
 
     async def script_from_callers() -> None:
-        await concurrently(n, fan_out)
+        await concurrently(n, fan_out_wide)
 
     for metric, run in (
         (SCRIPT_PUBLISH, script_one_by_one),
@@ -318,6 +330,8 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
         reset()
         out[metric] = await timed(n, run)
         await check_pending(n, metric)
+    if kind != "resp":
+        await wide.aclose()
 
     # The worker's round trips, on an event loop.
     keys = WorkerKeys(queue, actor)
@@ -524,7 +538,9 @@ def run_child(kind: str, url: str, n: int) -> dict[str, float]:
     )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        log("\n".join(lines[-15:]))
+        tail = lines[-1]
         raise RuntimeError(f"child {kind} exit {proc.returncode}: {tail}")
     result: dict[str, float] = json.loads(lines[-1])
     return result
