@@ -9,7 +9,11 @@ middleware chain (retries, dead letters, metrics, tracing) without a dramatiq
   and pools (dramatiq's AsyncIO middleware would give them a private loop);
 * sync handlers run in a bounded thread pool;
 * ``drain()`` knows exactly when everything accepted so far is done;
-* ``stop()`` finishes in-flight work within a bound and leaves no thread behind.
+* ``stop()`` finishes in-flight work within a bound and leaves no thread behind;
+* a failed attempt whose retry and dead letter could not be written (see
+  :class:`~eventbus.middleware.retries.Outcome`) is neither acked nor nacked: it
+  runs again :data:`~eventbus.middleware.retries.UNRECORDED_REDELIVERY_DELAY`
+  seconds later (after ``stop()`` began, it is returned as undelivered).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dramatiq.middleware import (
 from .config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
 from .exceptions import HandlerTimeout, ShutdownError
 from .middleware import keys
+from .middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
 from .registry import HandlerSpec
 
 logger = logging.getLogger(__name__)
@@ -205,6 +210,8 @@ class Dispatcher:
             initializer=self._register_thread,
         )
         self._ready: deque[Message[Any]] = deque()
+        # Failed attempts that could not be recorded once stop() began.
+        self._returned: list[Message[Any]] = []
         self._delayed: dict[asyncio.TimerHandle, Message[Any]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._pending = 0
@@ -306,9 +313,27 @@ class Dispatcher:
         except Exception as exc:
             proxy.stuff_exception(exc)
             broker.emit_after("process_message", proxy, exception=exc)
+        if unrecorded(proxy):
+            self._run_again_later(message)
+            return
         signal = "nack" if proxy.failed else "ack"
         broker.emit_before(signal, proxy)
         broker.emit_after(signal, proxy)
+
+    def _run_again_later(self, message: Message[Any]) -> None:
+        """Neither a retry nor a dead letter of ``message`` is written: run it again
+        later rather than drop it (returned by :meth:`stop` once stopping)."""
+        if not self.accepting:
+            self._returned.append(message)
+            return
+        logger.warning(
+            "Neither a retry nor a dead letter could be written for event %s of handler "
+            "%s; it runs again in %gs.",
+            message.message_id,
+            message.actor_name,
+            UNRECORDED_REDELIVERY_DELAY,
+        )
+        self.push(message, int(UNRECORDED_REDELIVERY_DELAY * 1000))
 
     async def _run_async_limited(self, spec: HandlerSpec, envelope: Any, limit: float) -> None:
         # The handler sees the timeout as CancelledError, a BaseException that
@@ -382,6 +407,8 @@ class Dispatcher:
             await asyncio.gather(*self._running, return_exceptions=True)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        undelivered.extend(self._returned)
+        self._returned.clear()
         await self._shutdown_threads(deadline)
         return undelivered
 

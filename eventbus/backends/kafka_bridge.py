@@ -74,6 +74,7 @@ from dramatiq.middleware import SkipMessage
 
 from ..exceptions import ShutdownError
 from ..middleware import keys
+from ..middleware.retries import unrecorded
 from .base import handler_message
 from .kafka_config import HEADER_REPLAY_HANDLER, KafkaConfig
 from .kafka_records import Poison, decode_record, poison_dead_letter, record_options
@@ -160,7 +161,9 @@ class BridgeMiddleware(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         bridge = self.bridge
-        if bridge is None:
+        if bridge is None or unrecorded(message):
+            # Unrecorded: neither its retry nor its dead letter is written; the
+            # dispatcher runs it again, and its record stays uncommitted meanwhile.
             return
         if exception is None:
             bridge.finished(message.message_id, failed=False)

@@ -19,6 +19,14 @@ How it differs from dramatiq's own ``RedisBroker`` (same Worker, same middleware
   their next heartbeat.
 * **Bad input** (bytes that are not a message, an unknown actor, an argument list
   that is not one envelope) is dead-lettered with the reason; the worker goes on.
+* **Durable before acknowledged.**  A failed attempt whose retry could not be
+  enqueued and whose dead letter could not be written (Redis down: see
+  :class:`~eventbus.middleware.retries.Outcome`) is neither acked nor nacked: its
+  entry moves from the in-flight list to the delayed set, due
+  :data:`~eventbus.middleware.retries.UNRECORDED_REDELIVERY_DELAY` seconds later,
+  and is handled again.  While Redis is unreachable that move fails too; dramatiq
+  retries it until Redis answers, and if the worker dies meanwhile its in-flight
+  entries go to live workers after the redelivery timeout.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from dramatiq.errors import ActorNotFound, ConnectionClosed, DecodeError
 from ..config import DEFAULT_REDIS_NAMESPACE, DEFAULT_REDIS_REDELIVERY_TIMEOUT
 from ..events import MAX_DEPTH, text_too_deep
 from ..middleware import DeadLetters, keys
+from ..middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
 from . import redis_scripts as lua
 from .base import CachedHooksBroker
 from .redis_messages import InvalidMessage, encode_message, message_problem
@@ -75,6 +84,22 @@ JOIN_POLL_INTERVAL = 0.01
 MAX_MESSAGE_DEPTH = MAX_DEPTH + 3
 #: Actor name given to the dead letter of bytes that are not a dramatiq message.
 UNDECODABLE_ACTOR = "<undecodable>"
+
+#: Hand an entry over again later: move it from the in-flight list to the delayed
+#: set, due in ARGV[2] ms (Redis clock), with a wake-up token on the ready list when
+#: it is now the earliest delayed entry (as :data:`~.redis_scripts.SCHEDULE` does).
+#: An entry no longer in the list (recovered by another worker) is left alone.
+#: KEYS: in-flight list, delayed zset, ready list.  ARGV: entry id, delay ms.
+#: Returns 1 if it moved.
+DEFER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+local first = redis.call('ZRANGE', KEYS[2], 0, 0)
+if first[1] == ARGV[1] then redis.call('RPUSH', KEYS[3], '') end
+return 1
+"""
 
 
 def service_of(queue: str) -> str:
@@ -138,6 +163,7 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._release = client.register_script(lua.RELEASE)
         self._reclaim = client.register_script(lua.RECLAIM)
         self._park = client.register_script(lua.PARK)
+        self._defer = client.register_script(DEFER)
         self._heartbeat: _Heartbeat | None = None
         self._beaten = False
         self._beats = 0
@@ -438,11 +464,40 @@ class _RedisConsumer(Consumer):
             )
             self.requeue([message])
             return
+        if unrecorded(message):  # its retry could not be enqueued
+            self._defer(message)
+            return
         self._remove(message)
 
     def nack(self, message: MessageProxy) -> None:
+        if unrecorded(message):  # its dead letter could not be written
+            self._defer(message)
+            return
         # The DeadLetters middleware has recorded it in our own store already.
         self._remove(message)
+
+    def _defer(self, message: MessageProxy) -> None:
+        """Hand ``message`` over again later instead of acking it: neither its retry
+        nor its dead letter is written.  Raises ConnectionClosed while Redis is
+        unreachable (dramatiq's worker calls again until it answers)."""
+        entry = getattr(message, "entry", None)
+        if entry is not None:
+            try:
+                moved = self.broker._defer(
+                    keys=[self.inflight, self.delayed, self.ready],
+                    args=[entry, int(UNRECORDED_REDELIVERY_DELAY * 1000)],
+                )
+            except redis.RedisError as exc:
+                raise _closed(exc) from None
+            if moved:
+                logger.warning(
+                    "Neither a retry nor a dead letter could be written for event %s of "
+                    "handler %s; it is handled again in %gs.",
+                    message.message_id,
+                    message.actor_name,
+                    UNRECORDED_REDELIVERY_DELAY,
+                )
+        self._done([entry] if entry is not None else [])
 
     def _remove(self, message: MessageProxy) -> None:
         entry = getattr(message, "entry", None)

@@ -15,7 +15,7 @@ from ..events import EVENT_KEY, decode_event
 from ..exceptions import EventDecodeError, HandlerTimeout
 from ..metrics import MetricsCollector
 from . import keys
-from .retries import attempt_log
+from .retries import Outcome, attempt_log, error_text, failed_attempts, set_outcome
 
 if TYPE_CHECKING:
     from dramatiq import Broker, Message
@@ -33,6 +33,11 @@ class DeadLetters(Middleware):
     It must come *before* :class:`~eventbus.middleware.retries.Retries` in the
     middleware list: dramatiq runs ``after_*`` hooks in reverse order, and the
     record is written once Retries has decided to give up.
+
+    The message's :class:`~eventbus.middleware.retries.Outcome` says whether the
+    record was written: when the store raises (Redis down, say), the outcome stays
+    ``UNRECORDED`` and the message's consumer hands the event over again later
+    instead of acknowledging it; the error is logged, never swallowed.
 
     Parameters:
       store: Where records go; None when dead-lettering is disabled (failures are
@@ -54,10 +59,29 @@ class DeadLetters(Middleware):
     ) -> None:
         if exception is None or not message.failed:
             return
-        self.record(message, exception)
+        try:
+            written = self.record(message, exception)
+        except Exception as error:
+            set_outcome(message, Outcome.UNRECORDED)
+            logger.error(
+                "Could not write the dead letter of handler %s (event %s): %s: %s. It "
+                "stays in flight and is handled again later.",
+                message.actor_name,
+                message.message_id,
+                type(error).__name__,
+                error_text(error),
+                exc_info=True,
+            )
+            return
+        set_outcome(message, Outcome.DEAD_LETTER if written else Outcome.DROPPED)
 
-    def record(self, message: Message[Any] | MessageProxy, exception: BaseException) -> None:
-        """Write the dead letter of ``message`` that failed with ``exception``."""
+    def record(self, message: Message[Any] | MessageProxy, exception: BaseException) -> bool:
+        """Write the dead letter of ``message`` that failed with ``exception``; False
+        when dead-lettering is disabled (the failure is only logged).
+
+        Raises:
+          Exception: Whatever the store raises when it cannot write the record.
+        """
         failed = build_failed_event(message, exception)
         logger.warning(
             "Handler %s gave up on event %s after %d attempt(s): %s: %s",
@@ -69,9 +93,13 @@ class DeadLetters(Middleware):
         )
         if self.store is None:
             logger.error("Dead-lettering is disabled; the event above is dropped.")
-            return
+            return False
         self.store.add(failed)
-        self.metrics.inc_dlq(failed.topic)
+        try:
+            self.metrics.inc_dlq(failed.topic)
+        except Exception:  # the record is written: a metrics bug must not undo it
+            logger.exception("The metrics collector failed to count a dead letter.")
+        return True
 
 
 def _error_type(exception: BaseException) -> str:
@@ -110,8 +138,8 @@ def build_failed_event(
         topic=str(topic),
         handler=message.actor_name,
         queue=message.queue_name,
-        attempts=int(options.get(keys.ATTEMPTS, 0)) + 1,
-        error=str(exception) or _describe(message, exception),
+        attempts=failed_attempts(message) + 1,
+        error=error_text(exception) or _describe(message, exception),
         error_type=_error_type(exception),
         traceback="".join(traceback.format_exception(exception)),
         first_failed_at=datetime.fromtimestamp(first / 1000, UTC) if first else now,
