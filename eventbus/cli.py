@@ -19,8 +19,11 @@ a worker or web host::
 Every ``dlq`` and ``subscriptions`` command takes ``--json`` for machine-readable
 output.  Text output escapes non-printable characters (``\\x1b``, ``\\n``): dead
 letters hold whatever was queued, and a terminal must not obey it.  An error is
-one line on stderr, ``eventbus: <what is wrong>``, with passwords in URLs shown as
-``***``; ``eventbus -v ...`` adds the traceback and the libraries' logs.
+one line on stderr, ``eventbus: <what is wrong>``; ``eventbus -v ...`` adds the
+traceback and the libraries' logs.  Whatever it prints goes through
+:func:`eventbus.redact.redact`: passwords in URLs (userinfo or query parameters,
+every form redis-py and SQLAlchemy read), secret settings and the secret values of
+the environment and the command line are shown as ``***``.
 
 Exit statuses and the variables that choose the backend: ``eventbus --help``
 (:data:`EPILOG`).
@@ -33,18 +36,17 @@ import importlib
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import textwrap
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import unquote
 
 from .config import ENV_PREFIX, EventBusSettings
 from .exceptions import ConfigurationError, EventBusError
 from .extras import MissingExtraError
+from .redact import is_secret_name, redact, redact_url, url_secrets
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -63,10 +65,6 @@ EXIT_USAGE = 2
 #: Exit status: the backend could not be reached.
 EXIT_UNREACHABLE = 3
 
-#: The password part of ``scheme://user:password@host`` (anything up to the ``@``).
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*:)[^@\s]+(?=@)")
-#: Settings that hold secrets outright (URLs are redacted wherever they appear).
-_SECRET_SETTINGS = ("KAFKA_SASL_PASSWORD", "KAFKA_SSL_PASSWORD")
 _MIXED_SELECTION = (
     "give either record ids or a filter (--topic/--handler/--error-type) or --all, not several"
 )
@@ -83,23 +81,19 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with URL passwords and each of ``secrets`` replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<head>***", text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _secrets(environ: Mapping[str, str]) -> list[str]:
-    """The secret values of the ``EVENTBUS_*`` environment (URL passwords included)."""
-    found = [environ.get(ENV_PREFIX + name, "") for name in _SECRET_SETTINGS]
+def _secrets(environ: Mapping[str, str], argv: Iterable[str] = ()) -> list[str]:
+    """The secret values of the ``EVENTBUS_*`` environment and of the command line:
+    secret settings (``EVENTBUS_KAFKA_SASL_PASSWORD``) and the passwords in URLs
+    (``EVENTBUS_REDIS_URL``, ``--database-url``), as written and decoded."""
+    found: list[str] = []
     for name, value in environ.items():
-        if name.startswith(ENV_PREFIX):
-            for match in _URL_PASSWORD.finditer(value):
-                password = match.group(0)[len(match.group("head")) :]
-                found += [password, unquote(password)]
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        if is_secret_name(name.upper().removeprefix(ENV_PREFIX)):
+            found.append(value)
+        found += url_secrets(value)
+    for arg in argv:
+        found += url_secrets(arg) + url_secrets(arg.partition("=")[2])
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
@@ -460,8 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)  # usage errors (exit 2) before touching any backend
-    _route_logs(args.verbose)
-    secrets = _secrets(os.environ)
+    secrets = _secrets(os.environ, argv)
+    _route_logs(args.verbose, secrets)
     settings: EventBusSettings | None = None
     try:
         if args.command == "settings":
@@ -502,12 +496,24 @@ def _settings_reference(output: str | None) -> int:
     return EXIT_OK
 
 
-def _route_logs(verbose: bool) -> None:
-    """Libraries' logs on stderr with ``-v``; else nowhere (errors are reported once)."""
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose lines (message and traceback) go through :func:`redact`."""
+
+    def __init__(self, fmt: str, secrets: Iterable[str] = ()) -> None:
+        super().__init__(fmt)
+        self.secrets = list(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+def _route_logs(verbose: bool, secrets: Iterable[str] = ()) -> None:
+    """Libraries' logs on stderr with ``-v`` (secrets redacted); else nowhere (errors
+    are reported once)."""
     root = logging.getLogger()
     if verbose:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s", secrets))
         root.setLevel(logging.INFO)
     else:
         # A handler on the root logger keeps Python's last-resort handler from
@@ -522,8 +528,13 @@ def _describe_failure(exc: Exception, settings: EventBusSettings | None) -> tupl
     if isinstance(exc, Refused | ConfigurationError | MissingExtraError):
         return EXIT_USAGE, str(exc)
     cause = _connection_error(exc)
+    from_none = exc.__suppress_context__ and exc.__cause__ is None
+    if cause is not None and isinstance(exc, EventBusError) and from_none:
+        # Raised ``from None`` with a message that says what could not be reached
+        # (the outbox database): not the backend.
+        return EXIT_UNREACHABLE, str(exc)
     if cause is not None and settings is not None:
-        where = (
+        where = redact_url(
             settings.redis_url if settings.backend == "redis" else settings.kafka_bootstrap_servers
         )
         detail = str(cause)

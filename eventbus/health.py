@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
+
+from .redact import redact
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -71,13 +73,14 @@ class HealthChecker:
         """The health of every component of the backend (readiness: round trips)."""
         name = self._backend.name
         try:
-            return await asyncio.wait_for(self._backend.health(), timeout=self._timeout)
+            results = await asyncio.wait_for(self._backend.health(), timeout=self._timeout)
         except TimeoutError:
             detail = f"health check timed out after {self._timeout:g}s"
             return [HealthResult(name, HealthStatus.UNHEALTHY, detail)]
         except Exception as exc:
             detail = f"health check failed: {type(exc).__name__}: {exc}"
-            return [HealthResult(name, HealthStatus.UNHEALTHY, detail)]
+            results = [HealthResult(name, HealthStatus.UNHEALTHY, detail)]
+        return [_redacted(r) for r in results]
 
     async def is_healthy(self) -> bool:
         """Whether every component is healthy."""
@@ -90,7 +93,13 @@ class HealthChecker:
         and threads it runs here (the embedded and Kafka dispatchers, the Kafka
         consumer when this process consumes, the in-process Redis worker).
         """
-        return self._backend.liveness()
+        return [_redacted(r) for r in self._backend.liveness()]
+
+
+def _redacted(result: HealthResult) -> HealthResult:
+    """``result`` with passwords in its detail (an error quoting a URL) as ``***``."""
+    detail = redact(result.detail)
+    return result if detail == result.detail else replace(result, detail=detail)
 
 
 def dispatcher_liveness(name: str, dispatcher: Dispatcher | None) -> HealthResult:
