@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, cast
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
 from eventbus import BaseEvent, EventBus, FailedEvent
 from eventbus.backends.kafka_config import KafkaConfig
@@ -38,7 +41,9 @@ from eventbus.backends.kafka_dlq_record import (
     fit_dead_letter,
     payload_dropped,
 )
-from eventbus.dlq import DeadLetterQueue, MemoryDeadLetterStore
+from eventbus.cli import run
+from eventbus.console import dlq_console
+from eventbus.dlq import DeadLetterQueue, MemoryAuditLog, MemoryDeadLetterStore
 from eventbus.exceptions import ConfigurationError
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
 
@@ -111,6 +116,20 @@ async def test_a_dead_letter_over_the_limit_drops_its_payload_and_the_partition_
     headers = dict(raw.headers)
     assert headers["eventbus-payload-dropped"].decode() == dropped["reason"]
     assert headers["eventbus-cut"] == b"traceback,error,payload"
+
+    # What an operator sees: the CLI's list and show, the console's record page.
+    listing, shown = io.StringIO(), io.StringIO()
+    assert await asyncio.to_thread(run, ["dlq", "list"], bus, listing) == 0
+    assert "RuntimeError: payload dropped: " in listing.getvalue()
+    assert await asyncio.to_thread(run, ["dlq", "show", dead.id], bus, shown) == 0
+    assert dropped["reason"] in shown.getvalue() and dropped["sha256"] in shown.getvalue()
+    app = FastAPI()
+    app.include_router(dlq_console(bus, allow_unauthenticated=True, audit=MemoryAuditLog()))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        page = await http.get("/eventbus/console/record", params={"id": dead.id})
+    assert page.status_code == 200
+    assert dropped["reason"] in page.text and dropped["sha256"] in page.text
 
     result = await bus.dlq.areplay([dead.id])
     assert result.replayed == [] and "payload dropped" in result.failed[dead.id]
