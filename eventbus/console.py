@@ -31,21 +31,25 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from .bus import EventBus
 from .console_actions import ConsoleActions, editable_fields
+from .console_audit import audit_rows
 from .console_pages import (
+    TEXT_PARTS,
     ConsoleSettings,
     Pages,
+    cursor_problem,
     facets,
     filter_fields,
     list_url,
     parse_query,
+    record_text,
     selection_from_form,
 )
 from .console_store import DeadLetterQuery
-from .console_views import DEFAULT_MAX_FORM_BYTES, first, link_template
+from .console_views import DEFAULT_MAX_FORM_BYTES, SECURITY_HEADERS, first, link_template
 from .dlq import AuditLog
 from .exceptions import ConfigurationError
 from .fastapi import get_event_bus
@@ -122,8 +126,11 @@ def dlq_console(
     pages; replay, dry-run or purge the selected records or every match), the
     failure groups (handler and exception type, with counts, first and last
     seen; replay or purge a group), a record (envelope, attempts, traceback,
-    correlation and trace ids; replay, edit and replay, purge) and the audit
-    trail.  Purges always ask for confirmation first.
+    correlation and trace ids; replay, edit and replay, purge; a long error,
+    traceback or envelope is cut with a link to the whole text) and the audit
+    trail.  Purges always ask for confirmation first.  A query the console
+    cannot use (a date outside the years 1 to 9999 in UTC, a cursor it did not
+    write) answers 400 with the page saying why.
 
     Parameters:
       bus: The bus whose dead letters to show; None: the app's (``get_event_bus``).
@@ -190,6 +197,10 @@ def dlq_console(
     ) -> Response:
         started = time.perf_counter()
         query, problems = parse_query(topic, handler, error_type, since, until)
+        bad_cursor = cursor_problem(cursor)
+        if bad_cursor is not None:
+            problems.append(bad_cursor)
+            cursor = None
         page = await actions.call(actions.search.search, query, limit=limit, cursor=cursor)
         groups = await actions.groups(DeadLetterQuery())
         filters = filter_fields(query, since, until, problems)
@@ -206,7 +217,10 @@ def dlq_console(
                 filters[k] for k in ("topic", "handler", "error_type", "since", "until")
             ),
         }
-        return pages.page(request, "list.html", "list", who, context, started=started)
+        status = 400 if problems else 200
+        return pages.page(
+            request, "list.html", "list", who, context, status=status, started=started
+        )
 
     @router.get("/groups", response_class=HTMLResponse)
     async def groups_page(
@@ -226,7 +240,10 @@ def dlq_console(
             "filters": filter_fields(query, since, until, problems),
             "facets": facets(every, query),
         }
-        return pages.page(request, "groups.html", "groups", who, context, started=started)
+        status = 400 if problems else 200
+        return pages.page(
+            request, "groups.html", "groups", who, context, status=status, started=started
+        )
 
     @router.get("/record", response_class=HTMLResponse)
     async def record_page(
@@ -239,8 +256,20 @@ def dlq_console(
         record = await actions.record(id)
         if record is None:
             return pages.missing(request, who, id)
-        context = pages.record_context(record, actions)
+        context = pages.record_context(request, record, actions)
         return pages.page(request, "record.html", "list", who, context, started=started)
+
+    @router.get("/record/text", response_class=PlainTextResponse)
+    async def record_text_page(
+        id: str = Query(..., max_length=1000),
+        part: str = Query(..., pattern="^(" + "|".join(TEXT_PARTS) + ")$"),
+        actions: ConsoleActions = actions_dep,
+    ) -> Response:
+        record = await actions.record(id)
+        if record is None:
+            text = f"No dead letter {id!r}: it was replayed or purged, or never existed."
+            return PlainTextResponse(text, status_code=404, headers=SECURITY_HEADERS)
+        return PlainTextResponse(record_text(record, part), headers=SECURITY_HEADERS)
 
     @router.get("/record/edit", response_class=HTMLResponse)
     async def edit_page(
@@ -300,7 +329,7 @@ def dlq_console(
         request: Request, who: str = who_dep, actions: ConsoleActions = actions_dep
     ) -> Response:
         started = time.perf_counter()
-        entries = await actions.entries(AUDIT_PAGE)
+        entries = audit_rows(await actions.entries(AUDIT_PAGE))
         context = {"entries": entries, "audit_kind": type(actions.audit).__name__}
         return pages.page(request, "audit.html", "audit", who, context, started=started)
 

@@ -9,7 +9,14 @@ module holds the actions and their rules, so they read (and test) without HTTP:
   after the confirmation are not purged with it.
 - A dry run resolves the selection and says what would happen; it changes nothing
   and is not audited.
-- Every replay and purge is appended to the audit trail with who asked.
+- Every replay and purge is written to the audit trail with who asked, twice:
+  "started" (with the count selected) before it changes anything, and "done" (or
+  "failed", when the store failed midway) with what it did after.  An action
+  whose process died midway stays "started": the audit page shows it as not
+  completed.  Bulk actions run :data:`BULK_CHUNK` records per store call.
+- An action on nothing (no record of the selection exists: the ids are gone, no
+  record matches the filters) does nothing and is not recorded, so a flood of
+  them cannot push real actions out of a bounded audit trail.
 - An edited payload is validated against the handler's event class (or the class
   its type names, when this process defines it) before anything is replayed.
 """
@@ -18,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -26,7 +36,18 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from .console_store import DeadLetterQuery, FailureGroup, SearchableStore, searchable
-from .dlq import MAX_AUDIT_IDS, AuditEntry, AuditLog, DeadLetterQueue, FailedEvent, ReplayResult
+from .dlq import (
+    DONE,
+    FAILED,
+    MAX_AUDIT_IDS,
+    STARTED,
+    AuditEntry,
+    AuditLog,
+    DeadLetterQueue,
+    FailedEvent,
+    ReplayResult,
+    refuse_constants,
+)
 from .events import (
     EVENT_KEY,
     MAX_DEPTH,
@@ -40,8 +61,12 @@ from .registry import HandlerRegistry
 
 T = TypeVar("T")
 
+logger = logging.getLogger(__name__)
+
 #: Records a dry run or a confirmation page shows (it counts them all).
 PREVIEW_ROWS = 20
+#: Records a bulk replay or purge hands to the store per call (in a thread).
+BULK_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -86,6 +111,9 @@ class Outcome:
       missing: Ids gone meanwhile (replayed or purged by someone else).
       failed: Ids whose replay failed, with the reason (their records stay).
       preview: Up to :data:`PREVIEW_ROWS` of the selected records.
+      nothing: No record of the selection existed: nothing was done or recorded.
+      error: Why the action stopped midway (the store failed); what it did before
+        is in ``done``.
     """
 
     action: str
@@ -97,6 +125,14 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     preview: list[FailedEvent] = field(default_factory=list)
     note: str = ""
+    nothing: bool = False
+    error: str = ""
+
+    def add(self, result: ReplayResult) -> None:
+        """Count what one store call did."""
+        self.done += result.replayed
+        self.missing += result.missing
+        self.failed.update(result.failed)
 
 
 @dataclass
@@ -185,59 +221,79 @@ class ConsoleActions:
         return outcome
 
     async def replay(self, selection: Selection, who: str) -> Outcome:
-        """Replay every record of ``selection``; audited."""
-        ids = await self.resolve(selection)
-        result: ReplayResult = await self.call(self.dlq.replay, ids)
-        outcome = Outcome(
-            "replay",
-            selection.describe(),
-            selected=ids,
-            done=result.replayed,
-            missing=result.missing,
-            failed=result.failed,
-        )
-        await self._record(who, outcome)
-        return outcome
+        """Replay every record of ``selection``; audited when it starts and ends."""
+        outcome = Outcome("replay", selection.describe(), selected=await self.resolve(selection))
+
+        async def replay(ids: list[str]) -> None:
+            outcome.add(await self.call(self.dlq.replay, ids))
+
+        return await self._run(who, outcome, replay)
 
     async def purge(self, selection: Selection, who: str) -> Outcome:
-        """Delete every record of ``selection``; audited."""
-        ids = await self.resolve(selection)
+        """Delete every record of ``selection``; audited when it starts and ends."""
+        outcome = Outcome("purge", selection.describe(), selected=await self.resolve(selection))
 
-        def remove() -> tuple[list[str], list[str]]:
-            done: list[str] = []
-            missing: list[str] = []
+        def remove(ids: list[str]) -> ReplayResult:
+            result = ReplayResult()
             for record_id in ids:
-                (done if self.dlq.store.remove(record_id) is not None else missing).append(
-                    record_id
-                )
-            return done, missing
+                gone = self.dlq.store.remove(record_id) is not None
+                (result.replayed if gone else result.missing).append(record_id)
+            return result
 
-        done, missing = await self.call(remove)
-        outcome = Outcome("purge", selection.describe(), selected=ids, done=done, missing=missing)
-        await self._record(who, outcome)
-        return outcome
+        async def purge(ids: list[str]) -> None:
+            outcome.add(await self.call(remove, ids))
+
+        return await self._run(who, outcome, purge)
 
     async def replay_edited(self, record: FailedEvent, check: EditCheck, who: str) -> Outcome:
         """Replay ``record`` with the envelope of a passed ``check``; audited."""
         assert check.envelope is not None, "replay_edited needs an edit that passed its check"
-        result = await self.call(self.dlq.replay_edited, record.id, check.envelope)
+        envelope = check.envelope
         outcome = Outcome(
             "replay-edited",
             f"1 selected, edited ({', '.join(check.changed) or 'no field changed'})",
             selected=[record.id],
-            done=result.replayed,
-            missing=result.missing,
-            failed=result.failed,
         )
-        await self._record(who, outcome)
-        return outcome
 
-    async def _record(self, who: str, outcome: Outcome) -> None:
-        parts = [outcome.selection, f"{outcome.action}: {len(outcome.done)} done"]
-        if outcome.missing:
-            parts.append(f"{len(outcome.missing)} missing")
-        if outcome.failed:
-            parts.append(f"{len(outcome.failed)} failed")
+        async def replay(ids: list[str]) -> None:
+            outcome.add(await self.call(self.dlq.replay_edited, ids[0], envelope))
+
+        return await self._run(who, outcome, replay)
+
+    async def _run(
+        self, who: str, outcome: Outcome, step: Callable[[list[str]], Awaitable[None]]
+    ) -> Outcome:
+        """Run ``step`` over ``outcome.selected`` in chunks, audited before and after."""
+        ids = outcome.selected
+        if not await self._any_exists(ids):
+            outcome.nothing = True
+            outcome.missing = list(ids)
+            return outcome
+        action_id = uuid.uuid4().hex
+        await self._audit(
+            AuditEntry(
+                at=datetime.now(UTC),
+                who=who,
+                action=outcome.action,
+                count=len(ids),
+                ids=tuple(ids[:MAX_AUDIT_IDS]),
+                detail=f"{outcome.selection}; {outcome.action}: {len(ids):,} selected",
+                action_id=action_id,
+                status=STARTED,
+            )
+        )
+        try:
+            for i in range(0, len(ids), BULK_CHUNK):
+                await step(ids[i : i + BULK_CHUNK])
+        except Exception as exc:  # the store failed: say so, with what was done
+            logger.exception(
+                "Console %s by %s stopped after %d of %d records",
+                outcome.action,
+                who,
+                len(outcome.done),
+                len(ids),
+            )
+            outcome.error = f"{type(exc).__name__}: {exc}"
         await self._audit(
             AuditEntry(
                 at=datetime.now(UTC),
@@ -245,9 +301,21 @@ class ConsoleActions:
                 action=outcome.action,
                 count=len(outcome.done),
                 ids=tuple(outcome.done[:MAX_AUDIT_IDS]),
-                detail="; ".join(parts),
+                detail=_completion(outcome),
+                action_id=action_id,
+                status=FAILED if outcome.error else DONE,
+                failed=len(outcome.failed),
             )
         )
+        return outcome
+
+    async def _any_exists(self, ids: list[str]) -> bool:
+        """Whether a record of ``ids`` exists (stops at the first found)."""
+
+        def scan() -> bool:
+            return any(self.dlq.get(record_id) is not None for record_id in ids)
+
+        return bool(ids) and await self.call(scan)
 
     # -- editing -------------------------------------------------------------------
 
@@ -296,6 +364,19 @@ class ConsoleActions:
 _MISSING = object()
 
 
+def _completion(outcome: Outcome) -> str:
+    """What an action did, in words, for its completing audit entry."""
+    parts = [outcome.selection, f"{outcome.action}: {len(outcome.done):,} done"]
+    if outcome.missing:
+        parts.append(f"{len(outcome.missing):,} missing")
+    if outcome.failed:
+        parts.append(f"{len(outcome.failed):,} failed")
+    left = len(outcome.selected) - len(outcome.done) - len(outcome.missing) - len(outcome.failed)
+    if outcome.error:
+        parts.append(f"stopped with {left:,} not tried: {outcome.error}")
+    return "; ".join(parts)
+
+
 def editable_type(record: FailedEvent) -> str | None:
     """The event type name an edit of ``record`` keeps, or None when it has none."""
     envelope = record.envelope
@@ -320,15 +401,21 @@ def editable_fields(record: FailedEvent) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False)
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (send a number, null, or a string)")
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(
+            f"{text} is not a finite number: it would be Infinity, which JSON cannot carry "
+            "(send a smaller number, null, or the value as a string)"
+        )
+    return number
 
 
 def _parse_object(text: str) -> tuple[dict[str, Any] | None, str]:
     if text_too_deep(text):
         return None, f"the event is nested more than {MAX_DEPTH} levels deep"
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=refuse_constants, parse_float=_finite)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     except ValueError as exc:

@@ -6,6 +6,11 @@
   :data:`DEFAULT_AUDIT_TOPIC` (one partition; create it with the retention you
   want for an audit trail, e.g. ``retention.ms=-1``).
 - Any other store: in this process's memory, with a warning.
+
+Every bound trail (memory, Redis) keeps its newest entries by count; actions on
+nothing are not recorded (:mod:`eventbus.console_actions`), so only real actions
+take its room.  :func:`audit_rows` pairs each action's "started" entry with its
+completion for the audit page.
 """
 
 from __future__ import annotations
@@ -13,9 +18,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .dlq import AuditedStore, AuditEntry, AuditLog, DeadLetterStore, MemoryAuditLog
+from .dlq import (
+    STARTED,
+    AuditedStore,
+    AuditEntry,
+    AuditLog,
+    DeadLetterStore,
+    MemoryAuditLog,
+    refuse_constants,
+)
 
 if TYPE_CHECKING:
     from .backends.kafka_config import KafkaConfig
@@ -26,6 +41,63 @@ logger = logging.getLogger(__name__)
 DEFAULT_AUDIT_TOPIC = "eventbus.dlq-audit"
 #: Seconds a write or read of the Kafka audit trail may take.
 KAFKA_AUDIT_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One action on the audit page: its started entry and its completion merged.
+
+    Attributes:
+      at: When it started (or ended, when its start is older than the page).
+      ended_at: When it ended; None when not completed or not known.
+      status: ``started`` (not completed), ``done`` or ``failed``.
+      selected: Records selected, when its start is known.
+      count: Records done (for a row that never completed: selected).
+    """
+
+    at: datetime
+    ended_at: datetime | None
+    who: str
+    action: str
+    status: str
+    selected: int | None
+    count: int
+    failed: int
+    detail: str
+    ids: tuple[str, ...]
+
+
+def audit_rows(entries: list[AuditEntry]) -> list[AuditRow]:
+    """One row per action of ``entries`` (newest first), newest first."""
+    starts = {e.action_id: e for e in entries if e.action_id and e.status == STARTED}
+    completed = {e.action_id for e in entries if e.action_id and e.status != STARTED}
+    rows = []
+    for entry in entries:
+        if entry.status == STARTED:
+            if entry.action_id not in completed:  # else its completion makes its row
+                rows.append(_row(entry, selected=entry.count))
+            continue
+        start = starts.get(entry.action_id) if entry.action_id else None
+        if start is None:
+            rows.append(_row(entry, selected=None))
+        else:
+            rows.append(replace(_row(entry, selected=start.count), at=start.at, ended_at=entry.at))
+    return rows
+
+
+def _row(entry: AuditEntry, *, selected: int | None) -> AuditRow:
+    return AuditRow(
+        at=entry.at,
+        ended_at=None,
+        who=entry.who,
+        action=entry.action,
+        status=entry.status,
+        selected=selected,
+        count=entry.count,
+        failed=entry.failed,
+        detail=entry.detail,
+        ids=entry.ids,
+    )
 
 
 def audit_log_for(store: DeadLetterStore) -> AuditLog:
@@ -117,7 +189,7 @@ class KafkaAuditLog:
         entries = []
         for row in reversed(rows[-limit:]):
             try:
-                data = json.loads(row.value)
+                data = json.loads(row.value, parse_constant=refuse_constants)
             except (TypeError, ValueError):
                 continue
             if isinstance(data, dict):

@@ -8,7 +8,8 @@ refused unless
   send the cookie, but cannot read it to put it in the form), and
 - the browser does not say it comes from another site: ``Sec-Fetch-Site``, when
   sent, is ``same-origin`` or ``none``, and ``Origin``, when sent, names the
-  host the request went to.
+  host the request went to (:func:`eventbus.fastapi.cross_site_refusal`, which
+  the admin JSON router applies too).
 
 The cookie is ``HttpOnly`` and ``SameSite=Lax`` (a top-level link from elsewhere
 still opens the console logged in; a cross-site POST gets no cookie at all) and
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
+
+from .fastapi import cross_site_refusal
 
 #: Name of the cookie holding the token.
 COOKIE = "eventbus_console_csrf"
@@ -30,8 +32,6 @@ COOKIE = "eventbus_console_csrf"
 FIELD = "csrf_token"
 #: Random bytes in a token (encoded as 43 URL-safe characters).
 TOKEN_BYTES = 32
-#: ``Sec-Fetch-Site`` values of requests made by the console's own pages.
-SAME_SITE_FETCH = ("same-origin", "none")
 
 
 def _valid(token: str) -> bool:
@@ -59,15 +59,14 @@ def set_token_cookie(response: Response, request: Request, token: str, path: str
 
 
 def refusal(request: Request, form_token: str | None) -> str | None:
-    """Why ``request`` fails the CSRF check, or None when it passes."""
-    site = request.headers.get("sec-fetch-site")
-    if site is not None and site not in SAME_SITE_FETCH:
-        return f"the request came from another site (Sec-Fetch-Site: {site})"
-    origin = request.headers.get("origin")
-    if origin is not None:  # "null" (a sandboxed frame, say) is another origin too
-        host = request.headers.get("host", "")
-        if urlsplit(origin).netloc.lower() != host.lower():
-            return "the request came from another origin"
+    """Why ``request`` fails the CSRF check, or None when it passes.
+
+    The fetch-metadata check is :func:`eventbus.fastapi.cross_site_refusal`, the
+    one the admin JSON router makes too.
+    """
+    cross_site = cross_site_refusal(request)
+    if cross_site is not None:
+        return cross_site
     cookie = request.cookies.get(COOKIE)
     if cookie is None or not _valid(cookie):
         return "the console's CSRF cookie is missing: reload the page and try again"

@@ -6,6 +6,8 @@ renders; :mod:`eventbus.console_actions` acts.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +26,18 @@ from .console_actions import (
     editable_type,
 )
 from .console_audit import audit_log_for
-from .console_store import DeadLetterQuery, FailureGroup, from_micros, micros
+from .console_store import (
+    MAX_MICROS,
+    MIN_MICROS,
+    DeadLetterQuery,
+    FailureGroup,
+    from_micros,
+    micros,
+    parse_cursor,
+)
 from .console_views import (
+    MAX_ERROR_SHOWN,
+    MAX_SHOWN,
     BadForm,
     environment,
     fill_link,
@@ -36,7 +48,10 @@ from .console_views import (
     render,
     time_field,
 )
-from .dlq import AuditLog, FailedEvent
+from .dlq import AuditLog, FailedEvent, json_text, payload_dropped
+
+#: The parts of a record ``/record/text`` serves in full.
+TEXT_PARTS = ("error", "traceback", "envelope")
 
 
 @dataclass(frozen=True)
@@ -123,10 +138,29 @@ class Pages:
             return form, self.message(request, who, "Refused", refusal, status=403)
         return form, None
 
-    def record_context(self, record: FailedEvent, actions: ConsoleActions) -> dict[str, Any]:
+    def record_context(
+        self, request: Request, record: FailedEvent, actions: ConsoleActions
+    ) -> dict[str, Any]:
         type_name, cls = actions.event_class_of(record)
+        envelope = envelope_text(record.envelope)
+        lengths = {
+            "error": (record.error, MAX_ERROR_SHOWN),
+            "traceback": (record.traceback, MAX_SHOWN),
+        }
+        lengths["envelope"] = (envelope, MAX_SHOWN)
+        full = {
+            part: self.base(request)
+            + "/record/text"
+            + query_string({"id": record.id, "part": part})
+            if len(text) > limit
+            else None
+            for part, (text, limit) in lengths.items()
+        }
         return {
             "record": record,
+            "envelope_text": envelope,
+            "full": full,
+            "dropped": payload_dropped(record),
             "event_type": type_name,
             "event_class": cls.__name__ if cls is not None else None,
             "editable": editable_type(record) is not None,
@@ -159,7 +193,7 @@ class Pages:
         return self.page(request, "edit.html", "list", who, context, status=status)
 
     def result(self, request: Request, who: str, outcome: Outcome) -> Response:
-        status = 200 if not outcome.failed else 207
+        status = 500 if outcome.error else 207 if outcome.failed else 200
         return self.page(request, "result.html", "", who, {"outcome": outcome}, status=status)
 
     def confirm(
@@ -229,6 +263,35 @@ def attempt_rows(record: FailedEvent) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def envelope_text(envelope: Any) -> str:
+    """A record's envelope as indented JSON (a string as is), however deep."""
+    if isinstance(envelope, str):
+        return envelope
+    try:
+        return json.dumps(envelope, indent=2, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        return json_text(envelope)
+
+
+def record_text(record: FailedEvent, part: str) -> str:
+    """The whole ``part`` (one of :data:`TEXT_PARTS`) of ``record``."""
+    if part == "error":
+        return f"{record.error_type}: {record.error}"
+    if part == "traceback":
+        return record.traceback
+    return envelope_text(record.envelope)
+
+
+def cursor_problem(cursor: str | None) -> str | None:
+    """Why ``cursor`` (from a query) is not one the console wrote, or None."""
+    if not cursor or parse_cursor(cursor) is not None:
+        return None
+    return (
+        f"cursor: {cursor[:100]!r} is not a cursor this console made (the time of a record "
+        "and its id): start again from the first page"
+    )
 
 
 def blank_to_none(value: str | None) -> str | None:
@@ -321,7 +384,14 @@ def selection_from_form(scope: str, form: Mapping[str, list[str]]) -> Selection:
     if scope == "group" and (query.handler is None or query.error_type is None):
         raise ValueError("a group is a handler and an error type: both are needed")
     bound = first(form, "bound")
-    if bound and bound.lstrip("-").isdigit():  # a confirmed purge stops at what it showed
+    if bound:  # a confirmed purge stops at what it showed
+        if not re.fullmatch(r"-?[0-9]{1,20}", bound) or not (
+            MIN_MICROS <= int(bound) <= MAX_MICROS
+        ):
+            raise ValueError(
+                f"the confirmation's bound {bound[:40]!r} is not one this console wrote: "
+                "ask for the purge again"
+            )
         limit = from_micros(int(bound))
         if query.until is None or query.until > limit:
             query = DeadLetterQuery(

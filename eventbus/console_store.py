@@ -13,6 +13,7 @@ the position of the last record of a page: ``<microseconds>:<record id>``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,8 @@ MAX_GROUPS = 500
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+#: A cursor: the microseconds of a record's final failure, a colon, its id.
+_CURSOR = re.compile(r"(-?[0-9]{1,20}):(.+)", re.DOTALL)
 
 
 def micros(moment: datetime) -> int:
@@ -37,9 +40,16 @@ def micros(moment: datetime) -> int:
     return (moment - _EPOCH) // _MICROSECOND
 
 
+#: The first and the last microsecond a UTC time can have (years 1 to 9999).
+MIN_MICROS = micros(datetime.min.replace(tzinfo=UTC))
+MAX_MICROS = micros(datetime.max.replace(tzinfo=UTC))
+
+
 def from_micros(value: int) -> datetime:
-    """The UTC time of ``value`` microseconds since the epoch; exact."""
-    return _EPOCH + timedelta(microseconds=value)
+    """The UTC time of ``value`` microseconds since the epoch; exact within the
+    years 1 to 9999 UTC, clamped to them outside (a stored time written with
+    another offset, or a forged one, can lie beyond)."""
+    return _EPOCH + timedelta(microseconds=min(max(value, MIN_MICROS), MAX_MICROS))
 
 
 @dataclass(frozen=True)
@@ -158,13 +168,17 @@ class FailureGroup:
 
 
 def parse_cursor(cursor: str | None) -> tuple[int, str] | None:
-    """``(microseconds, record id)`` of ``cursor``; None for no or a malformed cursor."""
+    """``(microseconds, record id)`` of ``cursor``; None for no or a malformed cursor
+    (digits other than ASCII's, a time beyond the calendar, no record id)."""
     if not cursor:
         return None
-    score, sep, record_id = cursor.partition(":")
-    if not sep or not score.lstrip("-").isdigit():
+    match = _CURSOR.fullmatch(cursor)
+    if match is None:
         return None
-    return int(score), record_id
+    score = int(match[1])
+    if not MIN_MICROS <= score <= MAX_MICROS:
+        return None
+    return score, match[2]
 
 
 @runtime_checkable

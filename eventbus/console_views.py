@@ -27,8 +27,11 @@ from .extras import requires_extra
 with requires_extra("console", "eventbus.console"):
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-#: Characters of a payload or traceback shown on a page (the store keeps them all).
+#: Characters of a payload or traceback shown on a page (a link leads to the rest).
 MAX_SHOWN = 256 * 1024
+#: Characters of an error message shown on a page: in a record's facts, each of its
+#: attempts, a preview row (a link on the record's page leads to the rest).
+MAX_ERROR_SHOWN = 2_000
 #: Largest form body accepted, in bytes (an edited event travels in one).
 DEFAULT_MAX_FORM_BYTES = 2 * 1024 * 1024
 #: Form fields accepted at most (a page shows at most 200 records to select).
@@ -81,12 +84,17 @@ def fill_link(template: str | None, placeholder: str, value: str) -> str | None:
 
 
 def when(moment: datetime | None) -> str:
-    """``2024-05-01 12:00:03.123 UTC``."""
+    """``2024-05-01 12:00:03.123 UTC``; a time that has no UTC date (the years 1 to
+    9999 in UTC: ``9999-12-31T23:59:59-01:00``, stored by a forged record) as written."""
     if moment is None:
         return ""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:
+        return moment.isoformat()
+    return utc.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
 
 def when_short(moment: datetime | None) -> str:
@@ -113,6 +121,11 @@ def shorten(text: str, limit: int = MAX_SHOWN) -> str:
     return text[:limit] + f"\n... ({len(text) - limit:,} more characters not shown)"
 
 
+def short_error(text: str) -> str:
+    """An error message cut at :data:`MAX_ERROR_SHOWN` characters."""
+    return shorten(text, MAX_ERROR_SHOWN)
+
+
 def number(value: int | None) -> str:
     """``12,345``."""
     return "?" if value is None else f"{value:,}"
@@ -134,7 +147,12 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        when=when, when_short=when_short, pretty=pretty, number=number, shorten=shorten
+        when=when,
+        when_short=when_short,
+        pretty=pretty,
+        number=number,
+        shorten=shorten,
+        short_error=short_error,
     )
     env.globals.update(query_string=query_string)
     return env
@@ -199,7 +217,8 @@ def parse_time(value: str | None, *, end: bool = False) -> datetime | None:
     12:00:59.999999, "to 2024-05-01" the whole day.
 
     Raises:
-      ValueError: Not an ISO 8601 date and time.
+      ValueError: Not an ISO 8601 date and time, or one outside the years 1 to
+        9999 once in UTC (``9999-12-31T23:59:59-01:00``).
     """
     if value is None or not value.strip():
         return None
@@ -210,15 +229,21 @@ def parse_time(value: str | None, *, end: bool = False) -> datetime | None:
         raise ValueError(f"{value!r} is not a date and time like 2024-05-01T12:00") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if end and "." not in text:
-        clock = re.split(r"[Z+-]", text[10:].lstrip("T "))[0]  # "12:00", "12:00:05", ""
-        if not clock:
-            span = timedelta(days=1)
-        elif clock.count(":") == 1:
-            span = timedelta(minutes=1)
-        else:
-            span = timedelta(seconds=1)
-        moment += span - timedelta(microseconds=1)
+    try:
+        moment = moment.astimezone(UTC)
+        if end and "." not in text:
+            clock = re.split(r"[Z+-]", text[10:].lstrip("T "))[0]  # "12:00", "12:00:05", ""
+            if not clock:
+                span = timedelta(days=1)
+            elif clock.count(":") == 1:
+                span = timedelta(minutes=1)
+            else:
+                span = timedelta(seconds=1)
+            moment += span - timedelta(microseconds=1)
+    except OverflowError:
+        raise ValueError(
+            f"{value!r} is outside the dates the console handles: the years 1 to 9999, in UTC"
+        ) from None
     return moment
 
 

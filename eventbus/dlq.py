@@ -17,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -42,6 +44,20 @@ MAX_ENVELOPE_TEXT = 16 * 1024 * 1024
 DEFAULT_AUDIT_SIZE = 10_000
 #: Record ids written into one audit entry (the count says how many there were).
 MAX_AUDIT_IDS = 100
+#: Characters a cut traceback keeps (its first and last halves), when a dead letter
+#: is cut to fit its store.
+CUT_TRACEBACK_CHARS = 8_000
+#: Characters a cut error message keeps (its first and last halves).
+CUT_ERROR_CHARS = 2_000
+#: Envelope key of a dead letter whose payload was dropped to fit its store.
+PAYLOAD_DROPPED = "payload_dropped"
+
+#: :attr:`AuditEntry.status` of the entry written before an action runs.
+STARTED = "started"
+#: :attr:`AuditEntry.status` of the entry written after an action ran to its end.
+DONE = "done"
+#: :attr:`AuditEntry.status` of the entry written after an action stopped on an error.
+FAILED = "failed"
 
 
 def _now() -> datetime:
@@ -144,8 +160,8 @@ class FailedEvent:
             last_failed_at=_parse_time(data.get("last_failed_at")),
             correlation_id=str(data.get("correlation_id", "")),
             trace_id=str(data.get("trace_id", "")),
-            partition=data.get("partition"),
-            offset=data.get("offset"),
+            partition=_whole(data.get("partition")),
+            offset=_whole(data.get("offset")),
             attempt_log=[
                 {
                     "at": _parse_time(entry.get("at")),
@@ -213,6 +229,123 @@ def json_text(value: Any, limit: int = MAX_ENVELOPE_TEXT) -> str:
     return "".join(out)
 
 
+def _whole(value: object) -> int | None:
+    """``value`` when it is an integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _count(value: object) -> int:
+    """``value`` as a count: an integer, or the integer a finite number or digits
+    name; 0 for anything else (a forged ``Infinity``, text)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    return 0
+
+
+def refuse_constants(name: str) -> Any:
+    """``json.loads(..., parse_constant=refuse_constants)``: NaN and infinities are
+    not JSON; text holding them is refused (ValueError)."""
+    raise ValueError(f"{name} is not JSON (send a number, null, or a string)")
+
+
+def non_finite_path(value: Any, path: str = "") -> str | None:
+    """The path of a NaN or infinite float inside ``value`` (dicts and lists), or None."""
+    pending: list[tuple[str, Any]] = [(path, value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return where or "(the value)"
+        if isinstance(item, dict):
+            pending += [(f"{where}.{key}" if where else str(key), v) for key, v in item.items()]
+        elif isinstance(item, list | tuple):
+            pending += [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+    return None
+
+
+def cut_text(text: str, keep: int) -> str:
+    """``text`` with its middle replaced by a ``… [N characters cut] …`` mark, so
+    that ``keep`` of its characters remain (its first and last halves); unchanged
+    when it is not longer than that."""
+    if len(text) <= keep:
+        return text
+    head = keep // 2
+    tail = keep - head
+    return f"{text[:head]} … [{len(text) - keep} characters cut] … {text[len(text) - tail :]}"
+
+
+def payload_dropped(record: FailedEvent) -> dict[str, Any] | None:
+    """What a dead letter whose payload was dropped keeps of it (reason, bytes,
+    sha256, event type and id), or None when the payload is there."""
+    envelope = record.envelope
+    if isinstance(envelope, dict) and len(envelope) == 1:
+        kept = envelope.get(PAYLOAD_DROPPED)
+        if isinstance(kept, dict):
+            return kept
+    return None
+
+
+def fit_record(
+    record: FailedEvent, limit: int, size: Callable[[FailedEvent], int], where: str
+) -> tuple[FailedEvent, tuple[str, ...]]:
+    """``record`` cut to at most ``limit`` bytes as ``size`` counts them, and what was cut.
+
+    Unchanged when it fits.  Else its traceback and error keep their first and
+    last characters (:data:`CUT_TRACEBACK_CHARS`, :data:`CUT_ERROR_CHARS`, less
+    for a small ``limit``) around a ``… [N characters cut] …`` mark.  If it is
+    still too large, its payload is dropped: the envelope becomes
+    ``{"payload_dropped": {"reason", "bytes", "sha256", "event_type", "event_id"}}``
+    and the error starts with the reason.  Such a record cannot be replayed
+    (``replay`` refuses it and keeps it; ``replay_edited`` with the event found
+    again works).  ``where`` names the limit in the reason (``"of the Redis
+    dead-letter store"``).
+
+    Returns:
+      The record, and what was cut: ``traceback``, ``error``, ``payload`` (in
+      that order; empty when nothing was).  The result can still exceed a tiny
+      ``limit``: ids, topic, handler and the attempt log are never cut.
+    """
+    before = size(record)
+    if before <= limit:
+        return record, ()
+    changes: dict[str, Any] = {}
+    traceback = cut_text(record.traceback, min(CUT_TRACEBACK_CHARS, limit // 8))
+    if traceback != record.traceback:
+        changes["traceback"] = traceback
+    error = cut_text(record.error, min(CUT_ERROR_CHARS, limit // 32))
+    if error != record.error:
+        changes["error"] = error
+    if changes:
+        record = replace(record, **changes)
+        if size(record) <= limit:
+            return record, tuple(changes)
+    payload = json.dumps(
+        record.to_dict()["envelope"], separators=(",", ":"), ensure_ascii=False, default=str
+    ).encode("utf-8", "surrogatepass")
+    reason = (
+        f"payload dropped: the dead letter was {before:,} bytes, over the limit of "
+        f"{limit:,} {where}; it cannot be replayed from here"
+    )
+    envelope = record.envelope
+    event = envelope.get("event") if isinstance(envelope, dict) else None
+    kept = {
+        "reason": reason,
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "event_type": str(envelope.get("type", "")) if isinstance(envelope, dict) else "",
+        "event_id": str(event.get("event_id", "")) if isinstance(event, dict) else "",
+    }
+    record = replace(
+        record, envelope={PAYLOAD_DROPPED: kept}, event=None, error=f"{reason}; {record.error}"
+    )
+    return record, (*changes, "payload")
+
+
 def _parse_time(value: object) -> datetime:
     if isinstance(value, str):
         try:
@@ -226,13 +359,24 @@ def _parse_time(value: object) -> datetime:
 class AuditEntry:
     """One action taken on dead letters: who did what, when, to which records.
 
+    A bulk action writes two entries with the same ``action_id``: one with status
+    :data:`STARTED` before it changes anything (``count``: the records selected),
+    and one with status :data:`DONE` (or :data:`FAILED`, when it stopped on an
+    error) after (``count``: the records it replayed or purged; ``failed``: those
+    it could not).  A started entry without its completion is an action that was
+    interrupted (its process died) or is still running.  Entries written before
+    there were two (no ``action_id``) read as :data:`DONE`.
+
     Attributes:
       at: When (UTC).
       who: The person or client, as the console's auth dependency named it.
       action: ``replay``, ``replay-edited`` or ``purge``.
-      count: How many records the action touched.
+      count: Records selected (started) or touched (done, failed).
       ids: Their ids, at most :data:`MAX_AUDIT_IDS` of them.
       detail: What was selected and what came of it, in words.
+      action_id: Pairs a started entry with its completion.
+      status: :data:`STARTED`, :data:`DONE` or :data:`FAILED`.
+      failed: Records the action could not replay (they stay).
     """
 
     at: datetime
@@ -241,6 +385,9 @@ class AuditEntry:
     count: int
     ids: tuple[str, ...] = ()
     detail: str = ""
+    action_id: str = ""
+    status: str = DONE
+    failed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as a JSON-compatible dict."""
@@ -251,6 +398,9 @@ class AuditEntry:
             "count": self.count,
             "ids": list(self.ids),
             "detail": self.detail,
+            "action_id": self.action_id,
+            "status": self.status,
+            "failed": self.failed,
         }
 
     @classmethod
@@ -261,9 +411,12 @@ class AuditEntry:
             at=_parse_time(data.get("at")),
             who=str(data.get("who", "")),
             action=str(data.get("action", "")),
-            count=int(data.get("count", 0)),
+            count=_count(data.get("count")),
             ids=tuple(str(i) for i in ids) if isinstance(ids, list) else (),
             detail=str(data.get("detail", "")),
+            action_id=str(data.get("action_id") or ""),
+            status=str(data.get("status") or DONE),
+            failed=_count(data.get("failed")),
         )
 
 
@@ -586,9 +739,17 @@ class DeadLetterQueue:
 
         Raises:
           EventDecodeError: ``envelope`` is not an event envelope (nothing is done).
+          ValueError: ``envelope`` holds NaN or an infinite number, which JSON
+            cannot carry, as ``publish`` refuses it (nothing is done).
         """
         if self._replayer is None:
             raise RuntimeError("this dead-letter queue is not attached to a bus; cannot replay")
+        where = non_finite_path(envelope)
+        if where is not None:
+            raise ValueError(
+                f"the edited envelope holds NaN or Infinity at {where}, which JSON cannot "
+                "carry: send None, or the value as a string"
+            )
         event = decode_event(envelope)
         result = ReplayResult()
         record = self.store.claim(record_id)

@@ -10,7 +10,8 @@ Keys (``{ns}`` is the backend's namespace)::
     {ns}:dlq:order    ZSET  record id -> insertion sequence (listed records)
     {ns}:dlq:claimed  ZSET  record id -> claim time (ms) of records being replayed
     {ns}:dlq:seq      counter of insertions
-    {ns}:dlq:evicted  counter of records dropped to stay within ``max_size``
+    {ns}:dlq:evicted  counter of records dropped to stay within ``max_size`` and ``max_bytes``
+    {ns}:dlq:bytes    bytes of the records and summaries stored (the JSON texts)
     {ns}:dlq:sum      HASH  record id -> summary JSON (no payload, no traceback)
     {ns}:dlq:ix       ZSET  record id -> final failure time (us), listed records
     {ns}:dlq:ix:t:<topic>, :ix:h:<handler>, :ix:e:<error type>,
@@ -26,22 +27,40 @@ indexed on the next search (:meth:`RedisDeadLetterStore.reindex`).
 
 A claimed record is hidden from listings and other replays; if its claimer dies
 before completing, the next read brings it back after :data:`CLAIM_TIMEOUT`.
-A stored value that is not a record (written by hand, or damaged) is listed as
-a record of error type ``UnreadableRecord`` holding the raw text, so it can be
-seen and purged.
+A stored value that is not a record (written by hand, or damaged, or holding
+``NaN`` / ``Infinity``, which are not JSON) is listed as a record of error type
+``UnreadableRecord`` holding the raw text, so it can be seen and purged.
+
+**Bounds.**  The store keeps at most ``max_size`` records and ``max_bytes`` bytes
+of them (:data:`~eventbus.config.DEFAULT_DLQ_MAX_BYTES`, 256 MiB, counted as the
+length of each record's JSON and summary; Redis' own overhead per key comes on
+top).  Adding a record evicts the oldest ones until both hold, counts them in
+``evicted`` and logs a warning (at most one per :data:`EVICTION_LOG_INTERVAL`).
+A record larger than ``max_bytes / RECORD_SHARE`` alone is cut before it is
+written (:func:`~eventbus.dlq.fit_record`): its error and traceback first, its
+payload too if that is not enough (it then cannot be replayed; the record says
+why and keeps the payload's size and sha256), with a warning.  One record never
+evicts more than a tenth of the store, and none is refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import redis
 
 from . import dlq_redis_scripts as lua
+from .config import DEFAULT_DLQ_MAX_BYTES, DEFAULT_DLQ_MAX_SIZE
 from .console_store import (
     MAX_GROUPS,
+    MAX_MICROS,
+    MIN_MICROS,
     DeadLetterPage,
     DeadLetterQuery,
     DeadLetterSummary,
@@ -49,8 +68,17 @@ from .console_store import (
     from_micros,
     parse_cursor,
 )
-from .dlq import DEFAULT_AUDIT_SIZE, AuditEntry, FailedEvent, newest
+from .dlq import (
+    DEFAULT_AUDIT_SIZE,
+    AuditEntry,
+    FailedEvent,
+    fit_record,
+    newest,
+    refuse_constants,
+)
 from .events import text_too_deep
+
+logger = logging.getLogger(__name__)
 
 #: Records listed when no limit is given.
 DEFAULT_LIMIT = 10
@@ -63,10 +91,15 @@ SCAN_CHUNK = 500
 MAX_SCAN = 5_000
 #: ``error_type`` of a listed value that is not a valid record.
 UNREADABLE = "UnreadableRecord"
+#: A record larger than ``max_bytes / RECORD_SHARE`` is cut before it is written.
+RECORD_SHARE = 10
+#: Seconds between two warnings about evicted records (each counts those since the last).
+EVICTION_LOG_INTERVAL = 60.0
 
 
 class RedisDeadLetterStore:
-    """Dead letters in Redis, bounded by count (the oldest are evicted and counted).
+    """Dead letters in Redis, bounded by count and by bytes (the oldest are evicted
+    and counted; see the module's docstring).
 
     Also a :class:`~eventbus.console_store.SearchableStore` (indexed pages,
     groups and selections for the console) and an
@@ -77,6 +110,8 @@ class RedisDeadLetterStore:
       client: A synchronous redis-py client.
       namespace: Key prefix (the Redis backend's namespace).
       max_size: Records kept.
+      max_bytes: Bytes of records kept (their JSON and summaries); a record over
+        ``max_bytes / RECORD_SHARE`` is cut to fit.
       claim_timeout: Seconds before an unfinished claim is undone.
       audit_size: Audit entries kept.
 
@@ -95,19 +130,27 @@ class RedisDeadLetterStore:
         client: redis.Redis,
         *,
         namespace: str = "eventbus",
-        max_size: int = 10_000,
+        max_size: int = DEFAULT_DLQ_MAX_SIZE,
+        max_bytes: int = DEFAULT_DLQ_MAX_BYTES,
         claim_timeout: float = CLAIM_TIMEOUT,
         audit_size: int = DEFAULT_AUDIT_SIZE,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.max_size = max_size
+        self.max_bytes = max_bytes
+        #: Bytes one record may take; a larger one is cut before it is written.
+        self.max_record_bytes = max(max_bytes // RECORD_SHARE, 1)
         self.claim_timeout = claim_timeout
         base = f"{namespace}:dlq"
         self._prefix = base
         self._hash = base
         self._order = f"{base}:order"
         self._evicted = f"{base}:evicted"
+        self._bytes = f"{base}:bytes"
+        self._evictions_lock = threading.Lock()
+        self._evictions_unlogged = 0
+        self._evictions_logged_at = -math.inf
         self._sum = f"{base}:sum"
         self._ix = f"{base}:ix"
         self._groups = f"{base}:groups"
@@ -123,8 +166,13 @@ class RedisDeadLetterStore:
 
     @property
     def evicted(self) -> int:
-        """Records dropped so far to stay within ``max_size``."""
+        """Records dropped so far to stay within ``max_size`` and ``max_bytes``."""
         return int(self.client.get(self._evicted) or 0)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes the stored records and their summaries take (what ``max_bytes`` bounds)."""
+        return int(self.client.get(self._bytes) or 0)
 
     def _decode(self, record_id: str | bytes, data: Any) -> FailedEvent | None:
         if data is None:
@@ -132,20 +180,22 @@ class RedisDeadLetterStore:
         try:
             if text_too_deep(data):  # to_dict never writes such a record
                 raise ValueError("nested too deeply")
-            fields = json.loads(data)
+            fields = json.loads(data, parse_constant=refuse_constants)
             if not isinstance(fields, dict):
                 raise ValueError(f"a JSON {type(fields).__name__}, not an object")
             return FailedEvent.from_dict(fields)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             return _unreadable(record_id, data, exc)
 
     def _restore_stale(self) -> None:
         self._restore(args=[self._prefix, int(self.claim_timeout * 1000)])
 
     def add(self, record: FailedEvent) -> None:
-        """Store ``record``, replacing one with the same id."""
-        data = json.dumps(record.to_dict(), default=str)
-        self._add(args=[self._prefix, record.id, data, _summary_json(record), self.max_size])
+        """Store ``record``, replacing one with the same id (cut first when it is
+        larger than :attr:`max_record_bytes`); evicts the oldest records while the
+        store is over ``max_size`` or ``max_bytes``."""
+        evicted = self._add(args=self._add_args(record))
+        self._evictions(int(evicted))
 
     def add_many(self, records: Iterable[FailedEvent], *, chunk: int = SCAN_CHUNK) -> None:
         """Store many records, ``chunk`` per round trip (imports, benchmarks)."""
@@ -153,12 +203,56 @@ class RedisDeadLetterStore:
         for i in range(0, len(pending), chunk):
             with self.client.pipeline(transaction=False) as pipe:
                 for record in pending[i : i + chunk]:
-                    data = json.dumps(record.to_dict(), default=str)
-                    summary = _summary_json(record)
-                    self._add(
-                        args=[self._prefix, record.id, data, summary, self.max_size], client=pipe
-                    )
-                pipe.execute()
+                    self._add(args=self._add_args(record), client=pipe)
+                evicted = pipe.execute()
+            self._evictions(sum(int(n) for n in evicted))
+
+    def _add_args(self, record: FailedEvent) -> list[Any]:
+        data, summary = _encoded(record)
+        size = len(data) + len(summary)
+        if size > self.max_record_bytes:
+            record, cut = fit_record(
+                record,
+                self.max_record_bytes,
+                lambda r: sum(map(len, _encoded(r))),
+                "of one record in the Redis dead-letter store (a tenth of EVENTBUS_DLQ_MAX_BYTES)",
+            )
+            data, summary = _encoded(record)
+            logger.warning(
+                "Dead letter %s (handler %s) was %s bytes, over the %s a record may take in "
+                "the Redis dead-letter store (a tenth of EVENTBUS_DLQ_MAX_BYTES=%s): its %s "
+                "cut to fit, now %s bytes%s.",
+                record.id,
+                record.handler,
+                f"{size:,}",
+                f"{self.max_record_bytes:,}",
+                self.max_bytes,
+                " and ".join(cut),
+                f"{len(data) + len(summary):,}",
+                "; the payload was dropped, so it cannot be replayed" if "payload" in cut else "",
+            )
+        return [self._prefix, record.id, data, summary, self.max_size, self.max_bytes]
+
+    def _evictions(self, count: int) -> None:
+        """Log evictions: the first at once, then at most one warning per interval."""
+        if count <= 0:
+            return
+        with self._evictions_lock:
+            self._evictions_unlogged += count
+            now = time.monotonic()
+            if now - self._evictions_logged_at < EVICTION_LOG_INTERVAL:
+                return
+            count, self._evictions_unlogged = self._evictions_unlogged, 0
+            self._evictions_logged_at = now
+        logger.warning(
+            "%s dead letters were evicted (the oldest first) to keep the Redis store within "
+            "%s records and %s bytes (EVENTBUS_DLQ_MAX_SIZE, EVENTBUS_DLQ_MAX_BYTES); %s "
+            "evicted in all. Replay or purge them, or raise the bounds.",
+            f"{count:,}",
+            f"{self.max_size:,}",
+            f"{self.max_bytes:,}",
+            f"{self.evicted:,}",
+        )
 
     def find(
         self,
@@ -492,7 +586,7 @@ class RedisAuditLog:
         entries = []
         for row in rows:
             try:
-                data = json.loads(row)
+                data = json.loads(row, parse_constant=refuse_constants)
             except ValueError:
                 continue
             if isinstance(data, dict):
@@ -505,7 +599,20 @@ def _b(member: bytes | str) -> bytes:
 
 
 def _score(value: bytes | str) -> int:
-    return int(float(value))
+    """An index score as microseconds; a forged one (``inf``, beyond the calendar)
+    is clamped to the range a time can have."""
+    number = float(value)
+    if math.isnan(number):
+        return 0
+    return int(min(max(number, MIN_MICROS), MAX_MICROS))
+
+
+def _micros(value: object) -> int:
+    """A summary's time (whole microseconds, as text); exact when in range."""
+    text = str(value)
+    if text.isascii() and text.lstrip("-").isdigit():
+        return min(max(int(text), MIN_MICROS), MAX_MICROS)
+    return _score(text)
 
 
 def _group(handler: str, error_type: str) -> str:
@@ -519,6 +626,12 @@ def _parse_group(field: bytes) -> tuple[str, str] | None:
         return None
     n = int(size)
     return rest[:n].decode("utf-8", "replace"), rest[n:].decode("utf-8", "replace")
+
+
+def _encoded(record: FailedEvent) -> tuple[bytes, bytes]:
+    """The record's JSON and its summary's, as stored."""
+    data = json.dumps(record.to_dict(), default=str).encode()  # ASCII: ensure_ascii
+    return data, _summary_json(record).encode()
 
 
 def _summary_json(record: FailedEvent) -> str:
@@ -548,10 +661,10 @@ def _summary(record_id: bytes | str, data: bytes | str) -> DeadLetterSummary:
             error_type=str(fields["error_type"]),
             error=str(fields.get("error", "")),
             attempts=int(fields.get("attempts", 0)),
-            failed_at_us=int(fields["t"]),
+            failed_at_us=_micros(fields["t"]),
             event_type=str(fields.get("type", "")),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         return DeadLetterSummary(
             id=text_id,
             topic="",

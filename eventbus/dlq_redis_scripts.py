@@ -3,7 +3,10 @@
 Each one changes a record and its indexes in one atomic step: listing or
 unlisting a record always updates ``{ns}:dlq:ix`` and the per-topic, per-handler,
 per-error-type and per-group sorted sets, the group counts and the summaries
-together (see the key layout in :mod:`eventbus.dlq_redis`).
+together (see the key layout in :mod:`eventbus.dlq_redis`).  Writing or deleting
+a record also keeps ``{ns}:dlq:bytes`` (the bytes of every record and summary
+stored) true; ``ADD`` counts them once from the hash when the key is missing (a
+store written by a version without it, or just cleared).
 """
 
 from __future__ import annotations
@@ -47,32 +50,56 @@ local function unindex(id, data)
     redis.call('HDEL', P .. ':groups', group(s))
   end
 end
+local function size_of(id)
+  return redis.call('HSTRLEN', P, id) + redis.call('HSTRLEN', P .. ':sum', id)
+end
+local function count_bytes(delta)
+  if delta ~= 0 and redis.call('EXISTS', P .. ':bytes') == 1 then
+    if redis.call('INCRBY', P .. ':bytes', delta) < 0 then
+      redis.call('SET', P .. ':bytes', 0)
+    end
+  end
+end
 """
 
-# ARGV: prefix, id, record json, summary json, max_size.
+# ARGV: prefix, id, record json, summary json, max_size, max_bytes.  Evicts the
+# oldest listed records (never the one it adds) while over either bound; returns
+# how many it evicted.
 ADD = (
     INDEX
     + """
+if redis.call('EXISTS', P .. ':bytes') == 0 then
+  local total = 0
+  for _, k in ipairs(redis.call('HKEYS', P)) do total = total + size_of(k) end
+  redis.call('SET', P .. ':bytes', total)
+end
 local id = ARGV[2]
 local seq = redis.call('INCR', P .. ':seq')
+local before = size_of(id)
 unindex(id, redis.call('HGET', P .. ':sum', id))
 redis.call('HSET', P, id, ARGV[3])
 redis.call('HSET', P .. ':sum', id, ARGV[4])
+count_bytes(string.len(ARGV[3]) + string.len(ARGV[4]) - before)
 redis.call('ZREM', P .. ':claimed', id)
 redis.call('ZADD', P .. ':order', seq, id)
 index(id, ARGV[4])
-local excess = redis.call('ZCARD', P .. ':order') - tonumber(ARGV[5])
-if excess > 0 then
-  local victims = redis.call('ZRANGE', P .. ':order', 0, excess - 1)
-  for _, victim in ipairs(victims) do
-    unindex(victim, redis.call('HGET', P .. ':sum', victim))
-    redis.call('HDEL', P .. ':sum', victim)
+local max_size, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local evicted = 0
+while redis.call('ZCARD', P .. ':order') > 1 do
+  if redis.call('ZCARD', P .. ':order') <= max_size
+      and tonumber(redis.call('GET', P .. ':bytes')) <= max_bytes then
+    break
   end
-  redis.call('ZREM', P .. ':order', unpack(victims))
-  redis.call('HDEL', P, unpack(victims))
-  redis.call('INCRBY', P .. ':evicted', #victims)
+  local victim = redis.call('ZRANGE', P .. ':order', 0, 0)[1]
+  unindex(victim, redis.call('HGET', P .. ':sum', victim))
+  count_bytes(-size_of(victim))
+  redis.call('ZREM', P .. ':order', victim)
+  redis.call('HDEL', P, victim)
+  redis.call('HDEL', P .. ':sum', victim)
+  evicted = evicted + 1
 end
-return 1
+if evicted > 0 then redis.call('INCRBY', P .. ':evicted', evicted) end
+return evicted
 """
 )
 
@@ -115,6 +142,7 @@ local id = ARGV[2]
 if redis.call('ZREM', P .. ':order', id) == 0 then return false end
 unindex(id, redis.call('HGET', P .. ':sum', id))
 local data = redis.call('HGET', P, id)
+count_bytes(-size_of(id))
 redis.call('HDEL', P, id)
 redis.call('HDEL', P .. ':sum', id)
 return data
@@ -130,13 +158,15 @@ redis.call('ZREM', P .. ':claimed', id)
 if redis.call('ZREM', P .. ':order', id) == 1 then
   unindex(id, redis.call('HGET', P .. ':sum', id))
 end
+count_bytes(-size_of(id))
 redis.call('HDEL', P, id)
 redis.call('HDEL', P .. ':sum', id)
 return 1
 """
 )
 
-# ARGV: prefix.  Deletes every record and index (the eviction counter stays).
+# ARGV: prefix.  Deletes every record and index (the eviction counter stays; the
+# byte count goes with the records).
 CLEAR = """
 local P = ARGV[1]
 local keys = redis.call('SMEMBERS', P .. ':ixkeys')
@@ -144,7 +174,7 @@ for i = 1, #keys, 500 do
   redis.call('DEL', unpack(keys, i, math.min(i + 499, #keys)))
 end
 redis.call('DEL', P, P .. ':order', P .. ':claimed', P .. ':sum', P .. ':ix',
-  P .. ':groups', P .. ':ixkeys')
+  P .. ':groups', P .. ':ixkeys', P .. ':bytes')
 return 1
 """
 
@@ -159,12 +189,14 @@ for i = 2, #ARGV, 2 do
   local listed = redis.call('ZSCORE', P .. ':order', id)
   local indexed = redis.call('ZSCORE', P .. ':ix', id)
   if listed and not indexed then
+    count_bytes(string.len(data) - redis.call('HSTRLEN', P .. ':sum', id))
     redis.call('HSET', P .. ':sum', id, data)
     index(id, data)
     fixed = fixed + 1
   elseif indexed and not listed then
     unindex(id, redis.call('HGET', P .. ':sum', id) or data)
     if redis.call('ZSCORE', P .. ':claimed', id) == false then
+      count_bytes(-redis.call('HSTRLEN', P .. ':sum', id))
       redis.call('HDEL', P .. ':sum', id)
     end
     fixed = fixed + 1

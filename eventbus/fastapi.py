@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
@@ -21,6 +22,14 @@ from .health import HealthResult, HealthStatus, overall
 
 #: Status code of a health answer whose overall status is unhealthy.
 UNHEALTHY_STATUS_CODE = 503
+#: ``Sec-Fetch-Site`` values of requests a page of the same origin made, or the user
+#: (typed URL, bookmark); any other value means another site made the browser send it.
+SAME_SITE_FETCH = ("same-origin", "none")
+#: Methods that change nothing (never checked for cross-site requests).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+#: Header that marks a state-changing admin request as sent by a script or client,
+#: not a form: a browser sends it cross-site only after a CORS preflight allows it.
+CSRF_HEADER = "X-Requested-With"
 
 
 def create_lifespan(bus: EventBus) -> Callable[[Any], AbstractAsyncContextManager[None]]:
@@ -184,6 +193,60 @@ def _answer(results: list[HealthResult]) -> JSONResponse:
     return JSONResponse(body, status_code=code)
 
 
+def cross_site_refusal(request: HTTPConnection) -> str | None:
+    """Why ``request`` looks sent by another site, or None when nothing says so.
+
+    ``Sec-Fetch-Site``, when sent, must be ``same-origin`` or ``none``, and
+    ``Origin``, when sent, must name the host the request went to (``null``, from
+    a sandboxed frame say, is another origin too).  Requests from scripts and
+    tools send neither and pass.  The console (:mod:`eventbus.console_csrf`) and
+    :func:`dlq_router` both refuse what this names.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in SAME_SITE_FETCH:
+        return f"the request came from another site (Sec-Fetch-Site: {site})"
+    origin = request.headers.get("origin")
+    if origin is not None:
+        host = request.headers.get("host", "")
+        if urlsplit(origin).netloc.lower() != host.lower():
+            return "the request came from another origin"
+    return None
+
+
+def _json_content(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+async def refuse_cross_site(request: Request) -> None:
+    """Dependency: refuse a state-changing request another site could have sent.
+
+    A browser attaches cached credentials (Basic auth, cookies) to requests that a
+    page of any site makes.  Without a CORS preflight, such a page can only send
+    forms (URL-encoded, multipart, ``text/plain``) and bodiless requests, and
+    cannot add headers.  So a POST, PUT, PATCH or DELETE is refused (403) unless
+    it sends ``Content-Type: application/json`` or the :data:`CSRF_HEADER` header,
+    and it is refused anyway when :func:`cross_site_refusal` says another site
+    sent it.  ``GET`` and ``HEAD`` pass: they change nothing.
+
+    Raises:
+      HTTPException: 403, with the reason and what to send.
+    """
+    if request.method in SAFE_METHODS:
+        return
+    reason = cross_site_refusal(request)
+    if reason is None and not (_json_content(request) or CSRF_HEADER.lower() in request.headers):
+        reason = (
+            f"send Content-Type: application/json or the header {CSRF_HEADER} (any value) "
+            "with this request: without either, another site could have made a browser "
+            "send it"
+        )
+    if reason is not None:
+        raise HTTPException(403, f"refused: {reason}")
+
+
 class DeadLetterSelection(BaseModel):
     """Body of the bulk replay and purge routes: ids, or filters, or ``all``; one of them."""
 
@@ -250,6 +313,15 @@ def dlq_router(
     ``topic:partition:offset``); replaying a record whose payload is not an
     event envelope answers 409 and keeps it.
 
+    **Cross-site requests.**  A browser sends the credentials it cached for your
+    site (Basic auth, cookies) with any request a page of another site makes, so
+    every ``POST`` and ``DELETE`` must carry ``Content-Type: application/json``
+    or the header ``X-Requested-With`` (any value; a page elsewhere cannot add
+    either without a CORS preflight), and is refused (403) when ``Origin`` or
+    ``Sec-Fetch-Site`` names another site (:func:`refuse_cross_site`)::
+
+        curl -X POST -H "X-Requested-With: curl" -u ops:... .../eventbus/dlq/<id>/replay
+
     Raises:
       ConfigurationError: No ``dependencies`` and not ``allow_unauthenticated``.
     """
@@ -260,7 +332,8 @@ def dlq_router(
             "allow_unauthenticated=True only if every client that can reach it may "
             "read and replay your failed events"
         )
-    router = APIRouter(prefix=prefix, tags=tags or ["eventbus"], dependencies=dependencies)
+    guarded = [*(dependencies or ()), Depends(refuse_cross_site)]
+    router = APIRouter(prefix=prefix, tags=tags or ["eventbus"], dependencies=guarded)
     bus_dep = Depends(get_event_bus)
 
     @router.get("")

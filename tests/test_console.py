@@ -507,8 +507,9 @@ def test_the_audit_trail_names_the_user_of_the_auth_dependency(
     assert answer.status_code == 200
     client.portal.call(bus.drain, 5)  # type: ignore[union-attr]
     assert len(ledger.handled) == 2
-    [entry] = bus.dlq.store.audit.entries()  # type: ignore[attr-defined]
-    assert (entry.who, entry.action, entry.count) == ("bob", "replay", 2)
+    entry, started = bus.dlq.store.audit.entries()  # type: ignore[attr-defined]
+    assert (entry.who, entry.action, entry.count, entry.status) == ("bob", "replay", 2, "done")
+    assert (started.status, started.action_id) == ("started", entry.action_id)
     assert "filter handler=orders:ledger" in entry.detail
 
 
@@ -526,7 +527,7 @@ def test_unknown_records_and_bad_forms_get_clear_pages(
     group = client.post(PREFIX + "/actions", data={"action": "replay:group", "csrf_token": csrf})
     assert group.status_code == 400 and "handler and an error type" in group.text
     bad_time = client.get(PREFIX + "/", params={"since": "yesterday"})
-    assert bad_time.status_code == 200 and "is not a date and time" in bad_time.text
+    assert bad_time.status_code == 400 and "is not a date and time" in bad_time.text
 
 
 def test_without_jinja2_the_import_names_the_extra_to_install() -> None:

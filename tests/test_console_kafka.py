@@ -114,6 +114,6 @@ async def test_the_console_lists_edits_replays_and_purges_kafka_dead_letters(
 
     # another process reads the same trail from the topic
     again = KafkaAuditLog(KafkaConfig(kafka_bootstrap), topic=f"{topic}.audit")
-    entries = await asyncio.to_thread(again.entries, 10)
+    entries = [e for e in await asyncio.to_thread(again.entries, 10) if e.status == "done"]
     assert [e.action for e in entries] == ["replay", "purge", "replay-edited"]
     assert entries[0].ids == (by_n[2],) and entries[1].ids == (by_n[1],)

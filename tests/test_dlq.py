@@ -330,7 +330,8 @@ def test_admin_router_lists_shows_replays_and_purges(topic: str) -> None:
         assert client.get("/eventbus/dlq/nope", headers=auth).status_code == 404
 
         switch.broken = False
-        replayed = client.post(f"/eventbus/dlq/{first}/replay", headers=auth).json()
+        script = {**auth, "X-Requested-With": "test"}  # POST and DELETE need it (CSRF)
+        replayed = client.post(f"/eventbus/dlq/{first}/replay", headers=script).json()
         assert replayed["replayed"] == [first]
         client.portal.call(bus.drain, 5)  # type: ignore[union-attr]
         assert len(switch.seen) == 1
@@ -607,6 +608,7 @@ def test_admin_router_reaches_record_ids_containing_slashes(topic: str) -> None:
         assert client.get(f"/eventbus/dlq/{third}").json()["id"] == third
         assert client.get("/eventbus/dlq/x/%20/y").json()["id"] == fourth
         assert client.get("/eventbus/dlq/orders%2Feu%2Fnope").status_code == 404
+        client.headers["X-Requested-With"] = "test"  # POST and DELETE need it (CSRF)
         replayed = client.post(f"/eventbus/dlq/{first}/replay")
         assert replayed.status_code == 200 and replayed.json()["replayed"] == [first]
         assert client.post(f"/eventbus/dlq/{third}/replay").json()["replayed"] == [third]
@@ -634,7 +636,7 @@ def test_admin_router_refuses_to_replay_an_undecodable_record() -> None:
                 error_type="EventDecodeError",
             )
         )
-        response = client.post("/eventbus/dlq/raw/replay")
+        response = client.post("/eventbus/dlq/raw/replay", headers={"X-Requested-With": "t"})
 
         assert response.status_code == 409
         assert "not an event envelope" in response.json()["detail"]
