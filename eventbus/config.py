@@ -24,14 +24,17 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
+import annotated_types
 from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .exceptions import ConfigurationError
 from .extras import require_extra
+from .redact import MASK, is_secret_name, redact
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,40 @@ DEFAULT_UNROUTED: UnroutedMode = "warn"
 #: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
+# Bounds of the numeric settings: a value outside them (infinite, NaN, absurdly
+# large) is refused when the settings are built, naming the variable, instead of
+# stopping a worker or a publish later.
+#: Most retries of a handler: the backoff ``factor ** attempt`` stays finite (2.0 **
+#: 1024 overflows) and a poison event dies within days, not months.
+MAX_RETRIES_LIMIT = 1_000
+#: Longest retry delay, in seconds (a week: dramatiq's own cap on a backoff).
+MAX_RETRY_DELAY_LIMIT = 7 * 24 * 3600.0
+#: Largest retry backoff factor.
+MAX_BACKOFF_FACTOR_LIMIT = 100.0
+#: Longest timeout or wait, in seconds (an hour: a call stuck longer is not slow, it hangs).
+MAX_TIMEOUT_LIMIT = 3600.0
+#: Shortest redelivery timeout, in seconds (workers beat 7.5 times per timeout: 0.13 s).
+MIN_REDELIVERY_TIMEOUT = 1.0
+#: Longest redelivery timeout, in seconds (a day).
+MAX_REDELIVERY_TIMEOUT = 24 * 3600.0
+#: Longest Kafka session timeout, in milliseconds (an hour; brokers cap it at 30 min
+#: by default, ``group.max.session.timeout.ms``).
+MAX_KAFKA_SESSION_TIMEOUT_MS = 3_600_000
+#: Most dead letters the in-memory and Redis stores may be asked to keep.
+MAX_DLQ_SIZE_LIMIT = 10_000_000
+#: Most bytes of dead letters the Redis store may be asked to keep (64 GiB).
+MAX_DLQ_BYTES_LIMIT = 64 * 1024**3
+#: Most connections of the publishing Redis client, per event loop.
+MAX_REDIS_CONNECTIONS_LIMIT = 10_000
+#: Most records a Kafka worker may hold in flight.
+MAX_IN_FLIGHT_LIMIT = 1_000_000
+#: Most async handlers running at once.
+MAX_CONCURRENCY_LIMIT = 100_000
+#: Most threads for sync handlers.
+MAX_WORKER_THREADS_LIMIT = 1_024
+#: Largest event size limit, in bytes (512 MiB: Redis' largest string).
+MAX_EVENT_BYTES_LIMIT = 512 * 1024 * 1024
+
 #: The extra each setting value needs: (setting, value) -> extra.
 _EXTRA_OF_VALUE: dict[tuple[str, str], str] = {
     ("backend", "redis"): "redis",
@@ -155,19 +192,30 @@ class EventBusSettings(BaseSettings):
     max_retries: int = Field(
         DEFAULT_MAX_RETRIES,
         ge=0,
+        le=MAX_RETRIES_LIMIT,
         description="Retries of a failed handler before its event is dead-lettered "
         "(0: dead-lettered at the first failure).",
     )
     retry_delay: float = Field(
-        DEFAULT_RETRY_DELAY, ge=0, description="Seconds before the first retry."
+        DEFAULT_RETRY_DELAY,
+        ge=0,
+        le=MAX_RETRY_DELAY_LIMIT,
+        allow_inf_nan=False,
+        description="Seconds before the first retry.",
     )
     retry_backoff_factor: float = Field(
         DEFAULT_RETRY_BACKOFF_FACTOR,
         ge=1,
+        le=MAX_BACKOFF_FACTOR_LIMIT,
+        allow_inf_nan=False,
         description="Each retry waits this many times longer than the previous one.",
     )
     retry_max_delay: float = Field(
-        DEFAULT_RETRY_MAX_DELAY, ge=0, description="Upper bound of any retry delay, in seconds."
+        DEFAULT_RETRY_MAX_DELAY,
+        ge=0,
+        le=MAX_RETRY_DELAY_LIMIT,
+        allow_inf_nan=False,
+        description="Upper bound of any retry delay, in seconds.",
     )
 
     dlq_enabled: bool = Field(
@@ -183,12 +231,14 @@ class EventBusSettings(BaseSettings):
     dlq_max_size: int = Field(
         DEFAULT_DLQ_MAX_SIZE,
         ge=1,
+        le=MAX_DLQ_SIZE_LIMIT,
         description="Dead letters kept by the in-memory store (`sync` backend) and the "
         "Redis store; the oldest are evicted, and counted.",
     )
     dlq_max_bytes: int = Field(
         DEFAULT_DLQ_MAX_BYTES,
         ge=64 * 1024,
+        le=MAX_DLQ_BYTES_LIMIT,
         description="Bytes of dead letters (their JSON) the Redis store keeps; the oldest are "
         "evicted, and counted. A record over a tenth of it is cut to fit (error and "
         "traceback first, then the payload).",
@@ -196,12 +246,15 @@ class EventBusSettings(BaseSettings):
 
     redis_url: str = Field(
         DEFAULT_REDIS_URL,
-        description="Redis server of the redis backend (`redis://`, `rediss://` for TLS; "
-        "user, password and database in the URL).",
+        description="Redis server of the redis backend (`redis://`, `rediss://` for TLS, "
+        "`unix://`; user, password and database in the URL). Errors, logs, health details "
+        "and the CLI show it with its password (userinfo or `?password=`, "
+        "`ssl_password=`...) as `***`.",
     )
     redis_max_connections: int = Field(
         DEFAULT_REDIS_MAX_CONNECTIONS,
         ge=1,
+        le=MAX_REDIS_CONNECTIONS_LIMIT,
         description="Connections the publishing Redis client may open, per event loop.",
     )
     redis_namespace: str = Field(
@@ -212,13 +265,17 @@ class EventBusSettings(BaseSettings):
     )
     redis_redelivery_timeout: float = Field(
         DEFAULT_REDIS_REDELIVERY_TIMEOUT,
-        gt=0,
+        ge=MIN_REDELIVERY_TIMEOUT,
+        le=MAX_REDELIVERY_TIMEOUT,
+        allow_inf_nan=False,
         description="Seconds within which the events a dead worker held are handed to "
         "another worker.",
     )
     redis_publish_timeout: float = Field(
         DEFAULT_REDIS_PUBLISH_TIMEOUT,
         gt=0,
+        le=MAX_TIMEOUT_LIMIT,
+        allow_inf_nan=False,
         description="Seconds `publish` may take on the redis backend before it raises "
         "PublishError.",
     )
@@ -245,13 +302,16 @@ class EventBusSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(
         DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
         ge=1,
+        le=MAX_KAFKA_SESSION_TIMEOUT_MS,
         description="Milliseconds without a heartbeat before the group evicts a worker "
         "and hands its partitions to the others.",
     )
     kafka_heartbeat_interval_ms: int = Field(
         DEFAULT_KAFKA_HEARTBEAT_INTERVAL_MS,
         ge=1,
-        description="Milliseconds between consumer heartbeats (well under the session timeout).",
+        le=MAX_KAFKA_SESSION_TIMEOUT_MS,
+        description="Milliseconds between consumer heartbeats (under the session timeout; "
+        "a third of it or less is usual).",
     )
     kafka_acks: Literal["all", "1", "0"] = Field(
         "all",
@@ -268,18 +328,23 @@ class EventBusSettings(BaseSettings):
     kafka_publish_timeout: float = Field(
         DEFAULT_KAFKA_PUBLISH_TIMEOUT,
         gt=0,
+        le=MAX_TIMEOUT_LIMIT,
+        allow_inf_nan=False,
         description="Seconds a publish may wait for the broker's acknowledgement before "
         "PublishError.",
     )
     kafka_max_in_flight: int = Field(
         DEFAULT_KAFKA_MAX_IN_FLIGHT,
         ge=1,
+        le=MAX_IN_FLIGHT_LIMIT,
         description="Records a worker holds (fetched, not yet committed) before it pauses "
         "fetching; shared equally by its partitions.",
     )
     kafka_revoke_timeout: float = Field(
         DEFAULT_KAFKA_REVOKE_TIMEOUT,
         ge=0,
+        le=MAX_TIMEOUT_LIMIT,
+        allow_inf_nan=False,
         description="Seconds a revoked partition's in-flight handlers get to finish before "
         "it is released to another worker.",
     )
@@ -320,12 +385,14 @@ class EventBusSettings(BaseSettings):
     max_concurrency: int = Field(
         DEFAULT_MAX_CONCURRENCY,
         ge=1,
+        le=MAX_CONCURRENCY_LIMIT,
         description="Async handlers run at once on the application's event loop (`sync` "
         "backend) or a Kafka worker's loop.",
     )
     worker_threads: int = Field(
         DEFAULT_WORKER_THREADS,
         ge=1,
+        le=MAX_WORKER_THREADS_LIMIT,
         description="Threads running sync (`def`) handlers on the `sync` backend and in "
         "Kafka workers (Redis workers: dramatiq's `--threads`).",
     )
@@ -339,11 +406,14 @@ class EventBusSettings(BaseSettings):
     shutdown_timeout: float = Field(
         DEFAULT_SHUTDOWN_TIMEOUT,
         ge=0,
+        le=MAX_TIMEOUT_LIMIT,
+        allow_inf_nan=False,
         description="Seconds `stop()` waits for in-flight handlers to finish.",
     )
     max_event_bytes: int = Field(
         DEFAULT_MAX_EVENT_BYTES,
         ge=1024,
+        le=MAX_EVENT_BYTES_LIMIT,
         description="Largest event `publish` accepts, in bytes of JSON (larger: "
         "EventTooLargeError).",
     )
@@ -377,6 +447,19 @@ class EventBusSettings(BaseSettings):
             raise ConfigurationError(_describe(exc)) from None
 
     @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> EventBusSettings:
+        """A Kafka heartbeat interval at or over the session timeout gets every worker
+        evicted from its group over and over: refuse it."""
+        if self.kafka_heartbeat_interval_ms >= self.kafka_session_timeout_ms:
+            raise ValueError(
+                f"{ENV_PREFIX}KAFKA_HEARTBEAT_INTERVAL_MS={self.kafka_heartbeat_interval_ms} "
+                f"must be under {ENV_PREFIX}KAFKA_SESSION_TIMEOUT_MS="
+                f"{self.kafka_session_timeout_ms} (a third of it is usual), or the group "
+                "evicts its workers between two heartbeats"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _extras_installed(self) -> EventBusSettings:
         """Fail now, naming the extra, when a chosen backend or integration lacks it."""
         for (name, value), extra in _EXTRA_OF_VALUE.items():
@@ -384,13 +467,57 @@ class EventBusSettings(BaseSettings):
                 require_extra(extra, f"{ENV_PREFIX}{name.upper()}={value}")
         return self
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Fields for ``repr()`` and ``str()``: URLs with their passwords as ``***``
+        (secret strings are masked by pydantic)."""
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
+
+
+def allowed_text(field: FieldInfo) -> str:
+    """What a field accepts, from its constraints: ``≥ 0, ≤ 1000``, ``not empty``,
+    ``matches ...`` (empty when unconstrained)."""
+    parts: list[str] = []
+    low = high = None
+    for item in field.metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = f"≥ {_number(item.ge)}"
+        elif isinstance(item, annotated_types.Gt):
+            low = f"> {_number(item.gt)}"
+        elif isinstance(item, annotated_types.Le):
+            high = f"≤ {_number(item.le)}"
+        elif isinstance(item, annotated_types.Lt):
+            high = f"< {_number(item.lt)}"
+        elif isinstance(item, annotated_types.MinLen) and item.min_length == 1:
+            parts.append("not empty")
+        elif getattr(item, "pattern", None):
+            parts.append(f"matches `{item.pattern}`")
+    parts[:0] = [b for b in (low, high) if b is not None]
+    return ", ".join(parts)
+
+
+def _number(value: Any) -> str:
+    """A bound as written in the environment (``3600``, not ``3600.0``)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 def _describe(exc: ValidationError) -> str:
+    """One clause per invalid setting: the variable, the value given (secrets masked),
+    what is wrong and what the setting allows."""
     lines = []
     for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across settings: its message names them
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        name = str(error["loc"][0])
         value = error.get("input")
-        lines.append(f"{ENV_PREFIX}{name.upper()}={value!r}: {error['msg']}")
+        shown = MASK if is_secret_name(name) else redact(value) if isinstance(value, str) else value
+        line = f"{ENV_PREFIX}{name.upper()}={shown!r}: {error['msg']}"
+        field = EventBusSettings.model_fields.get(name)
+        allowed = allowed_text(field) if field is not None else ""
+        if allowed:
+            line += f" (allowed: {allowed}; see `eventbus settings`)"
+        lines.append(line)
     return "invalid eventbus settings: " + "; ".join(lines)
 
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from .config import ENV_PREFIX, NOT_SETTINGS, SETTINGS_GROUPS, TEST_PREFIX, EventBusSettings
+from .config import (
+    ENV_PREFIX,
+    NOT_SETTINGS,
+    SETTINGS_GROUPS,
+    TEST_PREFIX,
+    EventBusSettings,
+    allowed_text,
+)
 
 #: Section of the page of each name prefix; settings without one are "General".
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -66,24 +72,9 @@ def type_text(annotation: Any) -> str:
 
 
 def constraints_text(field: FieldInfo) -> str:
-    """The field's bounds and pattern: ``≥ 0``, ``1 to 65535``, ``matches ...``."""
-    parts: list[str] = []
-    low = high = None
-    for item in field.metadata:
-        if isinstance(item, annotated_types.Ge):
-            low = f"≥ {item.ge}"
-        elif isinstance(item, annotated_types.Gt):
-            low = f"> {item.gt}"
-        elif isinstance(item, annotated_types.Le):
-            high = f"≤ {item.le}"
-        elif isinstance(item, annotated_types.Lt):
-            high = f"< {item.lt}"
-        elif isinstance(item, annotated_types.MinLen) and item.min_length == 1:
-            parts.append("not empty")
-        elif getattr(item, "pattern", None):
-            parts.append(f"matches `{item.pattern}`")
-    parts[:0] = [b for b in (low, high) if b is not None]
-    return ", ".join(parts)
+    """The field's bounds and pattern: ``≥ 0``, ``1 to 65535``, ``matches ...`` (the
+    same text an invalid value's error gives as what is allowed)."""
+    return allowed_text(field)
 
 
 def default_text(value: Any) -> str:

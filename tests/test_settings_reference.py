@@ -59,7 +59,7 @@ def test_every_setting_has_a_description_and_a_row() -> None:
     ("variable", "row"),
     [
         ("EVENTBUS_BACKEND", "| `EVENTBUS_BACKEND` | `sync` or `redis` or `kafka` | `sync` |"),
-        ("EVENTBUS_MAX_RETRIES", "| `EVENTBUS_MAX_RETRIES` | int (≥ 0) | `3` |"),
+        ("EVENTBUS_MAX_RETRIES", "| `EVENTBUS_MAX_RETRIES` | int (≥ 0, ≤ 1000) | `3` |"),
         ("EVENTBUS_METRICS_PORT", "| `EVENTBUS_METRICS_PORT` | int (≥ 1, ≤ 65535) | unset |"),
         (
             "EVENTBUS_KAFKA_SASL_PASSWORD",
@@ -67,7 +67,7 @@ def test_every_setting_has_a_description_and_a_row() -> None:
         ),
         ("EVENTBUS_DLQ_ENABLED", "| `EVENTBUS_DLQ_ENABLED` | bool | `true` |"),
         ("EVENTBUS_WORKER_GC_FREEZE", "| `EVENTBUS_WORKER_GC_FREEZE` | bool | `false` |"),
-        ("EVENTBUS_RETRY_DELAY", "| `EVENTBUS_RETRY_DELAY` | float (≥ 0) | `1` |"),
+        ("EVENTBUS_RETRY_DELAY", "| `EVENTBUS_RETRY_DELAY` | float (≥ 0, ≤ 604800) | `1` |"),
     ],
 )
 def test_rows_give_type_and_default_as_written_in_the_environment(variable: str, row: str) -> None:
