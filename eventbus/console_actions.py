@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -224,8 +224,9 @@ class ConsoleActions:
         """Replay every record of ``selection``; audited when it starts and ends."""
         outcome = Outcome("replay", selection.describe(), selected=await self.resolve(selection))
 
-        async def replay(ids: list[str]) -> None:
-            outcome.add(await self.call(self.dlq.replay, ids))
+        def replay(ids: list[str]) -> None:
+            for record_id in ids:  # one at a time: a store error midway loses no count
+                outcome.add(self.dlq.replay([record_id]))
 
         return await self._run(who, outcome, replay)
 
@@ -233,15 +234,10 @@ class ConsoleActions:
         """Delete every record of ``selection``; audited when it starts and ends."""
         outcome = Outcome("purge", selection.describe(), selected=await self.resolve(selection))
 
-        def remove(ids: list[str]) -> ReplayResult:
-            result = ReplayResult()
+        def purge(ids: list[str]) -> None:
             for record_id in ids:
                 gone = self.dlq.store.remove(record_id) is not None
-                (result.replayed if gone else result.missing).append(record_id)
-            return result
-
-        async def purge(ids: list[str]) -> None:
-            outcome.add(await self.call(remove, ids))
+                (outcome.done if gone else outcome.missing).append(record_id)
 
         return await self._run(who, outcome, purge)
 
@@ -255,15 +251,15 @@ class ConsoleActions:
             selected=[record.id],
         )
 
-        async def replay(ids: list[str]) -> None:
-            outcome.add(await self.call(self.dlq.replay_edited, ids[0], envelope))
+        def replay(ids: list[str]) -> None:
+            outcome.add(self.dlq.replay_edited(ids[0], envelope))
 
         return await self._run(who, outcome, replay)
 
-    async def _run(
-        self, who: str, outcome: Outcome, step: Callable[[list[str]], Awaitable[None]]
-    ) -> Outcome:
-        """Run ``step`` over ``outcome.selected`` in chunks, audited before and after."""
+    async def _run(self, who: str, outcome: Outcome, step: Callable[[list[str]], None]) -> Outcome:
+        """Run ``step`` over ``outcome.selected``, :data:`BULK_CHUNK` ids per store call
+        (in a thread for a blocking store), audited before and after.  ``step`` counts
+        into ``outcome`` as it goes, so an error midway leaves exact counts."""
         ids = outcome.selected
         if not await self._any_exists(ids):
             outcome.nothing = True
@@ -284,7 +280,7 @@ class ConsoleActions:
         )
         try:
             for i in range(0, len(ids), BULK_CHUNK):
-                await step(ids[i : i + BULK_CHUNK])
+                await self.call(step, ids[i : i + BULK_CHUNK])
         except Exception as exc:  # the store failed: say so, with what was done
             logger.exception(
                 "Console %s by %s stopped after %d of %d records",
