@@ -596,7 +596,8 @@ def test_replaying_a_group_of_50_on_redis_reaches_the_worker(
         assert handled() == 50 and bus.dlq.size() == 0
         page.goto(live.url + "/audit")
         assert "50" in page.locator("table.audit tbody tr").first.inner_text()
-        assert [e.who for e in bus.dlq.store.audit.entries()] == [USER]  # type: ignore[attr-defined]
+        entries = bus.dlq.store.audit.entries()  # type: ignore[attr-defined]
+        assert [(e.who, e.status) for e in entries] == [(USER, "done"), (USER, "started")]
     finally:
         live.stop()
         r.close()
