@@ -76,6 +76,21 @@ DEFAULT_REDIS_NAMESPACE = "eventbus"
 DEFAULT_REDIS_REDELIVERY_TIMEOUT = 10.0
 #: Seconds ``publish`` may take on the redis backend before it raises PublishError.
 DEFAULT_REDIS_PUBLISH_TIMEOUT = 2.0
+#: Seconds an event published to a topic without a subscription is kept for the
+#: subscription written next (a worker that starts after the web process).
+DEFAULT_REDIS_UNROUTED_RETENTION = 3600.0
+#: Events kept per topic without a subscription (the oldest are dropped first).
+DEFAULT_REDIS_UNROUTED_MAX_EVENTS = 10_000
+#: Bytes kept per topic without a subscription (64 MiB; the oldest are dropped first).
+DEFAULT_REDIS_UNROUTED_MAX_BYTES = 64 * 1024 * 1024
+#: Seconds after a topic's first subscription during which all of its events are kept,
+#: for the other services' subscriptions written moments later (a Redis restart).
+DEFAULT_REDIS_UNROUTED_WARMUP = 60.0
+#: Longest unrouted retention or warm-up, in seconds (a week).
+MAX_REDIS_UNROUTED_SECONDS = 7 * 24 * 3600.0
+#: Most events and bytes per topic the unrouted window may be asked to keep.
+MAX_REDIS_UNROUTED_EVENTS = 10_000_000
+MAX_REDIS_UNROUTED_BYTES = 64 * 1024**3
 DEFAULT_KAFKA_BOOTSTRAP_SERVERS = "localhost:9092"
 #: Where a consumer group without committed offsets starts: the oldest record.
 DEFAULT_KAFKA_AUTO_OFFSET_RESET: Literal["earliest", "latest"] = "earliest"
@@ -278,6 +293,39 @@ class EventBusSettings(BaseSettings):
         allow_inf_nan=False,
         description="Seconds `publish` may take on the redis backend before it raises "
         "PublishError.",
+    )
+    redis_unrouted_retention: float = Field(
+        DEFAULT_REDIS_UNROUTED_RETENTION,
+        ge=0,
+        le=MAX_REDIS_UNROUTED_SECONDS,
+        allow_inf_nan=False,
+        description="Seconds an event published to a topic without a subscription is "
+        "kept in Redis and handed to the subscription written within them (a worker "
+        "started after the web process); older ones are dropped and counted. 0: dropped "
+        "at once.",
+    )
+    redis_unrouted_max_events: int = Field(
+        DEFAULT_REDIS_UNROUTED_MAX_EVENTS,
+        ge=0,
+        le=MAX_REDIS_UNROUTED_EVENTS,
+        description="Events kept per topic without a subscription (see "
+        "`redis_unrouted_retention`); the oldest are dropped first.",
+    )
+    redis_unrouted_max_bytes: int = Field(
+        DEFAULT_REDIS_UNROUTED_MAX_BYTES,
+        ge=0,
+        le=MAX_REDIS_UNROUTED_BYTES,
+        description="Bytes kept per topic without a subscription (see "
+        "`redis_unrouted_retention`); the oldest are dropped first.",
+    )
+    redis_unrouted_warmup: float = Field(
+        DEFAULT_REDIS_UNROUTED_WARMUP,
+        ge=0,
+        le=MAX_REDIS_UNROUTED_SECONDS,
+        allow_inf_nan=False,
+        description="Seconds after a topic's first subscription during which all of "
+        "its events are kept, so that other services' subscriptions written moments "
+        "later (workers coming back one by one after a Redis restart) get them too.",
     )
 
     kafka_bootstrap_servers: str = Field(

@@ -58,7 +58,7 @@ from ..middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
 from . import redis_scripts as lua
 from .base import CachedHooksBroker
 from .redis_messages import InvalidMessage, encode_message, message_problem
-from .redis_subscriptions import register
+from .redis_subscriptions import UnroutedRetention, register, sweep_unrouted
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class ReliableRedisBroker(CachedHooksBroker):
       namespace: Prefix of every key.
       heartbeat_timeout: Seconds of silence after which a worker is dead.
       heartbeat_interval: Seconds between heartbeats and recovery passes.
+      retention: The unrouted window: the subscriptions this worker writes get the
+        events kept for their topic, and its heartbeat sweeps what expired.
     """
 
     def __init__(
@@ -143,8 +145,10 @@ class ReliableRedisBroker(CachedHooksBroker):
         namespace: str = DEFAULT_REDIS_NAMESPACE,
         heartbeat_timeout: float = DEFAULT_REDIS_REDELIVERY_TIMEOUT * HEARTBEAT_TIMEOUT_SHARE,
         heartbeat_interval: float | None = None,
+        retention: UnroutedRetention | None = None,
     ) -> None:
         super().__init__(middleware=middleware)
+        self.retention = retention or UnroutedRetention()
         self.client = client
         self.namespace = namespace
         self.heartbeat_timeout = heartbeat_timeout
@@ -269,7 +273,9 @@ class ReliableRedisBroker(CachedHooksBroker):
             for name, actor in list(self.actors.items())
             if keys.HANDLER in actor.options
         ]
-        self.subscriptions = register(self.client, self.namespace, service, handlers)
+        self.subscriptions = register(
+            self.client, self.namespace, service, handlers, retention=self.retention
+        )
         self.service = service
         return self.subscriptions
 
@@ -329,11 +335,24 @@ class ReliableRedisBroker(CachedHooksBroker):
             self.write_subscriptions(self.service)
         self._beaten = True
         self._beats += 1
+        if self._beats % BEATS_PER_TIMEOUT == 1:
+            self.sweep_unrouted()
         if moved:
             logger.warning("Redelivered %d in-flight event(s) of dead worker(s).", moved)
         if unparked:
             logger.info("Took back %d event(s) parked for this worker's handlers.", unparked)
         return int(moved)
+
+    def sweep_unrouted(self) -> int:
+        """Drop (and count, and log) the events of the unrouted window that no
+        subscription can be handed any more; returns how many reached none.  A
+        corrupt key there is logged and left for an operator: it must not stop
+        the heartbeat."""
+        try:
+            return sweep_unrouted(self.client, self.namespace, self.retention)
+        except redis.ResponseError as exc:
+            logger.error("Could not sweep the unrouted window: %s", exc)
+            return 0
 
     def release(self) -> None:
         """Stop heartbeats; put this worker's unacked messages back and unregister."""

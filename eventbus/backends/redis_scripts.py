@@ -20,11 +20,25 @@ keys of one queue share the hash tag ``{<queue>}``::
     {ns}:workers            HASH  worker id -> comma-separated queues it consumes
     {ns}:wsubs              HASH  worker id -> its subscriptions, one per line
 
+    {ns}:u:{topic}          LIST  events of the topic kept for subscriptions not
+                                  created yet (the unrouted window), oldest first
+    {ns}:utopics            SET   topics with kept events
+    {ns}:unrouted           HASH  "seq" (last kept event), "b:<topic>" (bytes kept),
+                                  "c:<topic>" (seq last handed to a new subscription),
+                                  "d:<topic>" / "dropped" / "dropped_at" (events that
+                                  left the window without reaching a subscription),
+                                  "s:<subscription>" (seq when it was removed)
+    {ns}:w:{topic}          STRING  exists while the topic warms up (its first
+                                  subscription is younger than the warm-up)
+    {ns}:stage:{id}         LIST  the chunks of one large publish, until its commit
+
 **Subscriptions live here.**  A worker writes the subscriptions of its handlers
 when it boots (``eventbus subscriptions sync`` writes them without a worker), and
 they outlive it.  :data:`PUBLISH` fans an event out to every subscription of its
 topic, of every service, inside Redis, all or none, whatever the publishing
-process imported.
+process imported.  Events of a topic without a subscription are kept for a
+bounded window and handed to the subscription created within it
+(:data:`SUBSCRIBE`): ``docs/redis.md``, "Unrouted events".
 
 **Messages are named by entry id.**  The message body lives once in the queue's
 ``m`` hash from publish until ack; lists hold only ids, so ack, requeue and
@@ -48,45 +62,375 @@ local __t = redis.call('TIME')
 local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
 """
 
-#: Fan events out to every subscription of their topics.
+#: Lua helpers of the scripts that write events: refuse, before any write, a key
+#: of the wrong type or a counter that is not an integer (Redis does not roll a
+#: script back: a runtime error after a write would leave the call half done).
+_CHECKS = """
+local function refuse(what)
+  error({err = 'ERR eventbus: ' .. what .. '; nothing was written'})
+end
+local function need(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= kind and t ~= 'none' then
+    refuse('key ' .. key .. ' holds a ' .. t .. ', not a ' .. kind ..
+      ' (written by something else: delete or rename it)')
+  end
+end
+local function need_int(key, field)
+  local v = redis.call('HGET', key, field)
+  if v and not (#v < 19 and string.match(v, '^%-?%d+$')) then
+    refuse('field ' .. field .. ' of ' .. key .. ' is not an integer')
+  end
+  return tonumber(v or '0')
+end
+local function fmt(n) return string.format('%d', n) end
+"""
+
+#: Lua helpers of the unrouted window.  The events of a topic kept for
+#: subscriptions not created yet are the list ``{ns}:u:{topic}``, oldest first;
+#: each entry is ``<u|r><seq> <ms> <entry id base> <options JSON>\n<envelope>``
+#: (``u``: it reached no subscription; ``r``: it was routed, and kept because the
+#: topic was warming up).  ``seq`` orders every kept event of the namespace.
+_RETAINED = """
+local function parse(entry)
+  local sp1 = string.find(entry, ' ', 2, true)
+  local sp2 = sp1 and string.find(entry, ' ', sp1 + 1, true)
+  local sp3 = sp2 and string.find(entry, ' ', sp2 + 1, true)
+  local nl = sp3 and string.find(entry, '\\n', sp3 + 1, true)
+  if not nl then return nil end
+  local seq = tonumber(string.sub(entry, 2, sp1 - 1))
+  local at = tonumber(string.sub(entry, sp1 + 1, sp2 - 1))
+  if not seq or not at then return nil end
+  return string.sub(entry, 1, 1), seq, at, string.sub(entry, sp2 + 1, sp3 - 1),
+    string.sub(entry, sp3 + 1, nl - 1), string.sub(entry, nl + 1)
+end
+local function check_retained(ns, topic)
+  need(ns .. ':u:' .. topic, 'list')
+  need(ns .. ':unrouted', 'hash')
+  need(ns .. ':utopics', 'set')
+  need_int(ns .. ':unrouted', 'b:' .. topic)
+  need_int(ns .. ':unrouted', 'd:' .. topic)
+  need_int(ns .. ':unrouted', 'dropped')
+  need_int(ns .. ':unrouted', 'seq')
+end
+local function count_dropped(ns, topic, count, now)
+  local meta = ns .. ':unrouted'
+  redis.call('HINCRBY', meta, 'd:' .. topic, count)
+  redis.call('HINCRBY', meta, 'dropped', count)
+  redis.call('HSET', meta, 'dropped_at', fmt(now))
+end
+-- Drop the kept events of topic that no subscription can be handed any more:
+-- all of them once the topic has a subscription and its warm-up is over, else
+-- the oldest beyond the bounds (age in ms, count, bytes).  Returns how many of
+-- those had reached no subscription at all (dropped; also counted in Redis).
+local function trim(ns, topic, now, keep, max_n, max_b)
+  local list, meta = ns .. ':u:' .. topic, ns .. ':unrouted'
+  local n = redis.call('LLEN', list)
+  local all = redis.call('EXISTS', ns .. ':t:' .. topic) == 1
+    and redis.call('EXISTS', ns .. ':w:' .. topic) == 0
+  local bytes = tonumber(redis.call('HGET', meta, 'b:' .. topic) or '0') or 0
+  local copied = tonumber(redis.call('HGET', meta, 'c:' .. topic) or '0') or 0
+  local dropped = 0
+  while n > 0 do
+    local head = redis.call('LINDEX', list, 0)
+    local flag, seq, at = parse(head)
+    if flag and not all and n <= max_n and bytes <= max_b and at > now - keep then break end
+    redis.call('LPOP', list)
+    n = n - 1
+    bytes = bytes - #head
+    if flag == 'u' and seq > copied then dropped = dropped + 1 end
+  end
+  if n == 0 then
+    redis.call('DEL', list)
+    redis.call('HDEL', meta, 'b:' .. topic, 'c:' .. topic)
+    redis.call('SREM', ns .. ':utopics', topic)
+  else
+    redis.call('HSET', meta, 'b:' .. topic, fmt(math.max(bytes, 0)))
+  end
+  if dropped > 0 then count_dropped(ns, topic, dropped, now) end
+  return dropped
+end
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+#: Fan events out to every subscription of their topics, all or none: every key
+#: the call writes is checked first, so a corrupt key fails the call before any
+#: write.  Events of a topic without a subscription, and every event of a topic
+#: warming up (its first subscription was written less than the warm-up ago),
+#: are kept in ``{ns}:u:{topic}`` within bounds, for the subscriptions written
+#: next (:data:`SUBSCRIBE`; ``docs/redis.md``, "Unrouted events").
 #: ARGV: namespace, strict ("1": write nothing if any topic has no subscription),
-#: message timestamp (ms), then 4 per event: topic, envelope JSON, options JSON,
-#: entry id base (the n-th subscription's entry is "<base>.<n>").
-#: Returns {1, unrouted topics...}, or {0, unrouted topics...} when strict
-#: refused (nothing written).
-PUBLISH = """
+#: message timestamp (ms), retention (ms; 0: keep nothing), most events kept per
+#: topic, most bytes kept per topic, warm-up (ms), staged list key ("": none),
+#: then 4 per event: topic, envelope JSON, options JSON, entry id base (the n-th
+#: subscription's entry is "<base>.<n>").  With a staged list key, the events are
+#: that list's items instead (a large call arrives in bounded chunks) and it is
+#: deleted.  Returns {1 (0 when strict refused: nothing written), {unrouted
+#: topics...}, {topic, events dropped, ...}}.
+PUBLISH = (
+    _CHECKS
+    + _RETAINED
+    + """
 local ns, strict, ts = ARGV[1], ARGV[2] == '1', ARGV[3]
-local subs_of, unrouted = {}, {}
-for i = 4, #ARGV, 4 do
-  local topic = ARGV[i]
+local keep, max_n, max_b = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local warm_ms = tonumber(ARGV[7])
+local A, first, stage = ARGV, 9, ARGV[8]
+if stage ~= '' then
+  need(stage, 'list')
+  A, first = redis.call('LRANGE', stage, 0, -1), 1
+  if #A == 0 then refuse('the staged events ' .. stage .. ' expired before their commit') end
+end
+local subs_of, unrouted, queues, counts, clamp = {}, {}, {}, {}, {}
+for i = first, #A, 4 do
+  local topic = A[i]
   if subs_of[topic] == nil then
     local flat = redis.call('HGETALL', ns .. ':t:' .. topic)
-    subs_of[topic] = flat
-    if #flat == 0 then unrouted[#unrouted + 1] = topic end
+    local subs = {}
+    for j = 2, #flat, 2 do
+      local field, value = flat[j - 1], flat[j]
+      local nl = string.find(value, '\\n', 1, true)
+      local bar = string.find(field, '|', 1, true)
+      if not nl or nl == 1 or not bar then
+        refuse('subscription ' .. field .. ' of topic ' .. topic .. ' is malformed ' ..
+          '(remove it: `eventbus subscriptions remove`, then write it again)')
+      end
+      local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
+      local actor = string.sub(field, bar + 1)
+      if not queues[tag] then
+        need(tag .. ':m', 'hash')
+        need(tag .. ':q', 'list')
+        need(tag .. ':n', 'hash')
+        queues[tag] = {}
+      end
+      if not queues[tag][actor] then
+        queues[tag][actor] = 0
+        if need_int(tag .. ':n', actor) < 0 then clamp[#clamp + 1] = {tag, actor} end
+      end
+      subs[#subs + 1] = {tag, string.sub(value, nl + 1), actor}
+    end
+    subs_of[topic] = subs
+    counts[topic] = 0
+    if #subs == 0 then unrouted[#unrouted + 1] = topic end
   end
+  counts[topic] = counts[topic] + 1
 end
 if strict and #unrouted > 0 then
-  table.insert(unrouted, 1, 0)
-  return unrouted
+  if stage ~= '' then redis.call('DEL', stage) end
+  return {0, unrouted, {}}
 end
-for i = 4, #ARGV, 4 do
-  local flat = subs_of[ARGV[i]]
-  local tail = '],"kwargs":{},"options":' .. ARGV[i + 2] .. ',"message_id":"'
-  for j = 2, #flat, 2 do
-    local value = flat[j]
-    local nl = string.find(value, '\\n', 1, true)
-    local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
-    local eid = ARGV[i + 3] .. '.' .. (j / 2)
-    local sub = flat[j - 1]
-    redis.call('HSET', tag .. ':m', eid, string.sub(value, nl + 1) .. ',"args":[' ..
-      ARGV[i + 1] .. tail .. eid .. '","message_timestamp":' .. ts .. '}')
-    redis.call('RPUSH', tag .. ':q', eid)
-    redis.call('HINCRBY', tag .. ':n', string.sub(sub, string.find(sub, '|', 1, true) + 1), 1)
+-- Which topics' events are kept: those nobody subscribes, and all of those of a
+-- topic warming up.
+local kept, any_kept = {}, false
+if keep > 0 and max_n > 0 then
+  for topic, subs in pairs(subs_of) do
+    if #subs == 0 or (warm_ms > 0 and redis.call('EXISTS', ns .. ':w:' .. topic) == 1) then
+      kept[topic] = true
+      any_kept = true
+      check_retained(ns, topic)
+    end
+  end
+elseif #unrouted > 0 then
+  need(ns .. ':unrouted', 'hash')
+  for _, topic in ipairs(unrouted) do need_int(ns .. ':unrouted', 'd:' .. topic) end
+  need_int(ns .. ':unrouted', 'dropped')
+end
+-- Every check passed: write.
+for _, c in ipairs(clamp) do redis.call('HSET', c[1] .. ':n', c[2], 0) end
+local now, seq = 0, 0
+if any_kept or #unrouted > 0 then now = clock() end
+if any_kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
+local added = {}
+for i = first, #A, 4 do
+  local topic = A[i]
+  local subs = subs_of[topic]
+  local tail = '],"kwargs":{},"options":' .. A[i + 2] .. ',"message_id":"'
+  for j = 1, #subs do
+    local sub = subs[j]
+    local eid = A[i + 3] .. '.' .. j
+    redis.call('HSET', sub[1] .. ':m', eid, sub[2] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
+      '","message_timestamp":' .. ts .. '}')
+    redis.call('RPUSH', sub[1] .. ':q', eid)
+    queues[sub[1]][sub[3]] = queues[sub[1]][sub[3]] + 1
+  end
+  if kept[topic] then
+    seq = seq + 1
+    local flag = 'r'
+    if #subs == 0 then flag = 'u' end
+    local entry = flag .. fmt(seq) .. ' ' .. fmt(now) .. ' ' .. A[i + 3] .. ' ' .. A[i + 2] ..
+      '\\n' .. A[i + 1]
+    redis.call('RPUSH', ns .. ':u:' .. topic, entry)
+    added[topic] = (added[topic] or 0) + #entry
   end
 end
-table.insert(unrouted, 1, 1)
-return unrouted
+for tag, actors in pairs(queues) do
+  for actor, n in pairs(actors) do
+    if n > 0 then redis.call('HINCRBY', tag .. ':n', actor, n) end
+  end
+end
+local dropped = {}
+if any_kept then
+  redis.call('HSET', ns .. ':unrouted', 'seq', fmt(seq))
+  for topic, bytes in pairs(added) do
+    redis.call('HINCRBY', ns .. ':unrouted', 'b:' .. topic, bytes)
+    redis.call('SADD', ns .. ':utopics', topic)
+    local lost = trim(ns, topic, now, keep, max_n, max_b)
+    if lost > 0 then
+      dropped[#dropped + 1] = topic
+      dropped[#dropped + 1] = lost
+    end
+  end
+elseif #unrouted > 0 then
+  for _, topic in ipairs(unrouted) do
+    count_dropped(ns, topic, counts[topic], now)
+    dropped[#dropped + 1] = topic
+    dropped[#dropped + 1] = counts[topic]
+  end
+end
+if stage ~= '' then redis.call('DEL', stage) end
+return {1, unrouted, dropped}
 """
+)
+
+#: Write subscriptions of one service.  A subscription that did not exist gets
+#: the kept events of its topic that it can take without a gap: a topic's first
+#: subscription gets those that reached no subscription; a new subscription of
+#: a topic warming up gets every kept event (the others got them meanwhile); else
+#: it starts from now.  Only events kept after its own last removal count.  The
+#: first subscription of a topic starts the topic's warm-up.  Rewriting an
+#: existing subscription (every worker boot, a heartbeat after Redis forgot the
+#: worker) hands it nothing.
+#: ARGV: namespace, service, retention (ms), most events kept per topic, most
+#: bytes kept per topic, warm-up (ms), then 5 per handler: topic, actor, queue,
+#: message prefix, subscription record (JSON).  Returns {events handed to new
+#: subscriptions, {topic, events dropped, ...}}.
+SUBSCRIBE = (
+    _CHECKS
+    + _RETAINED
+    + """
+local ns, service = ARGV[1], ARGV[2]
+local keep, max_n, max_b = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local warm_ms = tonumber(ARGV[6])
+need(ns .. ':subs', 'hash')
+need(ns .. ':queues', 'set')
+need(ns .. ':seen', 'zset')
+for i = 7, #ARGV, 5 do
+  local topic, actor, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local tag = ns .. ':{' .. queue .. '}'
+  need(ns .. ':t:' .. topic, 'hash')
+  need(tag .. ':m', 'hash')
+  need(tag .. ':q', 'list')
+  need(tag .. ':n', 'hash')
+  need_int(tag .. ':n', actor)
+  check_retained(ns, topic)
+end
+local now = clock()
+local meta = ns .. ':unrouted'
+local handed, dropped = 0, {}
+for i = 7, #ARGV, 5 do
+  local topic, actor, queue, prefix = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local field = service .. '|' .. topic .. '|' .. actor
+  local tkey = ns .. ':t:' .. topic
+  if redis.call('HEXISTS', tkey, service .. '|' .. actor) == 0 then
+    local others = redis.call('HLEN', tkey)
+    local lost = trim(ns, topic, now, keep, max_n, max_b)
+    if lost > 0 then
+      dropped[#dropped + 1] = topic
+      dropped[#dropped + 1] = lost
+    end
+    local after = tonumber(redis.call('HGET', meta, 's:' .. field) or '0') or 0
+    local tag = ns .. ':{' .. queue .. '}'
+    local suffix = '.r' .. string.sub(redis.sha1hex(field), 1, 8)
+    local count, last = 0, 0
+    for _, entry in ipairs(redis.call('LRANGE', ns .. ':u:' .. topic, 0, -1)) do
+      local flag, seq, at, base, options, envelope = parse(entry)
+      if flag and seq > after and (others > 0 or flag == 'u') then
+        local eid = base .. suffix
+        redis.call('HSET', tag .. ':m', eid, prefix .. ',"args":[' .. envelope ..
+          '],"kwargs":{},"options":' .. options .. ',"message_id":"' .. eid ..
+          '","message_timestamp":' .. fmt(at) .. '}')
+        redis.call('RPUSH', tag .. ':q', eid)
+        count = count + 1
+        last = seq
+      end
+    end
+    if count > 0 then
+      redis.call('HINCRBY', tag .. ':n', actor, count)
+      redis.call('HSET', meta, 'c:' .. topic, fmt(last))
+      handed = handed + count
+    end
+    redis.call('HDEL', meta, 's:' .. field)
+    if others == 0 and warm_ms > 0 then
+      redis.call('SET', ns .. ':w:' .. topic, fmt(now), 'PX', warm_ms)
+    end
+  end
+  redis.call('HSET', tkey, service .. '|' .. actor, queue .. '\\n' .. prefix)
+  redis.call('HSET', ns .. ':subs', field, ARGV[i + 4])
+  redis.call('SADD', ns .. ':queues', queue)
+  redis.call('ZADD', ns .. ':seen', now, field)
+end
+return {handed, dropped}
+"""
+)
+
+#: Remove a subscription: it stops receiving events, and if it is written again
+#: later it gets only kept events that came after this removal.
+#: ARGV: namespace, service, topic, actor.  Returns 1 if it existed.
+UNSUBSCRIBE = (
+    _CHECKS
+    + """
+local ns, service, topic, actor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local field = service .. '|' .. topic .. '|' .. actor
+need(ns .. ':t:' .. topic, 'hash')
+need(ns .. ':subs', 'hash')
+need(ns .. ':seen', 'zset')
+need(ns .. ':unrouted', 'hash')
+local existed = redis.call('HDEL', ns .. ':t:' .. topic, service .. '|' .. actor)
+redis.call('HDEL', ns .. ':subs', field)
+redis.call('ZREM', ns .. ':seen', field)
+redis.call('HSET', ns .. ':unrouted', 's:' .. field,
+  redis.call('HGET', ns .. ':unrouted', 'seq') or '0')
+return existed
+"""
+)
+
+#: Take ARGV[2] events off handler ARGV[1]'s backlog counter (KEYS[1]), never
+#: below zero.  Returns the new value.
+UNCOUNT = """
+local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+v = math.max(0, v - tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', v))
+return v
+"""
+
+#: Drop the kept events that no subscription can be handed any more (see
+#: ``trim``), in every topic, so that a topic nobody publishes to any more still
+#: frees its memory and its expired events are counted.
+#: ARGV: namespace, retention (ms), most events, most bytes per topic.
+#: Returns {topic, events dropped, ...}.
+SWEEP = (
+    _CHECKS
+    + _RETAINED
+    + """
+local ns = ARGV[1]
+local keep, max_n, max_b = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+need(ns .. ':utopics', 'set')
+local topics = redis.call('SMEMBERS', ns .. ':utopics')
+for _, topic in ipairs(topics) do check_retained(ns, topic) end
+local now = clock()
+local out = {}
+for _, topic in ipairs(topics) do
+  local lost = trim(ns, topic, now, keep, max_n, max_b)
+  if lost > 0 then
+    out[#out + 1] = topic
+    out[#out + 1] = lost
+  end
+end
+return out
+"""
+)
 
 #: Move due delayed entries of a queue to its ready list, then take up to ARGV[1]
 #: ready entries into the worker's in-flight list.

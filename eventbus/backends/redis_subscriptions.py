@@ -8,6 +8,11 @@ subscription's queue.  A handler deleted from the code keeps its subscription
 :func:`remove_subscription` (``eventbus subscriptions remove``), which
 dead-letters whatever was still queued for it, with the reason.
 
+Events published to a topic without a subscription *yet* are kept for a bounded
+window (:class:`UnroutedRetention`) and handed to the subscription written next
+(a fresh deploy whose web process starts first; a Redis restart without
+persistence, after which every worker writes its subscriptions again).
+
 The key layout is in :mod:`eventbus.backends.redis_scripts`.
 """
 
@@ -18,8 +23,9 @@ from ..extras import requires_extra
 with requires_extra("redis", __name__):
     import redis
 
+import contextlib
 import json
-import time
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,15 +35,86 @@ from dramatiq import Message
 from dramatiq.errors import DecodeError
 from pydantic_core import to_json
 
-from ..exceptions import EventBusError
+from ..config import (
+    DEFAULT_REDIS_UNROUTED_MAX_BYTES,
+    DEFAULT_REDIS_UNROUTED_MAX_EVENTS,
+    DEFAULT_REDIS_UNROUTED_RETENTION,
+    DEFAULT_REDIS_UNROUTED_WARMUP,
+)
+from ..exceptions import ConfigurationError, EventBusError
 from ..middleware.dead_letters import build_failed_event
 from . import redis_scripts as lua
 
 if TYPE_CHECKING:
     from ..dlq import DeadLetterStore
 
+logger = logging.getLogger(__name__)
+
 #: Entry bodies read per round trip while looking for a removed handler's events.
 SCAN_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class UnroutedRetention:
+    """How long and how much of a topic's events are kept for subscriptions not
+    written yet (``EVENTBUS_REDIS_UNROUTED_*``).
+
+    Attributes:
+      seconds: Age after which an event that reached no subscription is dropped
+        (counted, logged, shown by health).  0 keeps nothing: such events are
+        dropped at once (and counted).
+      max_events: Events kept per topic; the oldest go first.
+      max_bytes: Bytes kept per topic; the oldest go first.
+      warmup: Seconds after a topic's first subscription during which every event
+        of the topic is kept, so that the subscriptions of other services written
+        moments later (their workers come back one by one after a Redis restart)
+        get the same events.  0: no warm-up.
+    """
+
+    seconds: float = DEFAULT_REDIS_UNROUTED_RETENTION
+    max_events: int = DEFAULT_REDIS_UNROUTED_MAX_EVENTS
+    max_bytes: int = DEFAULT_REDIS_UNROUTED_MAX_BYTES
+    warmup: float = DEFAULT_REDIS_UNROUTED_WARMUP
+
+    def __post_init__(self) -> None:
+        numbers = (self.seconds, self.max_events, self.max_bytes, self.warmup)
+        if not all(0 <= n < float("inf") for n in numbers):
+            raise ConfigurationError(
+                f"unrouted retention must be finite and >= 0, got {self!r}: set "
+                "EVENTBUS_REDIS_UNROUTED_RETENTION / _MAX_EVENTS / _MAX_BYTES / _WARMUP"
+            )
+
+    def args(self) -> list[int]:
+        """The retention (ms), most events, most bytes per topic and warm-up (ms),
+        as the scripts take them."""
+        return [
+            int(self.seconds * 1000),
+            int(self.max_events),
+            int(self.max_bytes),
+            int(self.warmup * 1000),
+        ]
+
+
+def log_dropped(pairs: list[Any], retention: UnroutedRetention) -> int:
+    """Log the events a script dropped from the unrouted window ({topic, count, ...}
+    as the scripts return them); returns how many."""
+    total = 0
+    for i in range(0, len(pairs) - 1, 2):
+        topic = pairs[i].decode() if isinstance(pairs[i], bytes) else str(pairs[i])
+        count = int(pairs[i + 1])
+        total += count
+        logger.warning(
+            "%d unrouted event(s) of topic %s dropped: no subscription was written within "
+            "the window (%gs, %d events, %d bytes per topic: EVENTBUS_REDIS_UNROUTED_RETENTION, "
+            "_MAX_EVENTS, _MAX_BYTES). Subscribe their handlers (start a worker, or "
+            "`eventbus subscriptions sync MODULES`) before publishing.",
+            count,
+            topic,
+            retention.seconds,
+            retention.max_events,
+            retention.max_bytes,
+        )
+    return total
 
 
 class SubscriptionRemoved(EventBusError):
@@ -89,25 +166,95 @@ def message_prefix(queue: str, actor: str) -> bytes:
 
 
 def register(
-    client: redis.Redis, namespace: str, service: str, handlers: Iterable[tuple[str, str, str]]
+    client: redis.Redis,
+    namespace: str,
+    service: str,
+    handlers: Iterable[tuple[str, str, str]],
+    *,
+    retention: UnroutedRetention | None = None,
 ) -> list[str]:
     """Write the subscriptions of ``handlers`` ((topic, actor, queue) each) for
     ``service``; returns their names.  Idempotent; a handler that moved to another
-    queue is re-pointed."""
-    r: Any = client
-    now = int(time.time() * 1000)
+    queue is re-pointed.
+
+    A subscription that did not exist gets the events kept for its topic in the
+    unrouted window (``retention``, default :class:`UnroutedRetention`), without a
+    gap: a topic's first subscription gets those that reached no subscription;
+    another service's new subscription of a topic warming up gets every kept
+    event; else it starts from now.  Rewriting one that exists hands it nothing.
+    """
+    retention = retention or UnroutedRetention()
+    args: list[Any] = [namespace, service, *retention.args()]
     fields = []
-    with r.pipeline(transaction=True) as pipe:
-        for topic, actor, queue in handlers:
-            field = lua.subscription_field(service, topic, actor)
-            fields.append(field)
-            value = queue.encode() + b"\n" + message_prefix(queue, actor)
-            pipe.hset(lua.topic_key(namespace, topic), f"{service}|{actor}", value)
-            pipe.hset(f"{namespace}:subs", field, json.dumps({"queue": queue}))
-            pipe.sadd(f"{namespace}:queues", queue)
-            pipe.zadd(f"{namespace}:seen", {field: now})
-        pipe.execute()
+    for topic, actor, queue in handlers:
+        fields.append(lua.subscription_field(service, topic, actor))
+        args += [topic, actor, queue, message_prefix(queue, actor), json.dumps({"queue": queue})]
+    if not fields:
+        return fields
+    handed, dropped = client.register_script(lua.SUBSCRIBE)(args=args)
+    log_dropped(dropped, retention)
+    if handed:
+        logger.info(
+            "Handed %d event(s) published before their subscription existed to the new "
+            "subscription(s) of service %s.",
+            handed,
+            service,
+        )
     return fields
+
+
+def sweep_unrouted(client: redis.Redis, namespace: str, retention: UnroutedRetention) -> int:
+    """Drop the events of the unrouted window that no subscription can be handed
+    any more (expired, beyond the bounds, or of a topic whose warm-up ended);
+    returns how many of them reached no subscription (logged as dropped)."""
+    script = client.register_script(lua.SWEEP)
+    pairs = script(args=[namespace, *retention.args()[:3]])
+    return log_dropped(pairs, retention)
+
+
+@dataclass(frozen=True)
+class UnroutedStats:
+    """The unrouted window of a namespace.
+
+    Attributes:
+      waiting: Events kept for topics that have no subscription, by topic.
+      dropped: Events that left the window without reaching a subscription, by topic.
+      last_drop: When the last of them was dropped (None: never).
+    """
+
+    waiting: dict[str, int]
+    dropped: dict[str, int]
+    last_drop: datetime | None
+
+
+def unrouted_stats(client: redis.Redis, namespace: str) -> UnroutedStats:
+    """What the unrouted window of ``namespace`` holds and has dropped."""
+    r: Any = client
+    topics = sorted(t.decode() for t in r.smembers(f"{namespace}:utopics"))
+    meta: dict[bytes, bytes] = r.hgetall(f"{namespace}:unrouted")
+    waiting: dict[str, int] = {}
+    if topics:
+        with r.pipeline(transaction=False) as pipe:
+            for topic in topics:
+                pipe.exists(lua.topic_key(namespace, topic))
+                pipe.llen(f"{namespace}:u:{topic}")
+            replies = pipe.execute()
+        for i, topic in enumerate(topics):
+            if not replies[2 * i] and replies[2 * i + 1]:
+                waiting[topic] = int(replies[2 * i + 1])
+    dropped = {}
+    for field, value in meta.items():
+        if field.startswith(b"d:"):
+            try:
+                count = int(value)
+            except ValueError:
+                continue
+            if count > 0:
+                dropped[field[2:].decode(errors="replace")] = count
+    last = None
+    with contextlib.suppress(KeyError, ValueError, OverflowError, OSError):
+        last = datetime.fromtimestamp(int(meta[b"dropped_at"]) / 1000, UTC)
+    return UnroutedStats(waiting, dropped, last)
 
 
 def _parse_field(field: str) -> tuple[str, str, str]:
@@ -192,11 +339,7 @@ def remove_subscription(
     if raw is None:
         return None
     queue = str(json.loads(raw)["queue"])
-    with r.pipeline(transaction=True) as pipe:
-        pipe.hdel(lua.topic_key(namespace, topic), f"{service}|{handler}")
-        pipe.hdel(f"{namespace}:subs", field)
-        pipe.zrem(f"{namespace}:seen", field)
-        pipe.execute()
+    client.register_script(lua.UNSUBSCRIBE)(args=[namespace, service, topic, handler])
     ready_k = lua.ready_key(namespace, queue)
     delayed_k = lua.delayed_key(namespace, queue)
     bodies_k = lua.bodies_key(namespace, queue)
@@ -215,29 +358,35 @@ def remove_subscription(
         "before this event was handled"
     )
     count = 0
-    for entry in candidates:
-        body = take(keys=[ready_k, delayed_k, parked_k, bodies_k], args=[entry])
-        if not body:
-            continue  # taken by a worker meanwhile
-        try:
-            message: Message[Any] = Message.decode(body)
-        except DecodeError:
-            message = Message(
-                queue_name=queue,
-                actor_name=handler,
-                args=(body.decode("utf-8", errors="replace"),),
-                kwargs={},
-                options={},
-                message_id=entry.decode(),
-            )
-        if store is not None:
+    try:
+        for entry in candidates:
+            body = take(keys=[ready_k, delayed_k, parked_k, bodies_k], args=[entry])
+            if not body:
+                continue  # taken by a worker meanwhile
             try:
-                store.add(build_failed_event(message, reason))
-            except Exception:
-                # Keep the event rather than lose it: back where it waited.
-                r.hset(bodies_k, entry, body)
-                r.rpush(parked_k, entry)
-                raise
-        count += 1
-    r.hdel(lua.backlog_key(namespace, queue), handler)
+                message: Message[Any] = Message.decode(body)
+            except DecodeError:
+                message = Message(
+                    queue_name=queue,
+                    actor_name=handler,
+                    args=(body.decode("utf-8", errors="replace"),),
+                    kwargs={},
+                    options={},
+                    message_id=entry.decode(),
+                )
+            if store is not None:
+                try:
+                    store.add(build_failed_event(message, reason))
+                except Exception:
+                    # Keep the event rather than lose it: back where it waited.
+                    r.hset(bodies_k, entry, body)
+                    r.rpush(parked_k, entry)
+                    raise
+            count += 1
+    finally:
+        # Off the backlog: what was dead-lettered (never below zero).  Events a
+        # worker holds right now stay counted until it finishes them.
+        if count:
+            uncount = client.register_script(lua.UNCOUNT)
+            uncount(keys=[lua.backlog_key(namespace, queue)], args=[handler, count])
     return count

@@ -14,6 +14,8 @@ needs a handful of commands, so this client speaks RESP2 directly over an
   when every open one is busy;
 * every call is bounded by ``timeout`` seconds (connect included); on a timeout
   the connection is dropped, so a late reply can never be taken for another's.
+  A call that fails after it was written raises :class:`RespReplyLost` (its
+  commands may have run), one that never left raises :class:`RespConnectionError`.
 
 Example::
 
@@ -88,6 +90,12 @@ class RespError(Exception):
 
 class RespConnectionError(ConnectionError):
     """The connection failed, was lost, or a call timed out."""
+
+
+class RespReplyLost(RespConnectionError):
+    """A call was sent but its reply did not arrive (timed out, or the connection
+    was lost): Redis may have run its commands.  Any other
+    :class:`RespConnectionError` means the call never left this process."""
 
 
 def encode_command(args: Command) -> bytes:
@@ -220,7 +228,8 @@ class _Connection(asyncio.Protocol):
         waiters, self.waiters = self.waiters, deque()
         for future, _, _, _ in waiters:
             if not future.done():
-                future.set_exception(exc)
+                # Every waiter's call was written: Redis may have run it.
+                future.set_exception(RespReplyLost(str(exc)))
 
     def abort(self, exc: Exception) -> None:
         self.closed = True
@@ -405,8 +414,10 @@ class RespClient:
         so a caller can tell which command of a pipeline failed.
 
         Raises:
-          RespConnectionError: Connecting failed, the connection was lost, or no
-            complete answer came within ``timeout`` seconds.
+          RespReplyLost: The commands were sent, but the connection was lost or no
+            complete answer came within ``timeout`` seconds: they may have run.
+          RespConnectionError: Connecting failed or the connection was lost before
+            the commands were sent: they did not run.
         """
         payload = b"".join([encode_command(c) for c in commands])
         conn = self._pick()
