@@ -43,7 +43,9 @@ from eventbus.dlq_redis import RedisAuditLog, RedisDeadLetterStore
 from eventbus.events import encode_event
 from eventbus.fastapi import CSRF_HEADER, dlq_router
 from tests import dlq_handlers as h
-from tests.redis_support import (
+
+pytest.register_assert_rewrite("tests.redis_support")
+from tests.redis_support import (  # noqa: E402
     ROOT,
     RedisServer,
     free_port,
@@ -383,7 +385,7 @@ def test_out_of_range_dates_and_forged_cursors_in_a_query_are_refused_with_400(
                 continue
             answer = client.get(PREFIX + page, params=params)
             assert answer.status_code == 400, (page, params, answer.status_code)
-            assert "problem" in answer.text, params
+            assert '<p class="problem" role="alert">' in answer.text, params
     listed = client.get(PREFIX + "/", params={"since": "9999-12-31T23:59:59-01:00"})
     assert "outside the dates" in listed.text
     cursor = client.get(PREFIX + "/", params={"cursor": "²:rec-00001"})
