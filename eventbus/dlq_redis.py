@@ -245,7 +245,7 @@ class RedisDeadLetterStore:
             count, self._evictions_unlogged = self._evictions_unlogged, 0
             self._evictions_logged_at = now
         logger.warning(
-            "%s dead letters were evicted (the oldest first) to keep the Redis store within "
+            "Evicted %s dead letter(s), the oldest first, to keep the Redis store within "
             "%s records and %s bytes (EVENTBUS_DLQ_MAX_SIZE, EVENTBUS_DLQ_MAX_BYTES); %s "
             "evicted in all. Replay or purge them, or raise the bounds.",
             f"{count:,}",
