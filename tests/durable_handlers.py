@@ -8,11 +8,11 @@ Every invocation of :func:`flaky` appends to files of its own process in
 format :class:`tests.reliability.support.Ledger` reads), ``<pid>.fail`` gets
 ``f <n>`` for each failed attempt.
 
-An event fails its first ``fails`` attempts, counted across processes by marker
-files created with ``O_EXCL`` in ``$DURABLE_MARKS``: whichever worker runs an
-attempt, the count is exact.  With ``gate``, an attempt waits until the file
-``$DURABLE_GATE`` exists before it fails or succeeds (the tests take the broker
-down first).
+An event fails its first ``fails`` attempts (every attempt when ``fails`` is
+negative), counted across processes by marker files created with ``O_EXCL`` in
+``$DURABLE_MARKS``: whichever worker runs an attempt, the count is exact.  With
+``gate``, an attempt waits until the file ``$DURABLE_GATE`` exists before it
+fails or succeeds (the tests take the broker down first).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Flaky(BaseEvent):
     n: int
     fails: int = 0
     gate: bool = False
+    #: Seconds each attempt takes before it fails or succeeds.
+    delay: float = 0.0
 
 
 class FlakyError(RuntimeError):
@@ -80,6 +82,8 @@ def _write(suffix: str, line: str) -> None:
 
 def _claim_failure(n: int, fails: int) -> bool:
     """Whether this attempt of event ``n`` is one of its first ``fails``."""
+    if fails < 0:
+        return True
     marks = os.environ.get("DURABLE_MARKS")
     if not marks or not fails:
         return False
@@ -106,6 +110,8 @@ def flaky(event: Flaky) -> None:
     _write("log", f"s {event.n}\n")
     if event.gate:
         _wait_for_gate()
+    if event.delay:
+        time.sleep(event.delay)
     if _claim_failure(event.n, event.fails):
         _write("fail", f"f {event.n}\n")
         raise FlakyError(f"attempt of event {event.n} failed on purpose")

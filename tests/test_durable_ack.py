@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from eventbus import BaseEvent, EventBus, RetryPolicy
+from eventbus import BaseEvent, EventBus, EventBusSettings, RetryPolicy
 from eventbus.backends.kafka import KafkaBackend
+from eventbus.config import MAX_RETRIES_LIMIT
 from eventbus.dlq import FailedEvent
 from eventbus.exceptions import ConfigurationError
-from eventbus.middleware.retries import MAX_RETRIES_LIMIT
 from tests.durable_handlers import Broken, Flaky, FlakyError
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
@@ -328,6 +328,8 @@ async def test_a_kafka_dead_letter_that_cannot_be_recorded_is_not_committed(
         ({"backoff_factor": math.inf}, "backoff_factor"),
         ({"backoff_factor": math.nan}, "backoff_factor"),
         ({"jitter": math.nan}, "jitter"),
+        ({"delay": 8 * 24 * 3600.0}, "delay"),
+        ({"backoff_factor": 1000.0}, "backoff_factor"),
         ({"max_retries": MAX_RETRIES_LIMIT + 1}, "max_retries"),
         ({"max_retries": 1.5}, "max_retries"),
     ],
@@ -335,6 +337,16 @@ async def test_a_kafka_dead_letter_that_cannot_be_recorded_is_not_committed(
 def test_a_retry_policy_that_cannot_work_is_refused(options: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigurationError, match=rf"\b{named}\b"):
         RetryPolicy(**options)
+
+
+def test_settings_that_cannot_make_a_policy_are_named() -> None:
+    # Settings built without validation (model_construct): the policy still refuses
+    # them, naming the environment variable.
+    settings = EventBusSettings.model_construct(
+        max_retries=3, retry_delay=math.inf, retry_backoff_factor=2.0, retry_max_delay=60.0
+    )
+    with pytest.raises(ConfigurationError, match="EVENTBUS_RETRY_DELAY"):
+        RetryPolicy.from_settings(settings)
 
 
 def test_the_backoff_never_overflows() -> None:

@@ -39,6 +39,9 @@ from ..config import (
     DEFAULT_RETRY_BACKOFF_FACTOR,
     DEFAULT_RETRY_DELAY,
     DEFAULT_RETRY_MAX_DELAY,
+    MAX_BACKOFF_FACTOR_LIMIT,
+    MAX_RETRIES_LIMIT,
+    MAX_RETRY_DELAY_LIMIT,
     EventBusSettings,
 )
 from ..exceptions import ConfigurationError, EventDecodeError, HandlerTimeout, ShutdownError
@@ -55,10 +58,6 @@ logger = logging.getLogger(__name__)
 
 #: Exceptions never retried: a retry cannot fix them.
 NEVER_RETRIED: tuple[type[BaseException], ...] = (EventDecodeError, ActorNotFound, ShutdownError)
-#: Most retries a policy may ask for.  With the default 60 s ``max_delay`` that is
-#: about a week of retrying one poison event; wait longer between retries (a
-#: larger ``max_delay``) rather than retrying more often.
-MAX_RETRIES_LIMIT = 10_000
 #: The ``EVENTBUS_*`` setting behind each field :meth:`RetryPolicy.from_settings` fills.
 _SETTING_OF = {
     "max_retries": "EVENTBUS_MAX_RETRIES",
@@ -138,10 +137,11 @@ def policy_problem(
             f"must be between 0 and {MAX_RETRIES_LIMIT}, got {max_retries} (to retry for "
             "longer, raise the maximum delay instead)"
         )
+    week = MAX_RETRY_DELAY_LIMIT
     numbers: list[tuple[str, object, float, float, str]] = [
-        ("delay", delay, 0.0, math.inf, "seconds, >= 0"),
-        ("backoff_factor", backoff_factor, 1.0, math.inf, "a factor >= 1"),
-        ("max_delay", max_delay, 0.0, math.inf, "seconds, >= 0"),
+        ("delay", delay, 0.0, week, "seconds, 0 to a week"),
+        ("backoff_factor", backoff_factor, 1.0, MAX_BACKOFF_FACTOR_LIMIT, "a factor from 1 to 100"),
+        ("max_delay", max_delay, 0.0, week, "seconds, 0 to a week"),
         ("jitter", jitter, 0.0, 1.0, "a fraction between 0 and 1"),
     ]
     for name, value, low, high, wanted in numbers:
@@ -172,10 +172,13 @@ class RetryPolicy:
         becomes 8 to 12 s, so failures of many events do not retry in lockstep.
 
     Values that cannot work are refused with a :class:`~eventbus.ConfigurationError`
-    naming the parameter: a delay, cap or factor that is not a finite number,
-    ``max_retries`` above :data:`MAX_RETRIES_LIMIT` (10,000).  The backoff never
-    overflows: once ``delay * backoff_factor ** k`` passes ``max_delay`` (or the
-    largest float), every further retry waits ``max_delay``.
+    naming the parameter, within the bounds the ``EVENTBUS_*`` settings have: a
+    delay, cap or factor that is not a finite number, delays over a week, a factor
+    over 100, ``max_retries`` over 1,000
+    (:data:`~eventbus.config.MAX_RETRIES_LIMIT`: a poison event dies within days;
+    to retry for longer, raise ``max_delay``).  The backoff never overflows: once
+    ``delay * backoff_factor ** k`` passes ``max_delay`` (or the largest float),
+    every further retry waits ``max_delay``.
 
     Example::
 
