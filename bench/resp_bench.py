@@ -80,7 +80,7 @@ CALLERS = 64
 #: Entries the busy-path FETCH takes at once: dramatiq's default prefetch
 #: (``min(worker_threads * 2, 65535)``) for ``-t 8``.
 PREFETCH = 16
-#: Events per fan-out script call when filling a queue for the worker rows.
+#: Events per ``publish_many`` call when filling a queue for the worker rows.
 FILL_BATCH = 500
 #: Publishes before the timed rows (connections opened, script cached, code warm).
 WARMUP = 200
@@ -102,16 +102,18 @@ SYNC_TITLE = {
 }
 
 # Rows (metric names); the worker rows also have a synchronous variant.
-BUS_PUBLISH = "bus.publish one by one /s"
-BUS_CONCURRENT = f"bus.publish, {CALLERS} concurrent callers /s"
-SCRIPT_PUBLISH = "EVALSHA fan-out one by one /s (client only)"
-SCRIPT_CONCURRENT = f"EVALSHA fan-out, {CALLERS} concurrent callers /s (client only)"
-WORKER_IDLE = "worker idle path: BLMOVE + HGET + ack, messages/s"
-WORKER_BUSY = f"worker busy path: FETCH x{PREFETCH} + ack, messages/s"
+BUS_PUBLISH = "bus.publish one by one"
+BUS_CONCURRENT = f"bus.publish, {CALLERS} concurrent callers"
+SCRIPT_PUBLISH = "EVALSHA fan-out one by one (client only)"
+SCRIPT_CONCURRENT = f"EVALSHA fan-out, {CALLERS} concurrent callers (client only)"
+WORKER_IDLE = "worker idle path: BLMOVE + HGET + ack, per message"
+WORKER_BUSY = f"worker busy path: FETCH x{PREFETCH} + ack, per message"
 ROWS = (BUS_PUBLISH, BUS_CONCURRENT, SCRIPT_PUBLISH, SCRIPT_CONCURRENT, WORKER_IDLE, WORKER_BUSY)
 WORKER_ROWS = (WORKER_IDLE, WORKER_BUSY)
 #: Suffix of a worker row measured with the synchronous client.
 SYNC = " [sync]"
+#: Suffix of a row's CPU time per operation (µs, the client process) in a child's result.
+CPU = " [cpu us]"
 
 
 def log(msg: str) -> None:
@@ -211,10 +213,19 @@ def bench_backend(kind: str, url: str) -> Any:
     return BenchBackend(url=url, namespace=NAMESPACE)
 
 
-async def timed(n: int, run: Callable[[], Awaitable[None]]) -> float:
-    started = time.perf_counter()
+def record(out: dict[str, float], metric: str, n: int, wall: float, cpu: float) -> None:
+    """Operations per second, and the process's CPU microseconds per operation: the
+    figure that drifts least on a shared machine."""
+    out[metric] = n / wall
+    out[metric + CPU] = cpu / n * 1e6
+
+
+async def timed(
+    out: dict[str, float], metric: str, n: int, run: Callable[[], Awaitable[None]]
+) -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
     await run()
-    return n / (time.perf_counter() - started)
+    record(out, metric, n, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 async def concurrently(n: int, one: Callable[[], Awaitable[Any]]) -> None:
@@ -275,15 +286,26 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
 
     for metric, run in ((BUS_PUBLISH, one_by_one), (BUS_CONCURRENT, from_callers)):
         reset()
-        out[metric] = await timed(n, run)
+        await timed(out, metric, n, run)
         await check_pending(n, metric)
 
     # The client alone: the captured EVALSHA, fresh timestamp and entry id per call.
     sha = sha1(script)
-    head, tail = template[:2], template[3:-1]
+    # The call's arguments: a head (namespace, strict, timestamp in ms, ...) and 4 per
+    # event (topic, envelope, options, entry id base): ``publish`` and ``_fan_out``.
+    head, event = template[:-4], template[-4:-1]
+    if not (isinstance(head[2], int) and abs(head[2] - time.time() * 1000) < 60_000):
+        raise RuntimeError(f"the fan-out call's third argument is not its timestamp: {head}")
 
     def fan_out_args() -> list[Any]:
-        return [*head, int(time.time() * 1000), *tail, os.urandom(8).hex()]
+        return [*head[:2], int(time.time() * 1000), *head[3:], *event, os.urandom(8).hex()]
+
+    async def fill() -> None:
+        """An empty database but for the subscriptions, then ``n`` events published
+        by the bus (``publish_many``, ``FILL_BATCH`` at a time)."""
+        reset()
+        for start in range(0, n, FILL_BATCH):
+            await bus.publish_many(events[start : start + FILL_BATCH])
 
     resp: RespClient | None = None
     aio: redis.asyncio.Redis | None = None
@@ -328,7 +350,7 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
         (SCRIPT_CONCURRENT, script_from_callers),
     ):
         reset()
-        out[metric] = await timed(n, run)
+        await timed(out, metric, n, run)
         await check_pending(n, metric)
     if kind != "resp":
         await wide.aclose()
@@ -403,11 +425,16 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
                     done += 1
 
     for metric, run in ((WORKER_IDLE, idle_path), (WORKER_BUSY, busy_path)):
-        fill_queue(sync, reset, template, n)
-        out[metric] = await timed(n, run)
+        await fill()
+        await timed(out, metric, n, run)
         keys.check_empty(sync, metric)
     if kind != "resp":  # blocking calls, as on the worker's threads (nothing else runs)
-        out.update(sync_worker_rows(sync, reset, keys, template, n))
+        for metric, blocking in sync_worker_paths(sync, keys, n).items():
+            await fill()
+            wall, cpu = time.perf_counter(), time.process_time()
+            blocking()
+            record(out, metric + SYNC, n, time.perf_counter() - wall, time.process_time() - cpu)
+            keys.check_empty(sync, metric)
 
     if resp is not None:
         await resp.close()
@@ -446,27 +473,9 @@ class WorkerKeys:
             raise RuntimeError(f"{metric}: ready, in flight, bodies, backlog left: {left}")
 
 
-def fill_queue(client: redis.Redis, reset: Callable[[], None], template: list[Any], n: int) -> None:
-    """An empty database, then ``n`` events fanned out by the backend's own script call
-    (``template``: its args for one event), ``FILL_BATCH`` events per call."""
-    from eventbus.backends import redis_scripts as lua
-
-    reset()
-    head, event = template[:3], template[3:-1]
-    for start in range(0, n, FILL_BATCH):
-        args: list[Any] = list(head)
-        for _ in range(min(FILL_BATCH, n - start)):
-            args += [*event, os.urandom(8).hex()]
-        client.eval(lua.PUBLISH, 0, *args)  # type: ignore[no-untyped-call]
-
-
-def sync_worker_rows(
-    client: redis.Redis,
-    reset: Callable[[], None],
-    keys: WorkerKeys,
-    template: list[Any],
-    n: int,
-) -> dict[str, float]:
+def sync_worker_paths(
+    client: redis.Redis, keys: WorkerKeys, n: int
+) -> dict[str, Callable[[], None]]:
     """The worker rows with the synchronous client the worker uses
     (``RedisBackend.sync_client``) and the calls of ``_RedisConsumer``: ``_next``
     (BLMOVE, HGET, the FETCH script) and ``_delete_entry`` (the ack)."""
@@ -500,14 +509,7 @@ def sync_worker_rows(
                 ack(entry)
                 done += 1
 
-    out: dict[str, float] = {}
-    for metric, run in ((WORKER_IDLE, idle_path), (WORKER_BUSY, busy_path)):
-        fill_queue(client, reset, template, n)
-        started = time.perf_counter()
-        run()
-        out[metric + SYNC] = n / (time.perf_counter() - started)
-        keys.check_empty(client, metric)
-    return out
+    return {WORKER_IDLE: idle_path, WORKER_BUSY: busy_path}
 
 
 # -- the parent: alternate the children, median, table ------------------------------------
@@ -554,36 +556,55 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def table(
-    medians: dict[str, dict[str, float]], n: int, repeat: int, notes: list[str], load: str
-) -> str:
+def fmt_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def section(medians: dict[str, dict[str, float]], suffix: str) -> list[str]:
+    """One table: rates (``suffix`` "") or CPU µs per operation (``CPU``)."""
     resp = medians.get("resp", {})
     hi = medians.get("hiredis", {})
     pure = medians.get("pure", {})
+    rates = suffix == ""
+    show = fmt if rates else fmt_us
+
+    def better(a: float | None, b: float | None) -> str:
+        return ratio(a, b) if rates else ratio(b, a)
+
+    lines = [
+        f"| {'ops/s' if rates else 'client CPU us per op'} | {ASYNC_TITLE['resp']} "
+        f"| {ASYNC_TITLE['hiredis']} | {ASYNC_TITLE['pure']} "
+        f"| {SYNC_TITLE['hiredis']} | {SYNC_TITLE['pure']} "
+        "| resp vs redis.asyncio+hiredis | resp vs the redis-py client of that side, +hiredis |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for metric in ROWS:
+        key, sync_key = metric + suffix, metric + SYNC + suffix
+        # Publishing must not block the event loop: redis.asyncio.  The worker is
+        # synchronous (dramatiq threads): redis.Redis.
+        best = hi.get(sync_key) if metric in WORKER_ROWS else hi.get(key)
+        lines.append(
+            f"| {metric} | {show(resp.get(key))} | {show(hi.get(key))} "
+            f"| {show(pure.get(key))} | {show(hi.get(sync_key))} | {show(pure.get(sync_key))} "
+            f"| {better(resp.get(key), hi.get(key))} | {better(resp.get(key), best)} |"
+        )
+    return lines
+
+
+def table(
+    medians: dict[str, dict[str, float]], n: int, repeat: int, notes: list[str], load: str
+) -> str:
     lines = [
         f"N = {n:,} per row, median of {repeat} alternated run(s); nproc={nproc()}, "
         f"python {platform.python_version()}, redis-py {redis.__version__}; load average {load}",
         "",
-        f"| row | {ASYNC_TITLE['resp']} | {ASYNC_TITLE['hiredis']} | {ASYNC_TITLE['pure']} "
-        f"| {SYNC_TITLE['hiredis']} | {SYNC_TITLE['pure']} "
-        "| resp / redis.asyncio+hiredis | resp / what a redis-py design would use, +hiredis |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for metric in ROWS:
-        sync_hi = hi.get(metric + SYNC)
-        # Publishing must not block the event loop: redis.asyncio.  The worker is
-        # synchronous (dramatiq threads): redis.Redis.
-        best = sync_hi if metric in WORKER_ROWS else hi.get(metric)
-        lines.append(
-            f"| {metric} | {fmt(resp.get(metric))} | {fmt(hi.get(metric))} "
-            f"| {fmt(pure.get(metric))} | {fmt(sync_hi)} | {fmt(pure.get(metric + SYNC))} "
-            f"| {ratio(resp.get(metric), hi.get(metric))} | {ratio(resp.get(metric), best)} |"
-        )
-    lines += [
+        *section(medians, ""),
         "",
-        "ratios > 1: resp faster.  The last column compares resp with redis.asyncio + hiredis "
-        "for the publish rows and with the synchronous redis.Redis + hiredis the worker "
-        "uses (on the calling thread, no event loop) for the worker rows.",
+        *section(medians, CPU),
+        "",
+        "ratios > 1: resp faster / cheaper.  The last column compares resp with "
+        "redis.asyncio + hiredis for the publish rows and with the synchronous redis.Redis "
+        "+ hiredis the worker uses (on the calling thread, no event loop) for the worker rows.",
     ]
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
@@ -633,7 +654,7 @@ def main() -> None:
                     continue
                 for metric, value in result.items():
                     runs.setdefault(kind, {}).setdefault(metric, []).append(value)
-                    log(f"  round {round_ + 1} {kind:8} {metric:60} {value:,.0f}")
+                    log(f"  round {round_ + 1} {kind:8} {metric:68} {value:,.1f}")
     medians = {
         kind: {metric: statistics.median(values) for metric, values in rows.items()}
         for kind, rows in runs.items()
