@@ -5,28 +5,29 @@ per handler on the process's :class:`~eventbus.backends.sync.EmbeddedBroker`, so
 the whole middleware chain (retries with backoff, dead letters, time limits,
 metrics, tracing) runs as in the other backends.
 
-**Offsets.**  Each partition keeps the records it handed out, in offset order.  A
-record is *finished* once every handler message made from it succeeded or was
-dead-lettered (the dead letter acknowledged by the broker).  The committable
-offset of a partition is one past the last record of its longest finished
-prefix: a slow or retrying record holds back the commit of every later record
-of its partition, never the other way round.  Offsets are committed after a
-fetch when something finished and :data:`COMMIT_INTERVAL` seconds passed since
-the last commit, on revoke, and at shutdown; never automatically.
+**Offsets and budget** are kept by a
+:class:`~eventbus.backends.kafka_partitions.PartitionLedger` (pure bookkeeping;
+its module states the rules and invariants); this module does the I/O it
+decides.  A record is *finished* once every handler message made from it
+succeeded or was dead-lettered (the dead letter acknowledged by the broker); a
+partition commits one past its longest finished prefix, so a slow or retrying
+record holds back the commit of every later record of its partition, never the
+other way round.  Offsets are committed after a fetch when something finished
+and :data:`COMMIT_INTERVAL` seconds passed since the last commit, on revoke, and
+at shutdown; never automatically.
 
-**Budget.**  At most ``max_in_flight`` records are dispatched and not yet
-committable, shared by the partitions that have had records within
-:data:`PAUSE_AFTER` seconds: each may hold ``max_in_flight / those partitions``
-(at least one).  A partition alone uses the whole budget; one that is busy when
-others get records fetches no more until it is back under its share.  A full
-partition is simply not fetched (records fetched past its share wait in the
-bridge, one fetch at most).  One that is full and has committed nothing for
-:data:`PAUSE_AFTER` seconds (a stuck handler, an ordered key waiting, a dead
-letter that cannot be written) is *paused alone*: its records stop counting
-against the budget, the other partitions share all of it, and it resumes once
-it is under its share again.  So a stuck partition holds at most what it took,
-and the others wait for it at most :data:`PAUSE_AFTER` seconds (when it took
-the whole budget while they were idle), never longer.
+At most ``max_in_flight`` records are dispatched and not yet committable, shared
+by the partitions that have had records within :data:`PAUSE_AFTER` seconds.  A
+partition alone uses the whole budget; one that is busy when others get records
+fetches no more until it is back under its share.  A full partition is simply
+not fetched (records fetched past its share wait in the bridge, one fetch at
+most).  One that is full and has committed nothing for :data:`PAUSE_AFTER`
+seconds (a stuck handler, an ordered key waiting, a dead letter that cannot be
+written) is *paused alone*: its records stop counting against the budget, the
+other partitions share all of it, and it resumes once it is under its share
+again.  So a stuck partition holds at most what it took, and the others wait for
+it at most :data:`PAUSE_AFTER` seconds (when it took the whole budget while they
+were idle), never longer.
 
 **Rebalances.**  When partitions are revoked, the bridge stops dispatching their
 records, waits up to ``revoke_timeout`` seconds for their in-flight handlers,
@@ -66,8 +67,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from dramatiq import Actor, Message, Middleware
 from dramatiq.middleware import SkipMessage
@@ -77,6 +78,7 @@ from ..middleware import keys
 from ..middleware.retries import unrecorded
 from .base import handler_message
 from .kafka_config import HEADER_REPLAY_HANDLER, KafkaConfig
+from .kafka_partitions import COMMIT_INTERVAL, PAUSE_AFTER, Dispatched, Partition, PartitionLedger
 from .kafka_records import Poison, decode_record, poison_dead_letter, record_options
 
 if TYPE_CHECKING:
@@ -93,10 +95,6 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 #: Milliseconds the broker may hold a fetch request open waiting for records.
 FETCH_MAX_WAIT_MS = 20
-#: Seconds a full partition may go without committing before it is paused alone.
-PAUSE_AFTER = 5.0
-#: Seconds between offset commits while records finish.
-COMMIT_INTERVAL = 0.1
 #: Seconds between checks for newly subscribed topics while none is subscribed.
 IDLE_INTERVAL = 0.2
 #: First and last pause, in seconds, before reconnecting a failed consumer.
@@ -106,27 +104,9 @@ RECONNECT_BACKOFF_MAX = 30.0
 CLOSE_TIMEOUT = 5.0
 
 
-@dataclass(eq=False)
-class _Partition:
-    tp: TopicPartition
-    records: deque[_Record] = field(default_factory=deque)  # dispatched, not committable
-    waiting: deque[ConsumerRecord] = field(default_factory=deque)  # fetched past the share
-    committable: int | None = None  # next offset to commit
-    committed: int | None = None
-    released: bool = False
-    full_since: float | None = None  # since when it has no room
-    progress_at: float = 0.0  # when its committable offset last moved
-    active_at: float = 0.0  # when it last had records in flight or waiting
-    paused: bool = False
-    draining: bool = False
-
-
-@dataclass(eq=False)
-class _Record:
-    partition: _Partition
-    offset: int
-    remaining: int = 0
-    done: bool = False
+#: The bookkeeping of one partition, and of one record handed to the handlers.
+_Partition: TypeAlias = "Partition[TopicPartition, ConsumerRecord]"
+_Record: TypeAlias = "Dispatched[TopicPartition, ConsumerRecord]"
 
 
 @dataclass(eq=False)
@@ -191,7 +171,7 @@ class KafkaBridge:
       auto_offset_reset: Where a group without committed offsets starts.
       session_timeout_ms, heartbeat_interval_ms: Group membership timing.
       max_in_flight: Records dispatched and not yet committable, shared by the
-        partitions that have records in flight (see Budget above).
+        partitions that have records in flight (see the module docstring).
       revoke_timeout: Seconds revoked partitions' handlers get to finish.
       accept_unknown_types: Deliver events of types this process does not know as
         :class:`~eventbus.events.UnknownEvent` instead of dead-lettering them.
@@ -229,6 +209,11 @@ class KafkaBridge:
         self.session_timeout_ms = session_timeout_ms
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.max_in_flight = max_in_flight
+        #: The budget and offsets of the partitions owned (PAUSE_AFTER read now, so
+        #: a test can shorten it).
+        self.ledger: PartitionLedger[TopicPartition, ConsumerRecord] = PartitionLedger(
+            max_in_flight, pause_after=PAUSE_AFTER, commit_interval=COMMIT_INTERVAL
+        )
         self.revoke_timeout = revoke_timeout
         self.accept_unknown_types = accept_unknown_types
         self.fetch_max_wait_ms = fetch_max_wait_ms
@@ -239,17 +224,10 @@ class KafkaBridge:
         #: The last consumer error, while reconnecting; None when consuming.
         self.error: str | None = None
         self.reconnects = 0
-        self._partitions: dict[TopicPartition, _Partition] = {}
         self._deliveries: dict[str, _Delivery] = {}
         self._chains: dict[tuple[str, bytes], deque[Message[Any]]] = {}
-        self._in_flight = 0
-        self._held = 0  # records of paused partitions: not counted against the budget
-        self._share = max_in_flight
-        self._starved = False  # the budget was spent when the loop last looked
         self._progress = asyncio.Event()  # a record finished
         self._room = asyncio.Event()  # a full partition can be fetched again
-        self._dirty = False
-        self._last_commit = 0.0
         self._stopping = False
         self._consuming = asyncio.Event()
         self._consuming.set()  # set whenever the fetch loop is not running
@@ -272,32 +250,17 @@ class KafkaBridge:
     @property
     def assignment(self) -> list[TopicPartition]:
         """The partitions this process owns now."""
-        return list(self._partitions)
+        return self.ledger.keys
 
     @property
     def in_flight(self) -> int:
         """Records dispatched whose offset is not committable yet."""
-        return self._in_flight
+        return self.ledger.in_flight
 
     @property
     def paused(self) -> list[TopicPartition]:
-        """The partitions paused because they stayed full (see Budget above)."""
-        return [part.tp for part in self._partitions.values() if part.paused]
-
-    def _reshare(self) -> None:
-        """Split the budget among the partitions that have had records within
-        PAUSE_AFTER seconds (paused ones aside)."""
-        now = time.monotonic()
-        active = 0
-        for part in self._partitions.values():
-            if part.records or part.waiting:
-                part.active_at = now
-            if not part.paused and part.active_at and now - part.active_at < PAUSE_AFTER:
-                active += 1
-        self._share = max(1, self.max_in_flight // max(1, active))
-
-    def _room_left(self) -> int:
-        return self.max_in_flight - (self._in_flight - self._held)
+        """The partitions paused because they stayed full (see the budget above)."""
+        return self.ledger.paused
 
     async def pause(self) -> None:
         """Stop fetching and dispatching (the consumer stays in the group)."""
@@ -314,7 +277,7 @@ class KafkaBridge:
         self._stopping = True
         consumer = self.consumer
         if consumer is not None:
-            await self._commit(consumer, list(self._partitions.values()))
+            await self._commit(consumer, self.ledger.partitions)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -325,7 +288,7 @@ class KafkaBridge:
 
     async def _close_consumer(self) -> None:
         consumer, self.consumer = self.consumer, None
-        self._release(list(self._partitions.values()))
+        self.ledger.release(self.ledger.partitions)
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), CLOSE_TIMEOUT)
@@ -378,12 +341,11 @@ class KafkaBridge:
                     topics = current
                     consumer.subscribe(topics, listener=_Listener(self, consumer))
                 fetch, room = self._flow(consumer)
-                self._starved = room <= 0
-                if fetch and room > 0 and len(fetch) == len(self._partitions):
+                if fetch and room > 0 and len(fetch) == len(self.ledger.keys):
                     batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room)
                 elif fetch and room > 0:
                     batch = await self._fetch_some(consumer, fetch, room)
-                elif any(not part.paused for part in self._partitions.values()):
+                elif self.ledger.flowing:
                     # Backpressure: the budget is spent, nothing stuck for long: wait
                     # for handlers to finish (polling goes on once they are paused).
                     await self._wait_for_room()
@@ -400,12 +362,11 @@ class KafkaBridge:
                     break  # not dispatched: delivered again after the restart
                 fetched = []
                 for tp, records in batch.items():
-                    partition = self._partitions.get(tp)
+                    partition = self.ledger.receive(tp, records)
                     if partition is None:
                         continue  # revoked while fetching; its new owner reads it again
-                    partition.waiting.extend(records)
                     fetched.append(partition)
-                self._reshare()
+                self.ledger.reshare(time.monotonic())
                 for partition in fetched:
                     self._drain(partition)
                 await self._commit_due(consumer)
@@ -438,8 +399,8 @@ class KafkaBridge:
 
     async def _commit_due(self, consumer: AIOKafkaConsumer) -> None:
         """Commit what finished when the last commit is COMMIT_INTERVAL old."""
-        if self._dirty and time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
-            await self._commit(consumer, list(self._partitions.values()))
+        if self.ledger.commit_due(time.monotonic()):
+            await self._commit(consumer, self.ledger.partitions)
 
     async def _wait_for_room(self) -> None:
         """Wait (one poll interval at most) until the budget or a full partition
@@ -455,40 +416,26 @@ class KafkaBridge:
         partitions full and stuck for PAUSE_AFTER seconds, resumes paused ones
         that are under their share again."""
         now = time.monotonic()
-        self._reshare()
-        for part in self._partitions.values():
+        self.ledger.reshare(now)
+        for part in self.ledger.partitions:
             if part.waiting:
                 self._drain(part)
-        share = self._share
-        fetch: list[TopicPartition] = []
-        for part in self._partitions.values():
-            if len(part.records) < share:
-                part.full_since = None
-                if part.paused:
-                    part.paused = False
-                    self._held -= len(part.records)
-                    with contextlib.suppress(IllegalStateError):  # revoked meanwhile
-                        consumer.resume(part.tp)
-                if not part.waiting:
-                    fetch.append(part.tp)
-                continue
-            if part.full_since is None:
-                part.full_since = now
-            stuck_since = max(part.full_since, part.progress_at)
-            if not part.paused and now - stuck_since >= PAUSE_AFTER:
-                part.paused = True
-                self._held += len(part.records)
-                with contextlib.suppress(IllegalStateError):
-                    consumer.pause(part.tp)
-                logger.warning(
-                    "Kafka bridge paused %s[%d]: %d record(s) in flight, nothing committed "
-                    "for %.0fs (a handler stuck?); the other partitions go on.",
-                    part.tp.topic,
-                    part.tp.partition,
-                    len(part.records),
-                    now - stuck_since,
-                )
-        return fetch, self._room_left()
+        flow = self.ledger.flow(now)
+        for tp in flow.resume:
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                consumer.resume(tp)
+        for part, stuck_for in flow.pause:
+            with contextlib.suppress(IllegalStateError):
+                consumer.pause(part.key)
+            logger.warning(
+                "Kafka bridge paused %s[%d]: %d record(s) in flight, nothing committed "
+                "for %.0fs (a handler stuck?); the other partitions go on.",
+                part.key.topic,
+                part.key.partition,
+                len(part.records),
+                stuck_for,
+            )
+        return flow.fetch, flow.room
 
     def _drain(self, part: _Partition) -> None:
         """Dispatch the partition's waiting records while it has room."""
@@ -496,15 +443,11 @@ class KafkaBridge:
             return  # a record settled while dispatching: the loop below goes on
         part.draining = True
         try:
-            waiting = part.waiting
-            while (
-                waiting
-                and len(part.records) < self._share
-                and self._room_left() > 0
-                and not self._stopping
-                and self._partitions.get(part.tp) is part  # not revoked
-            ):
-                self._dispatch(part, waiting.popleft())
+            while not self._stopping:
+                taken = self.ledger.take(part)  # None: no room, or revoked
+                if taken is None:
+                    break
+                self._dispatch(*taken)
         finally:
             part.draining = False
 
@@ -512,9 +455,7 @@ class KafkaBridge:
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         """Start tracking newly assigned partitions."""
-        for tp in partitions:
-            if tp not in self._partitions:
-                self._partitions[tp] = _Partition(tp)
+        self.ledger.assign(partitions)
         logger.info(
             "Kafka bridge assigned %s",
             ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions),
@@ -522,16 +463,14 @@ class KafkaBridge:
 
     async def revoked(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
         """Finish (within ``revoke_timeout``) and commit revoked partitions, then let go."""
-        parts = [self._partitions[tp] for tp in partitions if tp in self._partitions]
+        parts = self.ledger.detach(partitions)  # none of their records dispatched now
         if not parts:
             return
-        for part in parts:
-            del self._partitions[part.tp]
         deadline = time.monotonic() + self.revoke_timeout
-        while any(not _settled(part) for part in parts):
+        while not all(part.settled for part in parts):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                busy = sum(sum(not r.done for r in part.records) for part in parts)
+                busy = sum(part.running for part in parts)
                 logger.warning(
                     "%d record(s) of revoked partitions still running after %gs; they "
                     "will be delivered again to the partitions' next owner.",
@@ -543,31 +482,16 @@ class KafkaBridge:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), remaining)
         await self._commit(consumer, parts)
-        self._release(parts)
+        self.ledger.release(parts)
         logger.info(
-            "Kafka bridge released %s", ", ".join(f"{p.tp.topic}[{p.tp.partition}]" for p in parts)
+            "Kafka bridge released %s",
+            ", ".join(f"{p.key.topic}[{p.key.partition}]" for p in parts),
         )
-
-    def _release(self, parts: list[_Partition]) -> None:
-        for part in parts:
-            if not part.released:
-                part.released = True
-                self._in_flight -= len(part.records)
-                if part.paused:
-                    self._held -= len(part.records)
-                    part.paused = False
-                part.records.clear()
-                part.waiting.clear()
-            self._partitions.pop(part.tp, None)
 
     # -- dispatch ---------------------------------------------------------------
 
-    def _dispatch(self, partition: _Partition, record: ConsumerRecord) -> None:
-        entry = _Record(partition, record.offset)
-        partition.records.append(entry)
-        self._in_flight += 1
-        if partition.paused:
-            self._held += 1
+    def _dispatch(self, entry: _Record, record: ConsumerRecord) -> None:
+        """Hand ``record`` (counted as ``entry`` by the ledger) to its handlers."""
         headers = {k: v for k, v in record.headers or ()}
         try:
             envelope = decode_record(record, self.accept_unknown_types)
@@ -676,41 +600,18 @@ class KafkaBridge:
         self._chains.pop(chain, None)
 
     def _settle(self, entry: _Record) -> None:
-        entry.remaining -= 1
-        if entry.remaining > 0:
-            return
-        entry.done = True
-        part = entry.partition
-        if part.released:
-            return
-        records = part.records
-        if records and records[0].done:
-            part.progress_at = time.monotonic()
-            while records and records[0].done:
-                part.committable = records.popleft().offset + 1
-                self._in_flight -= 1
-                if part.paused:
-                    self._held -= 1
-                self._dirty = True
+        """One of the record's handler messages finished (or the record itself)."""
+        if not self.ledger.settle(entry, time.monotonic()):
+            return  # messages of it still running, or its partition released
         self._progress.set()
+        part = entry.partition
         if part.waiting:
             self._drain(part)
-        # Fetch again once a quarter of the spent budget, or of a full partition's
-        # share, is free (not after every record: fetches would shrink to one).
-        if self._starved and self._room_left() >= max(1, self.max_in_flight // 4):
-            self._starved = False
-            self._room.set()
-        elif part.full_since is not None and len(records) <= self._share * 3 // 4:
+        if self.ledger.room_freed(part):
             self._room.set()
 
     async def _commit(self, consumer: AIOKafkaConsumer, parts: list[_Partition]) -> None:
-        offsets = {
-            part.tp: part.committable
-            for part in parts
-            if part.committable is not None and part.committable != part.committed
-        }
-        self._dirty = False
-        self._last_commit = time.monotonic()
+        offsets = self.ledger.offsets(parts, time.monotonic())
         if not offsets:
             return
         try:
@@ -719,11 +620,9 @@ class KafkaBridge:
             # The group moved on (rebalance) or the coordinator is away: the records
             # are delivered again from the last commit that went through.
             logger.warning("Offset commit failed: %s: %s", type(exc).__name__, exc)
-            self._dirty = True
+            self.ledger.commit_failed()
             return
-        for part in parts:
-            if part.tp in offsets:
-                part.committed = offsets[part.tp]
+        self.ledger.committed(parts, offsets)
 
     async def lag(self) -> int | None:
         """Records in the owned partitions past the committed offsets, where known."""
@@ -731,20 +630,16 @@ class KafkaBridge:
         if consumer is None:
             return None
         total = 0
-        for part in list(self._partitions.values()):
-            high = consumer.highwater(part.tp)
+        for part in self.ledger.partitions:
+            high = consumer.highwater(part.key)
             if high is None:
                 return None
             base = part.committed if part.committed is not None else part.committable
             if base is None:
-                position = await consumer.position(part.tp)
+                position = await consumer.position(part.key)
                 base = position - len(part.records) - len(part.waiting)
             total += max(0, high - base)
         return total
-
-
-def _settled(part: _Partition) -> bool:
-    return all(r.done for r in part.records)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
