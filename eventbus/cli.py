@@ -253,15 +253,39 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
     )
 
-    outbox = commands.add_parser(
-        "outbox", help="the transactional outbox (PostgreSQL)"
+    outbox = command(
+        commands,
+        "outbox",
+        "the transactional outbox (PostgreSQL): its relay and the rows it set aside",
     ).add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do")
-    relay = outbox.add_parser(
-        "relay", help="forward committed outbox rows to the backend until SIGTERM"
+
+    def outbox_command(name: str, text: str) -> argparse.ArgumentParser:
+        sub = command(outbox, name, text)
+        sub.add_argument(
+            "--database-url", help="SQLAlchemy async URL (default: EVENTBUS_OUTBOX_DATABASE_URL)"
+        )
+        return sub
+
+    outbox_command("relay", "forward committed outbox rows to the backend until SIGTERM")
+    listing = outbox_command("list", "list the rows the relay set aside, with their reasons")
+    listing.add_argument("--topic", help="only the rows of this topic")
+    listing.add_argument(
+        "--limit", type=int, default=50, help="show at most this many (default: %(default)s)"
     )
-    relay.add_argument(
-        "--database-url", help="SQLAlchemy async URL (default: EVENTBUS_OUTBOX_DATABASE_URL)"
-    )
+    listing.add_argument("--json", action="store_true", help=_JSON_HELP)
+    for name, text in (
+        ("retry", "put set-aside rows back in the outbox: the relay sends them again"),
+        ("drop", "delete set-aside rows for good"),
+    ):
+        action = outbox_command(name, text)
+        action.add_argument("ids", nargs="*", type=int, help="row ids (or --topic, or --all)")
+        action.add_argument("--topic", help="the rows of this topic")
+        action.add_argument("--all", action="store_true", help="every set-aside row")
+        action.add_argument("--json", action="store_true", help=_JSON_HELP)
+        if name == "drop":
+            action.add_argument(
+                "--yes", action="store_true", help="confirm a drop by --topic or --all"
+            )
     return parser
 
 
@@ -363,10 +387,67 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _outbox(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
-    """``outbox relay``: run the relay until SIGTERM (see :mod:`eventbus.outbox_process`)."""
-    from .outbox_process import run_relay
+    """``outbox relay`` runs the relay until SIGTERM; ``outbox list|retry|drop`` act on
+    the rows it set aside (see :mod:`eventbus.outbox_process`, :mod:`eventbus.outbox_dead`)."""
+    from .outbox_dead import count_rows, drop_rows, list_rows, retry_rows
+    from .outbox_process import database_call, run_relay
+    from .outbox_schema import outbox_dead_table as dead
+    from .outbox_schema import outbox_table
 
-    return run_relay(bus, out, args.database_url)
+    if args.action == "relay":
+        return run_relay(bus, out, args.database_url)
+
+    def emit(data: Any, text: str) -> None:
+        out.write((json.dumps(data, indent=2, default=str) if args.json else text) + "\n")
+
+    if args.action == "list":
+
+        async def listing(conn: Any) -> tuple[list[Any], int]:
+            rows = await list_rows(conn, dead, limit=args.limit, topic=args.topic)
+            return rows, await count_rows(conn, dead, topic=args.topic)
+
+        rows, total = database_call(args.database_url, listing)
+        table: list[tuple[str, ...]] = [
+            ("ID", "SET ASIDE (UTC)", "TOPIC", "EVENT ID", "ATTEMPTS", "REASON")
+        ]
+        for row in rows:
+            reason = printable(row.reason)
+            if len(reason) > MAX_ERROR_WIDTH:
+                reason = reason[: MAX_ERROR_WIDTH - 1] + "…"
+            when = row.set_aside_at.strftime("%Y-%m-%d %H:%M:%S")
+            table.append((str(row.id), when, row.topic, row.event_id, str(row.attempts), reason))
+        emit(
+            {"size": total, "items": [row.to_dict() for row in rows]},
+            _grid(table) + f"\n{len(rows)} shown, {total} set aside",
+        )
+        return EXIT_OK
+
+    selections = sum((bool(args.ids), args.topic is not None, args.all))
+    if selections > 1:
+        raise Refused("give either row ids or --topic or --all, not several")
+    if not selections:
+        raise Refused("give row ids, --topic or --all")
+    select = {"ids": args.ids or None, "topic": args.topic, "all_rows": args.all}
+    if args.action == "retry":
+
+        async def retrying(conn: Any) -> list[int]:
+            return await retry_rows(conn, outbox_table, dead, **select)
+
+        done = database_call(args.database_url, retrying)
+        verb = "retried"
+    else:
+        if not args.ids and not args.yes:
+            raise Refused("dropping by --topic or --all deletes rows for good: add --yes")
+
+        async def dropping(conn: Any) -> list[int]:
+            return await drop_rows(conn, dead, **select)
+
+        done = database_call(args.database_url, dropping)
+        verb = "dropped"
+    missing = [i for i in args.ids if i not in set(done)]
+    lines = [f"{verb} {len(done)}"] + [f"missing {i}" for i in missing]
+    emit({verb: done, "missing": missing}, "\n".join(lines))
+    return EXIT_FAILED if missing else EXIT_OK
 
 
 def _fail(err: TextIO, message: str) -> int:

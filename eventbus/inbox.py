@@ -24,11 +24,18 @@ database) run again on a redelivery; make them idempotent on the event id
 yourself.  An inbox row is kept for ``EVENTBUS_OUTBOX_INBOX_RETENTION`` seconds (7
 days; the relay deletes older ones, or call :func:`cleanup_inbox`): a redelivery
 later than that would run again.
+
+Any event id works: one that PostgreSQL text cannot hold as it is (a NUL
+character, a lone surrogate) or too long for the primary key's index (over
+:data:`MAX_STORED_ID_BYTES` bytes) is recorded as ``sha256:<hex digest>``
+(:func:`inbox_key`), as is an id that starts with ``sha256:`` itself, so two ids
+never share a row.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -50,7 +57,7 @@ from .exceptions import ConfigurationError
 from .outbox_schema import inbox_table
 from .registry import decorated_handlers
 
-__all__ = ["cleanup_inbox", "idempotent"]
+__all__ = ["cleanup_inbox", "idempotent", "inbox_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,32 @@ E = TypeVar("E", bound=BaseEvent)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 #: Rows deleted per statement by :func:`cleanup_inbox`.
 CLEANUP_CHUNK = 10_000
+#: Bytes (UTF-8) of the longest event id stored as it is; a longer one is stored
+#: as its digest (a btree index entry holds at most ~2,700 bytes).
+MAX_STORED_ID_BYTES = 512
+#: Bytes (UTF-8) of the longest handler name (it shares the primary key's index entry).
+MAX_HANDLER_NAME_BYTES = 1024
+#: The prefix of an event id stored as its SHA-256 digest.
+DIGEST_PREFIX = "sha256:"
+
+
+def inbox_key(event_id: str) -> str:
+    """The inbox's key for ``event_id``: the id itself, or ``sha256:<hex>`` when
+    PostgreSQL text cannot hold it, it is longer than :data:`MAX_STORED_ID_BYTES`
+    bytes, or it starts with ``sha256:``."""
+    try:
+        encoded = event_id.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        encoded = b""
+    else:
+        if (
+            "\x00" not in event_id
+            and len(encoded) <= MAX_STORED_ID_BYTES
+            and not event_id.startswith(DIGEST_PREFIX)
+        ):
+            return event_id
+    raw = encoded or event_id.encode("utf-8", "surrogatepass")
+    return DIGEST_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
 def idempotent(
@@ -76,12 +109,14 @@ def idempotent(
     Parameters:
       sessions: An ``async_sessionmaker`` (its settings apply) or an ``AsyncEngine``.
       name: The handler's name in the inbox (default ``module.qualname``).  Keep it
-        stable across renames, or a redelivery during a deploy runs again.
+        stable across renames, or a redelivery during a deploy runs again.  At most
+        :data:`MAX_HANDLER_NAME_BYTES` bytes, no NUL character.
       table: The inbox table (default :data:`~eventbus.outbox_schema.inbox_table`).
 
     Raises:
-      ConfigurationError: The handler is not ``async def``, or it was registered
-        with ``@on_event`` already (``@idempotent`` must be applied first).
+      ConfigurationError: The handler is not ``async def``, it was registered with
+        ``@on_event`` already (``@idempotent`` must be applied first), or its name
+        cannot be stored (a NUL character, too long).
     """
     maker = (
         async_sessionmaker(sessions, expire_on_commit=False)
@@ -106,12 +141,26 @@ def idempotent(
                 "below @on_event, so that the bus runs the idempotent handler"
             )
         handler = name or f"{fn.__module__}.{fn.__qualname__}"
+        stored = handler.encode("utf-8", "surrogatepass")
+        if "\x00" in handler or len(stored) > MAX_HANDLER_NAME_BYTES:
+            raise ConfigurationError(
+                f"@idempotent handler name {handler[:80]!r} cannot be an inbox key: it "
+                f"must hold no NUL character and at most {MAX_HANDLER_NAME_BYTES} bytes "
+                "(give a shorter name=...)"
+            )
+        try:
+            stored.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"@idempotent handler name {handler[:80]!r} holds a lone surrogate, which "
+                "PostgreSQL text cannot store: give another name=..."
+            ) from None
 
         @functools.wraps(fn)
         async def run_once(event: E) -> None:
             async with maker() as session, session.begin():
                 result = await session.execute(
-                    record, {"handler": handler, "event_id": event.event_id}
+                    record, {"handler": handler, "event_id": inbox_key(event.event_id)}
                 )
                 if not result.rowcount:  # type: ignore[attr-defined]
                     logger.info(

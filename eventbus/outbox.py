@@ -28,7 +28,11 @@ on that key, so transactions publishing the same key commit one after another:
 publish keyed events late in the transaction.  The relay runs in every process
 whose bus has an ``Outbox`` (``relay=False`` or ``EVENTBUS_OUTBOX_RELAY=false``
 turns it off) and as ``eventbus outbox relay``; any number may run.
-See docs/outbox.md for the failure semantics.
+No row stalls the others: a row that cannot be sent, that the backend refuses
+for good, or whose topic has had no subscription for ``unrouted_timeout`` is set
+aside with the reason (:mod:`eventbus.outbox_dead`; ``eventbus outbox list``,
+``retry``, ``drop``), and a row whose topic has no subscription *yet* is kept and
+tried again, never deleted.  See docs/outbox.md for the failure semantics.
 
 The tables are :data:`eventbus.outbox_schema.metadata` (add it to your Alembic
 metadata) or :func:`~eventbus.outbox_schema.create_tables` for a quick start.
@@ -55,24 +59,40 @@ with requires_extra("outbox", __name__):
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .config import ENV_PREFIX
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, PublishError
 from .health import HealthChecker, HealthResult, HealthStatus
 from .inbox import cleanup_inbox
+from .outbox_dead import (
+    DEFAULT_LIST_LIMIT,
+    SetAsideRow,
+    count_rows,
+    drop_rows,
+    list_rows,
+    retry_rows,
+)
 from .outbox_listen import channel_of
 from .outbox_relay import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_POLL_INTERVAL,
+    DEFAULT_UNROUTED_TIMEOUT,
     OutboxStats,
     Relay,
     read_stats,
 )
-from .outbox_schema import inbox_table, key_lock, lock_class, outbox_table, shard_of
+from .outbox_schema import (
+    dead_table_of,
+    inbox_table,
+    key_lock,
+    lock_class,
+    outbox_table,
+    shard_of,
+)
 
 if TYPE_CHECKING:
     from .backends.base import OutgoingEvent
     from .bus import EventBus
 
-__all__ = ["Outbox", "OutboxSession", "OutboxSettings", "OutboxStats"]
+__all__ = ["Outbox", "OutboxSession", "OutboxSettings", "OutboxStats", "SetAsideRow"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +122,18 @@ class OutboxSettings(BaseSettings):
     #: Rows per relay transaction and backend call.
     batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=10_000)
     #: Seconds between polls when no notification arrives.
-    poll_interval: float = Field(DEFAULT_POLL_INTERVAL, gt=0)
+    poll_interval: float = Field(DEFAULT_POLL_INTERVAL, gt=0, allow_inf_nan=False)
     #: LISTEN for commits (asyncpg and psycopg); else poll only.
     listen: bool = True
     #: Seconds sent rows are kept (0: deleted as they are sent).
-    retention: float = Field(DEFAULT_RETENTION, ge=0)
+    retention: float = Field(DEFAULT_RETENTION, ge=0, allow_inf_nan=False)
     #: Seconds inbox rows are kept by the relay's cleanup (0: never cleaned here).
-    inbox_retention: float = Field(DEFAULT_INBOX_RETENTION, ge=0)
+    inbox_retention: float = Field(DEFAULT_INBOX_RETENTION, ge=0, allow_inf_nan=False)
     #: Seconds of lag past which the outbox health is degraded.
-    lag_warning: float = Field(DEFAULT_LAG_WARNING, gt=0)
+    lag_warning: float = Field(DEFAULT_LAG_WARNING, gt=0, allow_inf_nan=False)
+    #: Seconds a topic may have no subscription before the relay sets its rows
+    #: aside (until then they are kept and tried again, never deleted).
+    unrouted_timeout: float = Field(DEFAULT_UNROUTED_TIMEOUT, gt=0, allow_inf_nan=False)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -130,6 +153,8 @@ class Outbox:
       settings: Default :class:`OutboxSettings` from the environment.
       table: The outbox table (default :data:`~eventbus.outbox_schema.outbox_table`).
       inbox: The inbox table the relay cleans (None: no inbox cleanup here).
+      dead: The table rows are set aside to (default: ``<table>_dead``,
+        :data:`~eventbus.outbox_schema.outbox_dead_table` for the default table).
       overrides: Single settings, validated as :class:`OutboxSettings` fields:
         ``Outbox(bus, engine, relay=False)``, ``batch_size=1000``, ``retention=86400``.
 
@@ -138,13 +163,19 @@ class Outbox:
       TypeError: An override that is not a setting.
 
     Health (``bus.health.check()``) gains ``outbox`` (pending rows, lag, relays
-    connected; degraded past ``lag_warning``, unhealthy when rows wait and no relay
-    runs anywhere) and ``outbox.relay`` for this process's relay.  A
+    connected, rows set aside; degraded past ``lag_warning`` or while rows are set
+    aside or the set-aside table is missing, unhealthy when rows wait and no relay
+    runs anywhere) and ``outbox.relay`` for this process's relay (degraded while it
+    fails, holds refused rows or keeps unrouted ones).  A
     :class:`~eventbus.prometheus.PrometheusMetricsCollector` gains
     ``eventbus_outbox_pending``, ``eventbus_outbox_lag_seconds``,
-    ``eventbus_outbox_relays``, ``eventbus_outbox_relay_shards``,
-    ``eventbus_outbox_relay_alive_seconds`` (since this relay's last loop) and
-    ``eventbus_outbox_relayed_total``, read from the relay's last look (every 2 s).
+    ``eventbus_outbox_relays``, ``eventbus_outbox_set_aside`` (rows in the
+    set-aside table), ``eventbus_outbox_relay_shards``,
+    ``eventbus_outbox_relay_alive_seconds`` (since this relay's last loop),
+    ``eventbus_outbox_relayed_total``, ``eventbus_outbox_relay_errors_total``,
+    ``eventbus_outbox_set_aside_rows_total`` and
+    ``eventbus_outbox_unrouted_kept_total``, read from the relay's last look
+    (every 2 s).
     """
 
     def __init__(
@@ -155,6 +186,7 @@ class Outbox:
         settings: OutboxSettings | None = None,
         table: Table = outbox_table,
         inbox: Table | None = inbox_table,
+        dead: Table | None = None,
         **overrides: Any,
     ) -> None:
         base = settings if settings is not None else OutboxSettings()
@@ -170,6 +202,7 @@ class Outbox:
         self.bus = bus
         self.engine = engine
         self.table = table
+        self.dead = dead if dead is not None else dead_table_of(table)
         self.inbox = inbox
         self.relay: Relay | None = None
         self._stats: OutboxStats | None = None
@@ -221,6 +254,18 @@ class Outbox:
     def _row(outgoing: OutgoingEvent) -> dict[str, Any]:
         event = outgoing.event
         key = event.partition_key()
+        for name, value in (
+            ("event_id", event.event_id),
+            ("topic", event.topic),
+            ("partition key", key),
+            ("event type", event.event_type),
+        ):
+            if "\x00" in value:
+                raise PublishError(
+                    f"event {event.event_id!r}: its {name} contains a NUL character, which "
+                    "PostgreSQL text cannot store: the outbox cannot hold it (nothing was "
+                    "written; the transaction is intact)"
+                )
         row: dict[str, Any] = {
             "shard": shard_of(key),
             "topic": event.topic,
@@ -258,6 +303,8 @@ class Outbox:
                 listen=self.settings.listen,
                 retention=self.settings.retention,
                 cleanups=cleanups,
+                dead=self.dead,
+                unrouted_timeout=self.settings.unrouted_timeout,
             )
         self.relay.start()
 
@@ -283,8 +330,44 @@ class Outbox:
         if self.engine is None:
             raise ConfigurationError("this Outbox has no engine to read stats from")
         async with self.engine.connect() as conn:
-            self._stats = await read_stats(conn, self.table, lock_class(self.table, 2))
+            self._stats = await read_stats(conn, self.table, lock_class(self.table, 2), self.dead)
         return self._stats
+
+    # -- set-aside rows -------------------------------------------------------------
+
+    async def set_aside_rows(
+        self, limit: int = DEFAULT_LIST_LIMIT, *, topic: str | None = None
+    ) -> list[SetAsideRow]:
+        """The rows the relay set aside (oldest id first), with their reasons."""
+        async with self._connect() as conn:
+            return await list_rows(conn, self.dead, limit=limit, topic=topic)
+
+    async def count_set_aside(self, *, topic: str | None = None) -> int:
+        """How many rows are set aside (of ``topic``, when given)."""
+        async with self._connect() as conn:
+            return await count_rows(conn, self.dead, topic=topic)
+
+    async def retry_set_aside(
+        self, ids: list[int] | None = None, *, topic: str | None = None, all_rows: bool = False
+    ) -> list[int]:
+        """Put set-aside rows back in the outbox (same id, pending again) and wake the
+        relays; returns the ids moved.  Select by ``ids``, ``topic`` or ``all_rows``."""
+        async with self._connect() as conn:
+            return await retry_rows(
+                conn, self.table, self.dead, ids=ids, topic=topic, all_rows=all_rows
+            )
+
+    async def drop_set_aside(
+        self, ids: list[int] | None = None, *, topic: str | None = None, all_rows: bool = False
+    ) -> list[int]:
+        """Delete set-aside rows for good; returns the ids deleted."""
+        async with self._connect() as conn:
+            return await drop_rows(conn, self.dead, ids=ids, topic=topic, all_rows=all_rows)
+
+    def _connect(self) -> Any:
+        if self.engine is None:
+            raise ConfigurationError("this Outbox has no engine: Outbox(bus, engine)")
+        return self.engine.connect()
 
     async def health(self) -> list[HealthResult]:
         """``outbox`` (and ``outbox.relay`` when this process relays) health."""
@@ -297,22 +380,42 @@ class Outbox:
                     HealthResult("outbox", HealthStatus.UNHEALTHY, f"database unreachable: {exc}")
                 )
             else:
-                detail = (
-                    f"{stats.pending} pending, oldest {stats.lag:.1f}s, "
-                    f"{stats.relays} relay(s) connected"
-                )
-                status = HealthStatus.HEALTHY
-                if stats.pending and not stats.relays:
-                    status = HealthStatus.UNHEALTHY
-                    detail += ": no relay runs (start one: `eventbus outbox relay`)"
-                elif stats.lag > self.settings.lag_warning:
-                    status = HealthStatus.DEGRADED
-                    detail += f": lag over {self.settings.lag_warning:g}s"
-                results.append(HealthResult("outbox", status, detail))
+                results.append(self._outbox_health(stats))
         relay = self.relay
         if relay is not None:
             results.append(_relay_health(relay))
         return results
+
+    def _outbox_health(self, stats: OutboxStats) -> HealthResult:
+        detail = (
+            f"{stats.pending} pending, oldest {stats.lag:.1f}s, {stats.relays} relay(s) connected"
+        )
+        if stats.set_aside:
+            detail += f", {stats.set_aside} set aside"
+        problems = []
+        status = HealthStatus.HEALTHY
+        if stats.pending and not stats.relays:
+            status = HealthStatus.UNHEALTHY
+            problems.append("no relay runs (start one: `eventbus outbox relay`)")
+        elif stats.lag > self.settings.lag_warning:
+            status = HealthStatus.DEGRADED
+            problems.append(f"lag over {self.settings.lag_warning:g}s")
+        if stats.set_aside:
+            status = max(status, HealthStatus.DEGRADED, key=_SEVERITY.index)
+            problems.append("rows set aside need an operator (`eventbus outbox list`)")
+        if stats.set_aside is None:
+            status = max(status, HealthStatus.DEGRADED, key=_SEVERITY.index)
+            problems.append(
+                f"the set-aside table {self.dead.fullname} is missing: create it "
+                "(create_tables(engine) or your migrations; the relay's log has its DDL)"
+            )
+        if problems:
+            detail += ": " + "; ".join(problems)
+        return HealthResult("outbox", status, detail)
+
+
+#: Health statuses from the best to the worst.
+_SEVERITY = [HealthStatus.HEALTHY, HealthStatus.DEGRADED, HealthStatus.UNHEALTHY]
 
 
 def _relay_health(relay: Relay) -> HealthResult:
@@ -326,12 +429,27 @@ def _relay_health(relay: Relay) -> HealthResult:
         detail = f"stalled: no loop for {idle:.0f}s ({relay.last_error or 'no error'})"
         return HealthResult("outbox.relay", HealthStatus.UNHEALTHY, detail)
     detail = (
-        f"{len(relay.shards)} shard(s), {relay.relayed} relayed, "
+        f"{len(relay.shards)} shard(s), {relay.relayed} relayed, {relay.set_aside} set aside, "
         f"{'listening' if relay.listening else 'polling'}"
     )
+    problems = []
     if relay.last_error:
+        problems.append(f"retrying: {relay.last_error}")
+    refused = [held for held in relay.held.values() if held.refusals]
+    if refused:
+        problems.append(
+            f"{len(refused)} row(s) refused by the backend, tried again "
+            f"(row {refused[0].row_id}: {refused[0].error})"
+        )
+    if relay.unrouted:
+        topics = sorted(relay.unrouted)
+        more = f" and {len(topics) - 5} more" if len(topics) > 5 else ""
+        problems.append(f"rows kept: no subscription handles {', '.join(topics[:5])}{more} yet")
+    if relay.last_problem:
+        problems.append(relay.last_problem.split("\n", 1)[0])
+    if problems:
         return HealthResult(
-            "outbox.relay", HealthStatus.DEGRADED, f"{detail}; retrying: {relay.last_error}"
+            "outbox.relay", HealthStatus.DEGRADED, f"{detail}; {'; '.join(problems)}"
         )
     return HealthResult("outbox.relay", HealthStatus.HEALTHY, detail)
 
@@ -395,6 +513,12 @@ class _OutboxCollector:
             yield GaugeMetricFamily(
                 "eventbus_outbox_relays", "Outbox relays connected", value=stats.relays
             )
+            if stats.set_aside is not None:
+                yield GaugeMetricFamily(
+                    "eventbus_outbox_set_aside",
+                    "Outbox rows set aside (eventbus outbox list)",
+                    value=stats.set_aside,
+                )
         relay = outbox.relay
         if relay is not None:
             yield GaugeMetricFamily(
@@ -413,8 +537,18 @@ class _OutboxCollector:
             )
             yield CounterMetricFamily(
                 "eventbus_outbox_relay_errors",
-                "Relay batches that failed and were retried",
+                "Relay backend calls, database sessions and crashes that failed (retried)",
                 value=relay.errors,
+            )
+            yield CounterMetricFamily(
+                "eventbus_outbox_set_aside_rows",
+                "Outbox rows this process's relay set aside",
+                value=relay.set_aside,
+            )
+            yield CounterMetricFamily(
+                "eventbus_outbox_unrouted_kept",
+                "Tries of outbox rows kept because their topic had no subscription",
+                value=relay.unrouted_kept,
             )
 
 

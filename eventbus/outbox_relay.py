@@ -9,11 +9,34 @@ order (publishing keyed events takes a per-key transaction lock, see
 and rebalance every :data:`REBALANCE_INTERVAL` seconds; a relay that dies loses its
 connection, and with it its locks and its open batch, which the others take over.
 
-Each batch is one transaction: ``DELETE`` (or, with a retention, ``UPDATE ...
-SET sent_at``) of up to ``batch_size`` pending rows of its shards ``... FOR UPDATE
-SKIP LOCKED RETURNING`` them, the backend's ``publish`` of those events, then
-``COMMIT``.  A relay killed between the publish and the commit leaves the rows
-pending: the next relay sends them again (at least once; duplicates, never losses).
+Each batch is one transaction: ``SELECT`` up to ``batch_size`` pending rows of its
+shards ``... FOR UPDATE SKIP LOCKED``, the backend's ``publish`` of those events,
+then ``DELETE`` (or, with a retention, ``UPDATE ... SET sent_at``) of the rows
+sent, and ``COMMIT``.  A relay killed between the publish and the commit leaves
+the rows pending: the next relay sends them again (at least once; duplicates,
+never losses).
+
+No row stalls the others:
+
+- A row that is not what eventbus writes (:mod:`eventbus.outbox_rows`) is set
+  aside with the reason (:mod:`eventbus.outbox_dead`) in the batch's transaction.
+- When the backend refuses a batch, the relay sends its rows one at a time.  A
+  row refused while the backend takes others (or reports itself healthy) waits,
+  with the later rows of its partition key, :data:`REFUSED_BACKOFF` seconds
+  (doubled per refusal); refused :data:`REFUSALS_TO_SET_ASIDE` times, it is set
+  aside.  When nothing goes through (the backend is down), every row stays and
+  the relay retries with backoff.
+- A row whose topic reached no subscription is kept, never deleted: the topic
+  waits :data:`UNROUTED_BACKOFF` seconds (doubled up to
+  :data:`MAX_UNROUTED_BACKOFF`) and is tried again; after ``unrouted_timeout``
+  seconds without a subscription its rows are set aside.  With
+  ``EVENTBUS_UNROUTED=ignore`` they are deleted and counted, as a plain publish
+  drops them.  A backend that keeps unrouted events itself does not report
+  their topics, and their rows are deleted as sent.
+
+The relay's task survives every exception: a failed session is logged with the
+rows in hand and restarted with backoff (0.1 s to 10 s), and health says
+degraded meanwhile.
 
 A second connection LISTENs on the outbox's channel (:mod:`eventbus.outbox_listen`):
 publishing with a session notifies it at commit, so the relay wakes at once;
@@ -30,25 +53,27 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from pydantic import PrivateAttr
-from pydantic_core import from_json
 from sqlalchemy import Table, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .backends.base import OutgoingEvent
-from .events import BaseEvent
 from .exceptions import EventBusError
-from .middleware import keys
+from .health import HealthStatus
+from .metrics import CountsUnrouted
+from .outbox_dead import missing_table_message, set_aside
 from .outbox_listen import Listener, channel_of
-from .outbox_schema import SHARDS, lock_class
+from .outbox_rows import InvalidRow, RelayedEvent, outgoing_of_row
+from .outbox_schema import SHARDS, dead_table_of, lock_class
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+    from .backends.base import OutgoingEvent
     from .bus import EventBus
+
+__all__ = ["OutboxStats", "Relay", "RelayedEvent", "outgoing_of_row", "read_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +81,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 500
 #: Seconds between polls when no notification wakes the relay.
 DEFAULT_POLL_INTERVAL = 1.0
+#: Seconds a topic may have no subscription before its outbox rows are set aside
+#: (1 hour: a deploy whose workers start late delivers everything).
+DEFAULT_UNROUTED_TIMEOUT = 3600.0
 #: Seconds between a relay's checks of how many relays share the shards.
 REBALANCE_INTERVAL = 2.0
 #: Seconds between refreshes of the pending-row count and lag.
@@ -71,50 +99,22 @@ MAX_COUNTED = 100_000
 #: Seconds of the first wait after a database or backend error, doubled up to the max.
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 10.0
-
-
-class RelayedEvent(BaseEvent):
-    """An event read back from the outbox, as a backend needs it.
-
-    Its id, topic, type name and partition key are those stored with the row; the
-    fields stay in the stored envelope, which is what the backend sends.  No event
-    class is needed to relay an event.
-    """
-
-    _eventbus_unregistered: ClassVar[bool] = True
-    _type_name: str = PrivateAttr(default="")
-    _key: str = PrivateAttr(default="")
-
-    @property
-    def event_type(self) -> str:
-        return self._type_name
-
-    def partition_key(self) -> str:
-        return self._key
-
-    @classmethod
-    def of_row(cls, event_id: str, topic: str, event_type: str, key: str) -> RelayedEvent:
-        """The event of one outbox row (no validation: the row was written by us)."""
-        event = cls.model_construct(event_id=event_id, topic=topic, metadata={})
-        event._type_name = event_type
-        event._key = key
-        return event
-
-
-def outgoing_of_row(row: Any) -> OutgoingEvent:
-    """The :class:`OutgoingEvent` of an outbox row: the envelope and options as written
-    at publish, so the correlation id and trace context reach the handlers."""
-    options: dict[str, Any] = from_json(row.options)
-    context = options.get(keys.TRACE_CONTEXT)
-    return OutgoingEvent(
-        event=RelayedEvent.of_row(row.event_id, row.topic, row.event_type, row.partition_key),
-        envelope=bytes(row.envelope),
-        options=options,
-        correlation_id=str(options.get(keys.CORRELATION_ID, "")),
-        trace_id=str(options.get(keys.TRACE_ID, "")),
-        span_id=str(options.get(keys.PARENT_SPAN_ID, "")),
-        trace_context=dict(context) if isinstance(context, dict) else {},
-    )
+#: Refusals of a row sent alone (while the backend took other events or reported
+#: itself healthy) after which it is set aside.
+REFUSALS_TO_SET_ASIDE = 3
+#: Seconds a refused row and the later rows of its key wait, doubled per refusal.
+REFUSED_BACKOFF = 0.5
+#: Seconds the rows of a topic without subscription wait before the next try,
+#: doubled per try up to :data:`MAX_UNROUTED_BACKOFF`.
+UNROUTED_BACKOFF = 0.5
+MAX_UNROUTED_BACKOFF = 10.0
+#: Rows of a refused batch sent alone and refused, none going through, after which
+#: the backend is taken as down (the batch is kept and retried with backoff).
+ISOLATION_PROBES = 2
+#: Seconds the backend's health check may take when the relay asks whether it is up.
+HEALTH_PROBE_TIMEOUT = 5.0
+#: Held keys remembered at most (a shard taken over by another relay leaves some).
+MAX_HELD = 10_000
 
 
 @dataclass
@@ -125,19 +125,61 @@ class OutboxStats:
       pending: Rows not sent yet (counted up to :data:`MAX_COUNTED`).
       lag: Seconds since the oldest pending row was written (0 when none).
       relays: Relays connected to the database (every process).
+      set_aside: Rows in the set-aside table (counted up to :data:`MAX_COUNTED`);
+        None when that table does not exist.
     """
 
     pending: int
     lag: float
     relays: int
     checked_at: float
+    set_aside: int | None = 0
+
+
+@dataclass
+class _Held:
+    """A row the backend refused: it and the later rows of its key wait until ``until``."""
+
+    row_id: int
+    refusals: int
+    until: float
+    error: str
+
+
+@dataclass
+class _Unrouted:
+    """A topic whose rows reached no subscription since ``since``."""
+
+    since: float
+    tries: int = 0
+    until: float = 0.0
+
+
+@dataclass
+class _Batch:
+    """What becomes of the rows of one batch."""
+
+    sent: list[Any] = field(default_factory=list)
+    #: (row, reason, attempts) to set aside.
+    aside: list[tuple[Any, str, int]] = field(default_factory=list)
+    #: Rows kept because their topic reached no subscription.
+    unrouted: list[Any] = field(default_factory=list)
+    #: Unrouted rows deleted anyway (``EVENTBUS_UNROUTED=ignore``).
+    dropped: list[Any] = field(default_factory=list)
+    #: The error of a refused row kept for another try, if any.
+    refused: str = ""
+
+
+class _BackendDown(EventBusError):
+    """Nothing of a batch went through: the backend is down or refuses everything."""
 
 
 class Relay:
     """Sends the committed rows of ``table`` to ``bus``'s backend until stopped.
 
     Parameters:
-      bus: Whose backend, metrics and unrouted warnings to use.
+      bus: Whose backend, metrics and settings (``max_event_bytes``, ``unrouted``)
+        to use.
       engine: The database; the relay holds two of its connections (work, listen).
       table: The outbox table.
       batch_size: Rows per transaction and backend call.
@@ -146,6 +188,9 @@ class Relay:
       retention: Seconds sent rows are kept (0: deleted when sent).
       cleanups: Extra housekeeping run every :data:`CLEANUP_INTERVAL` seconds on the
         relay's connection (the inbox cleanup).
+      dead: The table rows are set aside to (default: ``<table>_dead``).
+      unrouted_timeout: Seconds a topic may reach no subscription before its rows
+        are set aside.
     """
 
     def __init__(
@@ -159,41 +204,62 @@ class Relay:
         listen: bool = True,
         retention: float = 0.0,
         cleanups: Sequence[Callable[[AsyncConnection], Awaitable[None]]] = (),
+        dead: Table | None = None,
+        unrouted_timeout: float = DEFAULT_UNROUTED_TIMEOUT,
     ) -> None:
         self.bus = bus
         self.engine = engine
         self.table = table
+        self.dead = dead if dead is not None else dead_table_of(table)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.listen = listen
         self.retention = retention
         self.cleanups = list(cleanups)
+        self.unrouted_timeout = unrouted_timeout
         self._shard_class = lock_class(table, 1)
         self._member_class = lock_class(table, 2)
         #: The shards this relay holds now.
         self.shards: set[int] = set()
         #: Events sent to the backend (a batch resent after a crash counts twice).
         self.relayed = 0
-        #: Batches that failed (database or backend) and were retried.
+        #: Failed backend calls, database sessions and crashes, each retried.
         self.errors = 0
         #: The last error, ``""`` once a batch succeeds again.
         self.last_error = ""
+        #: A lasting condition an operator must fix (the set-aside table is
+        #: missing: the message holds its DDL), ``""`` when none.
+        self.last_problem = ""
+        #: Rows this relay set aside.
+        self.set_aside = 0
+        #: Tries of rows kept because their topic reached no subscription.
+        self.unrouted_kept = 0
         #: ``time.monotonic()`` of the last loop iteration: the relay is alive.
         self.alive_at = 0.0
         #: The last :class:`OutboxStats` read, or None.
         self.stats: OutboxStats | None = None
+        #: Refused rows waiting, by partition key.
+        self.held: dict[str, _Held] = {}
+        #: Topics whose rows reached no subscription, kept and tried again.
+        self.unrouted: dict[str, _Unrouted] = {}
         self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self.listener = Listener(engine, channel_of(table), self._wake.set)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._in_hand: list[int] = []
+        self._can_set_aside = True
         name = table.fullname
-        # Sent rows are deleted, or kept with their sent_at for the retention.
-        take = f"UPDATE {name} SET sent_at = now()" if retention else f"DELETE FROM {name}"
         self._take_sql = text(
-            f"{take} WHERE id IN (SELECT id FROM {name} WHERE sent_at IS NULL "
-            "AND shard = ANY(:shards) ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED) "
-            "RETURNING id, topic, partition_key, event_id, event_type, envelope, options"
+            "SELECT id, topic, partition_key, event_id, event_type, envelope, options "
+            f"FROM {name} WHERE sent_at IS NULL AND shard = ANY(:shards) "
+            "AND topic <> ALL(CAST(:topics AS text[])) "
+            "AND partition_key <> ALL(CAST(:keys AS text[])) "
+            "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
         )
+        # Sent rows are deleted, or kept with their sent_at for the retention.
+        done = f"UPDATE {name} SET sent_at = now()" if retention else f"DELETE FROM {name}"
+        self._done_sql = text(f"{done} WHERE id = ANY(CAST(:ids AS int8[]))")
 
     @property
     def listening(self) -> bool:
@@ -209,7 +275,8 @@ class Relay:
 
     @property
     def failure(self) -> BaseException | None:
-        """The exception that ended the relay's task, if it crashed."""
+        """The exception that ended the relay's task, if it ended that way (only a
+        ``BaseException`` such as ``SystemExit`` can: every ``Exception`` restarts it)."""
         task = self._task
         if task is None or not task.done() or task.cancelled():
             return None
@@ -220,23 +287,31 @@ class Relay:
         if self.running:
             return
         self._stopping = False
+        self._stop_requested.clear()
         self._task = asyncio.get_running_loop().create_task(self.run(), name="eventbus-relay")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Let the batch in flight finish (within ``timeout`` seconds), release the
-        shards and the connections."""
+        shards and the connections.  Never raises what the relay went through."""
         self._stopping = True
+        self._stop_requested.set()
         self._wake.set()
         task, self._task = self._task, None
         if task is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
             logger.warning("The outbox relay did not stop within %gs; cancelling it.", timeout)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("The outbox relay had ended with %r", task.exception())
+
+    async def join(self) -> None:
+        """Return when the relay's task has ended (it ends only when stopped)."""
+        task = self._task
+        if task is not None:
+            await asyncio.wait({task})
 
     def wake(self) -> None:
         """Look for rows now (a notification does the same)."""
@@ -245,20 +320,33 @@ class Relay:
     # -- the loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`; reconnect with backoff after database errors."""
-        backoff = MIN_BACKOFF
+        """Relay until :meth:`stop`; restart with backoff after any failure."""
+        self._restart_backoff = MIN_BACKOFF
         while not self._stopping:
             try:
                 await self._session()
-                backoff = MIN_BACKOFF
+                continue
             except (SQLAlchemyError, OSError) as exc:
-                self.errors += 1
                 self.last_error = f"database: {type(exc).__name__}: {exc}"
                 logger.warning(
-                    "Outbox relay lost the database (%s); reconnecting in %.1fs.", exc, backoff
+                    "Outbox relay lost the database (%s); reconnecting in %.1fs.",
+                    exc,
+                    self._restart_backoff,
                 )
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            except Exception as exc:  # a bug or a surprise: logged, restarted, reported
+                self.last_error = f"crashed: {type(exc).__name__}: {exc}"
+                rows = self._in_hand
+                logger.error(
+                    "Outbox relay failed%s; restarting it in %.1fs.",
+                    f" with rows {rows[0]}..{rows[-1]} ({len(rows)}) in hand" if rows else "",
+                    self._restart_backoff,
+                    exc_info=True,
+                )
+            self.errors += 1
+            self._in_hand = []
+            with contextlib.suppress(TimeoutError):  # commits do not cut it short: stop does
+                await asyncio.wait_for(self._stop_requested.wait(), self._restart_backoff)
+            self._restart_backoff = min(self._restart_backoff * 2, MAX_BACKOFF)
 
     async def _session(self) -> None:
         """One connection's life: join, then serve until stopped or the connection fails."""
@@ -311,16 +399,16 @@ class Relay:
                 await self._rebalance(conn)
                 next_rebalance = now + REBALANCE_INTERVAL
             if now >= next_stats:
-                self.stats = await read_stats(conn, self.table, self._member_class)
+                self.stats = await read_stats(conn, self.table, self._member_class, self.dead)
+                self._check_dead_table(self.stats.set_aside is not None)
                 next_stats = now + STATS_INTERVAL
             if now >= next_cleanup:
                 await self._cleanup(conn)
                 next_cleanup = now + CLEANUP_INTERVAL
             self._wake.clear()
             try:
-                sent = await self._batch(conn)
-            except EventBusError as exc:  # the backend refused or is down: rows stay
-                self.errors += 1
+                taken = await self._batch(conn)
+            except EventBusError as exc:  # the backend is down or refuses everything: rows stay
                 self.last_error = f"backend: {exc}"
                 logger.warning(
                     "Outbox relay could not publish (%s); retrying in %.1fs", exc, backoff
@@ -328,55 +416,255 @@ class Relay:
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            backoff = MIN_BACKOFF
-            if sent >= self.batch_size:
+            backoff = self._restart_backoff = MIN_BACKOFF
+            if not taken:
+                self.last_error = ""  # a clean look: nothing failing now
+            if taken >= self.batch_size:
                 continue  # a backlog: take the next batch at once
             wait = min(self.poll_interval, max(0.0, next_rebalance - time.monotonic()))
+            wait = min(wait, max(0.0, self._next_release() - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
+    def _check_dead_table(self, exists: bool) -> None:
+        if exists == self._can_set_aside:
+            return
+        self._can_set_aside = exists
+        if exists:
+            self.last_problem = ""
+            logger.info("The outbox's set-aside table %s exists now.", self.dead.fullname)
+        else:
+            self.last_problem = missing_table_message(self.dead)
+            logger.error("Outbox relay: %s", self.last_problem)
+
+    def _next_release(self) -> float:
+        """When the first held key or unrouted topic may be tried again (inf: none)."""
+        now = time.monotonic()
+        times = [h.until for h in self.held.values() if h.until > now]
+        times += [u.until for u in self.unrouted.values() if u.until > now]
+        return min(times, default=math.inf)
+
+    # -- one batch --------------------------------------------------------------------
+
     async def _batch(self, conn: AsyncConnection) -> int:
-        """Send one batch of pending rows of our shards; returns how many."""
+        """Send one batch of pending rows of our shards; returns how many were taken."""
         if not self.shards:
             return 0
-        async with conn.begin() as tx:
-            result = await conn.execute(
-                self._take_sql, {"shards": sorted(self.shards), "limit": self.batch_size}
-            )
-            rows = sorted(result.all(), key=lambda row: row.id)
+        now = time.monotonic()
+        params = {
+            "shards": sorted(self.shards),
+            "limit": self.batch_size,
+            "topics": [topic for topic, u in self.unrouted.items() if u.until > now],
+            "keys": [key for key, held in self.held.items() if held.until > now],
+        }
+        async with conn.begin():
+            rows = (await conn.execute(self._take_sql, params)).all()
             if not rows:
                 return 0
-            events = [outgoing_of_row(row) for row in rows]
-            try:
-                unrouted = await self.bus.backend.publish(events, strict=False)
-            except EventBusError:
-                await tx.rollback()
-                raise
-            except Exception as exc:
-                await tx.rollback()
-                raise EventBusError(f"{self.bus.backend.name}: {exc}") from exc
-        # Committed: the rows are sent (the backend holds them) and marked or deleted.
-        self.relayed += len(events)
-        self.last_error = ""
+            self._in_hand = [row.id for row in rows]
+            batch = await self._send_rows(rows)
+            if batch.aside:
+                await self._set_aside(conn, batch.aside)
+            done = [row.id for row in batch.sent + batch.dropped]
+            if done:
+                await conn.execute(self._done_sql, {"ids": done})
+        # Committed: the rows sent are deleted (or marked), the others set aside or kept.
+        self._in_hand = []
+        self.relayed += len(batch.sent)
+        self.unrouted_kept += len(batch.unrouted)
+        self.last_error = batch.refused and f"backend refused a row: {batch.refused}"
         metrics = self.bus.metrics
-        for outgoing in events:
-            metrics.inc_published(outgoing.event.topic)
-        if unrouted:
-            self._warn_unrouted(events, unrouted)
-        return len(events)
+        for row in batch.sent:
+            metrics.inc_published(row.topic)
+        if isinstance(metrics, CountsUnrouted):
+            for row in batch.dropped:
+                metrics.inc_unrouted(row.topic)
+            for row, reason, _ in batch.aside:
+                if reason.startswith(_UNROUTED_REASON):
+                    metrics.inc_unrouted(row.topic)
+        for row in batch.sent:
+            held = self.held.get(row.partition_key)
+            if held is not None and held.row_id == row.id:
+                del self.held[row.partition_key]
+        return len(rows)
 
-    def _warn_unrouted(self, events: list[OutgoingEvent], topics: set[str]) -> None:
-        count = getattr(self.bus.metrics, "inc_unrouted", None)
-        if count is not None:
-            for outgoing in events:
-                if outgoing.event.topic in topics:
-                    count(outgoing.event.topic)
-        logger.warning(
-            "Outbox relay: no subscription handles topic(s) %s (%s backend): those events "
-            "were dropped.",
-            ", ".join(sorted(topics)),
-            self.bus.backend.name,
+    async def _set_aside(self, conn: AsyncConnection, rows: list[tuple[Any, str, int]]) -> None:
+        """Move ``rows`` to the set-aside table, or hold them while it does not exist."""
+        now = time.monotonic()
+        if not self._can_set_aside:
+            for row, reason, attempts in rows:
+                logger.warning(
+                    "Outbox row %d (event %s) cannot be sent (%s) nor set aside: %s is missing",
+                    row.id,
+                    row.event_id,
+                    reason,
+                    self.dead.fullname,
+                )
+                self.held[row.partition_key] = _Held(row.id, attempts, now + MAX_BACKOFF, reason)
+            return
+        moved = await set_aside(
+            conn, self.table, self.dead, [(row.id, reason, n) for row, reason, n in rows]
         )
+        for row, reason, _ in rows:
+            logger.warning(
+                "Outbox row %d (event %s, topic %s) set aside: %s",
+                row.id,
+                row.event_id,
+                row.topic,
+                reason,
+            )
+            held = self.held.get(row.partition_key)
+            if held is not None and held.row_id == row.id:
+                del self.held[row.partition_key]
+        self.set_aside += moved
+
+    async def _send_rows(self, rows: Sequence[Any]) -> _Batch:
+        """Decide each row's fate: sent, kept (unrouted or refused) or set aside."""
+        batch = _Batch()
+        items: list[tuple[Any, OutgoingEvent]] = []
+        max_bytes = self.bus.settings.max_event_bytes
+        for row in rows:
+            try:
+                items.append((row, outgoing_of_row(row, max_bytes)))
+            except (InvalidRow, ValueError, TypeError) as exc:
+                reason = str(exc) if isinstance(exc, InvalidRow) else f"{type(exc).__name__}: {exc}"
+                batch.aside.append((row, f"cannot be sent: {reason}", 0))
+        if not items:
+            return batch
+        try:
+            unrouted = await self._send([event for _, event in items])
+        except EventBusError as exc:
+            published = await self._isolate(items, exc, batch)
+        else:
+            published = [(row, event.topic in unrouted) for row, event in items]
+        self._route(published, batch)
+        return batch
+
+    async def _send(self, events: list[OutgoingEvent]) -> set[str]:
+        try:
+            return await self.bus.backend.publish(events, strict=False)
+        except Exception as exc:
+            self.errors += 1
+            if isinstance(exc, EventBusError):
+                raise
+            raise EventBusError(f"{self.bus.backend.name}: {type(exc).__name__}: {exc}") from exc
+
+    async def _isolate(
+        self, items: list[tuple[Any, OutgoingEvent]], error: EventBusError, batch: _Batch
+    ) -> list[tuple[Any, bool]]:
+        """Send the rows of a refused batch one at a time: which one is refused?
+
+        Returns the rows published, each with whether its topic was unrouted.  Rows
+        refused while others go through are held (set aside after
+        :data:`REFUSALS_TO_SET_ASIDE` refusals); the later rows of their keys stay.
+
+        Raises:
+          _BackendDown: Nothing went through and the backend looks down.
+        """
+        published: list[tuple[Any, bool]] = []
+        refused: list[tuple[Any, EventBusError]] = []
+        blocked: set[str] = set()
+        for row, event in items:
+            if row.partition_key in blocked:
+                continue  # behind a refused row of its key: stays pending, in order
+            try:
+                try:
+                    unrouted = await self._send([event])
+                except EventBusError:  # once more: a refusal can break the connection
+                    unrouted = await self._send([event])
+            except EventBusError as exc:
+                refused.append((row, exc))
+                blocked.add(row.partition_key)
+                if not published and len(refused) >= ISOLATION_PROBES:
+                    break
+                continue
+            published.append((row, event.topic in unrouted))
+        if not published and (len(refused) != 1 or not await self._backend_up()):
+            raise _BackendDown(str(refused[-1][1] if refused else error))
+        now = time.monotonic()
+        for row, refusal in refused:
+            held = self.held.get(row.partition_key)
+            refusals = held.refusals + 1 if held is not None and held.row_id == row.id else 1
+            if refusals >= REFUSALS_TO_SET_ASIDE:
+                reason = (
+                    f"the {self.bus.backend.name} backend refused it {refusals} times: {refusal}"
+                )
+                batch.aside.append((row, reason, refusals))
+                continue
+            wait = min(REFUSED_BACKOFF * 2 ** (refusals - 1), MAX_BACKOFF)
+            if len(self.held) >= MAX_HELD:
+                self.held.clear()
+            self.held[row.partition_key] = _Held(row.id, refusals, now + wait, str(refusal))
+            batch.refused = f"row {row.id}: {refusal}"
+            logger.warning(
+                "Outbox row %d (event %s) refused by the %s backend (%d time(s): %s); "
+                "retrying it in %.1fs",
+                row.id,
+                row.event_id,
+                self.bus.backend.name,
+                refusals,
+                refusal,
+                wait,
+            )
+        return published
+
+    async def _backend_up(self) -> bool:
+        """Whether the backend's own health check says it is reachable (asked twice:
+        the refusal just seen can have broken the connection the first check uses)."""
+        backend = self.bus.backend
+        for _ in range(2):
+            try:
+                results = await asyncio.wait_for(backend.health(), HEALTH_PROBE_TIMEOUT)
+            except Exception:  # a probe: any failure means "not shown to be up"
+                continue
+            own = [result for result in results if result.backend == backend.name]
+            if own and all(r.status is not HealthStatus.UNHEALTHY for r in own):
+                return True
+        return False
+
+    def _route(self, published: list[tuple[Any, bool]], batch: _Batch) -> None:
+        """Sent rows are done; rows whose topic reached no subscription are kept (or, once
+        their topic has waited ``unrouted_timeout``, set aside)."""
+        now = time.monotonic()
+        unrouted_topics = {row.topic for row, unrouted in published if unrouted}
+        for row, unrouted in published:
+            if not unrouted:
+                batch.sent.append(row)
+                self.unrouted.pop(row.topic, None)
+        if not unrouted_topics:
+            return
+        if self.bus.settings.unrouted == "ignore":
+            batch.dropped += [row for row, unrouted in published if unrouted]
+            return
+        expired: dict[str, str] = {}
+        for topic in unrouted_topics:
+            state = self.unrouted.setdefault(topic, _Unrouted(since=now))
+            state.tries += 1
+            waited = now - state.since
+            if waited >= self.unrouted_timeout:
+                expired[topic] = (
+                    f"{_UNROUTED_REASON} {topic!r} (tried {state.tries} times over "
+                    f"{waited:.0f}s, EVENTBUS_OUTBOX_UNROUTED_TIMEOUT={self.unrouted_timeout:g})"
+                )
+            wait = min(UNROUTED_BACKOFF * 2 ** (state.tries - 1), MAX_UNROUTED_BACKOFF)
+            state.until = now + wait
+            if state.tries == 1:
+                logger.warning(
+                    "Outbox relay: no subscription handles topic %s (%s backend): its rows "
+                    "are kept and tried again (set aside after %gs)",
+                    topic,
+                    self.bus.backend.name,
+                    self.unrouted_timeout,
+                )
+        for row, unrouted in published:
+            if not unrouted:
+                continue
+            if row.topic in expired:
+                batch.aside.append((row, expired[row.topic], self.unrouted[row.topic].tries))
+            else:
+                batch.unrouted.append(row)
+
+    # -- shards and housekeeping --------------------------------------------------------
 
     async def _rebalance(self, conn: AsyncConnection) -> None:
         """Hold an even share of the shards: ``ceil(SHARDS / relays)``."""
@@ -420,12 +708,20 @@ class Relay:
                     break
         for cleanup in self.cleanups:
             await cleanup(conn)
+        now = time.monotonic()
+        forget = now - 10 * MAX_UNROUTED_BACKOFF
+        for topic in [t for t, u in self.unrouted.items() if u.until < forget]:
+            del self.unrouted[topic]  # not seen for a while: another relay has its shard
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
         if not self._stopping:
             self._wake.clear()
+
+
+#: How the reason of a row set aside for want of a subscription starts.
+_UNROUTED_REASON = "no subscription handles topic"
 
 
 async def count_relays(conn: AsyncConnection, member_class: int) -> int:
@@ -441,8 +737,11 @@ async def count_relays(conn: AsyncConnection, member_class: int) -> int:
     return int(count or 0)
 
 
-async def read_stats(conn: AsyncConnection, table: Table, member_class: int) -> OutboxStats:
-    """Pending rows, the age of the oldest one and the relays connected."""
+async def read_stats(
+    conn: AsyncConnection, table: Table, member_class: int, dead: Table | None = None
+) -> OutboxStats:
+    """Pending rows, the age of the oldest one, the relays connected and, with ``dead``,
+    the rows set aside (None when that table does not exist)."""
     name = table.fullname
     async with conn.begin():
         row = (
@@ -451,11 +750,27 @@ async def read_stats(conn: AsyncConnection, table: Table, member_class: int) -> 
                     f"SELECT (SELECT count(*) FROM (SELECT 1 FROM {name} WHERE sent_at IS NULL "
                     f"LIMIT {MAX_COUNTED}) AS p), (SELECT extract(epoch FROM "
                     f"clock_timestamp() - created_at) FROM {name} WHERE sent_at IS NULL "
-                    "ORDER BY id LIMIT 1)"
-                )
+                    "ORDER BY id LIMIT 1), to_regclass(:dead) IS NOT NULL"
+                ),
+                {"dead": (dead if dead is not None else table).fullname},
             )
         ).one()
         relays = await count_relays(conn, member_class)
+        set_aside: int | None = None
+        if dead is not None and row[2]:
+            set_aside = int(
+                await conn.scalar(
+                    text(
+                        f"SELECT count(*) FROM (SELECT 1 FROM {dead.fullname} "
+                        f"LIMIT {MAX_COUNTED}) AS d"
+                    )
+                )
+                or 0
+            )
     return OutboxStats(
-        pending=int(row[0]), lag=float(row[1] or 0.0), relays=relays, checked_at=time.time()
+        pending=int(row[0]),
+        lag=float(row[1] or 0.0),
+        relays=relays,
+        checked_at=time.time(),
+        set_aside=set_aside if dead is not None else 0,
     )

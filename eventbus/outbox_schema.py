@@ -19,6 +19,16 @@ Tables (PostgreSQL):
   context, the partition key and its *shard* (``crc32(key) % SHARDS``: the unit
   a relay owns), ``created_at``, and ``sent_at`` (NULL until relayed; sent rows
   are deleted at once unless a retention is set).
+``eventbus_outbox_dead``
+  The rows the relay *set aside*: rows it cannot send (options or envelope that
+  are not the JSON it writes, an envelope over ``EVENTBUS_MAX_EVENT_BYTES``), rows
+  the backend refused for good, and rows whose topic had no subscription for
+  ``EVENTBUS_OUTBOX_UNROUTED_TIMEOUT``.  The row as it was (same id), with
+  ``reason``, ``attempts`` and ``set_aside_at``.  ``eventbus outbox list``,
+  ``retry`` and ``drop`` act on them (:mod:`eventbus.outbox_dead`).  Created by
+  :func:`create_tables` and your migrations like the others; a database without
+  it (created before this table existed) keeps relaying, but poison rows wait in
+  the outbox until it exists (the relay's log and health print its DDL).
 ``eventbus_inbox``
   One row per (handler, event id) an idempotent handler applied, written in the
   handler's own transaction (:mod:`eventbus.inbox`).
@@ -39,6 +49,7 @@ with requires_extra("outbox", __name__):
         DateTime,
         Identity,
         Index,
+        Integer,
         LargeBinary,
         MetaData,
         SmallInteger,
@@ -47,7 +58,9 @@ with requires_extra("outbox", __name__):
         func,
         text,
     )
+    from sqlalchemy.dialects import postgresql
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.schema import CreateTable
 
 #: Shards of the outbox: a relay owns whole shards, so the events of one
 #: partition key (always in one shard) go out through one relay at a time, in order.
@@ -78,6 +91,39 @@ outbox_table = Table(
     Index("eventbus_outbox_sent", "sent_at", postgresql_where=text("sent_at IS NOT NULL")),
 )
 
+
+def dead_table_of(table: Table) -> Table:
+    """The table of the rows the relay sets aside from ``table``: ``<name>_dead`` in the
+    same schema and ``MetaData`` (so your migrations see it next to the outbox)."""
+    name = f"{table.name}_dead"
+    existing = table.metadata.tables.get(f"{table.schema}.{name}" if table.schema else name)
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        table.metadata,
+        # The outbox row's own id: ``retry`` puts it back under that id.
+        Column("id", BigInteger, primary_key=True, autoincrement=False),
+        Column("shard", SmallInteger, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("partition_key", Text, nullable=False),
+        Column("event_id", Text, nullable=False),
+        Column("event_type", Text, nullable=False),
+        Column("envelope", LargeBinary, nullable=False),
+        Column("options", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("set_aside_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        #: Why the relay set the row aside (what was wrong, or the backend's refusal).
+        Column("reason", Text, nullable=False),
+        #: Attempts to send it before it was set aside (0: it could not be decoded).
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        schema=table.schema,
+    )
+
+
+#: The rows the relay set aside from :data:`outbox_table` (see the module docstring).
+outbox_dead_table = dead_table_of(outbox_table)
+
 #: The inbox table of idempotent handlers (see :mod:`eventbus.inbox`).
 inbox_table = Table(
     "eventbus_inbox",
@@ -90,13 +136,21 @@ inbox_table = Table(
 
 
 async def create_tables(engine: AsyncEngine) -> None:
-    """Create the outbox and inbox tables and their indexes if they do not exist.
+    """Create the outbox, set-aside and inbox tables and their indexes if they do not
+    exist (a database made by an earlier version gains the set-aside table).
 
     For quick starts and tests; production schemas belong in your migrations
     (include :data:`metadata`).
     """
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
+
+
+def create_statement(table: Table) -> str:
+    """The PostgreSQL ``CREATE TABLE`` statement of ``table`` (for error messages and
+    hand-written migrations)."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return str(CreateTable(table).compile(dialect=dialect)).strip() + ";"
 
 
 def shard_of(key: str) -> int:
