@@ -26,13 +26,15 @@ No row stalls the others:
   (doubled per refusal); refused :data:`REFUSALS_TO_SET_ASIDE` times, it is set
   aside.  When nothing goes through (the backend is down), every row stays and
   the relay retries with backoff.
-- A row whose topic reached no subscription is kept, never deleted: the topic
-  waits :data:`UNROUTED_BACKOFF` seconds (doubled up to
+- A row whose topic has no subscription is kept, never deleted, and never
+  handed to the backend: the relay publishes strictly (the backend writes
+  nothing of a topic nobody subscribes and names it), so the row stays the one
+  copy of its event even where the backend would keep unrouted events itself.
+  The topic waits :data:`UNROUTED_BACKOFF` seconds (doubled up to
   :data:`MAX_UNROUTED_BACKOFF`) and is tried again; after ``unrouted_timeout``
   seconds without a subscription its rows are set aside.  With
-  ``EVENTBUS_UNROUTED=ignore`` they are deleted and counted, as a plain publish
-  drops them.  A backend that keeps unrouted events itself does not report
-  their topics, and their rows are deleted as sent.
+  ``EVENTBUS_UNROUTED=ignore`` the relay publishes as a plain publish does and
+  deletes the rows (counted).
 
 The relay's task survives every exception: a failed session is logged with the
 rows in hand and restarted with backoff (0.1 s to 10 s), and health says
@@ -59,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .exceptions import EventBusError
+from .exceptions import EventBusError, UnroutedError
 from .health import HealthStatus
 from .metrics import CountsUnrouted
 from .outbox_dead import missing_table_message, set_aside
@@ -532,29 +534,51 @@ class Relay:
         if not items:
             return batch
         try:
-            unrouted = await self._send([event for _, event in items])
+            published = await self._send(items)
         except EventBusError as exc:
             published = await self._isolate(items, exc, batch)
-        else:
-            published = [(row, event.topic in unrouted) for row, event in items]
         self._route(published, batch)
         return batch
 
-    async def _send(self, events: list[OutgoingEvent]) -> set[str]:
-        try:
-            return await self.bus.backend.publish(events, strict=False)
-        except Exception as exc:
-            self.errors += 1
-            if isinstance(exc, EventBusError):
-                raise
-            raise EventBusError(f"{self.bus.backend.name}: {type(exc).__name__}: {exc}") from exc
+    async def _send(self, items: list[tuple[Any, OutgoingEvent]]) -> list[tuple[Any, bool]]:
+        """Publish the events of ``items``; returns each row with whether its topic had
+        no subscription.
+
+        Strict (unless ``EVENTBUS_UNROUTED=ignore``): the backend publishes nothing
+        of a call with a topic nobody subscribes and names those topics; their rows
+        are left out and the others published again.  So an unrouted event is never
+        handed to the backend (a backend that keeps unrouted events would get one
+        copy per try): its row is the one copy, kept until a subscription exists.
+        """
+        strict = self.bus.settings.unrouted != "ignore"
+        backend = self.bus.backend
+        pending, done = items, []
+        while pending:
+            try:
+                unrouted = await backend.publish([event for _, event in pending], strict=strict)
+            except UnroutedError as exc:
+                topics = set(exc.topics) & {event.topic for _, event in pending}
+                if not topics:  # names none of ours: a refusal like any other
+                    self.errors += 1
+                    raise
+                done += [(row, True) for row, event in pending if event.topic in topics]
+                pending = [(row, event) for row, event in pending if event.topic not in topics]
+                continue
+            except Exception as exc:
+                self.errors += 1
+                if isinstance(exc, EventBusError):
+                    raise
+                raise EventBusError(f"{backend.name}: {type(exc).__name__}: {exc}") from exc
+            done += [(row, event.topic in unrouted) for row, event in pending]
+            break
+        return done
 
     async def _isolate(
         self, items: list[tuple[Any, OutgoingEvent]], error: EventBusError, batch: _Batch
     ) -> list[tuple[Any, bool]]:
         """Send the rows of a refused batch one at a time: which one is refused?
 
-        Returns the rows published, each with whether its topic was unrouted.  Rows
+        Returns the rows the backend answered for, as :meth:`_send` does.  Rows
         refused while others go through are held (set aside after
         :data:`REFUSALS_TO_SET_ASIDE` refusals); the later rows of their keys stay.
 
@@ -564,21 +588,20 @@ class Relay:
         published: list[tuple[Any, bool]] = []
         refused: list[tuple[Any, EventBusError]] = []
         blocked: set[str] = set()
-        for row, event in items:
+        for item in items:
+            row = item[0]
             if row.partition_key in blocked:
                 continue  # behind a refused row of its key: stays pending, in order
             try:
                 try:
-                    unrouted = await self._send([event])
+                    published += await self._send([item])
                 except EventBusError:  # once more: a refusal can break the connection
-                    unrouted = await self._send([event])
+                    published += await self._send([item])
             except EventBusError as exc:
                 refused.append((row, exc))
                 blocked.add(row.partition_key)
                 if not published and len(refused) >= ISOLATION_PROBES:
                     break
-                continue
-            published.append((row, event.topic in unrouted))
         if not published and (len(refused) != 1 or not await self._backend_up()):
             raise _BackendDown(str(refused[-1][1] if refused else error))
         now = time.monotonic()

@@ -469,8 +469,28 @@ async def test_event_relayed_before_any_redis_subscription_reaches_it(
         finally:
             client.close()
         await wait_rows(pg_engine, PENDING, 0, "the row sent")
+        # One copy: the relay never handed the unrouted event to Redis' unrouted window.
+        client = redis.Redis.from_url(redis_url)
+        assert [client.llen(ready_key(namespace, q)) for q in REDIS_QUEUES] == [1, 1]
+        client.close()
     finally:
         await bus.stop()
+
+
+async def test_unrouted_ignore_deletes_the_row_as_a_plain_publish_drops_the_event(
+    make_bus: Callable[..., EventBus], pg_engine: AsyncEngine, topic: str
+) -> None:
+    metrics = InMemoryMetricsCollector()
+    bus = make_bus(
+        settings=EventBusSettings(shutdown_timeout=2.0, unrouted="ignore"), metrics=metrics
+    )
+    Outbox(bus, pg_engine)
+    await bus.start()
+    async with pg_engine.begin() as conn:
+        await bus.publish(Placed(topic=topic), session=conn)
+    await wait_rows(pg_engine, PENDING, 0, "the row deleted")
+    assert await scalar(pg_engine, SET_ASIDE) == 0
+    assert metrics.snapshot()["unrouted"] == {topic: 1}
 
 
 # -- a database created before the set-aside table -------------------------------------
