@@ -407,7 +407,9 @@ class EventBus:
             written as JSON (a NaN or infinite float, named; a lone surrogate; an
             object pydantic cannot serialize; nesting deeper than
             :data:`~eventbus.events.MAX_DEPTH`), or the backend refused it; nothing
-            of it was enqueued.
+            of it was enqueued.  Or the backend did not answer in time after the
+            request was sent: the message then says the event may have been
+            published (publishing it again can deliver it twice).
           EventTooLargeError: Its JSON is over ``EVENTBUS_MAX_EVENT_BYTES``.
           UnroutedError: ``EVENTBUS_UNROUTED=error`` and no subscription handles
             its topic.
@@ -549,7 +551,9 @@ class EventBus:
                 continue
             self._unrouted_warned[topic] = now
             logger.warning(
-                "No subscription handles topic %r (%s backend): its events are dropped. "
+                "No subscription handles topic %r (%s backend): its events reach no handler "
+                "unless a subscription is written within the backend's window for unrouted "
+                "events, if it keeps them (docs: 'Unrouted events'). "
                 "Register its handlers (workers write their subscriptions when they boot, "
                 "or run `eventbus subscriptions sync MODULES`); EVENTBUS_UNROUTED=error "
                 "refuses such publishes.",

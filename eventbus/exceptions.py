@@ -16,7 +16,12 @@ class ConfigurationError(EventBusError, ValueError):
 
 
 class PublishError(EventBusError):
-    """An event could not be handed to the backend; nothing of it was enqueued."""
+    """An event could not be handed to the backend.
+
+    Nothing of it was enqueued, unless the message says it *may have been
+    published*: the request reached the backend but no answer came in time, so
+    the backend may hold it (publishing it again can deliver it twice).
+    """
 
 
 class EventTooLargeError(PublishError):

@@ -65,9 +65,10 @@ local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
 #: Lua helpers of the scripts that write events: refuse, before any write, a key
 #: of the wrong type or a counter that is not an integer (Redis does not roll a
 #: script back: a runtime error after a write would leave the call half done).
+#: :data:`PUBLISH` undoes its fan-out writes instead (no check on its hot path).
 _CHECKS = """
 local function refuse(what)
-  error({err = 'ERR eventbus: ' .. what .. '; nothing was written'})
+  error({err = 'ERR eventbus: ' .. what})
 end
 local function need(key, kind)
   local t = redis.call('TYPE', key)['ok']
@@ -156,12 +157,15 @@ local function clock()
 end
 """
 
-#: Fan events out to every subscription of their topics, all or none: every key
-#: the call writes is checked first, so a corrupt key fails the call before any
-#: write.  Events of a topic without a subscription, and every event of a topic
-#: warming up (its first subscription was written less than the warm-up ago),
-#: are kept in ``{ns}:u:{topic}`` within bounds, for the subscriptions written
-#: next (:data:`SUBSCRIBE`; ``docs/redis.md``, "Unrouted events").
+#: Fan events out to every subscription of their topics, all or none.  Redis
+#: does not roll a script back, so the writes are undone when one fails (a key of
+#: the wrong type, a counter that is not an integer): nothing of a failed call
+#: stays, and a caller's retry cannot deliver twice.  Events of a topic without a
+#: subscription, and every event of a topic warming up (its first subscription
+#: was written less than the warm-up ago), are kept in ``{ns}:u:{topic}`` within
+#: bounds, for the subscriptions written next (:data:`SUBSCRIBE`;
+#: ``docs/redis.md``, "Unrouted events"); the keys of that path are checked
+#: before any write.
 #: ARGV: namespace, strict ("1": write nothing if any topic has no subscription),
 #: message timestamp (ms), retention (ms; 0: keep nothing), most events kept per
 #: topic, most bytes kept per topic, warm-up (ms), staged list key ("": none),
@@ -183,7 +187,7 @@ if stage ~= '' then
   A, first = redis.call('LRANGE', stage, 0, -1), 1
   if #A == 0 then refuse('the staged events ' .. stage .. ' expired before their commit') end
 end
-local subs_of, unrouted, queues, counts, clamp = {}, {}, {}, {}, {}
+local subs_of, unrouted, queues, counts = {}, {}, {}, {}
 for i = first, #A, 4 do
   local topic = A[i]
   if subs_of[topic] == nil then
@@ -199,16 +203,8 @@ for i = first, #A, 4 do
       end
       local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
       local actor = string.sub(field, bar + 1)
-      if not queues[tag] then
-        need(tag .. ':m', 'hash')
-        need(tag .. ':q', 'list')
-        need(tag .. ':n', 'hash')
-        queues[tag] = {}
-      end
-      if not queues[tag][actor] then
-        queues[tag][actor] = 0
-        if need_int(tag .. ':n', actor) < 0 then clamp[#clamp + 1] = {tag, actor} end
-      end
+      if not queues[tag] then queues[tag] = {} end
+      queues[tag][actor] = 0
       subs[#subs + 1] = {tag, string.sub(value, nl + 1), actor}
     end
     subs_of[topic] = subs
@@ -222,7 +218,7 @@ if strict and #unrouted > 0 then
   return {0, unrouted, {}}
 end
 -- Which topics' events are kept: those nobody subscribes, and all of those of a
--- topic warming up.
+-- topic warming up.  The keys of the window are checked before any write.
 local kept, any_kept = {}, false
 if keep > 0 and max_n > 0 then
   for topic, subs in pairs(subs_of) do
@@ -237,40 +233,74 @@ elseif #unrouted > 0 then
   for _, topic in ipairs(unrouted) do need_int(ns .. ':unrouted', 'd:' .. topic) end
   need_int(ns .. ':unrouted', 'dropped')
 end
--- Every check passed: write.
-for _, c in ipairs(clamp) do redis.call('HSET', c[1] .. ':n', c[2], 0) end
 local now, seq = 0, 0
 if any_kept or #unrouted > 0 then now = clock() end
 if any_kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
-local added = {}
-for i = first, #A, 4 do
-  local topic = A[i]
-  local subs = subs_of[topic]
-  local tail = '],"kwargs":{},"options":' .. A[i + 2] .. ',"message_id":"'
-  for j = 1, #subs do
-    local sub = subs[j]
-    local eid = A[i + 3] .. '.' .. j
-    redis.call('HSET', sub[1] .. ':m', eid, sub[2] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
-      '","message_timestamp":' .. ts .. '}')
-    redis.call('RPUSH', sub[1] .. ':q', eid)
-    queues[sub[1]][sub[3]] = queues[sub[1]][sub[3]] + 1
+-- Write, keeping what undoes each write: 1 HDEL key field, 2 RPOP key, 3 HINCRBY
+-- key field by, 4 HSET key field value.
+local uop, ukey, uarg, uby, nu, at = {}, {}, {}, {}, 0, ''
+local added, dropped = {}, {}
+local ok, failure = pcall(function()
+  for i = first, #A, 4 do
+    local topic = A[i]
+    local subs = subs_of[topic]
+    local tail = '],"kwargs":{},"options":' .. A[i + 2] .. ',"message_id":"'
+    for j = 1, #subs do
+      local sub = subs[j]
+      local eid = A[i + 3] .. '.' .. j
+      at = sub[1] .. ':m'
+      if redis.call('HSET', at, eid, sub[2] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
+          '","message_timestamp":' .. ts .. '}') == 1 then
+        nu = nu + 1
+        uop[nu], ukey[nu], uarg[nu] = 1, at, eid
+      end
+      at = sub[1] .. ':q'
+      redis.call('RPUSH', at, eid)
+      nu = nu + 1
+      uop[nu], ukey[nu] = 2, at
+      queues[sub[1]][sub[3]] = queues[sub[1]][sub[3]] + 1
+    end
+    if kept[topic] then
+      seq = seq + 1
+      local flag = 'r'
+      if #subs == 0 then flag = 'u' end
+      local entry = flag .. fmt(seq) .. ' ' .. fmt(now) .. ' ' .. A[i + 3] .. ' ' .. A[i + 2] ..
+        '\\n' .. A[i + 1]
+      at = ns .. ':u:' .. topic
+      redis.call('RPUSH', at, entry)
+      nu = nu + 1
+      uop[nu], ukey[nu] = 2, at
+      added[topic] = (added[topic] or 0) + #entry
+    end
   end
-  if kept[topic] then
-    seq = seq + 1
-    local flag = 'r'
-    if #subs == 0 then flag = 'u' end
-    local entry = flag .. fmt(seq) .. ' ' .. fmt(now) .. ' ' .. A[i + 3] .. ' ' .. A[i + 2] ..
-      '\\n' .. A[i + 1]
-    redis.call('RPUSH', ns .. ':u:' .. topic, entry)
-    added[topic] = (added[topic] or 0) + #entry
+  for tag, actors in pairs(queues) do
+    for actor, n in pairs(actors) do
+      if n > 0 then
+        at = tag .. ':n'
+        local v = redis.call('HINCRBY', at, actor, n)
+        nu = nu + 1
+        uop[nu], ukey[nu], uarg[nu], uby[nu] = 3, at, actor, -n
+        if v < n then  -- it was negative (a counter gone wrong): count from zero
+          redis.call('HSET', at, actor, n)
+          uop[nu], uby[nu] = 4, fmt(v - n)
+        end
+      end
+    end
   end
+end)
+if not ok then
+  for k = nu, 1, -1 do
+    local op = uop[k]
+    if op == 1 then redis.call('HDEL', ukey[k], uarg[k])
+    elseif op == 2 then redis.call('RPOP', ukey[k])
+    elseif op == 3 then redis.call('HINCRBY', ukey[k], uarg[k], uby[k])
+    else redis.call('HSET', ukey[k], uarg[k], uby[k]) end
+  end
+  local why = tostring(failure)
+  if type(failure) == 'table' and failure.err then why = failure.err end
+  return redis.error_reply('ERR eventbus: writing ' .. at .. ' failed: ' .. why ..
+    ' (the writes of this call were undone)')
 end
-for tag, actors in pairs(queues) do
-  for actor, n in pairs(actors) do
-    if n > 0 then redis.call('HINCRBY', tag .. ':n', actor, n) end
-  end
-end
-local dropped = {}
 if any_kept then
   redis.call('HSET', ns .. ':unrouted', 'seq', fmt(seq))
   for topic, bytes in pairs(added) do
