@@ -193,6 +193,7 @@ async def test_a_large_publish_many_goes_out_in_bounded_calls(
     assert sent_sizes and max(sent_sizes) < SPLIT_LIMIT, sent_sizes
     assert stored(r, namespace, FIRST) == list(range(16))
     assert stored(r, namespace, SECOND) == list(range(16))
+    assert not list(r.scan_iter(match=f"{namespace}:stage:*"))  # the commit took them
 
 
 async def test_a_large_publish_many_is_still_all_or_none(

@@ -270,6 +270,16 @@ async def test_removing_a_subscription_while_a_worker_holds_its_events_keeps_the
     assert RECORD_ACTOR in workers_health.detail
 
 
+async def test_a_backlog_counter_found_below_zero_counts_from_zero_at_the_next_publish(
+    make_redis_bus: Callable[..., EventBus], r: redis.Redis, namespace: str
+) -> None:
+    bus = await started(make_redis_bus)
+    subscribe(r, namespace, "tests", FIRST)
+    r.hset(backlog_key(namespace, FIRST), RECORD_ACTOR, -3)  # acks after a Redis restart
+    await bus.publish_many([h.Numbered(n=i) for i in range(2)])
+    assert int(r.hget(backlog_key(namespace, FIRST), RECORD_ACTOR)) == 2
+
+
 @pytest.mark.parametrize("counter", ["0", "-5"])
 async def test_health_degrades_when_events_wait_with_no_live_worker_whatever_the_counter_says(
     make_redis_bus: Callable[..., EventBus], r: redis.Redis, namespace: str, counter: str
