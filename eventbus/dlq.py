@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -44,12 +43,8 @@ MAX_ENVELOPE_TEXT = 16 * 1024 * 1024
 DEFAULT_AUDIT_SIZE = 10_000
 #: Record ids written into one audit entry (the count says how many there were).
 MAX_AUDIT_IDS = 100
-#: Characters a cut traceback keeps (its first and last halves), when a dead letter
-#: is cut to fit its store.
-CUT_TRACEBACK_CHARS = 8_000
-#: Characters a cut error message keeps (its first and last halves).
-CUT_ERROR_CHARS = 2_000
-#: Envelope key of a dead letter whose payload was dropped to fit its store.
+#: Envelope key of a dead letter whose payload was dropped to fit its store
+#: (:func:`eventbus.dlq_cut.fit_record`).
 PAYLOAD_DROPPED = "payload_dropped"
 
 #: :attr:`AuditEntry.status` of the entry written before an action runs.
@@ -268,82 +263,16 @@ def non_finite_path(value: Any, path: str = "") -> str | None:
     return None
 
 
-def cut_text(text: str, keep: int) -> str:
-    """``text`` with its middle replaced by a ``… [N characters cut] …`` mark, so
-    that ``keep`` of its characters remain (its first and last halves); unchanged
-    when it is not longer than that."""
-    if len(text) <= keep:
-        return text
-    head = keep // 2
-    tail = keep - head
-    return f"{text[:head]} … [{len(text) - keep} characters cut] … {text[len(text) - tail :]}"
-
-
 def payload_dropped(record: FailedEvent) -> dict[str, Any] | None:
     """What a dead letter whose payload was dropped keeps of it (reason, bytes,
-    sha256, event type and id), or None when the payload is there."""
+    sha256, event type and id), or None when the payload is there (see
+    :mod:`eventbus.dlq_cut`)."""
     envelope = record.envelope
     if isinstance(envelope, dict) and len(envelope) == 1:
         kept = envelope.get(PAYLOAD_DROPPED)
         if isinstance(kept, dict):
             return kept
     return None
-
-
-def fit_record(
-    record: FailedEvent, limit: int, size: Callable[[FailedEvent], int], where: str
-) -> tuple[FailedEvent, tuple[str, ...]]:
-    """``record`` cut to at most ``limit`` bytes as ``size`` counts them, and what was cut.
-
-    Unchanged when it fits.  Else its traceback and error keep their first and
-    last characters (:data:`CUT_TRACEBACK_CHARS`, :data:`CUT_ERROR_CHARS`, less
-    for a small ``limit``) around a ``… [N characters cut] …`` mark.  If it is
-    still too large, its payload is dropped: the envelope becomes
-    ``{"payload_dropped": {"reason", "bytes", "sha256", "event_type", "event_id"}}``
-    and the error starts with the reason.  Such a record cannot be replayed
-    (``replay`` refuses it and keeps it; ``replay_edited`` with the event found
-    again works).  ``where`` names the limit in the reason (``"of the Redis
-    dead-letter store"``).
-
-    Returns:
-      The record, and what was cut: ``traceback``, ``error``, ``payload`` (in
-      that order; empty when nothing was).  The result can still exceed a tiny
-      ``limit``: ids, topic, handler and the attempt log are never cut.
-    """
-    before = size(record)
-    if before <= limit:
-        return record, ()
-    changes: dict[str, Any] = {}
-    traceback = cut_text(record.traceback, min(CUT_TRACEBACK_CHARS, limit // 8))
-    if traceback != record.traceback:
-        changes["traceback"] = traceback
-    error = cut_text(record.error, min(CUT_ERROR_CHARS, limit // 32))
-    if error != record.error:
-        changes["error"] = error
-    if changes:
-        record = replace(record, **changes)
-        if size(record) <= limit:
-            return record, tuple(changes)
-    payload = json.dumps(
-        record.to_dict()["envelope"], separators=(",", ":"), ensure_ascii=False, default=str
-    ).encode("utf-8", "surrogatepass")
-    reason = (
-        f"payload dropped: the dead letter was {before:,} bytes, over the limit of "
-        f"{limit:,} {where}; it cannot be replayed from here"
-    )
-    envelope = record.envelope
-    event = envelope.get("event") if isinstance(envelope, dict) else None
-    kept = {
-        "reason": reason,
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "event_type": str(envelope.get("type", "")) if isinstance(envelope, dict) else "",
-        "event_id": str(event.get("event_id", "")) if isinstance(event, dict) else "",
-    }
-    record = replace(
-        record, envelope={PAYLOAD_DROPPED: kept}, event=None, error=f"{reason}; {record.error}"
-    )
-    return record, (*changes, "payload")
 
 
 def _parse_time(value: object) -> datetime:

@@ -37,10 +37,11 @@ length of each record's JSON and summary; Redis' own overhead per key comes on
 top).  Adding a record evicts the oldest ones until both hold, counts them in
 ``evicted`` and logs a warning (at most one per :data:`EVICTION_LOG_INTERVAL`).
 A record larger than ``max_bytes / RECORD_SHARE`` alone is cut before it is
-written (:func:`~eventbus.dlq.fit_record`): its error and traceback first, its
-payload too if that is not enough (it then cannot be replayed; the record says
-why and keeps the payload's size and sha256), with a warning.  One record never
-evicts more than a tenth of the store, and none is refused.
+written (:func:`~eventbus.dlq_cut.fit_record`, the Kafka store's rules too): its
+error and traceback first, its payload too if that is not enough (it then cannot
+be replayed; the record says why and keeps the payload's size and sha256), with a
+warning.  One record never evicts more than a tenth of the store, and none is
+refused.
 """
 
 from __future__ import annotations
@@ -72,10 +73,10 @@ from .dlq import (
     DEFAULT_AUDIT_SIZE,
     AuditEntry,
     FailedEvent,
-    fit_record,
     newest,
     refuse_constants,
 )
+from .dlq_cut import fit_record
 from .events import text_too_deep
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ MAX_SCAN = 5_000
 UNREADABLE = "UnreadableRecord"
 #: A record larger than ``max_bytes / RECORD_SHARE`` is cut before it is written.
 RECORD_SHARE = 10
+#: Follows the reason of a dead letter whose payload was dropped to fit the store.
+DROP_HINT = "a tenth of EVENTBUS_DLQ_MAX_BYTES, the most one Redis dead letter may take"
 #: Seconds between two warnings about evicted records (each counts those since the last).
 EVICTION_LOG_INTERVAL = 60.0
 
@@ -214,8 +217,8 @@ class RedisDeadLetterStore:
             record, cut = fit_record(
                 record,
                 self.max_record_bytes,
-                lambda r: sum(map(len, _encoded(r))),
-                "of one record in the Redis dead-letter store (a tenth of EVENTBUS_DLQ_MAX_BYTES)",
+                lambda r, _cut: sum(map(len, _encoded(r))),
+                DROP_HINT,
             )
             data, summary = _encoded(record)
             logger.warning(

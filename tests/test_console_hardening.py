@@ -39,7 +39,7 @@ from eventbus.config import DEFAULT_DLQ_MAX_BYTES
 from eventbus.console import dlq_console
 from eventbus.console_views import MAX_ERROR_SHOWN
 from eventbus.dlq import MemoryAuditLog
-from eventbus.dlq_redis import RedisAuditLog, RedisDeadLetterStore
+from eventbus.dlq_redis import DROP_HINT, RedisAuditLog, RedisDeadLetterStore
 from eventbus.events import encode_event
 from eventbus.fastapi import CSRF_HEADER, dlq_router
 from tests import dlq_handlers as h
@@ -617,7 +617,11 @@ def test_a_record_bigger_than_the_byte_bound_is_kept_cut_with_its_reason(
     kept_of_it = dropped.envelope["payload_dropped"]
     assert kept_of_it["event_id"] == huge.envelope["event"]["event_id"]  # type: ignore[index]
     assert kept_of_it["bytes"] > 500_000 and len(kept_of_it["sha256"]) == 64
-    assert dropped.error.startswith("payload dropped") and "cannot be replayed" in dropped.error
+    reason = kept_of_it["reason"]
+    assert re.fullmatch(
+        rf"payload dropped: \d+ bytes over the limit of 20000 \({re.escape(DROP_HINT)}\)", reason
+    )
+    assert dropped.error.startswith(f"{reason}; ")
     assert bus.dlq.replay([huge.id]).failed  # refused, and kept
     assert store.get(huge.id) is not None
     assert store.used_bytes <= 200_000
@@ -626,4 +630,4 @@ def test_a_record_bigger_than_the_byte_bound_is_kept_cut_with_its_reason(
     # the console shows why
     client = console_client(bus)  # the same keys, through the backend's store
     page = client.get(PREFIX + "/record", params={"id": huge.id})
-    assert page.status_code == 200 and "cannot be replayed" in page.text
+    assert page.status_code == 200 and reason in page.text

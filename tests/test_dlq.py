@@ -1,10 +1,14 @@
-"""Dead letters on the embedded backend: records, filters, replay, purge, CLI, admin router."""
+"""Dead letters on the embedded backend: records, filters, replay, purge, CLI, admin
+router; and the rules every store cuts an oversized dead letter by (no broker)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -23,7 +27,8 @@ from eventbus import (
 )
 from eventbus.cli import main as cli_main
 from eventbus.cli import run as cli_run
-from eventbus.dlq import MemoryDeadLetterStore
+from eventbus.dlq import MemoryDeadLetterStore, payload_dropped
+from eventbus.dlq_cut import cut_text, fit_record
 
 MakeBus = Callable[..., EventBus]
 
@@ -675,3 +680,106 @@ async def test_a_dead_letter_keeps_each_attempts_outcome(make_bus: MakeBus, topi
         "ConnectionError: mailbox full",
     ]
     assert [r["outcome"] for r in rows][-1] == "failed, gave up: dead-lettered"
+
+
+# -- cutting a dead letter to fit its store: the rules the Redis and Kafka stores share --
+
+
+class Parcel(BaseEvent):
+    blob: str = ""
+
+
+def parcel_record(payload: int, *, error: str = "boom", traceback: str = "") -> FailedEvent:
+    event = Parcel(topic="orders", blob="p" * payload)
+    return FailedEvent(
+        id="dl-1",
+        event=event,
+        envelope=event.to_dict(),
+        topic="orders",
+        handler="orders:h",
+        queue="q",
+        attempts=3,
+        error=error,
+        error_type="RuntimeError",
+        traceback=traceback,
+    )
+
+
+def framed_size(record: FailedEvent, cut: tuple[str, ...]) -> int:
+    """A store's size function: the record's JSON plus framing that names what was
+    cut (as the Kafka store's ``eventbus-cut`` header does)."""
+    return len(json.dumps(record.to_dict()).encode()) + 100 + 1_000 * len(cut)
+
+
+def test_cut_text_keeps_head_and_tail_around_a_mark() -> None:
+    text = "HEAD" + "x" * 10_000 + "TAIL"
+    cut = cut_text(text, 100)
+    assert cut.startswith("HEAD" + "x" * 46) and cut.endswith("x" * 46 + "TAIL")
+    assert "[9908 characters cut]" in cut and len(cut) < 150
+    assert cut_text("short", 100) == "short"
+
+
+def test_a_dead_letter_that_fits_its_store_is_kept_unchanged() -> None:
+    record = parcel_record(1_000, traceback="Traceback ...\n")
+    assert fit_record(record, 100_000, framed_size) == (record, ())
+
+
+def test_long_texts_are_cut_first_and_the_event_kept() -> None:
+    record = parcel_record(
+        20_000,
+        error="E-HEAD " + "e" * 200_000 + " E-TAIL",
+        traceback="Traceback (most recent call last):\n" + "t" * 300_000 + "\nT-TAIL",
+    )
+    fitted, cut = fit_record(record, 100_000, framed_size, "raise the bound")
+
+    assert cut == ("traceback", "error")
+    assert framed_size(fitted, cut) <= 100_000
+    assert fitted.event == record.event and fitted.envelope == record.envelope  # replayable
+    assert fitted.error.startswith("E-HEAD") and fitted.error.endswith("E-TAIL")
+    assert fitted.traceback.startswith("Traceback") and fitted.traceback.endswith("T-TAIL")
+    assert "characters cut] …" in fitted.error and "characters cut] …" in fitted.traceback
+    assert payload_dropped(fitted) is None
+
+
+@pytest.mark.parametrize(
+    ("hint", "suffix"), [("", ""), ("a tenth of EVENTBUS_DLQ_MAX_BYTES", r" \(a tenth of .+\)")]
+)
+def test_a_payload_too_large_is_dropped_with_its_size_hash_and_reason(
+    hint: str, suffix: str
+) -> None:
+    record = parcel_record(300_000, traceback="Traceback ...\nRuntimeError: boom")
+    payload = json.dumps(record.envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    fitted, cut = fit_record(record, 100_000, framed_size, hint)
+
+    assert cut == ("payload",)  # the texts were short: nothing else to cut
+    assert framed_size(fitted, cut) <= 100_000
+    kept = payload_dropped(fitted)
+    assert kept is not None and fitted.envelope == {"payload_dropped": kept}
+    match = re.fullmatch(
+        rf"payload dropped: (\d+) bytes over the limit of 100000{suffix}", kept["reason"]
+    )
+    assert match is not None and int(match[1]) == framed_size(record, ()) - 100_000
+    assert kept["bytes"] == len(payload)
+    assert kept["sha256"] == hashlib.sha256(payload).hexdigest()  # finds the original
+    assert kept["event_type"] == record.envelope["type"]
+    assert kept["event_id"] == record.envelope["event"]["event_id"]
+    assert fitted.event is None and fitted.error == f"{kept['reason']}; boom"
+    assert FailedEvent.from_dict(json.loads(json.dumps(fitted.to_dict()))).event is None
+
+
+def test_a_dead_letter_whose_texts_are_cut_and_still_too_large_loses_its_payload_too() -> None:
+    record = parcel_record(150_000, error="e" * 50_000, traceback="t" * 50_000)
+    fitted, cut = fit_record(record, 100_000, framed_size)
+
+    assert cut == ("traceback", "error", "payload")
+    assert framed_size(fitted, cut) <= 100_000
+    kept = payload_dropped(fitted)
+    assert kept is not None and kept["bytes"] > 150_000
+    # N counts what was still over once the texts were cut (the traceback to its
+    # 8,000 characters, the error to 2,000), framing included.
+    texts_cut = replace(
+        record, error=cut_text(record.error, 2_000), traceback=cut_text(record.traceback, 8_000)
+    )
+    over = framed_size(texts_cut, ("traceback", "error")) - 100_000
+    assert kept["reason"] == f"payload dropped: {over} bytes over the limit of 100000"
+    assert fitted.error.startswith(f"{kept['reason']}; eeee") and "characters cut" in fitted.error

@@ -35,15 +35,15 @@ from eventbus.backends.kafka_dlq import (
 )
 from eventbus.backends.kafka_dlq_record import (
     DEFAULT_MAX_RECORD_BYTES,
+    DROP_HINT,
+    DROP_HINT_LOWERED,
     HEADER_CUT,
     HEADER_PAYLOAD_DROPPED,
-    cut_text,
     fit_dead_letter,
-    payload_dropped,
 )
 from eventbus.cli import run
 from eventbus.console import dlq_console
-from eventbus.dlq import DeadLetterQueue, MemoryAuditLog, MemoryDeadLetterStore
+from eventbus.dlq import DeadLetterQueue, MemoryAuditLog, MemoryDeadLetterStore, payload_dropped
 from eventbus.exceptions import ConfigurationError
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
 
@@ -100,7 +100,10 @@ async def test_a_dead_letter_over_the_limit_drops_its_payload_and_the_partition_
     [dead] = await bus.dlq.apeek()
     assert dead.event is None and dead.topic == topic
     dropped = dead.envelope["payload_dropped"]
-    assert re.fullmatch(r"payload dropped: \d+ bytes over the limit of 1048576", dropped["reason"])
+    assert re.fullmatch(
+        rf"payload dropped: \d+ bytes over the limit of 1048576 \({re.escape(DROP_HINT)}\)",
+        dropped["reason"],
+    )
     assert dropped["bytes"] == len(value)
     assert dropped["sha256"] == hashlib.sha256(value).hexdigest()  # finds the original
     assert dropped["event_id"] == big.event_id and dropped["event_type"] == "tests.kafka.Bulky"
@@ -236,14 +239,6 @@ def bulky_envelope(size: int) -> dict[str, Any]:
     return {"type": event.event_type, "event": event.model_dump(mode="json")}
 
 
-def test_cut_text_keeps_head_and_tail_around_a_mark() -> None:
-    text = "HEAD" + "x" * 10_000 + "TAIL"
-    cut = cut_text(text, 100)
-    assert cut.startswith("HEAD" + "x" * 46) and cut.endswith("x" * 46 + "TAIL")
-    assert "[9908 characters cut]" in cut and len(cut) < 150
-    assert cut_text("short", 100) == "short"
-
-
 def test_a_dead_letter_that_fits_is_written_unchanged() -> None:
     record = failed_event(bulky_envelope(1_000), traceback="Traceback ...\n")
     fitted = fit_dead_letter(record, 100_000)
@@ -282,7 +277,10 @@ def test_a_payload_too_large_on_its_own_is_dropped_with_its_size_hash_and_reason
     assert fitted.cut == ("payload",)
     assert fitted.size <= 100_000
     kept = json.loads(fitted.value)["envelope"]["payload_dropped"]
-    match = re.fullmatch(r"payload dropped: (\d+) bytes over the limit of 100000", kept["reason"])
+    match = re.fullmatch(
+        rf"payload dropped: (\d+) bytes over the limit of 100000 \({re.escape(DROP_HINT)}\)",
+        kept["reason"],
+    )
     assert match is not None
     over = int(match[1])
     assert len(payload) - 100_000 < over < len(payload)  # the whole record counts
@@ -372,7 +370,9 @@ async def test_a_broker_refusing_a_record_as_too_large_gets_it_cut_further(
 
     [(topic, value, headers)] = producer.sent
     assert topic == "orders.dlq" and len(value) <= 300_000
-    assert json.loads(value)["envelope"]["payload_dropped"]["bytes"] > 700_000
+    dropped = json.loads(value)["envelope"]["payload_dropped"]
+    assert dropped["bytes"] > 700_000
+    assert dropped["reason"].endswith(f" ({DROP_HINT_LOWERED})")  # says why the limit is lower
     assert headers[HEADER_CUT] == b"payload"
     assert store.limit("orders.dlq") < DEFAULT_MAX_RECORD_BYTES and store.failing_writes() == []
     attempts = producer.attempts

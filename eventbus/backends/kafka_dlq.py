@@ -59,6 +59,8 @@ from .kafka_dlq_fold import HEADER_OP as HEADER_OP  # re-exported: tools read it
 from .kafka_dlq_fold import DeadLetterFold
 from .kafka_dlq_record import (
     DEFAULT_MAX_RECORD_BYTES,
+    DROP_HINT,
+    DROP_HINT_LOWERED,
     MIN_RECORD_BYTES,
     Fitted,
     fit_dead_letter,
@@ -314,7 +316,8 @@ class KafkaDeadLetterStore:
 
     def _fit(self, record: FailedEvent, topic: str) -> Fitted:
         limit = self.limit(topic)
-        fitted = fit_dead_letter(record, limit)
+        hint = DROP_HINT_LOWERED if topic in self._limits else DROP_HINT
+        fitted = fit_dead_letter(record, limit, hint)
         if fitted.cut:
             logger.warning(
                 "Dead letter %s of handler %s is over the %d-byte record limit of %s: "

@@ -7,17 +7,14 @@ is the record id; its headers repeat the failure for tools that only see headers
 broker's ``message.max.bytes``) can never be written, and the failed event's
 offset is committed only after its dead letter is: written as is, a large event
 with a long traceback would stall its partition for good.  So
-:func:`fit_dead_letter` cuts a dead letter to fit, in two steps:
-
-1. the traceback and the error message keep their first and last characters
-   (:data:`CUT_TRACEBACK_CHARS`, :data:`CUT_ERROR_CHARS` in all) around a
-   ``… [N characters cut] …`` mark;
-2. if the record is still too large, the payload is dropped: the envelope
-   becomes ``{"payload_dropped": {"reason", "bytes", "sha256", "event_type",
-   "event_id"}}`` and the error starts with the reason, ``payload dropped: N
-   bytes over the limit of M``.  ``sha256`` and ``bytes`` are those of the payload
-   as compact JSON: for an event eventbus published, the value of the original
-   record, which stays in the event's topic until its retention deletes it.
+:func:`fit_dead_letter` cuts a dead letter to fit by the rules every dead-letter
+store shares (:func:`eventbus.dlq_cut.fit_record`): its traceback and error
+first, then its payload, whose reason reads ``payload dropped: N bytes over the
+limit of M`` followed by a hint (:data:`DROP_HINT`, :data:`DROP_HINT_LOWERED`).
+What is Kafka's own: the size counted is the whole record's, headers and framing
+included (:func:`record_size`), and ``sha256`` and ``bytes`` of a dropped payload
+are, for an event eventbus published, those of the value of the original record,
+which stays in the event's topic until its retention deletes it.
 
 A record whose payload was dropped cannot be replayed (``bus.dlq.replay`` refuses
 it and keeps it); ``replay_edited`` with the event found again works.  The
@@ -27,12 +24,11 @@ it and keeps it); ``replay_edited`` with the event found again works.  The
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
-from ..dlq import FailedEvent
+from ..dlq import FailedEvent, payload_dropped
+from ..dlq_cut import fit_record
 
 #: Headers repeating the failure on every dead-letter record.
 HEADER_ERROR_TYPE = "eventbus-error-type"
@@ -60,12 +56,13 @@ MIN_RECORD_BYTES = 64 * 1024
 #: Bytes counted for the batch and record framing around key, value and headers
 #: (aiokafka's own estimate stays below it).
 RECORD_OVERHEAD = 512
-#: Characters a cut traceback keeps: the first half and the last half.
-CUT_TRACEBACK_CHARS = 8_000
-#: Characters a cut error message keeps: the first half and the last half.
-CUT_ERROR_CHARS = 2_000
-#: Envelope key of a dead letter whose payload was dropped.
-PAYLOAD_DROPPED = "payload_dropped"
+#: Follows the reason of a dead letter whose payload was dropped to fit the limit.
+DROP_HINT = "the largest Kafka dead-letter record; the original stays in the event topic"
+#: The same, once the broker refused a larger record and the limit was lowered.
+DROP_HINT_LOWERED = (
+    "the DLQ topic limit, lowered after the broker refused a larger record; "
+    "the original stays in the event topic"
+)
 
 
 def _header(text: str) -> bytes:
@@ -101,28 +98,6 @@ def record_size(key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> i
     return size + sum(len(name.encode()) + len(data) for name, data in headers)
 
 
-def cut_text(text: str, keep: int) -> str:
-    """``text`` with its middle replaced by a ``… [N characters cut] …`` mark, so
-    that ``keep`` of its characters remain (its first and last halves); unchanged
-    when it is not longer than that."""
-    if len(text) <= keep:
-        return text
-    head = keep // 2
-    tail = keep - head
-    return f"{text[:head]} … [{len(text) - keep} characters cut] … {text[len(text) - tail :]}"
-
-
-def payload_dropped(record: FailedEvent) -> dict[str, Any] | None:
-    """What a dead letter whose payload was dropped keeps of it (reason, bytes,
-    sha256, event type and id), or None when the payload is there."""
-    envelope = record.envelope
-    if isinstance(envelope, dict) and len(envelope) == 1:
-        kept = envelope.get(PAYLOAD_DROPPED)
-        if isinstance(kept, dict):
-            return kept
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Fitted:
     """A dead letter ready to write.
@@ -147,56 +122,35 @@ class Fitted:
         return str(kept["reason"]) if kept is not None else None
 
 
-def _encode(record: FailedEvent, cut: tuple[str, ...], reason: str | None = None) -> Fitted:
+def _encode(record: FailedEvent, cut: tuple[str, ...]) -> Fitted:
     value = dead_letter_value(record)
     headers = dead_letter_headers(record)
     if cut:
         headers.append((HEADER_CUT, ",".join(cut).encode()))
-    if reason is not None:
-        headers.append((HEADER_PAYLOAD_DROPPED, reason.encode()))
+    kept = payload_dropped(record) if "payload" in cut else None
+    if kept is not None:
+        headers.append((HEADER_PAYLOAD_DROPPED, _header(str(kept["reason"]))))
     return Fitted(record, value, headers, record_size(record.id.encode(), value, headers), cut)
 
 
-def fit_dead_letter(record: FailedEvent, limit: int) -> Fitted:
-    """``record`` as a DLQ record of at most ``limit`` bytes (see the module's
-    docstring): unchanged when it fits, else with its traceback and error cut,
-    else with its payload dropped too.
+def fit_dead_letter(record: FailedEvent, limit: int, hint: str = DROP_HINT) -> Fitted:
+    """``record`` as a DLQ record of at most ``limit`` bytes, headers and framing
+    included: unchanged when it fits, else cut by
+    :func:`~eventbus.dlq_cut.fit_record` (``hint`` follows the reason of a
+    dropped payload).
 
     The result can still exceed a ``limit`` far below :data:`MIN_RECORD_BYTES`
     (ids, attempt log and headers are never cut): check :attr:`Fitted.size`.
     """
-    fitted = _encode(record, ())
-    if fitted.size <= limit:
-        return fitted
-    changes: dict[str, Any] = {}
-    traceback = cut_text(record.traceback, min(CUT_TRACEBACK_CHARS, limit // 8))
-    if traceback != record.traceback:
-        changes["traceback"] = traceback
-    error = cut_text(record.error, min(CUT_ERROR_CHARS, limit // 32))
-    if error != record.error:
-        changes["error"] = error
-    if changes:
-        record = replace(record, **changes)
-        fitted = _encode(record, tuple(changes))
-        if fitted.size <= limit:
-            return fitted
-    reason = f"payload dropped: {fitted.size - limit} bytes over the limit of {limit}"
-    payload = json.dumps(
-        record.to_dict()["envelope"], separators=(",", ":"), ensure_ascii=False, default=str
-    ).encode("utf-8", "surrogatepass")
-    envelope = record.envelope
-    event = envelope.get("event") if isinstance(envelope, dict) else None
-    kept = {
-        "reason": reason,
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "event_type": str(envelope.get("type", "")) if isinstance(envelope, dict) else "",
-        "event_id": str(event.get("event_id", "")) if isinstance(event, dict) else "",
-    }
-    record = replace(
-        record, envelope={PAYLOAD_DROPPED: kept}, event=None, error=f"{reason}; {record.error}"
-    )
-    return _encode(record, (*changes, "payload"), reason)
+    encoded: list[Fitted] = []
+
+    def size(candidate: FailedEvent, cut: tuple[str, ...]) -> int:
+        encoded.append(_encode(candidate, cut))
+        return encoded[-1].size
+
+    record, cut = fit_record(record, limit, size, hint)
+    last = encoded[-1]
+    return last if last.record is record and last.cut == cut else _encode(record, cut)
 
 
 def too_large(exc: BaseException) -> bool:
