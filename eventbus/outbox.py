@@ -441,12 +441,12 @@ def _relay_health(relay: Relay) -> HealthResult:
             f"{len(refused)} row(s) refused by the backend, tried again "
             f"(row {refused[0].row_id}: {refused[0].error})"
         )
-    if relay.unrouted:
-        topics = sorted(relay.unrouted)
+    topics = sorted(topic for topic, state in relay.unrouted.items() if state.kept)
+    if topics:
         more = f" and {len(topics) - 5} more" if len(topics) > 5 else ""
         problems.append(f"rows kept: no subscription handles {', '.join(topics[:5])}{more} yet")
-    if relay.last_problem:
-        problems.append(relay.last_problem.split("\n", 1)[0])
+    if relay.last_problem:  # the set-aside table is missing (its DDL is in the log)
+        problems.append(f"rows to set aside wait: {relay.dead.fullname} is missing")
     if problems:
         return HealthResult(
             "outbox.relay", HealthStatus.DEGRADED, f"{detail}; {'; '.join(problems)}"

@@ -85,7 +85,7 @@ def missing_table_message(dead: Table) -> str:
         f"the outbox's set-aside table {dead.fullname} does not exist (a database created "
         "before it): poison rows wait in the outbox until it does. Create it with "
         "eventbus.outbox_schema.create_tables(engine), your migrations (it is in "
-        f"eventbus.outbox_schema.metadata), or:\n{create_statement(dead)}"
+        f"eventbus.outbox_schema.metadata), or: {' '.join(create_statement(dead).split())}"
     )
 
 

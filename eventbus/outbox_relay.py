@@ -16,25 +16,10 @@ sent, and ``COMMIT``.  A relay killed between the publish and the commit leaves
 the rows pending: the next relay sends them again (at least once; duplicates,
 never losses).
 
-No row stalls the others:
-
-- A row that is not what eventbus writes (:mod:`eventbus.outbox_rows`) is set
-  aside with the reason (:mod:`eventbus.outbox_dead`) in the batch's transaction.
-- When the backend refuses a batch, the relay sends its rows one at a time.  A
-  row refused while the backend takes others (or reports itself healthy) waits,
-  with the later rows of its partition key, :data:`REFUSED_BACKOFF` seconds
-  (doubled per refusal); refused :data:`REFUSALS_TO_SET_ASIDE` times, it is set
-  aside.  When nothing goes through (the backend is down), every row stays and
-  the relay retries with backoff.
-- A row whose topic has no subscription is kept, never deleted, and never
-  handed to the backend: the relay publishes strictly (the backend writes
-  nothing of a topic nobody subscribes and names it), so the row stays the one
-  copy of its event even where the backend would keep unrouted events itself.
-  The topic waits :data:`UNROUTED_BACKOFF` seconds (doubled up to
-  :data:`MAX_UNROUTED_BACKOFF`) and is tried again; after ``unrouted_timeout``
-  seconds without a subscription its rows are set aside.  With
-  ``EVENTBUS_UNROUTED=ignore`` the relay publishes as a plain publish does and
-  deletes the rows (counted).
+No row stalls the others: :mod:`eventbus.outbox_batch` decides each row's fate
+(sent; kept while its topic has no subscription or the backend refused it;
+set aside with the reason, :mod:`eventbus.outbox_dead`, in the batch's
+transaction), and rows that wait are left out of the next batches.
 
 The relay's task survives every exception: a failed session is logged with the
 rows in hand and restarted with backoff (0.1 s to 10 s), and health says
@@ -55,24 +40,23 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .exceptions import EventBusError, UnroutedError
-from .health import HealthStatus
+from .exceptions import EventBusError
 from .metrics import CountsUnrouted
+from .outbox_batch import UNROUTED_REASON, BatchSender, Held, Unrouted
 from .outbox_dead import missing_table_message, set_aside
 from .outbox_listen import Listener, channel_of
-from .outbox_rows import InvalidRow, RelayedEvent, outgoing_of_row
+from .outbox_rows import RelayedEvent, outgoing_of_row
 from .outbox_schema import SHARDS, dead_table_of, lock_class
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    from .backends.base import OutgoingEvent
     from .bus import EventBus
 
 __all__ = ["OutboxStats", "Relay", "RelayedEvent", "outgoing_of_row", "read_stats"]
@@ -101,22 +85,6 @@ MAX_COUNTED = 100_000
 #: Seconds of the first wait after a database or backend error, doubled up to the max.
 MIN_BACKOFF = 0.1
 MAX_BACKOFF = 10.0
-#: Refusals of a row sent alone (while the backend took other events or reported
-#: itself healthy) after which it is set aside.
-REFUSALS_TO_SET_ASIDE = 3
-#: Seconds a refused row and the later rows of its key wait, doubled per refusal.
-REFUSED_BACKOFF = 0.5
-#: Seconds the rows of a topic without subscription wait before the next try,
-#: doubled per try up to :data:`MAX_UNROUTED_BACKOFF`.
-UNROUTED_BACKOFF = 0.5
-MAX_UNROUTED_BACKOFF = 10.0
-#: Rows of a refused batch sent alone and refused, none going through, after which
-#: the backend is taken as down (the batch is kept and retried with backoff).
-ISOLATION_PROBES = 2
-#: Seconds the backend's health check may take when the relay asks whether it is up.
-HEALTH_PROBE_TIMEOUT = 5.0
-#: Held keys remembered at most (a shard taken over by another relay leaves some).
-MAX_HELD = 10_000
 
 
 @dataclass
@@ -136,44 +104,6 @@ class OutboxStats:
     relays: int
     checked_at: float
     set_aside: int | None = 0
-
-
-@dataclass
-class _Held:
-    """A row the backend refused: it and the later rows of its key wait until ``until``."""
-
-    row_id: int
-    refusals: int
-    until: float
-    error: str
-
-
-@dataclass
-class _Unrouted:
-    """A topic whose rows reached no subscription since ``since``."""
-
-    since: float
-    tries: int = 0
-    until: float = 0.0
-
-
-@dataclass
-class _Batch:
-    """What becomes of the rows of one batch."""
-
-    sent: list[Any] = field(default_factory=list)
-    #: (row, reason, attempts) to set aside.
-    aside: list[tuple[Any, str, int]] = field(default_factory=list)
-    #: Rows kept because their topic reached no subscription.
-    unrouted: list[Any] = field(default_factory=list)
-    #: Unrouted rows deleted anyway (``EVENTBUS_UNROUTED=ignore``).
-    dropped: list[Any] = field(default_factory=list)
-    #: The error of a refused row kept for another try, if any.
-    refused: str = ""
-
-
-class _BackendDown(EventBusError):
-    """Nothing of a batch went through: the backend is down or refuses everything."""
 
 
 class Relay:
@@ -225,8 +155,7 @@ class Relay:
         self.shards: set[int] = set()
         #: Events sent to the backend (a batch resent after a crash counts twice).
         self.relayed = 0
-        #: Failed backend calls, database sessions and crashes, each retried.
-        self.errors = 0
+        self._failures = 0
         #: The last error, ``""`` once a batch succeeds again.
         self.last_error = ""
         #: A lasting condition an operator must fix (the set-aside table is
@@ -240,10 +169,9 @@ class Relay:
         self.alive_at = 0.0
         #: The last :class:`OutboxStats` read, or None.
         self.stats: OutboxStats | None = None
-        #: Refused rows waiting, by partition key.
-        self.held: dict[str, _Held] = {}
-        #: Topics whose rows reached no subscription, kept and tried again.
-        self.unrouted: dict[str, _Unrouted] = {}
+        #: Decides each row's fate and remembers the rows that wait.
+        self.sender = BatchSender(bus, unrouted_timeout)
+        self._restart_backoff = MIN_BACKOFF
         self._wake = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self.listener = Listener(engine, channel_of(table), self._wake.set)
@@ -262,6 +190,21 @@ class Relay:
         # Sent rows are deleted, or kept with their sent_at for the retention.
         done = f"UPDATE {name} SET sent_at = now()" if retention else f"DELETE FROM {name}"
         self._done_sql = text(f"{done} WHERE id = ANY(CAST(:ids AS int8[]))")
+
+    @property
+    def errors(self) -> int:
+        """Failed backend calls, database sessions and crashes (each retried)."""
+        return self._failures + self.sender.failed_calls
+
+    @property
+    def held(self) -> dict[str, Held]:
+        """Rows the backend refused, waiting with the later rows of their key, by key."""
+        return self.sender.held
+
+    @property
+    def unrouted(self) -> dict[str, Unrouted]:
+        """Topics whose rows reached no subscription, kept and tried again."""
+        return self.sender.unrouted
 
     @property
     def listening(self) -> bool:
@@ -344,7 +287,7 @@ class Relay:
                     self._restart_backoff,
                     exc_info=True,
                 )
-            self.errors += 1
+            self._failures += 1
             self._in_hand = []
             with contextlib.suppress(TimeoutError):  # commits do not cut it short: stop does
                 await asyncio.wait_for(self._stop_requested.wait(), self._restart_backoff)
@@ -424,7 +367,7 @@ class Relay:
             if taken >= self.batch_size:
                 continue  # a backlog: take the next batch at once
             wait = min(self.poll_interval, max(0.0, next_rebalance - time.monotonic()))
-            wait = min(wait, max(0.0, self._next_release() - time.monotonic()))
+            wait = min(wait, max(0.0, self.sender.next_release() - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -439,39 +382,32 @@ class Relay:
             self.last_problem = missing_table_message(self.dead)
             logger.error("Outbox relay: %s", self.last_problem)
 
-    def _next_release(self) -> float:
-        """When the first held key or unrouted topic may be tried again (inf: none)."""
-        now = time.monotonic()
-        times = [h.until for h in self.held.values() if h.until > now]
-        times += [u.until for u in self.unrouted.values() if u.until > now]
-        return min(times, default=math.inf)
-
     # -- one batch --------------------------------------------------------------------
 
     async def _batch(self, conn: AsyncConnection) -> int:
         """Send one batch of pending rows of our shards; returns how many were taken."""
         if not self.shards:
             return 0
-        now = time.monotonic()
+        topics, keys = self.sender.waiting()
         params = {
             "shards": sorted(self.shards),
             "limit": self.batch_size,
-            "topics": [topic for topic, u in self.unrouted.items() if u.until > now],
-            "keys": [key for key, held in self.held.items() if held.until > now],
+            "topics": topics,
+            "keys": keys,
         }
         async with conn.begin():
             rows = (await conn.execute(self._take_sql, params)).all()
             if not rows:
                 return 0
             self._in_hand = [row.id for row in rows]
-            batch = await self._send_rows(rows)
+            batch = await self.sender.send(rows)
             if batch.aside:
                 await self._set_aside(conn, batch.aside)
             done = [row.id for row in batch.sent + batch.dropped]
             if done:
                 await conn.execute(self._done_sql, {"ids": done})
         # Committed: the rows sent are deleted (or marked), the others set aside or kept.
-        self._in_hand = []
+        self.sender.settled(batch.sent)
         self.relayed += len(batch.sent)
         self.unrouted_kept += len(batch.unrouted)
         self.last_error = batch.refused and f"backend refused a row: {batch.refused}"
@@ -482,17 +418,13 @@ class Relay:
             for row in batch.dropped:
                 metrics.inc_unrouted(row.topic)
             for row, reason, _ in batch.aside:
-                if reason.startswith(_UNROUTED_REASON):
+                if reason.startswith(UNROUTED_REASON):
                     metrics.inc_unrouted(row.topic)
-        for row in batch.sent:
-            held = self.held.get(row.partition_key)
-            if held is not None and held.row_id == row.id:
-                del self.held[row.partition_key]
+        self._in_hand = []
         return len(rows)
 
     async def _set_aside(self, conn: AsyncConnection, rows: list[tuple[Any, str, int]]) -> None:
         """Move ``rows`` to the set-aside table, or hold them while it does not exist."""
-        now = time.monotonic()
         if not self._can_set_aside:
             for row, reason, attempts in rows:
                 logger.warning(
@@ -502,7 +434,7 @@ class Relay:
                     reason,
                     self.dead.fullname,
                 )
-                self.held[row.partition_key] = _Held(row.id, attempts, now + MAX_BACKOFF, reason)
+                self.sender.hold(row, attempts, MAX_BACKOFF, reason)
             return
         moved = await set_aside(
             conn, self.table, self.dead, [(row.id, reason, n) for row, reason, n in rows]
@@ -515,177 +447,8 @@ class Relay:
                 row.topic,
                 reason,
             )
-            held = self.held.get(row.partition_key)
-            if held is not None and held.row_id == row.id:
-                del self.held[row.partition_key]
+        self.sender.settled([row for row, _, _ in rows])
         self.set_aside += moved
-
-    async def _send_rows(self, rows: Sequence[Any]) -> _Batch:
-        """Decide each row's fate: sent, kept (unrouted or refused) or set aside."""
-        batch = _Batch()
-        items: list[tuple[Any, OutgoingEvent]] = []
-        max_bytes = self.bus.settings.max_event_bytes
-        for row in rows:
-            try:
-                items.append((row, outgoing_of_row(row, max_bytes)))
-            except (InvalidRow, ValueError, TypeError) as exc:
-                reason = str(exc) if isinstance(exc, InvalidRow) else f"{type(exc).__name__}: {exc}"
-                batch.aside.append((row, f"cannot be sent: {reason}", 0))
-        if not items:
-            return batch
-        try:
-            published = await self._send(items)
-        except EventBusError as exc:
-            published = await self._isolate(items, exc, batch)
-        self._route(published, batch)
-        return batch
-
-    async def _send(self, items: list[tuple[Any, OutgoingEvent]]) -> list[tuple[Any, bool]]:
-        """Publish the events of ``items``; returns each row with whether its topic had
-        no subscription.
-
-        Strict (unless ``EVENTBUS_UNROUTED=ignore``): the backend publishes nothing
-        of a call with a topic nobody subscribes and names those topics; their rows
-        are left out and the others published again.  So an unrouted event is never
-        handed to the backend (a backend that keeps unrouted events would get one
-        copy per try): its row is the one copy, kept until a subscription exists.
-        """
-        strict = self.bus.settings.unrouted != "ignore"
-        backend = self.bus.backend
-        pending, done = items, []
-        while pending:
-            try:
-                unrouted = await backend.publish([event for _, event in pending], strict=strict)
-            except UnroutedError as exc:
-                topics = set(exc.topics) & {event.topic for _, event in pending}
-                if not topics:  # names none of ours: a refusal like any other
-                    self.errors += 1
-                    raise
-                done += [(row, True) for row, event in pending if event.topic in topics]
-                pending = [(row, event) for row, event in pending if event.topic not in topics]
-                continue
-            except Exception as exc:
-                self.errors += 1
-                if isinstance(exc, EventBusError):
-                    raise
-                raise EventBusError(f"{backend.name}: {type(exc).__name__}: {exc}") from exc
-            done += [(row, event.topic in unrouted) for row, event in pending]
-            break
-        return done
-
-    async def _isolate(
-        self, items: list[tuple[Any, OutgoingEvent]], error: EventBusError, batch: _Batch
-    ) -> list[tuple[Any, bool]]:
-        """Send the rows of a refused batch one at a time: which one is refused?
-
-        Returns the rows the backend answered for, as :meth:`_send` does.  Rows
-        refused while others go through are held (set aside after
-        :data:`REFUSALS_TO_SET_ASIDE` refusals); the later rows of their keys stay.
-
-        Raises:
-          _BackendDown: Nothing went through and the backend looks down.
-        """
-        published: list[tuple[Any, bool]] = []
-        refused: list[tuple[Any, EventBusError]] = []
-        blocked: set[str] = set()
-        for item in items:
-            row = item[0]
-            if row.partition_key in blocked:
-                continue  # behind a refused row of its key: stays pending, in order
-            try:
-                try:
-                    published += await self._send([item])
-                except EventBusError:  # once more: a refusal can break the connection
-                    published += await self._send([item])
-            except EventBusError as exc:
-                refused.append((row, exc))
-                blocked.add(row.partition_key)
-                if not published and len(refused) >= ISOLATION_PROBES:
-                    break
-        if not published and (len(refused) != 1 or not await self._backend_up()):
-            raise _BackendDown(str(refused[-1][1] if refused else error))
-        now = time.monotonic()
-        for row, refusal in refused:
-            held = self.held.get(row.partition_key)
-            refusals = held.refusals + 1 if held is not None and held.row_id == row.id else 1
-            if refusals >= REFUSALS_TO_SET_ASIDE:
-                reason = (
-                    f"the {self.bus.backend.name} backend refused it {refusals} times: {refusal}"
-                )
-                batch.aside.append((row, reason, refusals))
-                continue
-            wait = min(REFUSED_BACKOFF * 2 ** (refusals - 1), MAX_BACKOFF)
-            if len(self.held) >= MAX_HELD:
-                self.held.clear()
-            self.held[row.partition_key] = _Held(row.id, refusals, now + wait, str(refusal))
-            batch.refused = f"row {row.id}: {refusal}"
-            logger.warning(
-                "Outbox row %d (event %s) refused by the %s backend (%d time(s): %s); "
-                "retrying it in %.1fs",
-                row.id,
-                row.event_id,
-                self.bus.backend.name,
-                refusals,
-                refusal,
-                wait,
-            )
-        return published
-
-    async def _backend_up(self) -> bool:
-        """Whether the backend's own health check says it is reachable (asked twice:
-        the refusal just seen can have broken the connection the first check uses)."""
-        backend = self.bus.backend
-        for _ in range(2):
-            try:
-                results = await asyncio.wait_for(backend.health(), HEALTH_PROBE_TIMEOUT)
-            except Exception:  # a probe: any failure means "not shown to be up"
-                continue
-            own = [result for result in results if result.backend == backend.name]
-            if own and all(r.status is not HealthStatus.UNHEALTHY for r in own):
-                return True
-        return False
-
-    def _route(self, published: list[tuple[Any, bool]], batch: _Batch) -> None:
-        """Sent rows are done; rows whose topic reached no subscription are kept (or, once
-        their topic has waited ``unrouted_timeout``, set aside)."""
-        now = time.monotonic()
-        unrouted_topics = {row.topic for row, unrouted in published if unrouted}
-        for row, unrouted in published:
-            if not unrouted:
-                batch.sent.append(row)
-                self.unrouted.pop(row.topic, None)
-        if not unrouted_topics:
-            return
-        if self.bus.settings.unrouted == "ignore":
-            batch.dropped += [row for row, unrouted in published if unrouted]
-            return
-        expired: dict[str, str] = {}
-        for topic in unrouted_topics:
-            state = self.unrouted.setdefault(topic, _Unrouted(since=now))
-            state.tries += 1
-            waited = now - state.since
-            if waited >= self.unrouted_timeout:
-                expired[topic] = (
-                    f"{_UNROUTED_REASON} {topic!r} (tried {state.tries} times over "
-                    f"{waited:.0f}s, EVENTBUS_OUTBOX_UNROUTED_TIMEOUT={self.unrouted_timeout:g})"
-                )
-            wait = min(UNROUTED_BACKOFF * 2 ** (state.tries - 1), MAX_UNROUTED_BACKOFF)
-            state.until = now + wait
-            if state.tries == 1:
-                logger.warning(
-                    "Outbox relay: no subscription handles topic %s (%s backend): its rows "
-                    "are kept and tried again (set aside after %gs)",
-                    topic,
-                    self.bus.backend.name,
-                    self.unrouted_timeout,
-                )
-        for row, unrouted in published:
-            if not unrouted:
-                continue
-            if row.topic in expired:
-                batch.aside.append((row, expired[row.topic], self.unrouted[row.topic].tries))
-            else:
-                batch.unrouted.append(row)
 
     # -- shards and housekeeping --------------------------------------------------------
 
@@ -731,20 +494,13 @@ class Relay:
                     break
         for cleanup in self.cleanups:
             await cleanup(conn)
-        now = time.monotonic()
-        forget = now - 10 * MAX_UNROUTED_BACKOFF
-        for topic in [t for t, u in self.unrouted.items() if u.until < forget]:
-            del self.unrouted[topic]  # not seen for a while: another relay has its shard
+        self.sender.forget_stale()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
         if not self._stopping:
             self._wake.clear()
-
-
-#: How the reason of a row set aside for want of a subscription starts.
-_UNROUTED_REASON = "no subscription handles topic"
 
 
 async def count_relays(conn: AsyncConnection, member_class: int) -> int:
