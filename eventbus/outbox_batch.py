@@ -72,12 +72,15 @@ UNROUTED_REASON = "no subscription handles topic"
 
 @dataclass
 class Held:
-    """A row the backend refused: it and the later rows of its key wait until ``until``."""
+    """A row that waits, with the later rows of its key, until ``until``: the backend
+    refused it, or it is to be set aside and the set-aside table is missing."""
 
     row_id: int
     refusals: int
     until: float
     error: str
+    #: Waits for the set-aside table (released as soon as it exists).
+    for_table: bool = False
 
 
 @dataclass
@@ -148,11 +151,19 @@ class BatchSender:
         times += [u.until for u in self.unrouted.values() if u.until > now]
         return min(times, default=math.inf)
 
-    def hold(self, row: Any, attempts: int, seconds: float, reason: str) -> None:
+    def hold(
+        self, row: Any, attempts: int, seconds: float, reason: str, *, for_table: bool = False
+    ) -> None:
         """Leave ``row`` (and the later rows of its key) out for ``seconds``."""
         if len(self.held) >= MAX_HELD:
             self.held.clear()
-        self.held[row.partition_key] = Held(row.id, attempts, time.monotonic() + seconds, reason)
+        until = time.monotonic() + seconds
+        self.held[row.partition_key] = Held(row.id, attempts, until, reason, for_table)
+
+    def release_for_table(self) -> None:
+        """The set-aside table exists now: the rows waiting for it may go."""
+        for key in [key for key, held in self.held.items() if held.for_table]:
+            self.held[key].until = 0.0
 
     def settled(self, rows: Sequence[Any]) -> None:
         """``rows`` are sent or set aside: their keys no longer wait for them."""

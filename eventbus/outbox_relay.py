@@ -377,6 +377,7 @@ class Relay:
         self._can_set_aside = exists
         if exists:
             self.last_problem = ""
+            self.sender.release_for_table()
             logger.info("The outbox's set-aside table %s exists now.", self.dead.fullname)
         else:
             self.last_problem = missing_table_message(self.dead)
@@ -434,7 +435,7 @@ class Relay:
                     reason,
                     self.dead.fullname,
                 )
-                self.sender.hold(row, attempts, MAX_BACKOFF, reason)
+                self.sender.hold(row, attempts, MAX_BACKOFF, reason, for_table=True)
             return
         moved = await set_aside(
             conn, self.table, self.dead, [(row.id, reason, n) for row, reason, n in rows]
