@@ -274,13 +274,17 @@ def test_a_paused_partition_resumes_once_under_its_share() -> None:
 
 def test_the_fetch_loop_is_woken_once_a_quarter_of_the_spent_budget_is_free() -> None:
     book = ledger(8)
-    r = fetch(book, "a", list(range(8)))
-    assert book.flow(T0).room == 0  # the budget is spent
+    a = fetch(book, "a", list(range(6)))  # alone: a takes 6 of 8
+    b = fetch(book, "b", [0, 1])  # b takes the last 2 (its share is 4 now)
+    flow = book.flow(T0)
+    assert flow.room == 0 and flow.fetch == ["b"]  # the budget is spent; b is not full
 
-    book.settle(r[0], T0)
-    assert book.room_freed(r[0].partition) is False  # one free: too few to fetch
-    book.settle(r[1], T0)
-    assert book.room_freed(r[1].partition) is True  # a quarter (2 of 8) free
+    book.settle(b[0], T0)
+    assert book.room_freed(b[0].partition) is False  # one free: too few to fetch
+    book.settle(b[1], T0)
+    assert book.room_freed(b[1].partition) is True  # a quarter (2 of 8) free
+    book.settle(a[0], T0)
+    assert book.room_freed(a[0].partition) is False  # woken once; a is still over 3/4
 
 
 def test_the_fetch_loop_is_woken_once_a_full_partition_is_down_to_three_quarters() -> None:
@@ -522,7 +526,17 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def commit(self) -> None:
-        parts = self.book.partitions + self.detached
+        """The fetch loop's commit: of the partitions owned."""
+        self.commit_of(self.book.partitions)
+
+    @precondition(lambda self: bool(self.detached))
+    @rule()
+    def commit_revoked(self) -> None:
+        """The revoke's commit: of the partitions it detached (each revoke its own)."""
+        for part in self.detached:
+            self.commit_of([part])
+
+    def commit_of(self, parts: list[Partition[str, Rec]]) -> None:
         offsets = self.book.offsets(parts, self.now)
         for part in parts:
             if part.key in offsets:
