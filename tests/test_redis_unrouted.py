@@ -61,10 +61,15 @@ def subscribe(
     service: str,
     queue: str,
     retention: UnroutedRetention | None = None,
+    *,
+    again: bool = False,
 ) -> None:
     """Write the subscription of RECORD's sync handler for ``service`` on ``queue``,
-    as a worker of that service does when it boots (or after Redis forgot it)."""
-    register(r, namespace, service, [(h.RECORD, RECORD_ACTOR, queue)], retention=retention)
+    as a worker of that service does when it boots (``again``: when its heartbeat
+    found that Redis forgot it)."""
+    register(
+        r, namespace, service, [(h.RECORD, RECORD_ACTOR, queue)], retention=retention, again=again
+    )
 
 
 async def started(make_redis_bus: Callable[..., EventBus], **options: object) -> EventBus:
@@ -106,9 +111,9 @@ async def test_a_service_whose_subscription_comes_back_second_still_gets_every_e
     went to a only, and b must get them too (once)."""
     bus = await started(make_redis_bus)
     await bus.publish_many([h.Numbered(n=i) for i in range(3)])  # no subscription at all
-    subscribe(r, namespace, "a", "a.eventbus")
+    subscribe(r, namespace, "a", "a.eventbus", again=True)
     await bus.publish_many([h.Numbered(n=i) for i in range(3, 7)])  # a only
-    subscribe(r, namespace, "b", "b.eventbus")
+    subscribe(r, namespace, "b", "b.eventbus", again=True)
     await bus.publish_many([h.Numbered(n=i) for i in range(7, 12)])  # both
     assert stored(r, namespace, "a.eventbus") == list(range(12))
     assert stored(r, namespace, "b.eventbus") == list(range(12))
@@ -141,21 +146,45 @@ async def test_a_removed_subscription_written_again_gets_only_what_came_after(
     assert stored(r, namespace, "a.eventbus") == [2]  # 0 and 1 were dead-lettered
 
 
-async def test_outside_the_warmup_window_a_new_subscription_starts_from_now(
+async def test_a_handler_deployed_on_a_subscribed_topic_starts_from_now(
     make_redis_bus: Callable[..., EventBus], r: redis.Redis, namespace: str
 ) -> None:
-    """A service deployed long after the others gets events from the moment its
-    worker first subscribed, not a replay of what the others already got."""
-    bus = await started(make_redis_bus, unrouted_warmup=0.2)
-    retention = UnroutedRetention(warmup=0.2)
-    subscribe(r, namespace, "a", "a.eventbus", retention)  # the topic's first: it warms up
-    assert r.exists(f"{namespace}:w:{h.RECORD}")
-    await asyncio.sleep(0.2)  # the warm-up runs out
-    await bus.publish_many([h.Numbered(n=i) for i in range(3)])
-    subscribe(r, namespace, "b", "b.eventbus", retention)
+    """A handler gets events from the moment its worker first registered it, even
+    while the topic warms up: a deploy is not a replay."""
+    bus = await started(make_redis_bus)
+    await bus.publish(h.Numbered(n=0))  # no subscription yet
+    subscribe(r, namespace, "a", "a.eventbus")  # the first: it gets event 0
+    assert r.exists(f"{namespace}:w:{h.RECORD}")  # the topic warms up
+    await bus.publish_many([h.Numbered(n=i) for i in range(1, 3)])
+    subscribe(r, namespace, "b", "b.eventbus")  # deployed: not written again
     await bus.publish(h.Numbered(n=3))
     assert stored(r, namespace, "a.eventbus") == [0, 1, 2, 3]
     assert stored(r, namespace, "b.eventbus") == [3]
+
+
+async def test_after_the_warmup_a_subscription_written_again_starts_from_now(
+    make_redis_bus: Callable[..., EventBus], r: redis.Redis, namespace: str
+) -> None:
+    bus = await started(make_redis_bus, unrouted_warmup=0.2)
+    retention = UnroutedRetention(warmup=0.2)
+    subscribe(r, namespace, "a", "a.eventbus", retention, again=True)
+    assert r.exists(f"{namespace}:w:{h.RECORD}")
+    await asyncio.sleep(0.2)  # the warm-up runs out
+    await bus.publish_many([h.Numbered(n=i) for i in range(3)])
+    subscribe(r, namespace, "b", "b.eventbus", retention, again=True)
+    await bus.publish(h.Numbered(n=3))
+    assert stored(r, namespace, "a.eventbus") == [0, 1, 2, 3]
+    assert stored(r, namespace, "b.eventbus") == [3]
+
+
+async def test_every_handler_of_a_service_written_together_gets_the_unrouted_events(
+    make_redis_bus: Callable[..., EventBus], r: redis.Redis, namespace: str
+) -> None:
+    bus = await started(make_redis_bus)
+    await bus.publish_many([h.Numbered(n=i) for i in range(2)])
+    register(r, namespace, "a", [(h.RECORD, RECORD_ACTOR, "a.q1"), (h.RECORD, ASYNC_ACTOR, "a.q2")])
+    assert stored(r, namespace, "a.q1") == [0, 1]
+    assert stored(r, namespace, "a.q2") == [0, 1]
 
 
 # -- the window is bounded ---------------------------------------------------------

@@ -265,16 +265,17 @@ class ReliableRedisBroker(CachedHooksBroker):
 
     # -- heartbeats, recovery ---------------------------------------------------------
 
-    def write_subscriptions(self, service: str) -> list[str]:
+    def write_subscriptions(self, service: str, *, again: bool = False) -> list[str]:
         """Write the subscriptions of this broker's handlers for ``service`` to Redis
-        (idempotent); the heartbeat writes them again if Redis loses them."""
+        (idempotent); the heartbeat writes them ``again`` if Redis lost them, and
+        they then get the events published meanwhile (the unrouted window)."""
         handlers = [
             (actor.options[keys.HANDLER].topic, name, actor.queue_name)
             for name, actor in list(self.actors.items())
             if keys.HANDLER in actor.options
         ]
         self.subscriptions = register(
-            self.client, self.namespace, service, handlers, retention=self.retention
+            self.client, self.namespace, service, handlers, retention=self.retention, again=again
         )
         self.service = service
         return self.subscriptions
@@ -332,7 +333,7 @@ class ReliableRedisBroker(CachedHooksBroker):
             # Redis forgot this worker: restarted without persistence, flushed, or it
             # declared us dead.  Our subscriptions may be gone too: write them again.
             logger.warning("Redis did not know this worker; writing its subscriptions again.")
-            self.write_subscriptions(self.service)
+            self.write_subscriptions(self.service, again=True)
         self._beaten = True
         self._beats += 1
         if self._beats % BEATS_PER_TIMEOUT == 1:

@@ -325,28 +325,35 @@ return {1, unrouted, dropped}
 )
 
 #: Write subscriptions of one service.  A subscription that did not exist gets
-#: the kept events of its topic that it can take without a gap: a topic's first
-#: subscription gets those that reached no subscription; a new subscription of
-#: a topic warming up gets every kept event (the others got them meanwhile); else
-#: it starts from now.  Only events kept after its own last removal count.  The
-#: first subscription of a topic starts the topic's warm-up.  Rewriting an
-#: existing subscription (every worker boot, a heartbeat after Redis forgot the
-#: worker) hands it nothing.
+#: the kept events of its topic that it can take without a gap:
+#:
+#: * a topic's first subscription gets those that reached no subscription;
+#: * a subscription *written again* because Redis forgot it (ARGV[7] "1": a
+#:   restart without persistence; the worker knows, Redis does not) gets every
+#:   kept event, those that reached no one and those routed to the subscriptions
+#:   written again before it while the topic warmed up;
+#: * any other new subscription (a handler deployed) starts from now, as a
+#:   handler gets events from the moment its worker first registered it.
+#:
+#: Only events kept after the subscription's own last removal count.  The first
+#: subscription of a topic starts the topic's warm-up.  Rewriting a subscription
+#: that exists (every worker boot) hands it nothing.
 #: ARGV: namespace, service, retention (ms), most events kept per topic, most
-#: bytes kept per topic, warm-up (ms), then 5 per handler: topic, actor, queue,
-#: message prefix, subscription record (JSON).  Returns {events handed to new
-#: subscriptions, {topic, events dropped, ...}}.
+#: bytes kept per topic, warm-up (ms), "1" when Redis forgot these subscriptions
+#: (else "0"), then 5 per handler: topic, actor, queue, message prefix,
+#: subscription record (JSON).  Returns {events handed to new subscriptions,
+#: {topic, events dropped, ...}}.
 SUBSCRIBE = (
     _CHECKS
     + _RETAINED
     + """
 local ns, service = ARGV[1], ARGV[2]
 local keep, max_n, max_b = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local warm_ms = tonumber(ARGV[6])
+local warm_ms, again = tonumber(ARGV[6]), ARGV[7] == '1'
 need(ns .. ':subs', 'hash')
 need(ns .. ':queues', 'set')
 need(ns .. ':seen', 'zset')
-for i = 7, #ARGV, 5 do
+for i = 8, #ARGV, 5 do
   local topic, actor, queue = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local tag = ns .. ':{' .. queue .. '}'
   need(ns .. ':t:' .. topic, 'hash')
@@ -358,13 +365,16 @@ for i = 7, #ARGV, 5 do
 end
 local now = clock()
 local meta = ns .. ':unrouted'
-local handed, dropped = 0, {}
-for i = 7, #ARGV, 5 do
+local handed, dropped, before = 0, {}, {}
+for i = 8, #ARGV, 5 do
   local topic, actor, queue, prefix = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local field = service .. '|' .. topic .. '|' .. actor
   local tkey = ns .. ':t:' .. topic
+  -- The topic's subscriptions before this call (a service's handlers of one topic,
+  -- written together, are all its first subscriptions).
+  if before[topic] == nil then before[topic] = redis.call('HLEN', tkey) end
   if redis.call('HEXISTS', tkey, service .. '|' .. actor) == 0 then
-    local others = redis.call('HLEN', tkey)
+    local others = before[topic]
     local lost = trim(ns, topic, now, keep, max_n, max_b)
     if lost > 0 then
       dropped[#dropped + 1] = topic
@@ -374,9 +384,11 @@ for i = 7, #ARGV, 5 do
     local tag = ns .. ':{' .. queue .. '}'
     local suffix = '.r' .. string.sub(redis.sha1hex(field), 1, 8)
     local count, last = 0, 0
-    for _, entry in ipairs(redis.call('LRANGE', ns .. ':u:' .. topic, 0, -1)) do
+    local entries = {}
+    if others == 0 or again then entries = redis.call('LRANGE', ns .. ':u:' .. topic, 0, -1) end
+    for _, entry in ipairs(entries) do
       local flag, seq, at, base, options, envelope = parse(entry)
-      if flag and seq > after and (others > 0 or flag == 'u') then
+      if flag and seq > after and (flag == 'u' or (again and others > 0)) then
         local eid = base .. suffix
         redis.call('HSET', tag .. ':m', eid, prefix .. ',"args":[' .. envelope ..
           '],"kwargs":{},"options":' .. options .. ',"message_id":"' .. eid ..
@@ -388,7 +400,8 @@ for i = 7, #ARGV, 5 do
     end
     if count > 0 then
       redis.call('HINCRBY', tag .. ':n', actor, count)
-      redis.call('HSET', meta, 'c:' .. topic, fmt(last))
+      local copied = tonumber(redis.call('HGET', meta, 'c:' .. topic) or '0') or 0
+      redis.call('HSET', meta, 'c:' .. topic, fmt(math.max(copied, last)))
       handed = handed + count
     end
     redis.call('HDEL', meta, 's:' .. field)

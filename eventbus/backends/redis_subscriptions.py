@@ -172,6 +172,7 @@ def register(
     handlers: Iterable[tuple[str, str, str]],
     *,
     retention: UnroutedRetention | None = None,
+    again: bool = False,
 ) -> list[str]:
     """Write the subscriptions of ``handlers`` ((topic, actor, queue) each) for
     ``service``; returns their names.  Idempotent; a handler that moved to another
@@ -180,11 +181,13 @@ def register(
     A subscription that did not exist gets the events kept for its topic in the
     unrouted window (``retention``, default :class:`UnroutedRetention`), without a
     gap: a topic's first subscription gets those that reached no subscription;
-    another service's new subscription of a topic warming up gets every kept
-    event; else it starts from now.  Rewriting one that exists hands it nothing.
+    one written ``again`` because Redis forgot it (a restart without persistence)
+    gets every event kept since, including those routed meanwhile to the
+    subscriptions written again before it; any other (a handler deployed) starts
+    from now.  Rewriting a subscription that exists hands it nothing.
     """
     retention = retention or UnroutedRetention()
-    args: list[Any] = [namespace, service, *retention.args()]
+    args: list[Any] = [namespace, service, *retention.args(), "1" if again else "0"]
     fields = []
     for topic, actor, queue in handlers:
         fields.append(lua.subscription_field(service, topic, actor))

@@ -5,12 +5,14 @@
   write their subscriptions again at their next heartbeat, service b's (a longer
   heartbeat) a second later.  Before the window existed, the events published in
   between were acknowledged and dropped (80 of 963 in the first 0.35 s).
-* **A fresh deploy**: the web process publishes before any worker exists; the
-  workers of service a start, then those of service b, while publishing goes on.
+* **A fresh deploy**: the web process publishes before any worker exists; a
+  worker starts, then a second one of the same service, while publishing goes on.
+  (Another service deployed later gets events from its own first registration:
+  a deploy is not a replay.)
 
 ``sent`` counts events whose publish returned OK; an event is ``handled`` once
-*both* services handled it; ``duplicated`` counts handler runs beyond the first,
-over both services.
+every service handled it; ``duplicated`` counts handler runs beyond the first,
+over every service.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def start_service(
     return workers.start(MODULES, threads=4, env=env, redis_url=url)
 
 
-def both_services_tally(
+def services_tally(
     scenario: str, sent: set[int], books: dict[str, Ledger], seconds: float, **extra: object
 ) -> Tally:
     for ledger in books.values():
@@ -79,8 +81,7 @@ def both_services_tally(
         count - 1 for ledger in books.values() for count in ledger.done.values() if count > 1
     )
     per_service = ", ".join(
-        f"{service} handled {sum(1 for n in sent if books[service].done[n])}"
-        for service in SERVICES
+        f"{service} handled {sum(1 for n in sent if books[service].done[n])}" for service in books
     )
     notes = str(extra.pop("notes", ""))
     return Tally(
@@ -162,7 +163,7 @@ async def test_redis_restart_without_persistence_loses_no_acknowledged_publish(
             await wait_handled(ledger, sent, SETTLE_TIMEOUT)
         seconds = time.monotonic() - started
         rewritten = sum("writing its subscriptions again" in w.output() for w in workers.started)
-        result = both_services_tally(
+        result = services_tally(
             "Redis restarted without persistence (unrouted window)",
             sent,
             books,
@@ -194,7 +195,7 @@ async def test_fresh_deploy_publishes_before_any_worker_loses_nothing(
     report_tally: Callable[[Tally], None],
 ) -> None:
     total = PROFILE.burst_events
-    books = ledgers(tmp_path)
+    books = {"svca": ledgers(tmp_path)["svca"]}
     bus = make_redis_bus()
     await bus.start()
     sent: set[int] = set()
@@ -204,34 +205,30 @@ async def test_fresh_deploy_publishes_before_any_worker_loses_nothing(
         sent.update(batch)
 
     async def deploy() -> None:
-        # The web process came first; the workers follow, one service after the other.
+        # The web process came first; the workers follow, one after the other.
         await wait_until(lambda: len(sent) >= total // 4, 30, "the first events published")
-        await asyncio.to_thread(
-            start_service, workers, "svca", books["svca"], redis_url, TEST_REDELIVERY_TIMEOUT
-        )
-        await asyncio.to_thread(
-            start_service, workers, "svcb", books["svcb"], redis_url, TEST_REDELIVERY_TIMEOUT
-        )
+        for _ in range(2):
+            await asyncio.to_thread(
+                start_service, workers, "svca", books["svca"], redis_url, TEST_REDELIVERY_TIMEOUT
+            )
 
     task = asyncio.create_task(deploy())
     # Slow enough that the workers boot while publishing goes on.
     started = await paced(total, BATCH, PROFILE.rate / 4, publish)
     await task
-    before_workers = total // 4
-    for ledger in books.values():
-        await wait_handled(ledger, sent, SETTLE_TIMEOUT)
+    await wait_handled(books["svca"], sent, SETTLE_TIMEOUT)
     seconds = time.monotonic() - started
-    result = both_services_tally(
+    result = services_tally(
         "publish before any worker (fresh deploy)",
         sent,
         books,
         seconds,
         notes=(
-            f"at least {before_workers} events published before any subscription existed; "
-            "svca's workers started, then svcb's, while publishing went on"
+            f"at least {total // 4} events published before any subscription existed; two "
+            "workers started one after the other while publishing went on"
         ),
     )
     report_tally(result)
-    assert result.lost == 0, f"{result.lost} acknowledged events never handled by both"
+    assert result.lost == 0, f"{result.lost} acknowledged events never handled"
     assert result.duplicated == 0
     assert len(sent) == total
