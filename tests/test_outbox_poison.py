@@ -370,8 +370,8 @@ async def test_relay_survives_any_exception_restarts_and_says_degraded_meanwhile
     bus = await relaying_bus(make_bus, pg_engine, topic, received, metrics=metrics)
     relay = relay_of(bus)
     # Each event crashes the relay after its batch committed; the restarts back off
-    # (0.1 s, 0.2 s, 0.4 s...), so health is read while the relay waits to restart.
-    for seq in range(3):
+    # (0.1 s, 0.2 s, 0.4 s, 0.8 s): health is read while the relay waits 0.8 s to restart.
+    for seq in range(4):
         async with pg_engine.begin() as conn:
             await bus.publish(Placed(topic=topic, seq=seq), session=conn)
         await wait_for(lambda n=seq + 1: relay.errors >= n, f"crash {seq + 1}")
@@ -380,7 +380,7 @@ async def test_relay_survives_any_exception_restarts_and_says_degraded_meanwhile
     health = await health_of(bus)
     assert health["outbox.relay"].status is HealthStatus.DEGRADED, health["outbox.relay"]
     assert "metrics exploded" in health["outbox.relay"].detail
-    assert len(received) == 3  # each batch was sent before the crash: nothing lost
+    assert len(received) == 4  # each batch was sent before the crash: nothing lost
 
     metrics.failing = False
     async with pg_engine.begin() as conn:
