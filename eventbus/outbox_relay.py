@@ -289,8 +289,7 @@ class Relay:
                 )
             self._failures += 1
             self._in_hand = []
-            with contextlib.suppress(TimeoutError):  # commits do not cut it short: stop does
-                await asyncio.wait_for(self._stop_requested.wait(), self._restart_backoff)
+            await self._pause(self._restart_backoff)
             self._restart_backoff = min(self._restart_backoff * 2, MAX_BACKOFF)
 
     async def _session(self) -> None:
@@ -358,7 +357,7 @@ class Relay:
                 logger.warning(
                     "Outbox relay could not publish (%s); retrying in %.1fs", exc, backoff
                 )
-                await self._sleep(backoff)
+                await self._pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = self._restart_backoff = MIN_BACKOFF
@@ -497,11 +496,11 @@ class Relay:
             await cleanup(conn)
         self.sender.forget_stale()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` after a failure; commits do not cut it short (a busy
+        application would turn the backoff into a tight loop), :meth:`stop` does."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        if not self._stopping:
-            self._wake.clear()
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
 
 
 async def count_relays(conn: AsyncConnection, member_class: int) -> int:
