@@ -287,7 +287,9 @@ async def test_worker_survives_a_redis_restart(
             await bus.publish(h.Numbered(n=2))
         server.start()  # same port, empty (no persistence): the subscriptions are gone too
         await wait_for(
-            lambda: r.hlen(f"{namespace}:t:{h.RECORD}") == 2, 10, "the worker to subscribe again"
+            lambda: sum(b"|" in f for f in r.hkeys(f"{namespace}:t:{h.RECORD}")) == 2,
+            10,
+            "the worker to subscribe again",
         )
 
         await bus.publish(h.Numbered(n=3))

@@ -19,7 +19,13 @@ from dramatiq import Message
 
 from eventbus import EventBus, EventBusSettings, HealthStatus, UnroutedError
 from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import backlog_key, bodies_key, ready_key
+from eventbus.backends.redis_scripts import (
+    WARM_FIELD,
+    backlog_key,
+    bodies_key,
+    ready_key,
+    topic_key,
+)
 from eventbus.backends.redis_subscriptions import (
     UnroutedRetention,
     register,
@@ -154,7 +160,7 @@ async def test_a_handler_deployed_on_a_subscribed_topic_starts_from_now(
     bus = await started(make_redis_bus)
     await bus.publish(h.Numbered(n=0))  # no subscription yet
     subscribe(r, namespace, "a", "a.eventbus")  # the first: it gets event 0
-    assert r.exists(f"{namespace}:w:{h.RECORD}")  # the topic warms up
+    assert r.hexists(topic_key(namespace, h.RECORD), WARM_FIELD)  # the topic warms up
     await bus.publish_many([h.Numbered(n=i) for i in range(1, 3)])
     subscribe(r, namespace, "b", "b.eventbus")  # deployed: not written again
     await bus.publish(h.Numbered(n=3))
@@ -168,7 +174,7 @@ async def test_after_the_warmup_a_subscription_written_again_starts_from_now(
     bus = await started(make_redis_bus, unrouted_warmup=0.2)
     retention = UnroutedRetention(warmup=0.2)
     subscribe(r, namespace, "a", "a.eventbus", retention, again=True)
-    assert r.exists(f"{namespace}:w:{h.RECORD}")
+    assert r.hexists(topic_key(namespace, h.RECORD), WARM_FIELD)
     await asyncio.sleep(0.2)  # the warm-up runs out
     await bus.publish_many([h.Numbered(n=i) for i in range(3)])
     subscribe(r, namespace, "b", "b.eventbus", retention, again=True)

@@ -157,12 +157,20 @@ class RedisBackend(Backend):
         self.retention = subs.UnroutedRetention(
             unrouted_retention, unrouted_max_events, unrouted_max_bytes, unrouted_warmup
         )
-        self._retention_args = self.retention.args()
         self._drops_warned: dict[str, float] = {}
         if redelivery_timeout <= 0 or publish_timeout <= 0:
             raise ConfigurationError("redelivery_timeout and publish_timeout must be > 0")
-        if not namespace or ":" in namespace or "{" in namespace:
-            raise ConfigurationError(f"invalid Redis namespace {namespace!r}")
+        if (
+            not namespace
+            or ":" in namespace
+            or "{" in namespace
+            or namespace != "".join(namespace.split())
+        ):
+            raise ConfigurationError(
+                f"invalid Redis namespace {namespace!r}: no ':', '{{' or whitespace"
+            )
+        #: The bounds of the unrouted window, as the publish script reads them.
+        self._window_arg = " ".join(str(n) for n in self.retention.args()[:3]).encode()
         try:
             RespClient.from_url(url)
         except ValueError as exc:
@@ -425,8 +433,8 @@ class RedisBackend(Backend):
             self.namespace,
             "1" if strict else "0",
             int(time.time() * 1000),
-            *self._retention_args,
             stage,
+            self._window_arg,
         ]
         try:
             reply = await self._script(lua.PUBLISH, head + args)
@@ -440,15 +448,16 @@ class RedisBackend(Backend):
             raise PublishError(f"could not publish to Redis: {exc}; nothing was published") from exc
         except RespError as exc:
             raise _Refused(f"Redis refused the event(s): {exc}") from exc
-        unrouted = {topic.decode() for topic in reply[1]}
+        count = reply[1]
+        unrouted = {topic.decode() for topic in reply[2 : 2 + count]}
         if reply[0] == 0:
             raise UnroutedError(
                 f"no subscription handles topic(s) {', '.join(sorted(unrouted))} in Redis; "
                 "nothing was published",
                 sorted(unrouted),
             )
-        if reply[2]:
-            self._dropped(reply[2])
+        if len(reply) > 2 + count:
+            self._dropped(reply[2 + count :])
         return unrouted
 
     async def _stage(self, args: list[Any]) -> str:

@@ -12,7 +12,8 @@ keys of one queue share the hash tag ``{<queue>}``::
                                   this queue has yet (a rolling deploy)
     {ns}:{q}:n              HASH  actor -> its events not finished yet (the backlog)
 
-    {ns}:t:{topic}          HASH  "<service>|<actor>" -> "<queue>\\n<message prefix>"
+    {ns}:t:{topic}          HASH  "<service>|<actor>" -> "<queue>\\n<message prefix>";
+                                  "~warm" -> until when the topic warms up (ms)
     {ns}:subs               HASH  "<service>|<topic>|<actor>" -> {"queue": ...}
     {ns}:seen               ZSET  "<service>|<topic>|<actor>" -> last heartbeat (ms)
     {ns}:queues             SET   every queue with a subscription
@@ -28,8 +29,6 @@ keys of one queue share the hash tag ``{<queue>}``::
                                   "d:<topic>" / "dropped" / "dropped_at" (events that
                                   left the window without reaching a subscription),
                                   "s:<subscription>" (seq when it was removed)
-    {ns}:w:{topic}          STRING  exists while the topic warms up (its first
-                                  subscription is younger than the warm-up)
     {ns}:stage:{id}         LIST  the chunks of one large publish, until its commit
 
 **Subscriptions live here.**  A worker writes the subscriptions of its handlers
@@ -125,10 +124,13 @@ end
 -- the oldest beyond the bounds (age in ms, count, bytes).  Returns how many of
 -- those had reached no subscription at all (dropped; also counted in Redis).
 local function trim(ns, topic, now, keep, max_n, max_b)
-  local list, meta = ns .. ':u:' .. topic, ns .. ':unrouted'
+  local list, meta, tkey = ns .. ':u:' .. topic, ns .. ':unrouted', ns .. ':t:' .. topic
   local n = redis.call('LLEN', list)
-  local all = redis.call('EXISTS', ns .. ':t:' .. topic) == 1
-    and redis.call('EXISTS', ns .. ':w:' .. topic) == 0
+  local warm = tonumber(redis.call('HGET', tkey, '~warm') or '0') or 0
+  local subscribed = redis.call('HLEN', tkey)
+  if warm > 0 then subscribed = subscribed - 1 end
+  local all = subscribed > 0 and warm <= now
+  if warm > 0 and warm <= now then redis.call('HDEL', tkey, '~warm') end
   local bytes = tonumber(redis.call('HGET', meta, 'b:' .. topic) or '0') or 0
   local copied = tonumber(redis.call('HGET', meta, 'c:' .. topic) or '0') or 0
   local dropped = 0
@@ -167,27 +169,28 @@ end
 #: ``docs/redis.md``, "Unrouted events"); the keys of that path are checked
 #: before any write.
 #: ARGV: namespace, strict ("1": write nothing if any topic has no subscription),
-#: message timestamp (ms), retention (ms; 0: keep nothing), most events kept per
-#: topic, most bytes kept per topic, warm-up (ms), staged list key ("": none),
-#: then 4 per event: topic, envelope JSON, options JSON, entry id base (the n-th
-#: subscription's entry is "<base>.<n>").  With a staged list key, the events are
-#: that list's items instead (a large call arrives in bounded chunks) and it is
-#: deleted.  Returns {1 (0 when strict refused: nothing written), {unrouted
-#: topics...}, {topic, events dropped, ...}}.
+#: message timestamp (ms), staged list key ("": none), "<retention ms (0: keep
+#: nothing)> <most events kept per topic> <most bytes kept per topic>" (read only
+#: when an event is kept), then 4 per event: topic, envelope JSON, options JSON,
+#: entry id base (the n-th subscription's entry is "<base>.<n>").  With a staged
+#: list key, the events are that list's items instead (a large call arrives in
+#: bounded chunks) and it is deleted.  Returns {1 (0 when strict refused: nothing
+#: written), number of unrouted topics, those topics..., then topic, events
+#: dropped, ... for the events that left the window unrouted}.
 PUBLISH = (
     _CHECKS
     + _RETAINED
     + """
 local ns, strict, ts = ARGV[1], ARGV[2] == '1', ARGV[3]
-local keep, max_n, max_b = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local warm_ms = tonumber(ARGV[7])
-local A, first, stage = ARGV, 9, ARGV[8]
+local A, first, stage = ARGV, 6, ARGV[4]
 if stage ~= '' then
   need(stage, 'list')
   A, first = redis.call('LRANGE', stage, 0, -1), 1
   if #A == 0 then refuse('the staged events ' .. stage .. ' expired before their commit') end
 end
-local subs_of, unrouted, queues, counts = {}, {}, {}, {}
+-- Per topic, its subscriptions: {messages key, ready key, backlog key, message
+-- prefix, actor, events written}.
+local subs_of, unrouted, warming = {}, {}, nil
 for i = first, #A, 4 do
   local topic = A[i]
   if subs_of[topic] == nil then
@@ -195,51 +198,66 @@ for i = first, #A, 4 do
     local subs = {}
     for j = 2, #flat, 2 do
       local field, value = flat[j - 1], flat[j]
-      local nl = string.find(value, '\\n', 1, true)
-      local bar = string.find(field, '|', 1, true)
-      if not nl or nl == 1 or not bar then
-        refuse('subscription ' .. field .. ' of topic ' .. topic .. ' is malformed ' ..
-          '(remove it: `eventbus subscriptions remove`, then write it again)')
+      if field == '~warm' then  -- the topic warms up until then (ms)
+        warming = warming or {}
+        warming[topic] = tonumber(value) or 0
+      else
+        local nl = string.find(value, '\\n', 1, true)
+        local bar = string.find(field, '|', 1, true)
+        if not nl or nl == 1 or not bar then
+          refuse('subscription ' .. field .. ' of topic ' .. topic .. ' is malformed ' ..
+            '(remove it: `eventbus subscriptions remove`, then write it again)')
+        end
+        local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
+        subs[#subs + 1] = {tag .. ':m', tag .. ':q', tag .. ':n', string.sub(value, nl + 1),
+          string.sub(field, bar + 1), 0}
       end
-      local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
-      local actor = string.sub(field, bar + 1)
-      if not queues[tag] then queues[tag] = {} end
-      queues[tag][actor] = 0
-      subs[#subs + 1] = {tag, string.sub(value, nl + 1), actor}
     end
     subs_of[topic] = subs
-    counts[topic] = 0
     if #subs == 0 then unrouted[#unrouted + 1] = topic end
   end
-  counts[topic] = counts[topic] + 1
 end
 if strict and #unrouted > 0 then
   if stage ~= '' then redis.call('DEL', stage) end
-  return {0, unrouted, {}}
+  table.insert(unrouted, 1, #unrouted)
+  table.insert(unrouted, 1, 0)
+  return unrouted
 end
 -- Which topics' events are kept: those nobody subscribes, and all of those of a
--- topic warming up.  The keys of the window are checked before any write.
-local kept, any_kept = {}, false
-if keep > 0 and max_n > 0 then
-  for topic, subs in pairs(subs_of) do
-    if #subs == 0 or (warm_ms > 0 and redis.call('EXISTS', ns .. ':w:' .. topic) == 1) then
-      kept[topic] = true
-      any_kept = true
-      check_retained(ns, topic)
+-- topic warming up.  The keys of the window are checked before any write.  (All
+-- of this is skipped in the steady state: every topic routed, none warming up.)
+local kept, now, keep, max_n, max_b = nil, 0, 0, 0, 0
+if #unrouted > 0 or warming then
+  now = clock()
+  keep, max_n, max_b = string.match(ARGV[5], '^(%d+) (%d+) (%d+)$')
+  keep, max_n, max_b = tonumber(keep), tonumber(max_n), tonumber(max_b)
+  if warming then
+    for topic, deadline in pairs(warming) do
+      if deadline <= now then  -- its warm-up is over
+        warming[topic] = nil
+        redis.call('HDEL', ns .. ':t:' .. topic, '~warm')
+      end
     end
   end
-elseif #unrouted > 0 then
-  need(ns .. ':unrouted', 'hash')
-  for _, topic in ipairs(unrouted) do need_int(ns .. ':unrouted', 'd:' .. topic) end
-  need_int(ns .. ':unrouted', 'dropped')
+  if keep > 0 and max_n > 0 then
+    for topic, subs in pairs(subs_of) do
+      if #subs == 0 or (warming and warming[topic]) then
+        kept = kept or {}
+        kept[topic] = 0
+        check_retained(ns, topic)
+      end
+    end
+  elseif #unrouted > 0 then
+    need(ns .. ':unrouted', 'hash')
+    for _, topic in ipairs(unrouted) do need_int(ns .. ':unrouted', 'd:' .. topic) end
+    need_int(ns .. ':unrouted', 'dropped')
+  end
 end
-local now, seq = 0, 0
-if any_kept or #unrouted > 0 then now = clock() end
-if any_kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
--- Write, keeping what undoes each write: 1 HDEL key field, 2 RPOP key, 3 HINCRBY
--- key field by, 4 HSET key field value.
-local uop, ukey, uarg, uby, nu, at = {}, {}, {}, {}, 0, ''
-local added, dropped = {}, {}
+local seq = 0
+if kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
+-- Write, keeping in u what undoes each write, 3 slots each: HDEL key field,
+-- RPOP key, HINCRBY key field by, HSET key field value (op, key, arg, value).
+local u, nu, at = {}, 0, ''
 local ok, failure = pcall(function()
   for i = first, #A, 4 do
     local topic = A[i]
@@ -248,19 +266,19 @@ local ok, failure = pcall(function()
     for j = 1, #subs do
       local sub = subs[j]
       local eid = A[i + 3] .. '.' .. j
-      at = sub[1] .. ':m'
-      if redis.call('HSET', at, eid, sub[2] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
+      at = sub[1]
+      if redis.call('HSET', at, eid, sub[4] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
           '","message_timestamp":' .. ts .. '}') == 1 then
-        nu = nu + 1
-        uop[nu], ukey[nu], uarg[nu] = 1, at, eid
+        u[nu + 1], u[nu + 2], u[nu + 3] = 'HDEL', at, eid
+        nu = nu + 4
       end
-      at = sub[1] .. ':q'
+      at = sub[2]
       redis.call('RPUSH', at, eid)
-      nu = nu + 1
-      uop[nu], ukey[nu] = 2, at
-      queues[sub[1]][sub[3]] = queues[sub[1]][sub[3]] + 1
+      u[nu + 1], u[nu + 2] = 'RPOP', at
+      nu = nu + 4
+      sub[6] = sub[6] + 1
     end
-    if kept[topic] then
+    if kept and kept[topic] then
       seq = seq + 1
       local flag = 'r'
       if #subs == 0 then flag = 'u' end
@@ -268,42 +286,44 @@ local ok, failure = pcall(function()
         '\\n' .. A[i + 1]
       at = ns .. ':u:' .. topic
       redis.call('RPUSH', at, entry)
-      nu = nu + 1
-      uop[nu], ukey[nu] = 2, at
-      added[topic] = (added[topic] or 0) + #entry
+      u[nu + 1], u[nu + 2] = 'RPOP', at
+      nu = nu + 4
+      kept[topic] = kept[topic] + #entry
     end
   end
-  for tag, actors in pairs(queues) do
-    for actor, n in pairs(actors) do
+  for _, subs in pairs(subs_of) do
+    for j = 1, #subs do
+      local sub = subs[j]
+      local n = sub[6]
       if n > 0 then
-        at = tag .. ':n'
-        local v = redis.call('HINCRBY', at, actor, n)
-        nu = nu + 1
-        uop[nu], ukey[nu], uarg[nu], uby[nu] = 3, at, actor, -n
+        at = sub[3]
+        local v = redis.call('HINCRBY', at, sub[5], n)
+        u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HINCRBY', at, sub[5], -n
         if v < n then  -- it was negative (a counter gone wrong): count from zero
-          redis.call('HSET', at, actor, n)
-          uop[nu], uby[nu] = 4, fmt(v - n)
+          redis.call('HSET', at, sub[5], n)
+          u[nu + 1], u[nu + 4] = 'HSET', fmt(v - n)
         end
+        nu = nu + 4
       end
     end
   end
 end)
 if not ok then
-  for k = nu, 1, -1 do
-    local op = uop[k]
-    if op == 1 then redis.call('HDEL', ukey[k], uarg[k])
-    elseif op == 2 then redis.call('RPOP', ukey[k])
-    elseif op == 3 then redis.call('HINCRBY', ukey[k], uarg[k], uby[k])
-    else redis.call('HSET', ukey[k], uarg[k], uby[k]) end
+  for k = nu - 3, 1, -4 do
+    local op = u[k]
+    if op == 'RPOP' then redis.call(op, u[k + 1])
+    elseif op == 'HDEL' then redis.call(op, u[k + 1], u[k + 2])
+    else redis.call(op, u[k + 1], u[k + 2], u[k + 3]) end
   end
   local why = tostring(failure)
   if type(failure) == 'table' and failure.err then why = failure.err end
   return redis.error_reply('ERR eventbus: writing ' .. at .. ' failed: ' .. why ..
     ' (the writes of this call were undone)')
 end
-if any_kept then
+local dropped = {}
+if kept then
   redis.call('HSET', ns .. ':unrouted', 'seq', fmt(seq))
-  for topic, bytes in pairs(added) do
+  for topic, bytes in pairs(kept) do
     redis.call('HINCRBY', ns .. ':unrouted', 'b:' .. topic, bytes)
     redis.call('SADD', ns .. ':utopics', topic)
     local lost = trim(ns, topic, now, keep, max_n, max_b)
@@ -313,6 +333,8 @@ if any_kept then
     end
   end
 elseif #unrouted > 0 then
+  local counts = {}
+  for i = first, #A, 4 do counts[A[i]] = (counts[A[i]] or 0) + 1 end
   for _, topic in ipairs(unrouted) do
     count_dropped(ns, topic, counts[topic], now)
     dropped[#dropped + 1] = topic
@@ -320,7 +342,10 @@ elseif #unrouted > 0 then
   end
 end
 if stage ~= '' then redis.call('DEL', stage) end
-return {1, unrouted, dropped}
+local out = {1, #unrouted}
+for _, topic in ipairs(unrouted) do out[#out + 1] = topic end
+for _, item in ipairs(dropped) do out[#out + 1] = item end
+return out
 """
 )
 
@@ -372,7 +397,9 @@ for i = 8, #ARGV, 5 do
   local tkey = ns .. ':t:' .. topic
   -- The topic's subscriptions before this call (a service's handlers of one topic,
   -- written together, are all its first subscriptions).
-  if before[topic] == nil then before[topic] = redis.call('HLEN', tkey) end
+  if before[topic] == nil then
+    before[topic] = redis.call('HLEN', tkey) - redis.call('HEXISTS', tkey, '~warm')
+  end
   if redis.call('HEXISTS', tkey, service .. '|' .. actor) == 0 then
     local others = before[topic]
     local lost = trim(ns, topic, now, keep, max_n, max_b)
@@ -406,7 +433,7 @@ for i = 8, #ARGV, 5 do
     end
     redis.call('HDEL', meta, 's:' .. field)
     if others == 0 and warm_ms > 0 then
-      redis.call('SET', ns .. ':w:' .. topic, fmt(now), 'PX', warm_ms)
+      redis.call('HSET', tkey, '~warm', fmt(now + warm_ms))
     end
   end
   redis.call('HSET', tkey, service .. '|' .. actor, queue .. '\\n' .. prefix)
@@ -431,6 +458,10 @@ need(ns .. ':subs', 'hash')
 need(ns .. ':seen', 'zset')
 need(ns .. ':unrouted', 'hash')
 local existed = redis.call('HDEL', ns .. ':t:' .. topic, service .. '|' .. actor)
+if redis.call('HLEN', ns .. ':t:' .. topic) == redis.call('HEXISTS', ns .. ':t:' .. topic, '~warm')
+then
+  redis.call('DEL', ns .. ':t:' .. topic)
+end
 redis.call('HDEL', ns .. ':subs', field)
 redis.call('ZREM', ns .. ':seen', field)
 redis.call('HSET', ns .. ':unrouted', 's:' .. field,
@@ -716,6 +747,11 @@ def inflight_key(namespace: str, worker_id: str, queue: str) -> str:
 def parked_key(namespace: str, queue: str, actor: str) -> str:
     """The list of entry ids of ``queue`` parked for the handler ``actor``."""
     return f"{namespace}:{{{queue}}}:p:{actor}"
+
+
+#: The field of a topic's subscriptions hash that says until when (ms, Redis clock)
+#: the topic warms up: every event of it is kept meanwhile (see :data:`SUBSCRIBE`).
+WARM_FIELD = "~warm"
 
 
 def topic_key(namespace: str, topic: str) -> str:

@@ -239,12 +239,14 @@ def unrouted_stats(client: redis.Redis, namespace: str) -> UnroutedStats:
     if topics:
         with r.pipeline(transaction=False) as pipe:
             for topic in topics:
-                pipe.exists(lua.topic_key(namespace, topic))
+                pipe.hlen(lua.topic_key(namespace, topic))
+                pipe.hexists(lua.topic_key(namespace, topic), lua.WARM_FIELD)
                 pipe.llen(f"{namespace}:u:{topic}")
             replies = pipe.execute()
         for i, topic in enumerate(topics):
-            if not replies[2 * i] and replies[2 * i + 1]:
-                waiting[topic] = int(replies[2 * i + 1])
+            subscribed = int(replies[3 * i]) - int(replies[3 * i + 1])
+            if not subscribed and replies[3 * i + 2]:
+                waiting[topic] = int(replies[3 * i + 2])
     dropped = {}
     for field, value in meta.items():
         if field.startswith(b"d:"):
