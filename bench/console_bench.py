@@ -10,7 +10,7 @@ header gives (store reads, rendering), median and p95, and the Redis commands
 one request sends.
 
 Reference in the same run: the same pages over the same records when the store
-is searched by a full scan (:class:`eventbus.console_store.ScanSearch`, what a
+is searched by a full scan (:class:`eventbus.dlq.search.ScanSearch`, what a
 store without indexes gets), 2 runs each.  The target (issue 15) is the list
 and group pages in <= 300 ms of server time.
 """
@@ -37,10 +37,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from bench.redis_bench import redis_server  # noqa: E402
 from eventbus import EventBus, EventBusSettings, FailedEvent  # noqa: E402
-from eventbus.backends.redis import RedisBackend  # noqa: E402
-from eventbus.console import dlq_console  # noqa: E402
-from eventbus.dlq import DeadLetterQueue  # noqa: E402
-from eventbus.dlq_redis import RedisDeadLetterStore  # noqa: E402
+from eventbus.console.routes import dlq_console  # noqa: E402
+from eventbus.dlq.store import DeadLetterQueue  # noqa: E402
+from eventbus.redis.backend import RedisBackend  # noqa: E402
+from eventbus.redis.dlq import RedisDeadLetterStore  # noqa: E402
 
 #: The issue's budget for the list and group pages, in milliseconds of server time.
 BUDGET_MS = 300.0

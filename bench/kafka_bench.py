@@ -13,7 +13,7 @@ Rows, all in the same run on the same broker (best of ``--repeat``):
   their futures, vs ``await bus.publish_many(events)``.
 * **end-to-end**: N events published in batches of 1,000 to a 4-partition topic,
   until the last is handled in a worker process: a raw aiokafka consumer
-  (decodes JSON, commits per fetch) vs ``python -m eventbus.backends.kafka``
+  (decodes JSON, commits per fetch) vs ``python -m eventbus.kafka.backend``
   (the bridge: decode and validate, one handler actor, commit when finished).
 * **latency**: publish-to-handler p50/p99 at 20 events/s in the eventbus worker.
 
@@ -46,7 +46,7 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
 from eventbus import EventBus, EventBusSettings  # noqa: E402
-from eventbus.backends.kafka import KafkaBackend  # noqa: E402
+from eventbus.kafka.backend import KafkaBackend  # noqa: E402
 
 #: Records per batch in the batch rows.
 BATCH = 1_000
@@ -236,7 +236,7 @@ async def end_to_end(bootstrap: str, n: int, system: str) -> float:
             ]
             needle = "assigned"
         else:
-            cmd = [sys.executable, "-m", "eventbus.backends.kafka", "_kafka_bench_handlers"]
+            cmd = [sys.executable, "-m", "eventbus.kafka.backend", "_kafka_bench_handlers"]
             needle = "Kafka bridge assigned"
         env = {
             **os.environ,
@@ -290,7 +290,7 @@ async def latency(bootstrap: str) -> tuple[float, float]:
             "BENCH_OUT": str(out),
             "BENCH_LATENCY": "1",
         }
-        cmd = [sys.executable, "-m", "eventbus.backends.kafka", "_kafka_bench_handlers"]
+        cmd = [sys.executable, "-m", "eventbus.kafka.backend", "_kafka_bench_handlers"]
         proc = start_worker(cmd, env, Path(tmp) / "log")
         try:
             await wait_logged(proc, Path(tmp) / "log", "Kafka bridge assigned")

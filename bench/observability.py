@@ -173,7 +173,7 @@ async def _redis_publish(n: int, config: str, workload: str, url: str) -> float:
     """Child: publish N events with the configured bus; returns the start time."""
     from bench import _redis_bench_handlers as handlers
     from eventbus import BaseEvent, EventBus, EventBusSettings
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     if "otel" in config:
         from opentelemetry import trace

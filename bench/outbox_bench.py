@@ -50,9 +50,9 @@ from sqlalchemy import BigInteger, Column, Identity, MetaData, Table, Text, inse
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from eventbus import BaseEvent, EventBus, EventBusSettings
-from eventbus.backends.redis import RedisBackend
-from eventbus.outbox import Outbox
-from eventbus.outbox_schema import create_tables
+from eventbus.outbox.outbox import Outbox
+from eventbus.outbox.schema import create_tables
+from eventbus.redis.backend import RedisBackend
 
 bench_metadata = MetaData()
 users = Table(

@@ -68,7 +68,7 @@ try:  # eventbus/ may be mid-refactor: the references still run without it
     from bench import _redis_bench_fanout as fanout
     from bench import _redis_bench_handlers as handlers
     from eventbus import EventBus, EventBusSettings
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     EVENTBUS_ERROR: str | None = None
 except Exception as exc:  # any import-time failure of the package under test

@@ -30,7 +30,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from bench import _redis_bench_handlers as handlers  # noqa: E402
 from bench.redis_bench import NAMESPACE, log, make_bus, redis_server, start_worker  # noqa: E402
-from eventbus.backends import redis_scripts as lua  # noqa: E402
+import eventbus.redis.scripts as lua  # noqa: E402
 
 #: Events published per run (the handler sleeps 0.2 s; 2 worker groups of 8 threads).
 EVENTS = 120

@@ -144,7 +144,7 @@ class RedisPyClient:
         self.client = client
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        from eventbus.backends.resp import RespError
+        from eventbus.redis.resp import RespError
 
         if len(commands) == 1:  # the backend's only case: one script call
             try:
@@ -181,7 +181,7 @@ def redis_asyncio_client(url: str, max_connections: int, timeout: float) -> redi
 def bench_backend(kind: str, url: str) -> Any:
     """A ``RedisBackend``; for redis-py kinds its publishing client is swapped, and it
     records the (script, args) of its script calls while ``recording`` is set."""
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     class BenchBackend(RedisBackend):
         def __init__(self, **kwargs: Any) -> None:
@@ -237,10 +237,10 @@ async def concurrently(n: int, one: Callable[[], Awaitable[Any]]) -> None:
 
 
 async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
+    import eventbus.redis.scripts as lua
     from bench import _redis_bench_handlers as handlers
     from eventbus import EventBus, EventBusSettings
-    from eventbus.backends import redis_scripts as lua
-    from eventbus.backends.resp import RespClient
+    from eventbus.redis.resp import RespClient
 
     backend = bench_backend(kind, url)
     bus = EventBus(backend=backend, settings=EventBusSettings(shutdown_timeout=2.0))
@@ -448,8 +448,8 @@ class WorkerKeys:
     """The keys the consumer of ``queue`` uses (``redis_broker._RedisConsumer``)."""
 
     def __init__(self, queue: str, actor: str) -> None:
-        from eventbus.backends import redis_broker
-        from eventbus.backends import redis_scripts as lua
+        import eventbus.redis.broker as redis_broker
+        import eventbus.redis.scripts as lua
 
         worker_id = f"respbench.{os.getpid()}"
         self.actor = actor
@@ -479,7 +479,7 @@ def sync_worker_paths(
     """The worker rows with the synchronous client the worker uses
     (``RedisBackend.sync_client``) and the calls of ``_RedisConsumer``: ``_next``
     (BLMOVE, HGET, the FETCH script) and ``_delete_entry`` (the ack)."""
-    from eventbus.backends import redis_scripts as lua
+    import eventbus.redis.scripts as lua
 
     fetch = client.register_script(lua.FETCH)
     actor = keys.actor

@@ -4,8 +4,8 @@ The top level holds what an application uses every day; backends and
 integrations live in their modules::
 
     from eventbus import BaseEvent, EventBus, create_lifespan, get_event_bus, on_event
-    from eventbus.backends.redis import RedisBackend      # pip install "fastapi-eventbus[redis]"
-    from eventbus.backends.kafka import KafkaBackend      # pip install "fastapi-eventbus[kafka]"
+    from eventbus.redis import RedisBackend      # pip install "fastapi-eventbus[redis]"
+    from eventbus.kafka import KafkaBackend      # pip install "fastapi-eventbus[kafka]"
     from eventbus.prometheus import PrometheusMetricsCollector, metrics_router
     from eventbus.otel import OpenTelemetryTracer
     from eventbus.testing import EventBusTestKit
@@ -20,13 +20,13 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .asgi import EventBusMiddleware
-from .bus import EventBus
-from .config import EventBusSettings
-from .context import CorrelationIdFilter, get_correlation_id, get_current_event
-from .dlq import FailedEvent
-from .events import BaseEvent
-from .exceptions import (
+from eventbus.asgi import EventBusMiddleware
+from eventbus.bus import EventBus
+from eventbus.config import EventBusSettings
+from eventbus.context import CorrelationIdFilter, get_correlation_id, get_current_event
+from eventbus.dlq.store import FailedEvent
+from eventbus.events import BaseEvent
+from eventbus.exceptions import (
     ConfigurationError,
     EventBusError,
     EventDecodeError,
@@ -35,12 +35,12 @@ from .exceptions import (
     PublishError,
     UnroutedError,
 )
-from .fastapi import create_lifespan, dlq_router, get_event_bus, health_router
-from .health import HealthResult, HealthStatus
-from .metrics import MetricsCollector
-from .middleware.retries import Retry, RetryPolicy
-from .registry import on_event
-from .tracing import EventTracer
+from eventbus.fastapi import create_lifespan, dlq_router, get_event_bus, health_router
+from eventbus.health import HealthResult, HealthStatus
+from eventbus.metrics import MetricsCollector
+from eventbus.middleware.retries import Retry, RetryPolicy
+from eventbus.registry import on_event
+from eventbus.tracing import EventTracer
 
 __all__ = [
     "BaseEvent",
@@ -100,13 +100,13 @@ _MOVED: dict[str, tuple[str, str]] = {
     "get_current_span": ("eventbus.tracing", ""),
 }
 if TYPE_CHECKING:  # typed for mypy; imported on first use (they need their extra)
-    from .backends.kafka import KafkaBackend as KafkaBackend
-    from .backends.redis import RedisBackend as RedisBackend
+    from eventbus.kafka import KafkaBackend as KafkaBackend
+    from eventbus.redis import RedisBackend as RedisBackend
 
 #: Backends, importable from the top level without a warning (they need their extra).
 _BACKENDS = {
-    "RedisBackend": "eventbus.backends.redis",
-    "KafkaBackend": "eventbus.backends.kafka",
+    "RedisBackend": "eventbus.redis",
+    "KafkaBackend": "eventbus.kafka",
 }
 
 

@@ -45,8 +45,8 @@ from collections.abc import Callable
 import dramatiq
 from dramatiq import Middleware
 
-from .bus import EventBus
-from .config import EventBusSettings
+from eventbus.bus import EventBus
+from eventbus.config import EventBusSettings
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class DeclareHandlers(Middleware):
         self._stop_backend = self.bus.backend.boot_worker_process(self.bus)
         port = self.bus.settings.metrics_port
         if port is not None:
-            from .prometheus import serve_worker_metrics
+            from eventbus.prometheus import serve_worker_metrics
 
             serve_worker_metrics(port)
         if self.bus.settings.worker_gc_freeze:
@@ -113,7 +113,7 @@ class DeclareHandlers(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.bus.settings.metrics == "prometheus":
-            from .prometheus import mark_process_dead
+            from eventbus.prometheus import mark_process_dead
 
             mark_process_dead()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .context import (
+from eventbus.context import (
     VALID_CORRELATION_ID,
     CorrelationIdFilter,
     correlation_id_var,

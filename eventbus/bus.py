@@ -13,36 +13,37 @@ from dramatiq import Middleware
 from dramatiq.encoder import JSONEncoder
 from pydantic_core import PydanticSerializationError
 
-from .backends import create_backend
-from .backends.base import Backend, OutgoingEvent
-from .config import DEFAULT_SERVICE, EventBusSettings
-from .context import (
+from eventbus import keys
+from eventbus.backends import create_backend
+from eventbus.backends.base import Backend, OutgoingEvent
+from eventbus.config import DEFAULT_SERVICE, EventBusSettings
+from eventbus.context import (
     VALID_CORRELATION_ID,
     correlation_id_var,
     get_current_event,
     new_correlation_id,
 )
-from .dlq import DeadLetterQueue, DeadLetterStore, MemoryDeadLetterStore
-from .events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_envelope
-from .exceptions import (
+from eventbus.dlq.store import DeadLetterQueue, DeadLetterStore, MemoryDeadLetterStore
+from eventbus.events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_envelope
+from eventbus.exceptions import (
     ConfigurationError,
     EventBusError,
     EventTooLargeError,
     PublishError,
     UnroutedError,
 )
-from .health import HealthChecker
-from .metrics import (
+from eventbus.health import HealthChecker
+from eventbus.metrics import (
     CountsUnrouted,
     InMemoryMetricsCollector,
     MetricsCollector,
     NoopMetricsCollector,
     ReadsTheBus,
 )
-from .middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing, keys
-from .registry import TOPIC_NAME, HandlerRegistry, HandlerSpec
-from .routing import Subscriptions
-from .tracing import (
+from eventbus.middleware import DeadLetters, Metrics, Retries, RetryPolicy, Tracing
+from eventbus.registry import TOPIC_NAME, HandlerRegistry, HandlerSpec
+from eventbus.routing import Subscriptions
+from eventbus.tracing import (
     EventSpan,
     EventTracer,
     LoggingTracer,
@@ -52,8 +53,8 @@ from .tracing import (
 )
 
 if TYPE_CHECKING:
-    from .dependencies import DependencyOverrides
-    from .outbox import Outbox, OutboxSession
+    from eventbus.dependencies import DependencyOverrides
+    from eventbus.outbox.outbox import Outbox, OutboxSession
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ UNROUTED_WARNING_INTERVAL = 60.0
 
 def _metrics(settings: EventBusSettings) -> MetricsCollector:
     if settings.metrics == "prometheus":
-        from .prometheus import PrometheusMetricsCollector
+        from eventbus.prometheus import PrometheusMetricsCollector
 
         return PrometheusMetricsCollector()
     if settings.metrics == "memory":
@@ -76,7 +77,7 @@ def _metrics(settings: EventBusSettings) -> MetricsCollector:
 
 def _tracer(settings: EventBusSettings, backend: Backend) -> EventTracer:
     if settings.tracing == "otel":
-        from .otel import OpenTelemetryTracer
+        from eventbus.otel import OpenTelemetryTracer
 
         return OpenTelemetryTracer(messaging_system=backend.messaging_system)
     if settings.tracing == "logging":
@@ -168,7 +169,7 @@ class EventBus:
             self.metrics.attach(self)
         self._unrouted_warned: dict[str, float] = {}
         #: The transactional outbox ``publish(..., session=...)`` writes to, started
-        #: and stopped with the bus (set by :class:`~eventbus.outbox.Outbox`).
+        #: and stopped with the bus (set by :class:`~eventbus.outbox.outbox.Outbox`).
         self.outbox: Outbox | None = None
         self._consume: bool | None = None
         self._stopping = False
@@ -417,7 +418,7 @@ class EventBus:
         With ``session`` (a SQLAlchemy ``AsyncSession`` or ``AsyncConnection``), the
         event is written to the outbox in that session's transaction instead: it
         leaves only if the transaction commits, through the outbox relay (see
-        :mod:`eventbus.outbox`; unrouted topics are then only warned about).
+        :mod:`eventbus.outbox.outbox`; unrouted topics are then only warned about).
         """
         self._check(event)
         if session is not None:
@@ -506,7 +507,7 @@ class EventBus:
         if outbox is None:
             raise PublishError(
                 "publish(..., session=...) writes to the transactional outbox, and this bus "
-                "has none: create it with Outbox(bus, engine) (eventbus.outbox)"
+                "has none: create it with Outbox(bus, engine) (eventbus.outbox.outbox)"
             )
         cid = correlation_id_var.get() or new_correlation_id()
         parent = get_current_span()

@@ -43,14 +43,14 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .config import ENV_PREFIX, EventBusSettings
-from .exceptions import ConfigurationError, EventBusError
-from .extras import MissingExtraError
-from .redact import is_secret_name, redact, redact_url, url_secrets
+from eventbus.config import ENV_PREFIX, EventBusSettings
+from eventbus.exceptions import ConfigurationError, EventBusError
+from eventbus.extras import MissingExtraError
+from eventbus.redact import is_secret_name, redact, redact_url, url_secrets
 
 if TYPE_CHECKING:
-    from .bus import EventBus
-    from .dlq import FailedEvent
+    from eventbus.bus import EventBus
+    from eventbus.dlq.store import FailedEvent
 
 #: Widest error text shown in a table cell.
 MAX_ERROR_WIDTH = 60
@@ -135,8 +135,8 @@ _JSON_HELP = "print JSON instead of a table"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .devkafka import DEFAULT_HOST, DEFAULT_PORT
+    from eventbus import __version__
+    from eventbus.kafka.dev import DEFAULT_HOST, DEFAULT_PORT
 
     parser = argparse.ArgumentParser(
         prog="eventbus",
@@ -312,7 +312,7 @@ def _grid(rows: list[tuple[str, ...]]) -> str:
 
 
 def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> int:
-    from .backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     backend = bus.backend
     if not isinstance(backend, RedisBackend):
@@ -370,7 +370,7 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
             f"removing {row.handler} ({row.service}, topic {row.topic}) stops its deliveries "
             f"and dead-letters the {row.backlog} event(s) waiting for it: add --yes"
         )
-    from .backends.redis_subscriptions import remove_subscription
+    from eventbus.redis.subscriptions import remove_subscription
 
     count = remove_subscription(
         backend.sync_client, backend.namespace, row.service, row.topic, row.handler, bus.dlq.store
@@ -388,11 +388,11 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _outbox(args: argparse.Namespace, bus: EventBus, out: TextIO) -> int:
     """``outbox relay`` runs the relay until SIGTERM; ``outbox list|retry|drop`` act on
-    the rows it set aside (see :mod:`eventbus.outbox_process`, :mod:`eventbus.outbox_dead`)."""
-    from .outbox_dead import count_rows, drop_rows, list_rows, retry_rows
-    from .outbox_process import database_call, run_relay
-    from .outbox_schema import outbox_dead_table as dead
-    from .outbox_schema import outbox_table
+    the rows it set aside (see :mod:`eventbus.outbox.process`, :mod:`eventbus.outbox.dead`)."""
+    from eventbus.outbox.dead import count_rows, drop_rows, list_rows, retry_rows
+    from eventbus.outbox.process import database_call, run_relay
+    from eventbus.outbox.schema import outbox_dead_table as dead
+    from eventbus.outbox.schema import outbox_table
 
     if args.action == "relay":
         return run_relay(bus, out, args.database_url)
@@ -531,7 +531,7 @@ def _dlq(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script; returns the exit status."""
-    from .bus import EventBus
+    from eventbus.bus import EventBus
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)  # usage errors (exit 2) before touching any backend
@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "settings":
             return _settings_reference(args.output)
         if args.command == "dev":
-            from .devkafka import run as run_kafka
+            from eventbus.kafka.dev import run as run_kafka
 
             run_kafka(sys.stdout, args.host, args.port)  # returns only if it fails
             return EXIT_FAILED
@@ -566,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings_reference(output: str | None) -> int:
     """Print (or write to ``output``) the settings reference."""
-    from .settings_reference import render
+    from eventbus.settings_reference import render
 
     text = render()
     if output is None:

@@ -32,9 +32,9 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .exceptions import ConfigurationError
-from .extras import require_extra
-from .redact import MASK, is_secret_name, redact
+from eventbus.exceptions import ConfigurationError
+from eventbus.extras import require_extra
+from eventbus.redact import MASK, is_secret_name, redact
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ TEST_PREFIX = "EVENTBUS_TEST_"
 #: class, extra).  Their variables are checked against that class once its module
 #: is imported (importing it here would need its extra).
 SETTINGS_GROUPS: dict[str, tuple[str, str, str]] = {
-    "EVENTBUS_OUTBOX_": ("eventbus.outbox", "OutboxSettings", "outbox"),
+    "EVENTBUS_OUTBOX_": ("eventbus.outbox.outbox", "OutboxSettings", "outbox"),
 }
 
 BackendName = Literal["sync", "redis", "kafka"]

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .events import BaseEvent
+    from eventbus.events import BaseEvent
 
 #: Correlation ids must match this; anything else (too long, characters that could
 #: forge log lines or headers) is replaced by a fresh id.

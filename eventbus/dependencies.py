@@ -74,8 +74,8 @@ from starlette.background import BackgroundTasks
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from .events import BaseEvent
-from .exceptions import ConfigurationError
+from eventbus.events import BaseEvent
+from eventbus.exceptions import ConfigurationError
 
 __all__ = [
     "Dependency",

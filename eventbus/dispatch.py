@@ -42,11 +42,11 @@ from dramatiq.middleware import (
     raise_thread_exception,
 )
 
-from .config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
-from .exceptions import HandlerTimeout, ShutdownError
-from .middleware import keys
-from .middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
-from .registry import HandlerSpec
+import eventbus.keys as keys
+from eventbus.config import DEFAULT_MAX_CONCURRENCY, DEFAULT_WORKER_THREADS
+from eventbus.exceptions import HandlerTimeout, ShutdownError
+from eventbus.middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
+from eventbus.registry import HandlerSpec
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import to_json
 
-from .exceptions import EventDecodeError
+from eventbus.exceptions import EventDecodeError
 
 logger = logging.getLogger(__name__)
 

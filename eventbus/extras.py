@@ -8,7 +8,7 @@ A module that needs an extra imports its dependency inside :func:`requires_extra
 Without the package, the import raises :class:`MissingExtraError`, an
 ``ImportError`` whose message says what to run::
 
-    eventbus.backends.redis needs the "redis" extra: pip install "fastapi-eventbus[redis]"
+    eventbus.redis.backend needs the "redis" extra: pip install "fastapi-eventbus[redis]"
     (No module named 'redis')
 
 Settings that select an extra (``EVENTBUS_BACKEND=redis``,

@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 
-from .bus import EventBus
-from .dlq import FailedEvent
-from .exceptions import ConfigurationError
-from .health import HealthResult, HealthStatus, overall
+from eventbus.bus import EventBus
+from eventbus.dlq.store import FailedEvent
+from eventbus.exceptions import ConfigurationError
+from eventbus.health import HealthResult, HealthStatus, overall
 
 #: Status code of a health answer whose overall status is unhealthy.
 UNHEALTHY_STATUS_CODE = 503
@@ -199,7 +199,7 @@ def cross_site_refusal(request: HTTPConnection) -> str | None:
     ``Sec-Fetch-Site``, when sent, must be ``same-origin`` or ``none``, and
     ``Origin``, when sent, must name the host the request went to (``null``, from
     a sandboxed frame say, is another origin too).  Requests from scripts and
-    tools send neither and pass.  The console (:mod:`eventbus.console_csrf`) and
+    tools send neither and pass.  The console (:mod:`eventbus.console.csrf`) and
     :func:`dlq_router` both refuse what this names.
     """
     site = request.headers.get("sec-fetch-site")

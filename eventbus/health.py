@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .redact import redact
+from eventbus.redact import redact
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .dispatch import Dispatcher
+    from eventbus.backends.base import Backend
+    from eventbus.dispatch import Dispatcher
 
 #: Seconds a health check may take before it reports unhealthy.
 DEFAULT_HEALTH_TIMEOUT = 5.0

@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from .bus import EventBus
+    from eventbus.bus import EventBus
 
 
 @runtime_checkable

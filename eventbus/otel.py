@@ -24,7 +24,7 @@ unsampled span costs a few times less than a recorded one.
 
 from __future__ import annotations
 
-from .extras import requires_extra
+from eventbus.extras import requires_extra
 
 with requires_extra("otel", __name__):
     from opentelemetry import baggage, propagate, trace
@@ -45,8 +45,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from .context import correlation_id_var
-from .tracing import EventSpan, SpanStatus
+from eventbus.context import correlation_id_var
+from eventbus.tracing import EventSpan, SpanStatus
 
 #: Instrumentation scope name of the spans.
 INSTRUMENTATION_NAME = "eventbus"

@@ -18,7 +18,7 @@ a gauge and records nothing when prometheus_client was imported first.
 
 from __future__ import annotations
 
-from .extras import requires_extra
+from eventbus.extras import requires_extra
 
 with requires_extra("prometheus", __name__):
     from prometheus_client import (
@@ -45,7 +45,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 if TYPE_CHECKING:
-    from .bus import EventBus
+    from eventbus.bus import EventBus
 
 logger = logging.getLogger(__name__)
 

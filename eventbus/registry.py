@@ -18,13 +18,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .context import correlation_id_var, current_event_var, get_current_event
-from .dependencies import DependencyOverrides, HandlerDependencies, handler_dependencies
-from .events import CORRELATION_ID, BaseEvent, decode_event
-from .exceptions import ConfigurationError
+from eventbus.context import correlation_id_var, current_event_var, get_current_event
+from eventbus.dependencies import DependencyOverrides, HandlerDependencies, handler_dependencies
+from eventbus.events import CORRELATION_ID, BaseEvent, decode_event
+from eventbus.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from .middleware.retries import RetryPolicy
+    from eventbus.middleware.retries import RetryPolicy
 
 #: A handler: takes the event first, then its dependencies (by keyword).
 Handler = Callable[..., Awaitable[None]] | Callable[..., None]

@@ -15,9 +15,9 @@ from typing import Any
 import dramatiq
 from dramatiq import Actor
 
-from .config import DEFAULT_QUEUE, DEFAULT_SERVICE
-from .middleware import keys
-from .registry import HandlerRegistry, HandlerSpec, validate_topic
+import eventbus.keys as keys
+from eventbus.config import DEFAULT_QUEUE, DEFAULT_SERVICE
+from eventbus.registry import HandlerRegistry, HandlerSpec, validate_topic
 
 
 class Subscriptions:

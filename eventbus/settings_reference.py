@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from .config import (
+from eventbus.config import (
     ENV_PREFIX,
     NOT_SETTINGS,
     SETTINGS_GROUPS,

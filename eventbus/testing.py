@@ -48,15 +48,15 @@ from unittest.mock import MagicMock
 from dramatiq import Message, Middleware
 from dramatiq.middleware import MiddlewareError
 
-from .backends.base import OutgoingEvent
-from .backends.sync import EmbeddedBroker, SyncBackend
-from .bus import EventBus
-from .context import new_message_id
-from .events import BaseEvent, decode_event
-from .exceptions import EventDecodeError
-from .middleware import keys
-from .registry import HandlerSpec
-from .routing import Router, Subscriptions
+import eventbus.keys as keys
+from eventbus.backends.base import OutgoingEvent
+from eventbus.backends.embedded import EmbeddedBroker, SyncBackend
+from eventbus.bus import EventBus
+from eventbus.context import new_message_id
+from eventbus.events import BaseEvent, decode_event
+from eventbus.exceptions import EventDecodeError
+from eventbus.registry import HandlerSpec
+from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
     import dramatiq

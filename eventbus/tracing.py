@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from .context import correlation_id_var
+from eventbus.context import correlation_id_var
 
 logger = logging.getLogger(__name__)
 

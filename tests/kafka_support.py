@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from eventbus import EventBus, EventBusSettings
-from eventbus.backends.kafka import KafkaBackend
+from eventbus.kafka.backend import KafkaBackend
 from tests.kafka_helpers import (
     FAST,
     HEARTBEAT_INTERVAL_MS,

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from eventbus.outbox_schema import metadata as eventbus_metadata
+from eventbus.outbox.schema import metadata as eventbus_metadata
 from tests.docs_runner import blocks
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "outbox.md"

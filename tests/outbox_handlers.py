@@ -23,7 +23,7 @@ from sqlalchemy.pool import NullPool
 
 from eventbus import on_event
 from eventbus.context import get_correlation_id
-from eventbus.inbox import idempotent
+from eventbus.outbox.inbox import idempotent
 from tests.outbox_events import TOPIC, Placed, deliveries, effects
 
 DATABASE_URL = os.environ.get("OUTBOX_TEST_DATABASE_URL", "postgresql+asyncpg://unset/unset")

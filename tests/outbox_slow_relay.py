@@ -14,7 +14,7 @@ import sys
 
 from eventbus import EventBus
 from eventbus.backends.base import OutgoingEvent
-from eventbus.outbox_process import run_relay
+from eventbus.outbox.process import run_relay
 
 
 def main() -> int:

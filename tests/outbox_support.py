@@ -103,7 +103,7 @@ class Stack:
             return await asyncio.to_thread(
                 self.workers.start, ("tests.outbox_handlers",), threads=threads, env=env
             )
-        worker = self.start(["-m", "eventbus.backends.kafka", "tests.outbox_handlers"], env)
+        worker = self.start(["-m", "eventbus.kafka.backend", "tests.outbox_handlers"], env)
         await worker.wait_output("Kafka bridge assigned")
         return worker
 
@@ -131,7 +131,7 @@ async def wait_rows(
 def redis_stack(
     pg_url: str, redis_url: str, namespace: str, tmp: Path, topic: str, workers: Workers
 ) -> Stack:
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     env = {
         **os.environ,
@@ -153,7 +153,7 @@ def redis_stack(
 
 
 def kafka_stack(pg_url: str, bootstrap: str, group: str, tmp: Path, topic: str) -> Stack:
-    from eventbus.backends.kafka import KafkaBackend
+    from eventbus.kafka.backend import KafkaBackend
     from tests.kafka_helpers import HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS, worker_env
 
     env = {

@@ -16,7 +16,7 @@ import sys
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from eventbus import EventBus
-from eventbus.outbox import Outbox
+from eventbus.outbox.outbox import Outbox
 from tests.outbox_events import Placed
 
 

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from eventbus.outbox_schema import metadata as eventbus_metadata
+from eventbus.outbox.schema import metadata as eventbus_metadata
 from tests.outbox_events import metadata as test_metadata
 
 HOST = "127.0.0.1"

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from eventbus import EventBus, EventBusSettings, RetryPolicy
-from eventbus.backends.redis import RedisBackend
+from eventbus.redis.backend import RedisBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

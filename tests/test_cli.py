@@ -21,7 +21,7 @@ import redis
 import eventbus
 import eventbus.cli
 from eventbus import FailedEvent
-from eventbus.dlq_redis import RedisDeadLetterStore
+from eventbus.redis.dlq import RedisDeadLetterStore
 
 pytest.register_assert_rewrite("tests.redis_support")
 from tests.redis_support import ROOT, free_port  # noqa: E402

@@ -27,10 +27,10 @@ from eventbus import (
     RetryPolicy,
     create_lifespan,
 )
-from eventbus.console import dlq_console
-from eventbus.console_store import DeadLetterQuery, ScanSearch, SearchableStore, micros
-from eventbus.dlq import AuditEntry, DeadLetterStore, MemoryDeadLetterStore
-from eventbus.dlq_redis import RedisDeadLetterStore
+from eventbus.console.routes import dlq_console
+from eventbus.dlq.search import DeadLetterQuery, ScanSearch, SearchableStore, micros
+from eventbus.dlq.store import AuditEntry, DeadLetterStore, MemoryDeadLetterStore
+from eventbus.redis.dlq import RedisDeadLetterStore
 
 pytest_plugins = ["tests.redis_support"]
 
@@ -533,11 +533,11 @@ def test_unknown_records_and_bad_forms_get_clear_pages(
 def test_without_jinja2_the_import_names_the_extra_to_install() -> None:
     code = (
         "import sys; sys.modules['jinja2'] = None\n"
-        "try:\n    import eventbus.console\n"
+        "try:\n    import eventbus.console.routes\n"
         "except ImportError as exc:\n    print(exc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert 'eventbus.console needs the "console" extra' in done.stdout, done.stderr
+    assert 'eventbus.console.routes needs the "console" extra' in done.stdout, done.stderr
     assert 'pip install "fastapi-eventbus[console]"' in done.stdout
 
 

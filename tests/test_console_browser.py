@@ -29,10 +29,10 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from eventbus import BaseEvent, EventBus, EventBusSettings, FailedEvent, RetryPolicy
-from eventbus.backends.redis import RedisBackend
-from eventbus.console import dlq_console
+from eventbus.console.routes import dlq_console
 from eventbus.events import decode_event
 from eventbus.fastapi import eventbus_lifespan
+from eventbus.redis.backend import RedisBackend
 from tests import dlq_handlers as poison
 
 pytest.register_assert_rewrite("tests.redis_support")

@@ -34,14 +34,14 @@ from eventbus import (
     RetryPolicy,
     create_lifespan,
 )
-from eventbus.backends.redis import RedisBackend
 from eventbus.config import DEFAULT_DLQ_MAX_BYTES
-from eventbus.console import dlq_console
-from eventbus.console_views import MAX_ERROR_SHOWN
-from eventbus.dlq import MemoryAuditLog
-from eventbus.dlq_redis import DROP_HINT, RedisAuditLog, RedisDeadLetterStore
+from eventbus.console.routes import dlq_console
+from eventbus.console.views import MAX_ERROR_SHOWN
+from eventbus.dlq.store import MemoryAuditLog
 from eventbus.events import encode_event
 from eventbus.fastapi import CSRF_HEADER, dlq_router
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.dlq import DROP_HINT, RedisAuditLog, RedisDeadLetterStore
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")
@@ -193,8 +193,8 @@ import sys
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException
 from eventbus import EventBus, EventBusSettings, create_lifespan
-from eventbus.backends.redis import RedisBackend
-from eventbus.console import dlq_console
+from eventbus.redis.backend import RedisBackend
+from eventbus.console.routes import dlq_console
 
 url, namespace, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 bus = EventBus(backend=RedisBackend(url=url, namespace=namespace),
@@ -569,7 +569,7 @@ def test_the_redis_store_is_bounded_by_bytes_oldest_evicted_first(
     assert isinstance(configured, RedisDeadLetterStore) and configured.max_bytes == 300_000
 
     store = RedisDeadLetterStore(r, namespace=namespace, max_size=10_000, max_bytes=300_000)
-    caplog.set_level(logging.WARNING, logger="eventbus.dlq_redis")
+    caplog.set_level(logging.WARNING, logger="eventbus.redis.dlq")
     for n in range(100):  # ~20 KB each: 2 MB offered to a 300 KB store
         store.add(poison_record(n, at=T0 + timedelta(seconds=n), error="x" * 10_000))
     held = store.find(None)
@@ -599,7 +599,7 @@ def test_a_record_bigger_than_the_byte_bound_is_kept_cut_with_its_reason(
     r: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture, bus: EventBus
 ) -> None:
     store = RedisDeadLetterStore(r, namespace=namespace, max_bytes=200_000)
-    caplog.set_level(logging.WARNING, logger="eventbus.dlq_redis")
+    caplog.set_level(logging.WARNING, logger="eventbus.redis.dlq")
     store.add(poison_record(0))
     big_error = poison_record(1, error="e" * 1_000_000)  # 1 MB error, 1 MB traceback
     store.add(big_error)

@@ -15,9 +15,9 @@ import pytest
 from fastapi import FastAPI
 
 from eventbus import EventBus
-from eventbus.backends.kafka_config import KafkaConfig
-from eventbus.console import dlq_console
-from eventbus.console_audit import KafkaAuditLog, audit_log_for
+from eventbus.console.routes import dlq_console
+from eventbus.dlq.audit import KafkaAuditLog, audit_log_for
+from eventbus.kafka.config import KafkaConfig
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import create_topic, wait_for
 

@@ -27,8 +27,8 @@ from eventbus import (
 )
 from eventbus.cli import main as cli_main
 from eventbus.cli import run as cli_run
-from eventbus.dlq import MemoryDeadLetterStore, payload_dropped
-from eventbus.dlq_cut import cut_text, fit_record
+from eventbus.dlq.cut import cut_text, fit_record
+from eventbus.dlq.store import MemoryDeadLetterStore, payload_dropped
 
 MakeBus = Callable[..., EventBus]
 
@@ -170,7 +170,7 @@ async def test_bulk_replay_of_1000_records_loses_none(make_bus: MakeBus, topic: 
 
 
 async def test_unknown_event_class_still_lists_and_replays(make_bus: MakeBus, topic: str) -> None:
-    from eventbus.middleware import keys
+    import eventbus.keys as keys
 
     bus, switch = await dead_letters(make_bus, topic, n=0)
     envelope = {"type": "another.service.Refund", "event": {"topic": topic, "refund_id": 9}}
@@ -426,7 +426,7 @@ async def test_a_deeply_nested_message_is_dead_lettered_with_the_reason_and_list
 ) -> None:
     from dramatiq import Message
 
-    from eventbus.middleware import keys
+    import eventbus.keys as keys
 
     bus, _ = await dead_letters(make_bus, topic, n=0)
     spec = bus.registry.get_handlers(topic)[0]
@@ -469,7 +469,7 @@ async def test_replay_of_an_undecodable_record_is_refused_and_keeps_the_record(
 ) -> None:
     from dramatiq import Message
 
-    from eventbus.middleware import keys
+    import eventbus.keys as keys
 
     bus, switch = await dead_letters(make_bus, topic, n=0)
     spec = bus.registry.get_handlers(topic)[0]
@@ -671,7 +671,7 @@ async def test_a_dead_letter_keeps_each_attempts_outcome(make_bus: MakeBus, topi
     ]
     assert [e["at"] for e in log] == sorted(e["at"] for e in log)
     assert FailedEvent.from_dict(record.to_dict()).attempt_log == log
-    from eventbus.console_pages import attempt_rows  # the console's record page shows them
+    from eventbus.console.pages import attempt_rows  # the console's record page shows them
 
     rows = attempt_rows(record)
     assert [r["error"] for r in rows] == [

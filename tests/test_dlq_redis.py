@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from eventbus import EventBus, EventBusSettings, FailedEvent
-from eventbus.backends.redis import RedisBackend
-from eventbus.dlq_redis import RedisDeadLetterStore
 from eventbus.events import UnknownEvent, decode_event
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.dlq import RedisDeadLetterStore
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from eventbus import BaseEvent, EventBus, EventBusSettings, RetryPolicy
-from eventbus.backends.kafka import KafkaBackend
 from eventbus.config import MAX_RETRIES_LIMIT
-from eventbus.dlq import FailedEvent
+from eventbus.dlq.store import FailedEvent
 from eventbus.exceptions import ConfigurationError
+from eventbus.kafka.backend import KafkaBackend
 from tests.durable_handlers import Broken, Flaky, FlakyError
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for

@@ -78,9 +78,9 @@ def assert_names_extra(result: dict[str, object], extra: str, needed_by: str) ->
 @pytest.mark.parametrize(
     ("extra", "blocked", "imported", "needed_by"),
     [
-        ("redis", "redis", "eventbus.backends.redis", "eventbus.backends.redis"),
-        ("kafka", "aiokafka", "eventbus.backends.kafka", "eventbus.backends.kafka"),
-        ("kafka", "aiokafka", "eventbus.backends.kafka_dlq", "eventbus.backends.kafka_config"),
+        ("redis", "redis", "eventbus.redis.backend", "eventbus.redis.backend"),
+        ("kafka", "aiokafka", "eventbus.kafka.backend", "eventbus.kafka.backend"),
+        ("kafka", "aiokafka", "eventbus.kafka.dlq", "eventbus.kafka.config"),
         ("prometheus", "prometheus_client", "eventbus.prometheus", "eventbus.prometheus"),
         ("otel", "opentelemetry", "eventbus.otel", "eventbus.otel"),
     ],
@@ -105,12 +105,12 @@ def test_the_documented_import_of_the_redis_backend_names_the_extra() -> None:
         "redis",
         """
         try:
-            from eventbus.backends.redis import RedisBackend
+            from eventbus.redis.backend import RedisBackend
         except ImportError as exc:
             report(exc)
         """,
     )
-    assert_names_extra(result, "redis", "eventbus.backends.redis")
+    assert_names_extra(result, "redis", "eventbus.redis.backend")
 
 
 @pytest.mark.parametrize(
@@ -190,11 +190,11 @@ def test_installed_extras_pass_the_check() -> None:
 
 
 def test_the_error_is_an_import_error_with_the_command() -> None:
-    error = MissingExtraError("kafka", "eventbus.backends.kafka", "No module named 'aiokafka'")
+    error = MissingExtraError("kafka", "eventbus.kafka.backend", "No module named 'aiokafka'")
     assert isinstance(error, ImportError)
     assert install_command("kafka") == 'pip install "fastapi-eventbus[kafka]"'
     assert str(error) == (
-        'eventbus.backends.kafka needs the "kafka" extra: pip install '
+        'eventbus.kafka.backend needs the "kafka" extra: pip install '
         "\"fastapi-eventbus[kafka]\" (No module named 'aiokafka')"
     )
 

@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from eventbus import EventBus, EventBusSettings, HealthResult, HealthStatus, create_lifespan
-from eventbus.backends.redis import RedisBackend
 from eventbus.fastapi import health_router
 from eventbus.health import overall
+from eventbus.redis.backend import RedisBackend
 
 pytest.register_assert_rewrite("tests.redis_support")
 from tests.redis_support import (  # noqa: E402

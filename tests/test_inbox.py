@@ -13,9 +13,9 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from eventbus import BaseEvent, ConfigurationError, EventBus
-from eventbus.inbox import cleanup_inbox, idempotent
-from eventbus.outbox import Outbox
-from eventbus.outbox_schema import inbox_table
+from eventbus.outbox.inbox import cleanup_inbox, idempotent
+from eventbus.outbox.outbox import Outbox
+from eventbus.outbox.schema import inbox_table
 from eventbus.registry import make_spec
 from eventbus.testing import EventBusTestKit
 from tests.outbox_events import Placed, effects
@@ -138,6 +138,6 @@ def test_idempotent_needs_an_async_handler_below_on_event(
     # As if @on_event had been applied first (not for real: decorated handlers are
     # process-wide, every other test's bus would get it).
     spec = make_spec("test.inbox.order", registered)
-    monkeypatch.setattr("eventbus.inbox.decorated_handlers", lambda: [spec])
+    monkeypatch.setattr("eventbus.outbox.inbox.decorated_handlers", lambda: [spec])
     with pytest.raises(ConfigurationError, match="below @on_event"):
         idempotent(sessions)(registered)  # type: ignore[arg-type]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from eventbus import BaseEvent, EventBus, EventBusSettings, HealthStatus, PublishError
-from eventbus.backends.kafka import KafkaBackend
-from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ERROR_TYPE, HEADER_ORIGINAL_OFFSET
 from eventbus.exceptions import BackendError
+from eventbus.kafka.backend import KafkaBackend
+from eventbus.kafka.dlq import HEADER_ERROR, HEADER_ERROR_TYPE, HEADER_ORIGINAL_OFFSET
 from eventbus.tracing import LoggingTracer
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
@@ -353,7 +353,7 @@ async def test_start_fails_clearly_without_a_broker(kafka_names: tuple[str, str]
 async def test_worker_thread_consumes_until_stopped(
     make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
 ) -> None:
-    from eventbus.backends.kafka import start_worker_thread
+    from eventbus.kafka.backend import start_worker_thread
 
     topic, group = kafka_names
     await create_topic(kafka_bootstrap, topic, 2)

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
+import eventbus.kafka.lag as kafka_lag
 from eventbus import EventBus, EventBusSettings
-from eventbus.backends import kafka_lag
-from eventbus.backends.kafka import KafkaBackend
+from eventbus.kafka.backend import KafkaBackend
 from eventbus.prometheus import PrometheusMetricsCollector
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from eventbus import EventBus, HealthStatus
-from eventbus.backends.kafka import KafkaBackend
-from eventbus.backends.kafka_dlq import HEADER_ERROR, HEADER_ORIGINAL_OFFSET
+from eventbus.kafka.backend import KafkaBackend
+from eventbus.kafka.dlq import HEADER_ERROR, HEADER_ORIGINAL_OFFSET
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
     committed_offsets,
@@ -79,7 +79,7 @@ async def test_a_stuck_partition_pauses_alone_and_the_others_get_the_budget(
     kafka_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from eventbus.backends import kafka_bridge
+    import eventbus.kafka.bridge as kafka_bridge
 
     monkeypatch.setattr(kafka_bridge, "PAUSE_AFTER", 0.5)  # seconds stuck before a pause
     topic, _ = kafka_names

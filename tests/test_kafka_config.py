@@ -7,10 +7,10 @@ import ssl
 import pytest
 
 from eventbus import BaseEvent, EventBus, EventBusSettings
-from eventbus.backends.kafka import KafkaBackend
-from eventbus.backends.kafka_config import KafkaConfig, format_traceparent, parse_traceparent
 from eventbus.bus import create_backend
 from eventbus.exceptions import ConfigurationError
+from eventbus.kafka.backend import KafkaBackend
+from eventbus.kafka.config import KafkaConfig, format_traceparent, parse_traceparent
 
 
 class OrderPaid(BaseEvent):

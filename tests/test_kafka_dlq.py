@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from eventbus import EventBus, FailedEvent
-from eventbus.backends.kafka_config import KafkaConfig
-from eventbus.backends.kafka_dlq import HEADER_OP, KafkaDeadLetterStore
-from eventbus.dlq import DeadLetterQueue
+from eventbus.dlq.store import DeadLetterQueue
+from eventbus.kafka.config import KafkaConfig
+from eventbus.kafka.dlq import HEADER_OP, KafkaDeadLetterStore
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import create_topic, read_topic, wait_for
 

@@ -27,13 +27,22 @@ import pytest
 from fastapi import FastAPI
 
 from eventbus import BaseEvent, EventBus, FailedEvent
-from eventbus.backends.kafka_config import KafkaConfig
-from eventbus.backends.kafka_dlq import (
+from eventbus.cli import run
+from eventbus.console.routes import dlq_console
+from eventbus.dlq.store import (
+    DeadLetterQueue,
+    MemoryAuditLog,
+    MemoryDeadLetterStore,
+    payload_dropped,
+)
+from eventbus.exceptions import ConfigurationError
+from eventbus.kafka.config import KafkaConfig
+from eventbus.kafka.dlq import (
     KafkaDeadLetterStore,
     dead_letter_headers,
     dead_letter_value,
 )
-from eventbus.backends.kafka_dlq_record import (
+from eventbus.kafka.dlq_record import (
     DEFAULT_MAX_RECORD_BYTES,
     DROP_HINT,
     DROP_HINT_LOWERED,
@@ -41,10 +50,6 @@ from eventbus.backends.kafka_dlq_record import (
     HEADER_PAYLOAD_DROPPED,
     fit_dead_letter,
 )
-from eventbus.cli import run
-from eventbus.console import dlq_console
-from eventbus.dlq import DeadLetterQueue, MemoryAuditLog, MemoryDeadLetterStore, payload_dropped
-from eventbus.exceptions import ConfigurationError
 from tests.kafka_helpers import committed_offsets, create_topic, read_topic, wait_for
 
 pytest_plugins = ["tests.kafka_support"]

@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from eventbus.backends.kafka_partitions import Dispatched, Partition, PartitionLedger
+from eventbus.kafka.partitions import Dispatched, Partition, PartitionLedger
 
 #: Seconds a full partition may commit nothing before it is paused, in these tests.
 PAUSE = 5.0

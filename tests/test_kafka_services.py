@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from eventbus import EventBus
-from eventbus.backends.kafka import KafkaBackend
+from eventbus.kafka.backend import KafkaBackend
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
     HEARTBEAT_INTERVAL_MS,

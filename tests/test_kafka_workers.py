@@ -1,6 +1,6 @@
 """Kafka worker processes in one consumer group, against a real broker (Tansu).
 
-Each worker is ``python -m eventbus.backends.kafka tests.kafka_handlers``; its
+Each worker is ``python -m eventbus.kafka.backend tests.kafka_handlers``; its
 handler appends ``<pid> <n>`` to a file per handled event, so the test counts
 deliveries across processes, including processes it SIGKILLs.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from eventbus import EventBus, EventBusSettings
-from eventbus.backends.kafka import KafkaBackend
+from eventbus.kafka.backend import KafkaBackend
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
     Worker,

@@ -154,7 +154,7 @@ def test_one_request_one_trace_producer_and_a_consumer_per_handler(
 async def test_traceparent_travels_in_the_message_options(
     topic: str, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
-    from eventbus.middleware import keys
+    import eventbus.keys as keys
 
     provider, _ = spans
     bus = EventBus(tracer=OpenTelemetryTracer(tracer_provider=provider))

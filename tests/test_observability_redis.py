@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventbus import EventBus, EventBusMiddleware, EventBusSettings, create_lifespan
-from eventbus.backends.redis import RedisBackend
 from eventbus.otel import OpenTelemetryTracer
 from eventbus.prometheus import PrometheusMetricsCollector, metrics_router
+from eventbus.redis.backend import RedisBackend
 from tests import otel_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")

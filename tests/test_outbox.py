@@ -21,8 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from eventbus import BaseEvent, EventBus, HealthStatus, PublishError, get_current_event
 from eventbus.context import correlation_id_var
 from eventbus.otel import OpenTelemetryTracer
-from eventbus.outbox import Outbox
-from eventbus.outbox_schema import SHARDS, outbox_table
+from eventbus.outbox.outbox import Outbox
+from eventbus.outbox.schema import SHARDS, outbox_table
 from eventbus.prometheus import PrometheusMetricsCollector
 from tests.outbox_events import Placed
 

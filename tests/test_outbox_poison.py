@@ -28,15 +28,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from eventbus import BaseEvent, EventBus, EventBusSettings, HealthStatus, PublishError
-from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import bodies_key, ready_key
 from eventbus.cli import run as run_cli
-from eventbus.inbox import idempotent
 from eventbus.metrics import InMemoryMetricsCollector
-from eventbus.outbox import Outbox
-from eventbus.outbox_relay import MAX_BACKOFF, Relay
-from eventbus.outbox_schema import create_tables
+from eventbus.outbox.inbox import idempotent
+from eventbus.outbox.outbox import Outbox
+from eventbus.outbox.relay import MAX_BACKOFF, Relay
+from eventbus.outbox.schema import create_tables
 from eventbus.prometheus import PrometheusMetricsCollector
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.scripts import bodies_key, ready_key
 from tests import redis_handlers as h
 from tests.outbox_events import Placed
 from tests.redis_support import ROOT, RedisServer, queue_name, sync_subscriptions

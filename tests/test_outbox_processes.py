@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from eventbus import EventBus
 from eventbus.context import correlation_id_var
-from eventbus.outbox import Outbox
-from eventbus.outbox_schema import lock_class, outbox_table
+from eventbus.outbox.outbox import Outbox
+from eventbus.outbox.schema import lock_class, outbox_table
 
 pytest.register_assert_rewrite("tests.redis_support", "tests.outbox_support")
 from tests.kafka_helpers import create_topic  # noqa: E402

@@ -42,8 +42,8 @@ def test_a_moved_name_still_imports_with_a_warning_naming_its_home(name: str) ->
 
 
 def test_backends_import_from_the_top_level_without_a_warning() -> None:
-    from eventbus.backends.kafka import KafkaBackend
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.kafka.backend import KafkaBackend
+    from eventbus.redis.backend import RedisBackend
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -69,4 +69,4 @@ def test_a_misspelled_top_level_name_is_a_type_error(tmp_path: Path) -> None:
     assert status == 1
     assert 'Module "eventbus" has no attribute "EvnetBus"' in out
     # the lazily imported backends keep their real type, not Any
-    assert "eventbus.backends.redis.RedisBackend" in out
+    assert "eventbus.redis.backend.RedisBackend" in out

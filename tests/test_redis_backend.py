@@ -14,11 +14,11 @@ import redis
 from dramatiq import Message
 
 from eventbus import EventBus, HealthStatus, PublishError
-from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import bodies_key, inflight_key, ready_key
-from eventbus.dlq import FailedEvent
-from eventbus.dlq_redis import RedisDeadLetterStore
+from eventbus.dlq.store import FailedEvent
 from eventbus.metrics import InMemoryMetricsCollector
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.dlq import RedisDeadLetterStore
+from eventbus.redis.scripts import bodies_key, inflight_key, ready_key
 from tests import redis_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")  # before it is imported below

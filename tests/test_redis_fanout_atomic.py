@@ -20,13 +20,13 @@ import pytest
 import redis
 from dramatiq import Message
 
+import eventbus.keys as keys
 from eventbus import BaseEvent, EventBus, PublishError
 from eventbus.backends.base import OutgoingEvent
-from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import backlog_key, bodies_key, ready_key, topic_key
-from eventbus.backends.redis_subscriptions import register
-from eventbus.backends.resp import Command, RespClient, encode_command
-from eventbus.middleware import keys
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.resp import Command, RespClient, encode_command
+from eventbus.redis.scripts import backlog_key, bodies_key, ready_key, topic_key
+from eventbus.redis.subscriptions import register
 from tests import redis_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")  # before it is imported below

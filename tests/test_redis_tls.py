@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from eventbus import EventBus, PublishError
-from eventbus.backends.redis import RedisBackend
+from eventbus.redis.backend import RedisBackend
 from tests import redis_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")  # before it is imported below

@@ -18,15 +18,15 @@ import redis
 from dramatiq import Message
 
 from eventbus import EventBus, EventBusSettings, HealthStatus, UnroutedError
-from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_scripts import (
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.scripts import (
     WARM_FIELD,
     backlog_key,
     bodies_key,
     ready_key,
     topic_key,
 )
-from eventbus.backends.redis_subscriptions import (
+from eventbus.redis.subscriptions import (
     UnroutedRetention,
     register,
     remove_subscription,

@@ -335,7 +335,7 @@ async def test_redis_backend_example_publishes_to_a_real_redis(
     topic: str, redis_url: str, namespace: str
 ) -> None:
     from eventbus import EventBus, EventBusSettings
-    from eventbus.backends.redis import RedisBackend
+    from eventbus.redis.backend import RedisBackend
 
     # the seed: RedisBackend(url="redis://localhost:6379/0"); here the test server and a
     # namespace of this test only.  The seed ran handlers in the publishing process:
@@ -361,7 +361,7 @@ async def test_redis_backend_example_publishes_to_a_real_redis(
 
 def test_kafka_backend_example_accepts_the_seeds_arguments() -> None:
     from eventbus import ConfigurationError, EventBus
-    from eventbus.backends.kafka import KafkaBackend
+    from eventbus.kafka.backend import KafkaBackend
 
     backend = KafkaBackend(
         bootstrap_servers="localhost:9092",

@@ -141,7 +141,7 @@ def test_settings_and_other_variables_are_not_warned_about() -> None:
 
 
 def test_a_group_variable_is_checked_against_its_settings_once_loaded() -> None:
-    import eventbus.outbox  # noqa: F401  (loads OutboxSettings)
+    import eventbus.outbox.outbox  # noqa: F401  (loads OutboxSettings)
 
     typo = unique("EVENTBUS_OUTBOX_DATABASE_UR_")
     assert warn_unknown_variables({"EVENTBUS_OUTBOX_DATABASE_URL": "x", typo: "x"}) == [typo]
@@ -150,7 +150,7 @@ def test_a_group_variable_is_checked_against_its_settings_once_loaded() -> None:
 def test_a_group_variable_is_not_warned_about_while_its_module_is_not_loaded() -> None:
     code = (
         "import sys, eventbus.config as c\n"
-        "assert 'eventbus.outbox' not in sys.modules\n"
+        "assert 'eventbus.outbox.outbox' not in sys.modules\n"
         "print(c.warn_unknown_variables({'EVENTBUS_OUTBOX_RELAY': 'false'}))\n"
     )
     done = subprocess.run(
@@ -161,7 +161,7 @@ def test_a_group_variable_is_not_warned_about_while_its_module_is_not_loaded() -
 
 def test_every_eventbus_variable_the_project_uses_is_a_setting_or_allowed() -> None:
     """The test suites and benchmarks set no variable that would be warned about."""
-    from eventbus.outbox import OutboxSettings
+    from eventbus.outbox.outbox import OutboxSettings
 
     known = set(setting_names()) | NOT_SETTINGS
     known |= {f"EVENTBUS_OUTBOX_{name.upper()}" for name in OutboxSettings.model_fields}

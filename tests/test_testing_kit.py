@@ -23,8 +23,8 @@ from eventbus import (
     RetryPolicy,
     create_lifespan,
 )
-from eventbus.backends.kafka import KafkaBackend
-from eventbus.backends.redis import RedisBackend
+from eventbus.kafka.backend import KafkaBackend
+from eventbus.redis.backend import RedisBackend
 from eventbus.testing import EventBusTestKit, InjectedFault, kit_fixture
 from tests.kit_app import Shop, make_shop
 

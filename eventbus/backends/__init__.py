@@ -9,18 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ..exceptions import ConfigurationError
-from .base import Backend
-from .sync import SyncBackend
+from eventbus.backends.base import Backend
+from eventbus.backends.embedded import SyncBackend
+from eventbus.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from ..config import EventBusSettings
+    from eventbus.config import EventBusSettings
 
 #: ``EVENTBUS_BACKEND`` value -> ``"module:Class"`` of the backend (imported on use).
 BACKENDS: dict[str, str] = {
-    "sync": "eventbus.backends.sync:SyncBackend",
-    "redis": "eventbus.backends.redis:RedisBackend",
-    "kafka": "eventbus.backends.kafka:KafkaBackend",
+    "sync": "eventbus.backends.embedded:SyncBackend",
+    "redis": "eventbus.redis.backend:RedisBackend",
+    "kafka": "eventbus.kafka.backend:KafkaBackend",
 }
 
 

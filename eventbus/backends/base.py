@@ -12,17 +12,17 @@ import dramatiq
 from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 
-from ..context import new_message_id
-from ..middleware import keys
+import eventbus.keys as keys
+from eventbus.context import new_message_id
 
 if TYPE_CHECKING:
     from dramatiq import Actor, Message
 
-    from ..config import EventBusSettings
-    from ..dlq import DeadLetterStore, FailedEvent
-    from ..events import BaseEvent
-    from ..health import HealthResult
-    from ..routing import Subscriptions
+    from eventbus.config import EventBusSettings
+    from eventbus.dlq.store import DeadLetterStore, FailedEvent
+    from eventbus.events import BaseEvent
+    from eventbus.health import HealthResult
+    from eventbus.routing import Subscriptions
 
 #: ``stop(timeout)``: ends what :meth:`Backend.boot_worker_process` started, within
 #: ``timeout`` seconds.
@@ -155,7 +155,7 @@ class Backend(abc.ABC):
         in-process worker).  A failing result means "restart this process"; a
         server that is down is :meth:`health`'s business, not this.
         """
-        from ..health import HealthResult, HealthStatus
+        from eventbus.health import HealthResult, HealthStatus
 
         return [HealthResult(self.name, HealthStatus.HEALTHY, "no local task to check")]
 

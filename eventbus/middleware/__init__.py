@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .dead_letters import DeadLetters
-from .metrics import Metrics
-from .retries import Retries, RetryPolicy
-from .tracing import Tracing
+from eventbus.middleware.dead_letters import DeadLetters
+from eventbus.middleware.metrics import Metrics
+from eventbus.middleware.retries import Retries, RetryPolicy
+from eventbus.middleware.tracing import Tracing
 
 __all__ = ["DeadLetters", "Metrics", "Retries", "RetryPolicy", "Tracing"]

@@ -10,12 +10,18 @@ from typing import TYPE_CHECKING, Any
 from dramatiq import Middleware
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from ..dlq import DeadLetterStore, FailedEvent
-from ..events import EVENT_KEY, decode_event
-from ..exceptions import EventDecodeError, HandlerTimeout
-from ..metrics import MetricsCollector
-from . import keys
-from .retries import Outcome, attempt_log, error_text, failed_attempts, set_outcome
+import eventbus.keys as keys
+from eventbus.dlq.store import DeadLetterStore, FailedEvent
+from eventbus.events import EVENT_KEY, decode_event
+from eventbus.exceptions import EventDecodeError, HandlerTimeout
+from eventbus.metrics import MetricsCollector
+from eventbus.middleware.retries import (
+    Outcome,
+    attempt_log,
+    error_text,
+    failed_attempts,
+    set_outcome,
+)
 
 if TYPE_CHECKING:
     from dramatiq import Broker, Message
@@ -28,7 +34,7 @@ _MAX_EPOCH_MS = 253_402_300_799_000
 
 
 class DeadLetters(Middleware):
-    """Records a :class:`~eventbus.dlq.FailedEvent` for each message marked failed.
+    """Records a :class:`~eventbus.dlq.store.FailedEvent` for each message marked failed.
 
     It must come *before* :class:`~eventbus.middleware.retries.Retries` in the
     middleware list: dramatiq runs ``after_*`` hooks in reverse order, and the

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 
-from ..metrics import LabelsHandlers, MetricsCollector, TracksInProgress
-from . import keys
+import eventbus.keys as keys
+from eventbus.metrics import LabelsHandlers, MetricsCollector, TracksInProgress
 
 if TYPE_CHECKING:
     from dramatiq import Broker

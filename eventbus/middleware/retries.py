@@ -34,7 +34,8 @@ from dramatiq.errors import ActorNotFound, BrokerConnectionError
 from dramatiq.errors import Retry as DramatiqRetry
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from ..config import (
+import eventbus.keys as keys
+from eventbus.config import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_RETRY_BACKOFF_FACTOR,
     DEFAULT_RETRY_DELAY,
@@ -44,15 +45,14 @@ from ..config import (
     MAX_RETRY_DELAY_LIMIT,
     EventBusSettings,
 )
-from ..exceptions import ConfigurationError, EventDecodeError, HandlerTimeout, ShutdownError
-from ..metrics import MetricsCollector
-from . import keys
+from eventbus.exceptions import ConfigurationError, EventDecodeError, HandlerTimeout, ShutdownError
+from eventbus.metrics import MetricsCollector
 
 if TYPE_CHECKING:
     from dramatiq import Broker, Message
     from dramatiq.broker import MessageProxy
 
-    from ..registry import HandlerSpec
+    from eventbus.registry import HandlerSpec
 
 logger = logging.getLogger(__name__)
 

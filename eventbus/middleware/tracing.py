@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from dramatiq import Middleware
 
-from ..context import correlation_id_var
-from ..tracing import (
+import eventbus.keys as keys
+from eventbus.context import correlation_id_var
+from eventbus.tracing import (
     EventSpan,
     EventTracer,
     SpanStatus,
@@ -18,7 +19,6 @@ from ..tracing import (
     reset_current_span,
     set_current_span,
 )
-from . import keys
 
 if TYPE_CHECKING:
     from dramatiq import Broker

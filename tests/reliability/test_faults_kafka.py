@@ -2,7 +2,7 @@
 event counted: workers SIGKILLed every few seconds, the broker stopped for a few
 seconds in the middle of publishing, a worker SIGTERMed during a burst.
 
-Workers are ``python -m eventbus.backends.kafka tests.kafka_handlers``; each
+Workers are ``python -m eventbus.kafka.backend tests.kafka_handlers``; each
 handled event appends ``<pid> <n>`` to a ledger file (:mod:`tests.kafka_handlers`).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from eventbus import EventBus, EventBusSettings, PublishError
-from eventbus.backends.kafka import KafkaBackend
+from eventbus.kafka.backend import KafkaBackend
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import TansuBroker, Worker, committed_offsets, create_topic, owned
 from tests.reliability.support import (

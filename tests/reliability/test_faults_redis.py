@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from eventbus import EventBus, PublishError
-from eventbus.backends.redis_scripts import inflight_key
+from eventbus.redis.scripts import inflight_key
 from tests.reliability.handlers import Tracked
 from tests.reliability.support import (
     PROFILE,

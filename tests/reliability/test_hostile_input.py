@@ -21,6 +21,7 @@ from dramatiq import Message
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+import eventbus.keys as keys
 from eventbus import (
     BaseEvent,
     ConfigurationError,
@@ -32,19 +33,18 @@ from eventbus import (
     PublishError,
     RetryPolicy,
 )
-from eventbus.backends.kafka import KafkaBackend
-from eventbus.backends.kafka_config import (
+from eventbus.events import MAX_DEPTH, decode_event
+from eventbus.kafka.backend import KafkaBackend
+from eventbus.kafka.config import (
     HEADER_CORRELATION_ID,
     HEADER_EVENT_ID,
     HEADER_EVENT_TYPE,
     HEADER_REPLAY_OF,
     HEADER_TRACEPARENT,
 )
-from eventbus.backends.redis import RedisBackend
-from eventbus.backends.redis_messages import MAX_ETA_AHEAD
-from eventbus.backends.redis_scripts import bodies_key, ready_key
-from eventbus.events import MAX_DEPTH, decode_event
-from eventbus.middleware import keys
+from eventbus.redis.backend import RedisBackend
+from eventbus.redis.messages import MAX_ETA_AHEAD
+from eventbus.redis.scripts import bodies_key, ready_key
 from eventbus.registry import MAX_NAME_LENGTH, QUEUE_NAME, TOPIC_NAME, make_spec
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import Worker, committed_offsets, create_topic, read_topic

@@ -1,0 +1,7 @@
+"""``python -m eventbus.kafka MODULE...``: a Kafka worker process."""
+
+from __future__ import annotations
+
+from eventbus.kafka.worker import main
+
+raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""From a Kafka record to what the bridge dispatches: its envelope, its message
+options, or, for a record that can never become an event, its dead letter."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import eventbus.keys as keys
+from eventbus.dlq.store import FailedEvent
+from eventbus.events import (
+    CORRELATION_ID,
+    EVENT_KEY,
+    TYPE_KEY,
+    UnknownEvent,
+    decode_event,
+    too_deep,
+)
+from eventbus.exceptions import EventDecodeError
+from eventbus.kafka.config import (
+    HEADER_CORRELATION_ID,
+    HEADER_REPLAY_OF,
+    HEADER_TRACEPARENT,
+    TRACE_CONTEXT_HEADERS,
+    parse_traceparent,
+)
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+#: Error type of dead letters written for poison records.
+POISON_ERROR_TYPE = "EventDecodeError"
+#: Handler name on dead letters of poison records (no handler ever saw them).
+POISON_HANDLER = "eventbus.kafka-bridge"
+
+
+class Poison(Exception):
+    """A record that can never become an event; the message says why."""
+
+
+def decode_record(record: ConsumerRecord, accept_unknown_types: bool) -> dict[str, Any]:
+    """The event envelope a record holds.
+
+    Raises:
+      Poison: No value, not UTF-8 JSON, nested too deeply, not an envelope,
+        invalid fields, or (unless ``accept_unknown_types``) a type this process
+        does not define.
+    """
+    if record.value is None:
+        raise Poison("record has no value")
+    try:
+        envelope = json.loads(bytes(record.value).decode("utf-8"))
+    except RecursionError:  # deeper than the parser's stack: ~1,000 levels
+        raise Poison("record value is too deeply nested to decode as JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Poison(f"record value is not UTF-8 JSON: {exc}") from None
+    try:
+        event = decode_event(envelope)
+    except EventDecodeError as exc:
+        raise Poison(str(exc)) from None
+    if isinstance(event, UnknownEvent) and not accept_unknown_types:
+        raise Poison(
+            f"unknown event type {event.event_type!r}: no class of that name is "
+            "defined in this process (set EVENTBUS_KAFKA_ACCEPT_UNKNOWN_TYPES=true "
+            "to deliver it as UnknownEvent)"
+        )
+    assert isinstance(envelope, dict)
+    return envelope
+
+
+def record_options(
+    record: ConsumerRecord, envelope: dict[str, Any], headers: dict[str, bytes]
+) -> dict[str, Any]:
+    """The dramatiq message options of a record's handler messages: topic,
+    correlation id, trace context and, on a replay, the dead letter it replays."""
+    cid = headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace")
+    if not cid:
+        cid = str(envelope[EVENT_KEY].get("metadata", {}).get(CORRELATION_ID, ""))
+    options: dict[str, Any] = {keys.TOPIC: record.topic, keys.CORRELATION_ID: cid}
+    context = {
+        name: headers[name].decode("utf-8", "replace")
+        for name in TRACE_CONTEXT_HEADERS
+        if name in headers
+    }
+    if context:
+        options[keys.TRACE_CONTEXT] = context
+        parsed = parse_traceparent(context.get(HEADER_TRACEPARENT, ""))
+        if parsed is not None:
+            options[keys.TRACE_ID], options[keys.PARENT_SPAN_ID] = parsed
+    replay_of = headers.get(HEADER_REPLAY_OF)
+    if replay_of is not None:
+        options[keys.REPLAY_OF] = replay_of.decode("utf-8", "replace")
+    return options
+
+
+def poison_dead_letter(
+    record: ConsumerRecord, headers: dict[str, bytes], reason: str
+) -> FailedEvent:
+    """The dead letter of a poison record, id ``<topic>:<partition>:<offset>``.
+
+    Its envelope is the record's value as JSON, or as text when it is not JSON or
+    nests more than :data:`~eventbus.events.MAX_DEPTH` levels (writing such a
+    value as JSON would fail again, and the write would be retried forever).
+    """
+    value: Any = None
+    if record.value is not None:
+        raw = bytes(record.value)
+        try:
+            value = json.loads(raw)
+        except Exception:  # not JSON, or too deep for the parser (RecursionError)
+            value = raw
+        if value is raw or too_deep(value):
+            value = raw.decode("utf-8", "backslashreplace")
+    event_type = ""
+    if isinstance(value, dict) and isinstance(value.get(TYPE_KEY), str):
+        event_type = value[TYPE_KEY]
+    return FailedEvent(
+        id=f"{record.topic}:{record.partition}:{record.offset}",
+        event=None,
+        envelope=value,
+        topic=record.topic,
+        handler=POISON_HANDLER,
+        queue="",
+        attempts=0,
+        error=reason + (f" (type {event_type})" if event_type else ""),
+        error_type=POISON_ERROR_TYPE,
+        correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
+        partition=record.partition,
+        offset=record.offset,
+    )
