@@ -1,6 +1,6 @@
 """Handlers run by Kafka worker processes in the tests.
 
-``python -m eventbus.kafka.backend tests.kafka_handlers`` with:
+``python -m eventbus.kafka tests.kafka_handlers`` with:
 
 * ``KAFKA_TEST_TOPIC``: the topic to handle;
 * ``KAFKA_TEST_OUT``: a file; each handled event appends ``<pid> <n>`` to it;

@@ -194,7 +194,7 @@ def worker_env(bootstrap: str, group: str) -> dict[str, str]:
 
 
 class Worker:
-    """A Kafka worker process (``python -m eventbus.kafka.backend tests.kafka_handlers``)."""
+    """A Kafka worker process (``python -m eventbus.kafka tests.kafka_handlers``)."""
 
     def __init__(
         self,
@@ -217,7 +217,7 @@ class Worker:
         }
         self.log = out.with_suffix(f".{next(_ids)}.log")
         with open(self.log, "wb") as log:
-            command = [sys.executable, "-m", "eventbus.kafka.backend", "tests.kafka_handlers"]
+            command = [sys.executable, "-m", "eventbus.kafka", "tests.kafka_handlers"]
             if dramatiq_cli:  # the same worker through `dramatiq eventbus.actors`
                 command = [sys.executable, "-m", "dramatiq", "eventbus.actors"]
                 command += ["tests.kafka_handlers", "--processes", "1", "--threads", "1"]

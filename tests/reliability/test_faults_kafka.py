@@ -2,7 +2,7 @@
 event counted: workers SIGKILLed every few seconds, the broker stopped for a few
 seconds in the middle of publishing, a worker SIGTERMed during a burst.
 
-Workers are ``python -m eventbus.kafka.backend tests.kafka_handlers``; each
+Workers are ``python -m eventbus.kafka tests.kafka_handlers``; each
 handled event appends ``<pid> <n>`` to a ledger file (:mod:`tests.kafka_handlers`).
 """
 
