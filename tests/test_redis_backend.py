@@ -388,6 +388,32 @@ async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhe
     assert int(r.get(ok) or 0) == 2
 
 
+async def test_a_heartbeat_that_fails_with_a_bug_stops_the_worker_and_fails_liveness(
+    make_redis_bus: Callable[..., EventBus], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Redis error is retried; anything else is a bug that would fail every beat
+    # while this worker still takes events: other workers would redeliver them.
+    bus = make_redis_bus()
+    await bus.start(consume=True)
+    broker = bus.backend.broker  # type: ignore[attr-defined]
+    [alive] = bus.health.liveness()
+    assert alive.status is HealthStatus.HEALTHY, alive  # otherwise the test proves nothing
+    stopped: list[str] = []
+    broker.on_failure = stopped.append
+
+    def buggy_beat() -> int:
+        raise TypeError("a bug in the heartbeat")
+
+    monkeypatch.setattr(broker, "beat", buggy_beat)
+    await wait_for(
+        lambda: bool(stopped), broker.heartbeat_interval * 10, "the worker to be stopped"
+    )
+    [dead] = bus.health.liveness()
+    assert dead.status is HealthStatus.UNHEALTHY
+    assert "heartbeat" in dead.detail and "TypeError: a bug in the heartbeat" in dead.detail
+    assert stopped == [broker.failed]
+
+
 async def test_backlog_gauge_counts_waiting_events_per_queue(
     redis_url: str, namespace: str
 ) -> None:

@@ -297,15 +297,24 @@ class ReliableRedisBroker(CachedHooksBroker):
         if self.failed is None:
             dead = sorted(t.name for t in list(self._threads) if not t.is_alive())
             if dead:
-                self.failed = f"worker thread(s) died: {', '.join(dead)}"
-                logger.critical(
-                    "%s; this worker stops taking events and its in-flight events go to "
-                    "other workers within the redelivery timeout.",
-                    self.failed,
-                )
-                if self.on_failure is not None:
-                    self.on_failure(self.failed)
+                self.fail(f"worker thread(s) died: {', '.join(dead)}")
         return self.failed
+
+    def fail(self, reason: str) -> None:
+        """Stop this worker taking events, for ``reason`` (a dead worker thread, a
+        heartbeat that cannot run): it stops beating, live workers recover what it
+        held, liveness reports it, and :attr:`on_failure` is called once."""
+        with self._lock:
+            if self.failed is not None:
+                return
+            self.failed = reason
+        logger.critical(
+            "%s; this worker stops taking events and its in-flight events go to "
+            "other workers within the redelivery timeout.",
+            reason,
+        )
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
     def beat(self) -> int:
         """Send one heartbeat and run one recovery pass; returns messages put back."""
@@ -388,11 +397,23 @@ class _Heartbeat(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
+        """Beat until stopped.  A Redis error is retried at the next beat (the worker
+        is declared dead only after ``heartbeat_timeout`` of them).  Anything else
+        is a bug that would fail every beat while this worker goes on taking events
+        that other workers then redeliver: it fails the worker instead (see
+        :meth:`ReliableRedisBroker.fail`), with the traceback in the log."""
+        try:
+            self._beat_until_stopped()
+        except BaseException as exc:
+            logger.critical("The heartbeat thread failed.", exc_info=exc)
+            self.broker.fail(f"heartbeat failed: {type(exc).__name__}: {exc}")
+
+    def _beat_until_stopped(self) -> None:
         failing = False
         while not self._stopped.wait(self.broker.heartbeat_interval):
             try:
                 self.broker.beat()
-            except Exception as exc:
+            except redis.RedisError as exc:
                 if not failing:
                     logger.warning("Heartbeat to Redis failed (will retry): %s", exc)
                 failing = True
