@@ -188,3 +188,55 @@ async def test_a_dead_letter_that_cannot_be_written_shows_in_health(
     assert health.status is HealthStatus.DEGRADED, health.detail
     assert "dead letter" in health.detail and f"{topic}.dlq" in health.detail
     assert "not written" in health.detail
+
+
+# -- the caller's cancellation ----------------------------------------------------------
+
+
+async def test_closing_the_bridge_never_swallows_the_callers_cancellation() -> None:
+    # No broker needed: with nothing subscribed the bridge only waits for topics.
+    from eventbus.backends.embedded import EmbeddedBroker
+    from eventbus.kafka.bridge import BridgeMiddleware, KafkaBridge
+    from eventbus.kafka.config import KafkaConfig
+
+    middleware = BridgeMiddleware()
+    bridge = KafkaBridge(
+        KafkaConfig("127.0.0.1:9"),  # never contacted: no topic, no consumer
+        "group",
+        EmbeddedBroker(middleware=[middleware]),
+        middleware,
+        route=lambda topic: [],
+        topics=lambda: [],
+        dead_letters=None,  # type: ignore[arg-type]  # no record, no dead letter
+    )
+    bridge.start()
+    closer = asyncio.create_task(bridge.close())
+    await asyncio.sleep(0)  # close() now waits for the consumer task to end
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
+    assert closer.cancelled()
+
+
+async def test_pausing_the_bridge_never_swallows_the_callers_cancellation(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+
+    async def handler(event: Numbered) -> None:
+        pass
+
+    bus = make_kafka_bus()
+    await bus.registry.register(topic, handler)
+    await bus.start()
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
+    bridge = backend.bridge
+    await wait_for(lambda: bool(bridge.assignment), 20, "the partition")  # fetching now
+    pauser = asyncio.create_task(bridge.pause())
+    await asyncio.sleep(0)  # pause() now waits for the fetch loop to stop
+    pauser.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pauser
+    assert pauser.cancelled()

@@ -275,8 +275,12 @@ class KafkaBridge:
         if task is not None and not task.done():
             self._progress.set()
             self._room.set()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await asyncio.wait_for(asyncio.shield(self._consuming.wait()), CLOSE_TIMEOUT)
+            except TimeoutError:
+                logger.warning(
+                    "The Kafka bridge's fetch loop did not stop within %gs.", CLOSE_TIMEOUT
+                )
 
     async def close(self) -> None:
         """Commit what finished, leave the group and end the consumer task."""
@@ -287,8 +291,7 @@ class KafkaBridge:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _ended(task)
         await self._close_consumer()
         self.middleware.bridge = None
 
@@ -399,8 +402,7 @@ class KafkaBridge:
             waiter.cancel()
             if not getter.done():
                 getter.cancel()  # nothing drained yet: records stay in aiokafka's buffer
-            with contextlib.suppress(asyncio.CancelledError):
-                await getter
+            await _ended(getter)
         return getter.result() if not getter.cancelled() else {}
 
     async def _commit_due(self, consumer: AIOKafkaConsumer) -> None:
@@ -660,3 +662,17 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.bridge.assigned(set(assigned))
+
+
+async def _ended(task: asyncio.Future[Any]) -> None:
+    """Wait for ``task``, which we cancelled, to end; whatever it ends with is its own
+    business (a consumer task's last error is logged where it happened), but a
+    cancellation of the *calling* task is re-raised, never swallowed."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        logger.debug("A cancelled Kafka bridge task ended with an error.", exc_info=True)
