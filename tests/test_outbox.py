@@ -358,3 +358,23 @@ async def test_relay_reconnects_after_losing_its_database_connections(
     await wait_for(lambda: len(first) == 1, "the event after the reconnection")
     await wait_for(lambda: relay.listening and len(relay.shards) == SHARDS, "the relay back")
     assert relay.errors >= 1 and relay.running
+
+
+async def test_closing_the_listener_never_swallows_the_callers_cancellation(pg_url: str) -> None:
+    from eventbus.outbox.listen import Listener
+
+    # psycopg: its listener is a task of ours that close() cancels and waits for.
+    engine = create_async_engine(pg_url.replace("+asyncpg", "+psycopg"))
+    try:
+        listener = Listener(engine, "eventbus_test_cancel", wake=lambda: None)
+        assert await listener.start()
+        closer = asyncio.create_task(listener.close())
+        await asyncio.sleep(0)  # close() now waits for the listening task to end
+        closer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closer
+        assert closer.cancelled()
+        assert not listener.listening
+        assert engine.pool.checkedout() == 0  # its connection is closed all the same
+    finally:
+        await engine.dispose()

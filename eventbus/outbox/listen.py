@@ -106,13 +106,28 @@ class Listener:
         """Stop listening and close the connection."""
         self.listening = False
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            with contextlib.suppress(Exception):
-                await conn.close()
+        try:
+            if task is not None:
+                task.cancel()
+                await _ended(task)
+        finally:  # the caller's cancellation too: the connection carries LISTEN state
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for ``task``, which we cancelled, to end.  Its own cancellation is the
+    expected outcome; a cancellation of the *calling* task is re-raised, and so is
+    anything that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``)."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception as exc:  # _psycopg logs its own errors; this is only a trace
+        logger.debug("The outbox relay's LISTEN task ended with %r", exc)
