@@ -73,3 +73,26 @@ def test_hooks_bench_smoke_prints_its_row() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "| 6 signals (enqueue, ack, nack) |" in done.stdout
+
+
+# -- the dead-letter stores carry their audit trail ----------------------------------------
+
+
+def test_the_kafka_store_carries_its_audit_trail_on_the_documented_topic() -> None:
+    """Upgrading keeps the console's audit trail: the same topic as before (and as
+    docs/console.md says), reached through the store, with no Kafka knowledge in
+    the dead-letter core."""
+    from eventbus.dlq.audit import audit_log_for
+    from eventbus.kafka.audit import KafkaAuditLog
+    from eventbus.kafka.config import KafkaConfig
+    from eventbus.kafka.dlq import KafkaDeadLetterStore
+
+    config = KafkaConfig("127.0.0.1:9")  # nothing connects: only built
+    store = KafkaDeadLetterStore(config)
+    audit = audit_log_for(store)
+
+    assert isinstance(audit, KafkaAuditLog) and audit is store.audit
+    assert audit.topic == "eventbus.dlq-audit"
+    assert "the topic `eventbus.dlq-audit`" in (ROOT / "docs" / "console.md").read_text()
+    other = KafkaAuditLog(config, topic="ops.audit")
+    assert audit_log_for(KafkaDeadLetterStore(config, audit=other)) is other

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 
 from eventbus import EventBus
 from eventbus.console.routes import dlq_console
-from eventbus.dlq.audit import KafkaAuditLog, audit_log_for
+from eventbus.dlq.audit import audit_log_for
+from eventbus.kafka.audit import KafkaAuditLog
 from eventbus.kafka.config import KafkaConfig
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import create_topic, wait_for

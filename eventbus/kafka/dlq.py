@@ -52,8 +52,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eventbus.config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
-from eventbus.dlq.store import DEFAULT_PEEK_LIMIT, FailedEvent, newest
+from eventbus.dlq.store import DEFAULT_PEEK_LIMIT, AuditLog, FailedEvent, newest
 from eventbus.exceptions import BackendError, ConfigurationError, ShutdownError
+from eventbus.kafka.audit import KafkaAuditLog
 from eventbus.kafka.config import KafkaConfig
 from eventbus.kafka.dlq_fold import HEADER_OP as HEADER_OP  # re-exported: tools read it
 from eventbus.kafka.dlq_fold import DeadLetterFold
@@ -146,6 +147,10 @@ class KafkaDeadLetterStore:
         or ``max.message.bytes``), the store halves its limit for that topic, down
         to :data:`~eventbus.kafka.dlq_record.MIN_RECORD_BYTES`, and
         writes the record again, cut further.
+      audit: The console's audit trail of actions on these dead letters (the
+        :class:`~eventbus.dlq.store.AuditedStore` protocol); default: a
+        :class:`~eventbus.kafka.audit.KafkaAuditLog` on
+        :data:`~eventbus.kafka.audit.DEFAULT_AUDIT_TOPIC`.
     """
 
     #: Calls do network I/O: async wrappers run them in a thread.
@@ -162,6 +167,7 @@ class KafkaDeadLetterStore:
         skip_shutdown_errors: bool = False,
         idempotence: bool = DEFAULT_KAFKA_IDEMPOTENCE,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        audit: AuditLog | None = None,
     ) -> None:
         if max_record_bytes < MIN_RECORD_BYTES:
             raise ConfigurationError(
@@ -176,6 +182,8 @@ class KafkaDeadLetterStore:
         self.idempotence = idempotence
         self.topics = topics
         self.max_record_bytes = max_record_bytes
+        #: The audit trail of the console's actions on these dead letters.
+        self.audit: AuditLog = audit if audit is not None else KafkaAuditLog(config)
         self._limits: dict[str, int] = {}  # DLQ topic -> limit learned from the broker
         self._producer: AIOKafkaProducer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
