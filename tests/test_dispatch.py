@@ -30,6 +30,15 @@ class Ping(BaseEvent):
     n: int = 0
 
 
+async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``condition`` on the event loop until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
 async def test_failing_handler_retries_alone_while_sibling_ran_once(
     make_bus: MakeBus, topic: str
 ) -> None:
@@ -349,13 +358,16 @@ async def test_drain_times_out_with_a_count(make_bus: MakeBus, topic: str) -> No
 
 async def test_stop_finishes_in_flight_work_and_leaves_no_thread(topic: str) -> None:
     before = set(threading.enumerate())
+    started: list[str] = []
     done: list[str] = []
 
     async def slow_async(event: BaseEvent) -> None:
+        started.append("async")
         await asyncio.sleep(0.1)
         done.append("async")
 
     def slow_sync(event: BaseEvent) -> None:
+        started.append("sync")
         time.sleep(0.1)
         done.append("sync")
 
@@ -364,7 +376,8 @@ async def test_stop_finishes_in_flight_work_and_leaves_no_thread(topic: str) -> 
     await bus.registry.register(topic, slow_sync)
     await bus.start()
     await bus.publish(Ping(topic=topic))
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(started) == 2, "both handlers to be in flight")
+    assert done == []  # otherwise stop() has no in-flight work to finish
     await bus.stop()
 
     assert sorted(done) == ["async", "sync"]
@@ -372,12 +385,17 @@ async def test_stop_finishes_in_flight_work_and_leaves_no_thread(topic: str) -> 
 
 
 async def test_stop_is_bounded_and_dead_letters_what_it_cancels(topic: str) -> None:
+    started: list[str] = []
+
     async def forever(event: BaseEvent) -> None:
+        started.append("forever")
         await asyncio.sleep(60)
 
+    metrics = InMemoryMetricsCollector()
     bus = EventBus(
         settings=EventBusSettings(shutdown_timeout=0.2),
         retry_policy=RetryPolicy(max_retries=3, delay=30),
+        metrics=metrics,
     )
 
     async def fails(event: BaseEvent) -> None:
@@ -387,11 +405,14 @@ async def test_stop_is_bounded_and_dead_letters_what_it_cancels(topic: str) -> N
     await bus.registry.register(topic, fails)
     await bus.start()
     await bus.publish(Ping(topic=topic))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
+    await wait_for(
+        lambda: started == ["forever"] and metrics.retries[topic] == 1,
+        "one handler running and the other's retry scheduled",
+    )
+    stopping = time.monotonic()
     await bus.stop()
 
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - stopping < 1.5
     reasons = sorted(f.error_type for f in bus.dlq.peek(10))
     assert reasons == ["ShutdownError", "ShutdownError"]  # the cancelled one and the pending retry
 

@@ -35,6 +35,15 @@ def handler_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("eventbus-handler")}
 
 
+async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``condition`` on the event loop until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
 async def test_time_limit_counts_from_the_handler_start_not_the_wait_for_a_thread(
     make_bus: MakeBus, topic: str
 ) -> None:
@@ -77,15 +86,18 @@ async def test_sync_attempts_given_up_at_stop_never_run_afterwards(
     await bus.publish(Ping(topic=topic))
     assert await asyncio.to_thread(started.wait, 2)
     await bus.publish(Ping(topic=topic + ".queued"))  # waits for the only thread
-    await asyncio.sleep(0.2)  # past the queued handler's time limit: it has not started
+    # The scenario: the queued handler waits past its 0.1 s time limit (which counts
+    # from its start, so it is not dead-lettered as timed out meanwhile).
+    await asyncio.sleep(0.2)
     await bus.stop()
     release.set()  # the pool's thread would be free for the queued job now
-    await asyncio.sleep(0.2)
+    # Once every handler thread has ended, nothing is left that could run the queued
+    # job or the rest of the blocker: what they did by then is all they ever do.
+    await wait_for(lambda: handler_threads() - before == set(), "the handler threads to end")
 
     assert effects == []
     reasons = sorted((f.handler.rsplit(".", 1)[-1], f.error_type) for f in bus.dlq.peek(10))
     assert reasons == [("blocker", "ShutdownError"), ("queued", "ShutdownError")]
-    assert handler_threads() - before == set()  # the interrupted thread is gone too
 
 
 async def test_sync_handler_cannot_swallow_its_time_limit(
@@ -162,12 +174,16 @@ async def test_async_time_limit_fails_the_attempt(make_bus: MakeBus, topic: str)
 
 async def test_timed_out_sync_attempt_is_retried_per_policy(make_bus: MakeBus, topic: str) -> None:
     attempts: list[float] = []
+    left: list[float] = []
     finished = threading.Event()
 
     def busy(event: Ping) -> None:
         attempts.append(time.monotonic())
-        spin(5)
-        finished.set()
+        try:
+            spin(5)
+            finished.set()
+        finally:
+            left.append(time.monotonic())  # when the attempt's code stopped running
 
     bus = make_bus()
     await bus.registry.register(topic, busy, time_limit=0.1, max_retries=1)
@@ -180,5 +196,8 @@ async def test_timed_out_sync_attempt_is_retried_per_policy(make_bus: MakeBus, t
     assert len(attempts) == 2  # the first attempt, then one retry
     [failed] = bus.dlq.peek()
     assert (failed.error_type, failed.attempts) == ("HandlerTimeout", 2)
-    await asyncio.sleep(0.1)
-    assert not finished.is_set()  # each busy loop was interrupted, not left running
+    # Each busy loop was interrupted, not left running: both attempts left the
+    # handler long before their 5 s loops could end, without finishing them.
+    await wait_for(lambda: len(left) == 2, "both attempts to leave the handler")
+    assert not finished.is_set()
+    assert all(end - start < 2 for start, end in zip(attempts, left, strict=True))
