@@ -40,7 +40,8 @@ class UnroutedError(PublishError):
 
 
 class SubscribeError(EventBusError):
-    """A topic could not be subscribed."""
+    """Deprecated, never raised: kept so that code written for fastapi-eventbus
+    0.1.1 that catches it still imports."""
 
 
 class BackendError(EventBusError):
@@ -57,7 +58,9 @@ class BackendError(EventBusError):
 
 
 class HandlerError(EventBusError):
-    """A handler failed; ``original`` is the exception it raised."""
+    """Deprecated, never raised: kept so that code written for fastapi-eventbus
+    0.1.1 that catches it still imports.  A failed handler is retried, then
+    dead-lettered with its own exception (see ``FailedEvent.error_type``)."""
 
     def __init__(self, message: str, original: BaseException | None = None) -> None:
         super().__init__(message)
@@ -65,7 +68,9 @@ class HandlerError(EventBusError):
 
 
 class RetryExhaustedError(EventBusError):
-    """A handler failed on every attempt its retry policy allowed."""
+    """Deprecated, never raised: kept so that code written for fastapi-eventbus
+    0.1.1 that catches it still imports.  A handler that failed on every attempt
+    its retry policy allowed is dead-lettered (``bus.dlq``)."""
 
     def __init__(self, message: str, attempts: int = 0) -> None:
         super().__init__(message)

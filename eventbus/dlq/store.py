@@ -532,9 +532,9 @@ _MIXED_SELECTION = (
 class DeadLetterQueue:
     """``bus.dlq``: inspect, replay and purge dead letters.
 
-    Every method has an async twin prefixed ``a`` (``await bus.dlq.areplay(ids)``)
-    for use inside endpoints; for network-backed stores it runs in a thread so the
-    event loop never blocks.
+    ``peek``, ``size``, ``get``, ``replay`` and ``purge`` have an async twin
+    prefixed ``a`` (``await bus.dlq.areplay(ids)``) for use inside endpoints; for
+    network-backed stores it runs in a thread so the event loop never blocks.
 
     Parameters:
       store: Where the records are.
@@ -752,7 +752,3 @@ class DeadLetterQueue:
     async def apurge(self, ids: Iterable[str] | None = None, **filters: Any) -> int:
         """Async :meth:`purge`."""
         return await self._call(self.purge, ids, **filters)
-
-    async def areplay_edited(self, record_id: str, envelope: dict[str, Any]) -> ReplayResult:
-        """Async :meth:`replay_edited`."""
-        return await self._call(self.replay_edited, record_id, envelope)

@@ -86,22 +86,6 @@ MAX_MESSAGE_DEPTH = MAX_DEPTH + 3
 #: Actor name given to the dead letter of bytes that are not a dramatiq message.
 UNDECODABLE_ACTOR = "<undecodable>"
 
-#: Hand an entry over again later: move it from the in-flight list to the delayed
-#: set, due in ARGV[2] ms (Redis clock), with a wake-up token on the ready list when
-#: it is now the earliest delayed entry (as :data:`~.redis_scripts.SCHEDULE` does).
-#: An entry no longer in the list (recovered by another worker) is left alone.
-#: KEYS: in-flight list, delayed zset, ready list.  ARGV: entry id, delay ms.
-#: Returns 1 if it moved.
-DEFER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-local first = redis.call('ZRANGE', KEYS[2], 0, 0)
-if first[1] == ARGV[1] then redis.call('RPUSH', KEYS[3], '') end
-return 1
-"""
-
 
 def service_of(queue: str) -> str:
     """The service of a ``<service>.<queue>`` queue name."""
@@ -168,7 +152,7 @@ class ReliableRedisBroker(CachedHooksBroker):
         self._release = client.register_script(lua.RELEASE)
         self._reclaim = client.register_script(lua.RECLAIM)
         self._park = client.register_script(lua.PARK)
-        self._defer = client.register_script(DEFER)
+        self._defer = client.register_script(lua.DEFER)
         self._heartbeat: _Heartbeat | None = None
         self._beaten = False
         self._beats = 0
@@ -522,7 +506,7 @@ class _RedisConsumer(Consumer):
         """Hand ``message`` over again later instead of acking it: neither its retry
         nor its dead letter is written.  Raises ConnectionClosed while Redis is
         unreachable (dramatiq's worker calls again until it answers)."""
-        entry = getattr(message, "entry", None)
+        entry = message.entry if isinstance(message, _RedisMessage) else None
         if entry is not None:
             try:
                 moved = self.broker._defer(
@@ -542,7 +526,7 @@ class _RedisConsumer(Consumer):
         self._done([entry] if entry is not None else [])
 
     def _remove(self, message: MessageProxy) -> None:
-        entry = getattr(message, "entry", None)
+        entry = message.entry if isinstance(message, _RedisMessage) else None
         if entry is not None:
             try:
                 self._delete_entry(entry, message.actor_name)
@@ -566,7 +550,7 @@ class _RedisConsumer(Consumer):
             self.acked.notify()
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        entries = [e for m in messages if (e := getattr(m, "entry", None)) is not None]
+        entries = [m.entry for m in messages if isinstance(m, _RedisMessage)]
         self._put_back(entries)
         self._done(entries)
 

@@ -574,6 +574,23 @@ return eta
 """
 )
 
+#: Hand an entry over again later: move it from the in-flight list to the delayed
+#: set, due in ARGV[2] ms (Redis clock), with a wake-up token on the ready list when
+#: it is now the earliest delayed entry (as :data:`SCHEDULE` does).  An entry no
+#: longer in the list (recovered by another worker) is left alone.
+#: KEYS: in-flight list, delayed zset, ready list.  ARGV: entry id, delay ms.
+#: Returns 1 if it moved.
+DEFER = (
+    _NOW
+    + """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+local first = redis.call('ZRANGE', KEYS[2], 0, 0)
+if first[1] == ARGV[1] then redis.call('RPUSH', KEYS[3], '') end
+return 1
+"""
+)
+
 _REQUEUE_WORKER = """
 local function requeue_worker(ns, w)
   local moved = 0
@@ -712,11 +729,6 @@ end
 return out
 """
 )
-
-
-def queue_tag(namespace: str, queue: str) -> str:
-    """The prefix of every key of ``queue`` (its hash tag)."""
-    return f"{namespace}:{{{queue}}}"
 
 
 def ready_key(namespace: str, queue: str) -> str:
