@@ -35,9 +35,15 @@ on the calling thread, as dramatiq's consumer and worker threads call it).
 Each client runs in a fresh subprocess (``--child``): ``resp``, redis-py with hiredis
 (skipped, with a note, when hiredis is not installed) and redis-py with its
 pure-Python parser (hiredis hidden from the import system).  ``--repeat`` rounds, the
-order rotated each round; the table shows the median.  Rates vary run to run on a
-shared 2-core machine: compare columns of the same run.  ``--smoke`` runs a tiny N
+order rotated each round; the tables show the median of ops/s and of the client
+process's CPU microseconds per operation (``time.process_time``).  Rates vary run to run
+on a shared 2-core machine (the round trip waits for whatever else runs); CPU per
+operation drifts far less: compare columns of the same run.  ``--smoke`` runs a tiny N
 once, in seconds, for the test suite.
+
+A redis-py backend would bound each call, so the swapped client has
+``socket_timeout`` = the publish timeout; Redis server time is the same for every
+client (the same commands), so it is not in the CPU column.
 """
 
 from __future__ import annotations
