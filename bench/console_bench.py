@@ -38,7 +38,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from bench.redis_bench import redis_server  # noqa: E402
 from eventbus import EventBus, EventBusSettings, FailedEvent  # noqa: E402
 from eventbus.console.routes import dlq_console  # noqa: E402
-from eventbus.dlq.store import DeadLetterQueue  # noqa: E402
+from eventbus.dlq.queue import DeadLetterQueue  # noqa: E402
 from eventbus.redis.backend import RedisBackend  # noqa: E402
 from eventbus.redis.dlq import RedisDeadLetterStore  # noqa: E402
 

@@ -24,7 +24,7 @@ from eventbus.asgi import EventBusMiddleware
 from eventbus.bus import EventBus
 from eventbus.config import EventBusSettings
 from eventbus.context import CorrelationIdFilter, get_correlation_id, get_current_event
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.events import BaseEvent
 from eventbus.exceptions import (
     ConfigurationError,

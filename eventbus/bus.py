@@ -23,7 +23,8 @@ from eventbus.context import (
     get_current_event,
     new_correlation_id,
 )
-from eventbus.dlq.store import DeadLetterQueue, DeadLetterStore, MemoryDeadLetterStore
+from eventbus.dlq.queue import DeadLetterQueue
+from eventbus.dlq.store import DeadLetterStore, MemoryDeadLetterStore
 from eventbus.events import CAUSATION_ID, CORRELATION_ID, BaseEvent, encode_envelope
 from eventbus.exceptions import (
     ConfigurationError,

@@ -50,7 +50,7 @@ from eventbus.redact import is_secret_name, redact, redact_url, url_secrets
 
 if TYPE_CHECKING:
     from eventbus.bus import EventBus
-    from eventbus.dlq.store import FailedEvent
+    from eventbus.dlq.records import FailedEvent
 
 #: Widest error text shown in a table cell.
 MAX_ERROR_WIDTH = 60

@@ -16,7 +16,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 
 from eventbus.bus import EventBus
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.exceptions import ConfigurationError
 from eventbus.health import HealthResult, HealthStatus, overall
 

@@ -28,8 +28,9 @@ from eventbus import (
     create_lifespan,
 )
 from eventbus.console.routes import dlq_console
+from eventbus.dlq.audit_log import AuditEntry
 from eventbus.dlq.search import DeadLetterQuery, ScanSearch, SearchableStore, micros
-from eventbus.dlq.store import AuditEntry, DeadLetterStore, MemoryDeadLetterStore
+from eventbus.dlq.store import DeadLetterStore, MemoryDeadLetterStore
 from eventbus.redis.dlq import RedisDeadLetterStore
 
 pytest_plugins = ["tests.redis_support"]

@@ -37,7 +37,7 @@ from eventbus import (
 from eventbus.config import DEFAULT_DLQ_MAX_BYTES
 from eventbus.console.routes import dlq_console
 from eventbus.console.views import MAX_ERROR_SHOWN
-from eventbus.dlq.store import MemoryAuditLog
+from eventbus.dlq.audit_log import MemoryAuditLog
 from eventbus.events import encode_event
 from eventbus.fastapi import CSRF_HEADER, dlq_router
 from eventbus.redis.backend import RedisBackend

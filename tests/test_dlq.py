@@ -28,7 +28,9 @@ from eventbus import (
 from eventbus.cli import main as cli_main
 from eventbus.cli import run as cli_run
 from eventbus.dlq.cut import cut_text, fit_record
-from eventbus.dlq.store import MemoryDeadLetterStore, payload_dropped
+from eventbus.dlq.queue import DeadLetterQueue
+from eventbus.dlq.records import payload_dropped
+from eventbus.dlq.store import MemoryDeadLetterStore
 
 MakeBus = Callable[..., EventBus]
 
@@ -242,6 +244,7 @@ def test_memory_store_is_bounded_and_counts_evictions() -> None:
         )
     assert [r.id for r in store.find(None)] == ["3", "4"]
     assert store.evicted == 3
+    assert DeadLetterQueue(store).evicted == 3  # what bus.dlq.evicted shows
 
 
 def test_failed_event_round_trips_through_json() -> None:

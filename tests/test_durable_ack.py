@@ -16,7 +16,7 @@ import pytest
 
 from eventbus import BaseEvent, EventBus, EventBusSettings, RetryPolicy
 from eventbus.config import MAX_RETRIES_LIMIT
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.exceptions import ConfigurationError
 from eventbus.kafka.backend import KafkaBackend
 from tests.durable_handlers import Broken, Flaky, FlakyError

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from eventbus import EventBus, FailedEvent
-from eventbus.dlq.store import DeadLetterQueue
+from eventbus.dlq.queue import DeadLetterQueue
 from eventbus.kafka.config import KafkaConfig
 from eventbus.kafka.dlq import HEADER_OP, KafkaDeadLetterStore
 from tests.kafka_events import Numbered

@@ -29,12 +29,10 @@ from fastapi import FastAPI
 from eventbus import BaseEvent, EventBus, FailedEvent
 from eventbus.cli import run
 from eventbus.console.routes import dlq_console
-from eventbus.dlq.store import (
-    DeadLetterQueue,
-    MemoryAuditLog,
-    MemoryDeadLetterStore,
-    payload_dropped,
-)
+from eventbus.dlq.audit_log import MemoryAuditLog
+from eventbus.dlq.queue import DeadLetterQueue
+from eventbus.dlq.records import payload_dropped
+from eventbus.dlq.store import MemoryDeadLetterStore
 from eventbus.exceptions import ConfigurationError
 from eventbus.kafka.config import KafkaConfig
 from eventbus.kafka.dlq import (

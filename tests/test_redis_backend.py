@@ -14,7 +14,7 @@ import redis
 from dramatiq import Message
 
 from eventbus import EventBus, HealthStatus, PublishError
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.metrics import InMemoryMetricsCollector
 from eventbus.redis.backend import RedisBackend
 from eventbus.redis.dlq import RedisDeadLetterStore

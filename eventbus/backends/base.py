@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from dramatiq import Actor, Message
 
     from eventbus.config import EventBusSettings
-    from eventbus.dlq.store import DeadLetterStore, FailedEvent
+    from eventbus.dlq.records import FailedEvent
+    from eventbus.dlq.store import DeadLetterStore
     from eventbus.events import BaseEvent
     from eventbus.health import HealthResult
     from eventbus.routing import Subscriptions

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from eventbus.config import EventBusSettings
-    from eventbus.dlq.store import FailedEvent
+    from eventbus.dlq.records import FailedEvent
 
 logger = logging.getLogger(__name__)
 

@@ -35,19 +35,10 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from eventbus.dlq.audit_log import DONE, FAILED, MAX_AUDIT_IDS, STARTED, AuditEntry, AuditLog
+from eventbus.dlq.queue import DeadLetterQueue, ReplayResult
+from eventbus.dlq.records import FailedEvent, refuse_constants
 from eventbus.dlq.search import DeadLetterQuery, FailureGroup, SearchableStore, searchable
-from eventbus.dlq.store import (
-    DONE,
-    FAILED,
-    MAX_AUDIT_IDS,
-    STARTED,
-    AuditEntry,
-    AuditLog,
-    DeadLetterQueue,
-    FailedEvent,
-    ReplayResult,
-    refuse_constants,
-)
 from eventbus.events import (
     EVENT_KEY,
     MAX_DEPTH,

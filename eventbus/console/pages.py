@@ -39,6 +39,8 @@ from eventbus.console.views import (
     time_field,
 )
 from eventbus.dlq.audit import audit_log_for
+from eventbus.dlq.audit_log import AuditLog
+from eventbus.dlq.records import FailedEvent, json_text, payload_dropped
 from eventbus.dlq.search import (
     MAX_MICROS,
     MIN_MICROS,
@@ -48,7 +50,6 @@ from eventbus.dlq.search import (
     micros,
     parse_cursor,
 )
-from eventbus.dlq.store import AuditLog, FailedEvent, json_text, payload_dropped
 
 #: The parts of a record ``/record/text`` serves in full.
 TEXT_PARTS = ("error", "traceback", "envelope")

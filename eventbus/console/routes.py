@@ -49,8 +49,8 @@ from eventbus.console.pages import (
 )
 from eventbus.console.views import DEFAULT_MAX_FORM_BYTES, SECURITY_HEADERS, first, link_template
 from eventbus.dlq.audit import audit_rows
+from eventbus.dlq.audit_log import AuditLog
 from eventbus.dlq.search import DeadLetterQuery
-from eventbus.dlq.store import AuditLog
 from eventbus.exceptions import ConfigurationError
 from eventbus.fastapi import get_event_bus
 

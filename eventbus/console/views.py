@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, quote, urlencode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from eventbus.dlq.store import json_text
+from eventbus.dlq.records import json_text
 from eventbus.exceptions import ConfigurationError
 from eventbus.extras import requires_extra
 

@@ -1,7 +1,7 @@
 """Where the console keeps its audit trail: with the dead letters, in every store.
 
 - Each store of the project keeps it (``store.audit``, the
-  :class:`~eventbus.dlq.store.AuditedStore` protocol): in memory and Redis a
+  :class:`~eventbus.dlq.audit_log.AuditedStore` protocol): in memory and Redis a
   bounded list next to the records; on Kafka a topic of its own next to the DLQ
   topics (:mod:`eventbus.kafka.audit`).
 - Any other store: in this process's memory, with a warning.
@@ -18,14 +18,8 @@ import logging
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from eventbus.dlq.store import (
-    STARTED,
-    AuditedStore,
-    AuditEntry,
-    AuditLog,
-    DeadLetterStore,
-    MemoryAuditLog,
-)
+from eventbus.dlq.audit_log import STARTED, AuditedStore, AuditEntry, AuditLog, MemoryAuditLog
+from eventbus.dlq.store import DeadLetterStore
 
 logger = logging.getLogger(__name__)
 

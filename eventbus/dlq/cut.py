@@ -13,14 +13,14 @@ the same on every store:
    stays whole and replays as any other;
 2. if the record is still too large, the payload is dropped: the envelope becomes
    ``{"payload_dropped": {"reason", "bytes", "sha256", "event_type",
-   "event_id"}}`` (:data:`~eventbus.dlq.store.PAYLOAD_DROPPED`) and the error starts
+   "event_id"}}`` (:data:`~eventbus.dlq.records.PAYLOAD_DROPPED`) and the error starts
    with the reason, ``payload dropped: N bytes over the limit of M`` (N: how far
    the record, texts cut, was over), followed by the store's hint in brackets
    when it gives one.  ``bytes`` and ``sha256`` are those of the payload as
    compact UTF-8 JSON, to find the original again.
 
 A record whose payload was dropped cannot be replayed (``bus.dlq.replay`` refuses
-it and keeps it; :func:`~eventbus.dlq.store.payload_dropped` reads what it kept);
+it and keeps it; :func:`~eventbus.dlq.records.payload_dropped` reads what it kept);
 ``replay_edited`` with the event found again works.
 
 Example::
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from eventbus.dlq.store import PAYLOAD_DROPPED, FailedEvent
+from eventbus.dlq.records import PAYLOAD_DROPPED, FailedEvent
 
 #: Characters a cut traceback keeps (its first and last halves).
 CUT_TRACEBACK_CHARS = 8_000

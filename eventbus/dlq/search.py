@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
-from eventbus.dlq.store import DeadLetterStore, FailedEvent
+from eventbus.dlq.records import FailedEvent
+from eventbus.dlq.store import DeadLetterStore
 
 #: Characters of a record's error message kept in its summary (the record has it all).
 SUMMARY_ERROR_CHARS = 300

@@ -1,7 +1,7 @@
 """The console's audit trail on Kafka: the records of one topic next to the DLQ topics.
 
 :class:`~eventbus.kafka.dlq.KafkaDeadLetterStore` carries one (``store.audit``,
-the :class:`~eventbus.dlq.store.AuditedStore` protocol), on
+the :class:`~eventbus.dlq.audit_log.AuditedStore` protocol), on
 :data:`DEFAULT_AUDIT_TOPIC`: create that topic with one partition and the
 retention you want for an audit trail (e.g. ``retention.ms=-1``).  Another topic::
 
@@ -14,7 +14,8 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
-from eventbus.dlq.store import AuditEntry, refuse_constants
+from eventbus.dlq.audit_log import AuditEntry
+from eventbus.dlq.records import refuse_constants
 
 if TYPE_CHECKING:
     from eventbus.kafka.config import KafkaConfig

@@ -88,7 +88,8 @@ from eventbus.routing import Router, Subscriptions
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer, TopicPartition
 
-    from eventbus.dlq.store import DeadLetterStore, FailedEvent
+    from eventbus.dlq.records import FailedEvent
+    from eventbus.dlq.store import DeadLetterStore
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eventbus.config import DEFAULT_DLQ_TOPIC_SUFFIX, DEFAULT_KAFKA_IDEMPOTENCE
-from eventbus.dlq.store import DEFAULT_PEEK_LIMIT, AuditLog, FailedEvent, newest
+from eventbus.dlq.audit_log import AuditLog
+from eventbus.dlq.records import FailedEvent, newest
+from eventbus.dlq.store import DEFAULT_PEEK_LIMIT
 from eventbus.exceptions import BackendError, ConfigurationError, ShutdownError
 from eventbus.kafka.audit import KafkaAuditLog
 from eventbus.kafka.config import KafkaConfig
@@ -148,7 +150,7 @@ class KafkaDeadLetterStore:
         to :data:`~eventbus.kafka.dlq_record.MIN_RECORD_BYTES`, and
         writes the record again, cut further.
       audit: The console's audit trail of actions on these dead letters (the
-        :class:`~eventbus.dlq.store.AuditedStore` protocol); default: a
+        :class:`~eventbus.dlq.audit_log.AuditedStore` protocol); default: a
         :class:`~eventbus.kafka.audit.KafkaAuditLog` on
         :data:`~eventbus.kafka.audit.DEFAULT_AUDIT_TOPIC`.
     """

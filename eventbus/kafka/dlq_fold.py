@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord

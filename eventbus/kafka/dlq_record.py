@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 
 from eventbus.dlq.cut import fit_record
-from eventbus.dlq.store import FailedEvent, payload_dropped
+from eventbus.dlq.records import FailedEvent, payload_dropped
 
 #: Headers repeating the failure on every dead-letter record.
 HEADER_ERROR_TYPE = "eventbus-error-type"

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.exceptions import BackendError
 from eventbus.kafka.config import KafkaConfig
 from eventbus.kafka.dlq_fold import HEADER_OP, DeadLetterFold, Entry, Op, marker_value

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import eventbus.keys as keys
-from eventbus.dlq.store import FailedEvent
+from eventbus.dlq.records import FailedEvent
 from eventbus.events import (
     CORRELATION_ID,
     EVENT_KEY,

@@ -11,7 +11,8 @@ from dramatiq import Middleware
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 import eventbus.keys as keys
-from eventbus.dlq.store import DeadLetterStore, FailedEvent
+from eventbus.dlq.records import FailedEvent
+from eventbus.dlq.store import DeadLetterStore
 from eventbus.events import EVENT_KEY, decode_event
 from eventbus.exceptions import EventDecodeError, HandlerTimeout
 from eventbus.metrics import MetricsCollector
@@ -34,7 +35,7 @@ _MAX_EPOCH_MS = 253_402_300_799_000
 
 
 class DeadLetters(Middleware):
-    """Records a :class:`~eventbus.dlq.store.FailedEvent` for each message marked failed.
+    """Records a :class:`~eventbus.dlq.records.FailedEvent` for each message marked failed.
 
     It must come *before* :class:`~eventbus.middleware.retries.Retries` in the
     middleware list: dramatiq runs ``after_*`` hooks in reverse order, and the

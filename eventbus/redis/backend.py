@@ -77,7 +77,8 @@ from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
     from eventbus.config import EventBusSettings
-    from eventbus.dlq.store import DeadLetterStore, FailedEvent
+    from eventbus.dlq.records import FailedEvent
+    from eventbus.dlq.store import DeadLetterStore
     from eventbus.registry import HandlerSpec
 
 __all__ = [

@@ -58,7 +58,9 @@ import redis
 
 import eventbus.redis.dlq_scripts as lua
 from eventbus.config import DEFAULT_DLQ_MAX_BYTES, DEFAULT_DLQ_MAX_SIZE
+from eventbus.dlq.audit_log import DEFAULT_AUDIT_SIZE, AuditEntry
 from eventbus.dlq.cut import fit_record
+from eventbus.dlq.records import FailedEvent, newest, refuse_constants
 from eventbus.dlq.search import (
     MAX_GROUPS,
     MAX_MICROS,
@@ -69,13 +71,6 @@ from eventbus.dlq.search import (
     FailureGroup,
     from_micros,
     parse_cursor,
-)
-from eventbus.dlq.store import (
-    DEFAULT_AUDIT_SIZE,
-    AuditEntry,
-    FailedEvent,
-    newest,
-    refuse_constants,
 )
 from eventbus.events import text_too_deep
 
@@ -106,7 +101,7 @@ class RedisDeadLetterStore:
 
     Also a :class:`~eventbus.dlq.search.SearchableStore` (indexed pages,
     groups and selections for the console) and an
-    :class:`~eventbus.dlq.store.AuditedStore` (its :attr:`audit` trail is a Redis list
+    :class:`~eventbus.dlq.audit_log.AuditedStore` (its :attr:`audit` trail is a Redis list
     next to the records).
 
     Parameters:
