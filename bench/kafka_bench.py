@@ -236,7 +236,7 @@ async def end_to_end(bootstrap: str, n: int, system: str) -> float:
             ]
             needle = "assigned"
         else:
-            cmd = [sys.executable, "-m", "eventbus.kafka.backend", "_kafka_bench_handlers"]
+            cmd = [sys.executable, "-m", "eventbus.kafka", "_kafka_bench_handlers"]
             needle = "Kafka bridge assigned"
         env = {
             **os.environ,
@@ -290,7 +290,7 @@ async def latency(bootstrap: str) -> tuple[float, float]:
             "BENCH_OUT": str(out),
             "BENCH_LATENCY": "1",
         }
-        cmd = [sys.executable, "-m", "eventbus.kafka.backend", "_kafka_bench_handlers"]
+        cmd = [sys.executable, "-m", "eventbus.kafka", "_kafka_bench_handlers"]
         proc = start_worker(cmd, env, Path(tmp) / "log")
         try:
             await wait_logged(proc, Path(tmp) / "log", "Kafka bridge assigned")

@@ -103,7 +103,7 @@ class Stack:
             return await asyncio.to_thread(
                 self.workers.start, ("tests.outbox_handlers",), threads=threads, env=env
             )
-        worker = self.start(["-m", "eventbus.kafka.backend", "tests.outbox_handlers"], env)
+        worker = self.start(["-m", "eventbus.kafka", "tests.outbox_handlers"], env)
         await worker.wait_output("Kafka bridge assigned")
         return worker
 

@@ -81,7 +81,7 @@ def assert_names_extra(result: dict[str, object], extra: str, needed_by: str) ->
     [
         ("redis", "redis", "eventbus.redis.backend", "eventbus.redis.backend"),
         ("kafka", "aiokafka", "eventbus.kafka.backend", "eventbus.kafka.backend"),
-        ("kafka", "aiokafka", "eventbus.kafka.dlq", "eventbus.kafka.config"),
+        ("kafka", "aiokafka", "eventbus.kafka.dlq", "eventbus.kafka.backend"),
         ("prometheus", "prometheus_client", "eventbus.prometheus", "eventbus.prometheus"),
         ("otel", "opentelemetry", "eventbus.otel", "eventbus.otel"),
     ],

@@ -353,7 +353,7 @@ async def test_start_fails_clearly_without_a_broker(kafka_names: tuple[str, str]
 async def test_worker_thread_consumes_until_stopped(
     make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
 ) -> None:
-    from eventbus.kafka.backend import start_worker_thread
+    from eventbus.kafka import start_worker_thread
 
     topic, group = kafka_names
     await create_topic(kafka_bootstrap, topic, 2)
