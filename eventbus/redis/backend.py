@@ -64,6 +64,7 @@ from eventbus.config import (
 from eventbus.exceptions import BackendError, ConfigurationError, PublishError, UnroutedError
 from eventbus.health import HealthResult, HealthStatus
 from eventbus.middleware.event_loop import DaemonAsyncIO
+from eventbus.redact import redact_url
 from eventbus.redis.broker import (
     BEATS_PER_TIMEOUT,
     HEARTBEAT_TIMEOUT_SHARE,
@@ -540,6 +541,28 @@ class RedisBackend(Backend):
         """Every subscription in this namespace, with backlog and live workers (blocking)."""
         return subs.list_subscriptions(self.sync_client, self.namespace, self.heartbeat_timeout)
 
+    def remove_subscription(
+        self, service: str, topic: str, handler: str, dead_letters: DeadLetterStore | None
+    ) -> int | None:
+        """Remove a subscription from this namespace and dead-letter the events
+        waiting for it (blocking; see :func:`eventbus.redis.subscriptions.remove_subscription`).
+        Returns how many, or None when there was no such subscription."""
+        return subs.remove_subscription(
+            self.sync_client, self.namespace, service, topic, handler, dead_letters
+        )
+
+    def subscriptions_home(self) -> str:
+        return f"in Redis at {self.address()}, namespace {self.namespace}"
+
+    def address(self) -> str:
+        """The Redis URL, password hidden."""
+        return redact_url(self.url)
+
+    def unreachable(self, exc: BaseException) -> bool:
+        return super().unreachable(exc) or isinstance(
+            exc, redis.ConnectionError | redis.TimeoutError
+        )
+
     def liveness(self) -> list[HealthResult]:
         """The in-process worker (``EVENTBUS_CONSUME=true``), if this process runs one."""
         if self.worker is None:
@@ -637,6 +660,9 @@ class RedisBackend(Backend):
         for row in self.subscription_list():
             out[row.queue] = out.get(row.queue, row.waiting) + row.parked
         return out
+
+    def dead_letters_out_of_reach(self) -> None:
+        return None  # in Redis: every process with the URL and namespace reaches them
 
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
         from eventbus.redis.dlq import RedisDeadLetterStore
