@@ -22,7 +22,7 @@ measures, on a private ``redis-server`` (no persistence, free loopback port):
   (``max_connections``), bounded by the publish timeout as ``RespClient`` is; for
   the 64 callers, a pool of 64 (``RespClient`` pipelines them on its 10).
 * **worker, idle path**: the commands the worker's consumer
-  (``eventbus/backends/redis_broker.py``) issues per message when it wakes from a
+  (``eventbus/redis/consumer.py``) issues per message when it wakes from a
   blocking wait: ``BLMOVE`` ready -> in flight, ``HGET`` the body, then the ack
   (``MULTI; LREM; HDEL; HINCRBY; EXEC`` in one write).
 * **worker, busy path**: the ``FETCH`` script taking ``PREFETCH`` entries (dramatiq's
@@ -451,10 +451,10 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
 
 
 class WorkerKeys:
-    """The keys the consumer of ``queue`` uses (``redis_broker._RedisConsumer``)."""
+    """The keys the consumer of ``queue`` uses (``eventbus.redis.consumer.RedisConsumer``)."""
 
     def __init__(self, queue: str, actor: str) -> None:
-        import eventbus.redis.broker as redis_broker
+        import eventbus.redis.consumer as redis_consumer
         import eventbus.redis.scripts as lua
 
         worker_id = f"respbench.{os.getpid()}"
@@ -465,7 +465,7 @@ class WorkerKeys:
         self.backlog = lua.backlog_key(NAMESPACE, queue)
         self.inflight = lua.inflight_key(NAMESPACE, worker_id, queue)
         self.fetch = [self.ready, self.delayed, self.inflight, self.bodies]
-        self.max_fetch = redis_broker.MAX_FETCH
+        self.max_fetch = redis_consumer.MAX_FETCH
 
     def check_empty(self, client: redis.Redis, metric: str) -> None:
         """Every message fetched and acked: nothing ready, held or counted."""
@@ -483,7 +483,7 @@ def sync_worker_paths(
     client: redis.Redis, keys: WorkerKeys, n: int
 ) -> dict[str, Callable[[], None]]:
     """The worker rows with the synchronous client the worker uses
-    (``RedisBackend.sync_client``) and the calls of ``_RedisConsumer``: ``_next``
+    (``RedisBackend.sync_client``) and the calls of ``RedisConsumer``: ``_next``
     (BLMOVE, HGET, the FETCH script) and ``_delete_entry`` (the ack)."""
     import eventbus.redis.scripts as lua
 

@@ -70,10 +70,10 @@ from eventbus.redis.broker import (
     HEARTBEAT_TIMEOUT_SHARE,
     WORKER_SOCKET_TIMEOUT,
     ReliableRedisBroker,
-    service_of,
 )
 from eventbus.redis.messages import InvalidMessage, encode_message, message_problem
 from eventbus.redis.resp import RespClient, RespConnectionError, RespError, RespReplyLost
+from eventbus.redis.scripts import service_of
 from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:

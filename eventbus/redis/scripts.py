@@ -731,6 +731,11 @@ return out
 )
 
 
+def service_of(queue: str) -> str:
+    """The service of a ``<service>.<queue>`` queue name."""
+    return queue.split(".", 1)[0]
+
+
 def ready_key(namespace: str, queue: str) -> str:
     """The list of ready entry ids of ``queue``."""
     return f"{namespace}:{{{queue}}}:q"
