@@ -1,4 +1,9 @@
-"""The EventBus: publish events, run their handlers as dramatiq actors."""
+"""The EventBus: publish events, run their handlers as dramatiq actors.
+
+One concept past ~500 lines: :class:`EventBus`, the application's one entry point
+(publishing, its lifecycle, subscriptions, health, dead letters); what it
+delegates (encoding, routing, dispatch, the backends) lives in modules of its own.
+"""
 
 from __future__ import annotations
 

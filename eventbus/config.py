@@ -15,6 +15,10 @@ with the closest setting's name.
 
 Every setting's meaning is its field's ``description``: ``eventbus settings``
 prints the reference (docs/settings.md) from them.
+
+One concept past ~500 lines: the settings; most of the module is the
+declaration of each field with its description, from which the settings
+reference is generated.
 """
 
 from __future__ import annotations

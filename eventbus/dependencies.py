@@ -52,6 +52,11 @@ Resolution is done by `fast-depends <https://github.com/Lancetnik/FastDepends>`_
 resolver FastStream uses); FastAPI's own solver needs an HTTP request.  This module
 translates FastAPI's markers for it and hides from it every parameter that is not a
 dependency.
+
+One concept past ~500 lines: dependency injection for handlers, from the checks
+made at registration to the resolution of each attempt and the overrides the
+test kit uses; they share the one converted form of a dependency
+(:class:`Dependency`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ redelivered), :meth:`~EventBusTestKit.fail` (the first attempts fail) and
 Limits: handlers run in this process only if their modules are imported by the
 test; a fault applies to events delivered after it is set; time is not faked
 (a delay of 0.5 s takes 0.5 s).
+
+One concept past ~500 lines: the test kit; its recording, fault injection and
+assertions share one state per kit, fed by the two middlewares and the embedded
+backend defined at the end of the module.
 """
 
 from __future__ import annotations

@@ -51,6 +51,13 @@ nests more than :data:`~eventbus.events.MAX_DEPTH` levels is kept as text.
 **Errors.**  When the consumer fails, the bridge drops its in-flight state (those
 records are delivered again), closes the consumer and reconnects with an
 exponential backoff; health reports it unhealthy meanwhile.
+
+One concept past ~500 lines: the consumer loop, the rebalance callbacks and the
+completion of handler messages act on one shared state (the ledger, the
+deliveries, the ordered-key chains) from one task, and splitting them would
+spread its invariants over modules; the pure rules are
+:mod:`eventbus.kafka.partitions` and the decoding of records
+:mod:`eventbus.kafka.records`.
 """
 
 from __future__ import annotations

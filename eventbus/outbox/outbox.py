@@ -36,6 +36,12 @@ tried again, never deleted.  See docs/outbox.md for the failure semantics.
 
 The tables are :data:`eventbus.outbox.schema.metadata` (add it to your Alembic
 metadata) or :func:`~eventbus.outbox.schema.create_tables` for a quick start.
+
+One concept past ~500 lines: :class:`Outbox`, the object an application attaches
+to its bus, and its wiring (its settings, writing rows in the caller's
+transaction, the relay it starts, the set-aside rows it exposes, its health and
+metrics); the relay, each row's fate, the schema and the set-aside table have
+modules of their own.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ A second connection LISTENs on the outbox's channel (:mod:`eventbus.outbox.liste
 publishing with a session notifies it at commit, so the relay wakes at once;
 without it (another driver, a lost connection) the relay polls every
 ``poll_interval`` seconds.
+
+One concept past ~500 lines: the life of a relay on its one connection (shards
+and their locks, batches and their transactions, restarts with backoff,
+wake-ups); what becomes of each row is :mod:`eventbus.outbox.batch`.
 """
 
 from __future__ import annotations

@@ -42,6 +42,11 @@ error and traceback first, its payload too if that is not enough (it then cannot
 be replayed; the record says why and keeps the payload's size and sha256), with a
 warning.  One record never evicts more than a tenth of the store, and none is
 refused.
+
+One concept past ~500 lines: the Redis dead-letter store, whose methods all keep
+one set of keys (records, summaries, indexes, bounds, claims) consistent; its
+Lua scripts are :mod:`eventbus.redis.dlq_scripts`, its audit trail the small
+:class:`RedisAuditLog` beside it.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ agree on who is dead and what is due.
 scripts touch one slot each; :data:`PUBLISH` and the heartbeat touch the keys of
 every subscription of a topic and are not cluster-safe.  Use one primary (with
 replicas and Sentinel for failover); Redis Cluster is not supported.
+
+One concept past ~500 lines: the key layout and every Lua script that reads or
+writes it (two thirds of the module), kept together so that a change to a key is
+made in every script that touches it at once.
 """
 
 from __future__ import annotations
