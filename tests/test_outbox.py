@@ -22,7 +22,7 @@ from eventbus import BaseEvent, EventBus, HealthStatus, PublishError, get_curren
 from eventbus.context import correlation_id_var
 from eventbus.otel import OpenTelemetryTracer
 from eventbus.outbox.outbox import Outbox
-from eventbus.outbox.schema import SHARDS, outbox_table
+from eventbus.outbox.schema import SHARDS, key_lock, lock_class, outbox_table
 from eventbus.prometheus import PrometheusMetricsCollector
 from tests.outbox_events import Placed
 
@@ -48,6 +48,30 @@ async def pending(engine: AsyncEngine) -> int:
             select(func.count()).select_from(outbox_table).where(outbox_table.c.sent_at.is_(None))
         )
     return int(count or 0)
+
+
+async def settled(bus: EventBus, engine: AsyncEngine, timeout: float = DELIVERY_TIMEOUT) -> None:
+    """Wait until the relay sent every committed row and the bus handled what it sent:
+    from then on nothing more can be delivered."""
+    deadline = time.monotonic() + timeout
+    while (left := await pending(engine)) != 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{left} outbox row(s) still pending after {timeout:g}s")
+        await asyncio.sleep(0.01)
+    await bus.drain(timeout)
+
+
+async def marker(bus: EventBus, engine: AsyncEngine, topic: str) -> Placed:
+    """Commit an event on its own key through the outbox: once both handlers have it,
+    the relay has looked at the outbox after whatever was done before."""
+    event = Placed(topic=topic, key=f"marker-{topic}", seq=-1)
+    async with async_sessionmaker(engine)() as session, session.begin():
+        await bus.publish(event, session=session)
+    return event
+
+
+def ids(events: list[BaseEvent]) -> list[str]:
+    return [e.event_id for e in events]
 
 
 async def outbox_bus(
@@ -80,11 +104,11 @@ async def test_rolled_back_transaction_publishes_nothing(
         async with Session() as session, session.begin():
             await bus.publish(Placed(topic=topic, seq=1), session=session)
             raise RuntimeError("the endpoint failed after publishing")
-    assert bus.outbox is not None and bus.outbox.relay is not None
-    bus.outbox.relay.wake()
-    await asyncio.sleep(0.5)
-    assert first == [] and second == []
-    assert await pending(pg_engine) == 0
+    assert await pending(pg_engine) == 0  # nothing was written
+    sent = await marker(bus, pg_engine, topic)  # relayed after the rollback
+    await wait_for(lambda: sent.event_id in ids(first) and sent.event_id in ids(second), "marker")
+    await settled(bus, pg_engine)
+    assert ids(first) == ids(second) == [sent.event_id]  # the rolled-back event never left
 
 
 async def test_committed_event_reaches_every_handler_once(
@@ -95,12 +119,15 @@ async def test_committed_event_reaches_every_handler_once(
     event = Placed(topic=topic, key="order-1", seq=7)
     async with Session() as session, session.begin():
         await bus.publish(event, session=session)
-        await asyncio.sleep(0.3)  # uncommitted: nothing may leave meanwhile
-        assert first == [] and second == []
-    await wait_for(lambda: len(first) == 1 and len(second) == 1, "both handlers")
-    await asyncio.sleep(0.3)
-    assert [e.event_id for e in first + second] == [event.event_id] * 2
-    assert isinstance(first[0], Placed) and first[0].seq == 7 and first[0].key == "order-1"
+        # Uncommitted: nothing may leave meanwhile.  A marker committed on another
+        # key reaches both handlers, so the relay has looked, and passed this one by.
+        sent = await marker(bus, pg_engine, topic)
+        await wait_for(lambda: len(first) == 1 and len(second) == 1, "the marker")
+        assert ids(first) == ids(second) == [sent.event_id]
+    await wait_for(lambda: len(first) == 2 and len(second) == 2, "both handlers")
+    await settled(bus, pg_engine)
+    assert ids(first) == ids(second) == [sent.event_id, event.event_id]  # once each
+    assert isinstance(first[1], Placed) and first[1].seq == 7 and first[1].key == "order-1"
     assert await pending(pg_engine) == 0  # sent rows are deleted by default
 
 
@@ -133,24 +160,40 @@ async def test_same_key_transactions_are_relayed_in_commit_order(
     """The second transaction on a key waits for the first: ids follow commit order."""
     bus, first, _ = await outbox_bus(make_bus, pg_engine, topic)
     Session = async_sessionmaker(pg_engine)
+    key = f"acct-{topic}"  # no other test (or test run) locks it
     first_published = asyncio.Event()
     release_first = asyncio.Event()
 
     async def slow_first() -> None:
         async with Session() as session, session.begin():
-            await bus.publish(Placed(topic=topic, key="acct-9", seq=1), session=session)
+            await bus.publish(Placed(topic=topic, key=key, seq=1), session=session)
             first_published.set()
             await release_first.wait()
 
     async def second() -> float:
         await first_published.wait()
         async with Session() as session, session.begin():
-            await bus.publish(Placed(topic=topic, key="acct-9", seq=2), session=session)
+            await bus.publish(Placed(topic=topic, key=key, seq=2), session=session)
         return time.monotonic()
 
     task_one = asyncio.create_task(slow_first())
     task_two = asyncio.create_task(second())
-    await asyncio.sleep(0.3)
+    waiting = (  # sessions waiting for the key's publishing lock
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND objsubid = 2 AND classid::bigint = :lock_class AND objid::bigint = :key_lock "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    params = {
+        "lock_class": lock_class(outbox_table, 0) & 0xFFFFFFFF,
+        "key_lock": key_lock(key) & 0xFFFFFFFF,
+    }
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while True:
+        async with pg_engine.connect() as conn:
+            if await conn.scalar(text(waiting), params) == 1:
+                break
+        assert time.monotonic() < deadline, "the second transaction never waited for the lock"
+        await asyncio.sleep(0.01)
     assert not task_two.done()  # blocked on the key's lock until the first commits
     released = time.monotonic()
     release_first.set()
@@ -218,7 +261,7 @@ async def test_retention_keeps_sent_rows_until_cleanup(
     async with pg_engine.begin() as conn:
         await bus.publish_many([Placed(topic=topic, seq=i) for i in range(3)], session=conn)
     await wait_for(lambda: len(first) == 3, "3 events")
-    await asyncio.sleep(0.2)
+    await settled(bus, pg_engine)  # the relay marked them sent
     async with pg_engine.begin() as conn:
         sent = await conn.scalar(
             text("SELECT count(*) FROM eventbus_outbox WHERE sent_at IS NOT NULL")
@@ -243,7 +286,6 @@ async def test_notification_wakes_the_relay_long_before_its_poll(
         assert bus.outbox is not None and bus.outbox.relay is not None
         relay = bus.outbox.relay
         await wait_for(lambda: relay.listening and len(relay.shards) == SHARDS, "the relay")
-        await asyncio.sleep(0.2)
         latencies = []
         for seq in range(5):
             async with engine.begin() as conn:
@@ -271,12 +313,16 @@ async def test_health_and_metrics_show_lag_pending_and_relays(
 ) -> None:
     registry = CollectorRegistry()
     writer = make_bus(metrics=PrometheusMetricsCollector(registry=registry))
-    Outbox(writer, pg_engine, relay=False, lag_warning=0.5)
+    outbox = Outbox(writer, pg_engine, relay=False, lag_warning=0.05)
     await writer.start()
     async with pg_engine.begin() as conn:
         await writer.publish_many([Placed(topic=topic, seq=i) for i in range(4)], session=conn)
-    await asyncio.sleep(0.6)
-    health = {r.backend: r for r in await writer.health.check()}
+    while True:  # until the rows are older than lag_warning: "no relay" still wins
+        health = {r.backend: r for r in await writer.health.check()}
+        stats = outbox.stats
+        if stats is not None and stats.lag > 0.05:
+            break
+        await asyncio.sleep(0.01)
     assert health["outbox"].status is HealthStatus.UNHEALTHY
     assert "4 pending" in health["outbox"].detail and "no relay" in health["outbox"].detail
     scrape = generate_latest(registry).decode()
