@@ -1,4 +1,4 @@
-"""The hand-written Redis client ``eventbus/backends/resp.py`` against redis-py, same run.
+"""The hand-written Redis client ``eventbus/redis/resp.py`` against redis-py, same run.
 
 Usage (from the repo root): python bench/resp_bench.py [--n 20000] [--repeat 3] [--smoke]
 
