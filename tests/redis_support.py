@@ -122,6 +122,26 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def unfinished(client: redis.Redis, namespace: str) -> int:
+    """Messages not finished yet in every subscription's queue of ``namespace``: ready,
+    delayed, parked or taken by a worker and not acked (what ``RedisBackend.pending``
+    and ``bus.drain`` count).  Zero: nothing published so far can be delivered again."""
+    from eventbus.redis.scripts import bodies_key
+
+    queues = [q.decode() for q in client.smembers(f"{namespace}:queues")]
+    return sum(int(client.hlen(bodies_key(namespace, queue))) for queue in queues)
+
+
+def wait_settled(redis_url: str, namespace: str, timeout: float = 30.0) -> None:
+    """Wait until every message of ``namespace`` was handled (or dead-lettered) and
+    acked: after that, counts of deliveries are final (no fixed sleep needed)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: unfinished(client, namespace) == 0, timeout, "the queues to drain")
+    finally:
+        client.close()
+
+
 #: The service of the test handler modules (their top-level package).
 TEST_SERVICE = "tests"
 

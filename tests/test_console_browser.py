@@ -14,7 +14,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -36,7 +35,13 @@ from eventbus.redis.backend import RedisBackend
 from tests import dlq_handlers as poison
 
 pytest.register_assert_rewrite("tests.redis_support")
-from tests.redis_support import TEST_REDELIVERY_TIMEOUT, Workers, free_port, wait_until  # noqa: E402
+from tests.redis_support import (  # noqa: E402
+    TEST_REDELIVERY_TIMEOUT,
+    Workers,
+    free_port,
+    wait_settled,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page
@@ -592,7 +597,7 @@ def test_replaying_a_group_of_50_on_redis_reaches_the_worker(
             return int(r.llen(poison.key("handled", namespace)))
 
         wait_until(lambda: handled() == 50, 60, "the 50 replayed events")
-        time.sleep(0.3)  # a second delivery would show up here
+        wait_settled(redis_url, namespace)  # nothing left that could be delivered twice
         assert handled() == 50 and bus.dlq.size() == 0
         page.goto(live.url + "/audit")
         assert "50" in page.locator("table.audit tbody tr").first.inner_text()

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from tests.redis_support import (  # noqa: E402
     Workers,
     free_port,
     sync_subscriptions,
+    unfinished,
+    wait_settled,
     wait_until,
 )
 
@@ -136,8 +137,9 @@ def test_a_web_process_without_handler_code_reaches_every_handler_of_the_workers
     wait_until(lambda: seen(r, namespace, "invoice") == set(range(10)), 15, "invoice")
 
     worker.stop()  # no worker runs: the events wait in Redis for both subscriptions
+    assert unfinished(r, namespace) == 0  # (the first ten are all done)
     web.publish(*range(10, 20))
-    time.sleep(0.5)
+    assert unfinished(r, namespace) == 20  # kept for email and for invoice
     assert seen(r, namespace, "email") == set(range(10))
     workers.start((V1,), threads=4)
     wait_until(lambda: seen(r, namespace, "email") == set(range(20)), 15, "email after restart")
@@ -158,7 +160,7 @@ def test_two_services_on_one_redis_each_get_every_event_once(
             20,
             f"{handler} to see every event",
         )
-    time.sleep(0.3)
+    wait_settled(redis_url, namespace)  # every delivery done and acked: counts are final
     # Exactly once each, although both services have a handler named orders.email.
     assert [runs(r, namespace, h) for h in ("email", "invoice", "ship", "shipping-email")] == [
         30,

@@ -4,7 +4,6 @@ unknown event classes, and the CLI."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +20,13 @@ from eventbus.redis.dlq import RedisDeadLetterStore
 from tests import dlq_handlers as h
 
 pytest.register_assert_rewrite("tests.redis_support")
-from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers, wait_until  # noqa: E402
+from tests.redis_support import (  # noqa: E402
+    ROOT,
+    TEST_REDELIVERY_TIMEOUT,
+    Workers,
+    wait_settled,
+    wait_until,
+)
 
 pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +63,11 @@ def handled(r: redis.Redis, namespace: str) -> list[dict[str, object]]:
 
 
 async def test_poison_event_dead_letter_replay_and_restart(
-    web: Callable[[], EventBus], workers: Workers, r: redis.Redis, namespace: str
+    web: Callable[[], EventBus],
+    workers: Workers,
+    r: redis.Redis,
+    namespace: str,
+    redis_url: str,
 ) -> None:
     worker = workers.start(("tests.dlq_handlers",), env={"EVENTBUS_MAX_RETRIES": "2"})
     bus = web()
@@ -88,7 +97,7 @@ async def test_poison_event_dead_letter_replay_and_restart(
     assert result.replayed == [record.id]
     assert bus.dlq.replay([record.id]).missing == [record.id]
     wait_until(lambda: len(handled(r, namespace)) == 1, 20, "the replayed event")
-    await asyncio.sleep(0.3)  # a second delivery would show up here
+    wait_settled(redis_url, namespace)  # nothing left that could be delivered twice
     assert [x["id"] for x in handled(r, namespace)] == [event.event_id]
     assert bus.dlq.size() == 0
     assert int(r.get(h.key(f"sibling:{event.event_id}", namespace)) or 0) == 1
