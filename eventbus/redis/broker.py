@@ -257,17 +257,21 @@ class ReliableRedisBroker(CachedHooksBroker):
         if self.check_threads() is not None:
             return 0  # silent: live workers recover what this one held
         ns = self.namespace
+        # Snapshots: handlers are declared, and queues consumed, by other threads
+        # meanwhile (iterating the live dict or set would raise).
         handlers = "\n".join(
             f"{actor.queue_name}|{name}"
-            for name, actor in self.actors.items()
+            for name, actor in list(self.actors.items())
             if keys.HANDLER in actor.options
         )
         with self._beat_lock:  # concurrent beats must not register a stale queue list
+            with self._lock:
+                consumed = ",".join(sorted(self.consumed))
             moved, unparked, unknown = self._beat(
                 args=[
                     ns,
                     self.worker_id,
-                    ",".join(sorted(self.consumed)),
+                    consumed,
                     int(self.heartbeat_timeout * 1000),
                     MAX_DEAD_PER_PASS,
                     "-" if self._beats % BEATS_PER_TIMEOUT else "+",
