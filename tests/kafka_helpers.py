@@ -28,10 +28,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from eventbus import RetryPolicy
+
+if TYPE_CHECKING:
+    from eventbus.kafka.bridge import KafkaBridge
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Group membership timing for tests: failover within ~2 s.
@@ -178,6 +182,38 @@ async def committed_offsets(
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+async def wait_committed(
+    bootstrap: str, group: str, topic: str, partitions: int, records: int, timeout: float = 30.0
+) -> None:
+    """Wait until ``group`` committed the ``records`` records of ``topic`` (all it
+    holds).  A bridge commits a record once all its handlers finished, so from then
+    on what the group handled is final: nothing of it is delivered again.
+
+    (Tansu's end offsets are unreliable, hence the count from the caller.)
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        committed = await committed_offsets(bootstrap, group, topic, partitions)
+        if sum(max(0, offset) for offset in committed.values()) >= records:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{group} committed {committed} of the {records} records of {topic}")
+        await asyncio.sleep(0.05)
+
+
+async def bridge_went_round(bridge: KafkaBridge, rounds: int = 2, timeout: float = 10.0) -> None:
+    """Wait until the bridge's fetch loop went round ``rounds`` more times (each round
+    ends with a fetch, or with a wait for room when its budget is spent: ``last_poll``).
+    The last round began after this call: what it could fetch and dispatch, it has."""
+    for _ in range(rounds):
+        mark = bridge.last_poll
+        await wait_for(
+            lambda mark=mark: bridge.last_poll > mark,  # type: ignore[misc]
+            timeout,
+            "a round of the fetch loop",
+        )
 
 
 def worker_env(bootstrap: str, group: str) -> dict[str, str]:

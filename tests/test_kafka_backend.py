@@ -20,6 +20,7 @@ from tests.kafka_helpers import (
     HEARTBEAT_INTERVAL_MS,
     SESSION_TIMEOUT_MS,
     TansuBroker,
+    bridge_went_round,
     committed_offsets,
     create_topic,
     read_topic,
@@ -84,8 +85,9 @@ async def test_backpressure_holds_in_flight_records_to_max_in_flight(
     backend = bus.backend
     assert isinstance(backend, KafkaBackend)
     await wait_for(lambda: len(started) == 8, 20, "the first 8 handlers to start")
-    await asyncio.sleep(0.5)  # time to fetch more, were it not held back
-    assert backend.bridge is not None and backend.bridge.in_flight == 8
+    assert backend.bridge is not None
+    await bridge_went_round(backend.bridge)  # where it would fetch more, were it not held back
+    assert backend.bridge.in_flight == 8
     assert len(started) == 8
 
     release.set()

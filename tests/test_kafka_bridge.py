@@ -16,6 +16,7 @@ from eventbus.kafka.backend import KafkaBackend
 from eventbus.kafka.dlq import HEADER_ERROR, HEADER_ORIGINAL_OFFSET
 from tests.kafka_events import Numbered
 from tests.kafka_helpers import (
+    bridge_went_round,
     committed_offsets,
     create_topic,
     keys_of_partition,
@@ -99,16 +100,17 @@ async def test_a_stuck_partition_pauses_alone_and_the_others_get_the_budget(
     await bus.start()
     await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(stuck_keys)])
     await wait_for(lambda: len(started) == 8, 20, "partition 0 to take the whole budget")
-    await asyncio.sleep(1.0)  # stuck for longer than PAUSE_AFTER
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
+    bridge = backend.bridge
+    # Stuck for longer than PAUSE_AFTER: the bridge pauses the partition.
+    await wait_for(lambda: bool(bridge.paused), 20, "partition 0 to be paused")
     free = [Numbered(topic=topic, n=100 + i, key=k) for i, k in enumerate(free_keys)]
     await bus.publish_many(free)
 
     await wait_for(
         lambda: set(free_keys) <= set(started), 20, "partition 1 to flow past partition 0"
     )
-    backend = bus.backend
-    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
-    bridge = backend.bridge
     assert len([k for k in started if k in stuck_keys]) == 8  # what it held, no more
     assert [tp.partition for tp in bridge.paused] == [0]  # paused alone
     [health] = [r for r in await bus.health.check() if r.backend == "kafka-bridge"]
@@ -145,15 +147,16 @@ async def test_a_partition_that_gets_stuck_beside_a_busy_one_takes_only_its_shar
     await wait_for(lambda: len(started) == 2, 20, "partition 1 to be busy")
     await bus.publish_many([Numbered(topic=topic, n=i, key=k) for i, k in enumerate(stuck_keys)])
     await wait_for(lambda: len(started) == 6, 20, "partition 0's share to start")
-    await asyncio.sleep(0.5)  # time to take more, were it allowed
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
+    await bridge_went_round(backend.bridge)  # where it would take more, were it allowed
+    assert backend.bridge.in_flight == 6
     assert len([k for k in started if k in stuck_keys]) == 4
 
     gate.set()
     rest = [Numbered(topic=topic, n=100 + i, key=k) for i, k in enumerate(busy_keys[2:])]
     await bus.publish_many(rest)
     await wait_for(lambda: set(busy_keys) <= set(started), 20, "partition 1 to go on")
-    backend = bus.backend
-    assert isinstance(backend, KafkaBackend) and backend.bridge is not None
     assert backend.bridge.paused == []  # nobody waited for partition 0 to be paused
     release.set()
     await bus.drain(timeout=20)

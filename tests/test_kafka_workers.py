@@ -23,6 +23,7 @@ from tests.kafka_helpers import (
     create_topic,
     handled,
     owned,
+    wait_committed,
     wait_for,
 )
 
@@ -62,7 +63,8 @@ async def test_two_workers_split_the_partitions_and_handle_each_event_once(
 
     await publisher.publish_many([Numbered(topic=topic, n=i, key=f"k{i}") for i in range(200)])
     await wait_for(lambda: len(handled(out)) >= 200, 30, "200 handled events")
-    await asyncio.sleep(0.5)  # anything handled twice would show up by now
+    # Every record committed: handled for good, nothing delivered again.
+    await wait_committed(kafka_bootstrap, group, topic, PARTITIONS, records=200)
 
     rows = handled(out)
     assert sorted(n for _, n in rows) == list(range(200))  # each exactly once
@@ -139,7 +141,7 @@ async def test_restarted_worker_resumes_from_committed_offsets(
     await publisher.publish_many([Numbered(topic=topic, n=i, key=f"k{i}") for i in range(30, 60)])
     second = kafka_workers(kafka_bootstrap, group, topic, out)
     await wait_for(lambda: len(handled(out)) >= 60, 30, "the next 30 events")
-    await asyncio.sleep(0.5)
+    await wait_committed(kafka_bootstrap, group, topic, 2, records=60)
 
     rows = handled(out)
     assert sorted(n for _, n in rows) == list(range(60))  # nothing handled twice
@@ -161,7 +163,7 @@ async def test_dramatiq_eventbus_actors_runs_the_kafka_bridge(
 
     await publisher.publish_many([Numbered(topic=topic, n=i, key=f"k{i}") for i in range(50)])
     await wait_for(lambda: len(handled(out)) >= 50, 40, "50 handled events")
-    await asyncio.sleep(0.5)
+    await wait_committed(kafka_bootstrap, group, topic, PARTITIONS, records=50)
 
     assert sorted(n for _, n in handled(out)) == list(range(50)), worker.output()
     assert worker.terminate(30) == 0, worker.output()
