@@ -1,10 +1,17 @@
 """A small asyncio Redis client for the publish path: pipelined, multiplexed, bounded.
 
-Why not ``redis.asyncio``?  Its per-command machinery costs ~140 µs on this
-class of machine (~7k RPUSH/s, ~4.4k MULTI/EXEC/s awaited one by one), which
-is slower than raw dramatiq's synchronous ``actor.send``.  Publishing only
-needs a handful of commands, so this client speaks RESP2 directly over an
-:class:`asyncio.Protocol`:
+Why not ``redis.asyncio``?  Kept by a same-run measurement (``bench/resp_bench.py``,
+three runs on a loaded 2-core VM, N = 20,000, against ``redis.asyncio`` with
+hiredis): ``bus.publish`` one by one 1.07x-2.06x the events/s (1.40x in the
+quietest run, 4,634 vs 3,314/s) at about half the web process's CPU per publish
+(1.83x-2.06x: 104 vs 204 µs); the fan-out call alone 1.43x-3.19x.  With 64
+concurrent callers the backend's group commit hides most of the client's cost
+(0.90x-1.50x) and the worker's commands gain too little over the synchronous
+``redis.Redis`` (0.84x-2.06x) to leave redis-py there, so workers, the
+dead-letter store, the console and the CLI use redis-py.  Publishing only needs
+a handful of commands, so this client speaks RESP2 directly over an
+:class:`asyncio.Protocol`, and it tells "sent, reply lost" from "never sent"
+(redis-py retries a lost reply by default, which would publish twice):
 
 * every call writes all of its commands with one ``transport.write`` and awaits
   their replies, so a ``MULTI ... EXEC`` block is never interleaved with another
