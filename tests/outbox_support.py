@@ -27,9 +27,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from eventbus import EventBus, EventBusSettings
-from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers
+from tests.kafka_helpers import wait_committed
+from tests.redis_support import ROOT, TEST_REDELIVERY_TIMEOUT, Workers, wait_settled
 
 _ids = itertools.count()
+#: Partitions of each test's topic on Kafka.
+KAFKA_PARTITIONS = 4
+#: Outbox rows not sent yet.
+PENDING = "SELECT count(*) FROM eventbus_outbox WHERE sent_at IS NULL"
 
 
 class Process:
@@ -85,6 +90,8 @@ class Stack:
     make_bus: Callable[[], EventBus]
     workers: Workers | None = None
     processes: list[Process] = field(default_factory=list)
+    #: Partitions of the topic (Kafka).
+    partitions: int = KAFKA_PARTITIONS
 
     def start(self, command: list[str], env: dict[str, str] | None = None) -> Process:
         log = self.tmp / f"{Path(command[-1]).name}-{next(_ids)}.log"
@@ -106,6 +113,27 @@ class Stack:
         worker = self.start(["-m", "eventbus.kafka", "tests.outbox_handlers"], env)
         await worker.wait_output("Kafka bridge assigned")
         return worker
+
+    async def wait_settled(self, engine: AsyncEngine, records: int, timeout: float = 60.0) -> None:
+        """Wait until nothing committed so far can be delivered again: the relays sent
+        every row, then on Redis every queue drained (each message handled and acked),
+        on Kafka the group committed the ``records`` records the relays sent.  From
+        then on, counts of deliveries are final (no fixed sleep needed)."""
+        deadline = time.monotonic() + timeout
+        while (left := await count(engine, PENDING)) != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{left} outbox row(s) still pending after {timeout:g}s")
+            await asyncio.sleep(0.05)
+        left_s = max(1.0, deadline - time.monotonic())
+        if self.workers is not None:
+            url, namespace = self.env["EVENTBUS_REDIS_URL"], self.env["EVENTBUS_REDIS_NAMESPACE"]
+            await asyncio.to_thread(wait_settled, url, namespace, left_s)
+        else:
+            bootstrap = self.env["EVENTBUS_KAFKA_BOOTSTRAP_SERVERS"]
+            group = self.env["EVENTBUS_KAFKA_GROUP_ID"]
+            await wait_committed(
+                bootstrap, group, self.topic, self.partitions, records, timeout=left_s
+            )
 
     def stop_all(self) -> None:
         for process in self.processes:

@@ -26,7 +26,15 @@ from eventbus.outbox.schema import lock_class, outbox_table
 pytest.register_assert_rewrite("tests.redis_support", "tests.outbox_support")
 from tests.kafka_helpers import create_topic  # noqa: E402
 from tests.outbox_events import Placed  # noqa: E402
-from tests.outbox_support import Stack, count, kafka_stack, redis_stack, wait_rows  # noqa: E402
+from tests.outbox_support import (  # noqa: E402
+    KAFKA_PARTITIONS,
+    PENDING,
+    Stack,
+    count,
+    kafka_stack,
+    redis_stack,
+    wait_rows,
+)
 
 pytest_plugins = ["tests.pg_support", "tests.redis_support", "tests.kafka_support"]
 
@@ -36,7 +44,6 @@ DELIVERIES = "SELECT count(*) FROM outbox_test_deliveries WHERE handler = :handl
 DISTINCT = "SELECT count(DISTINCT event_id) FROM outbox_test_deliveries WHERE handler = :handler"
 EFFECTS = "SELECT count(*) FROM outbox_test_effects"
 DISTINCT_EFFECTS = "SELECT count(DISTINCT event_id) FROM outbox_test_effects"
-PENDING = "SELECT count(*) FROM eventbus_outbox WHERE sent_at IS NULL"
 HANDLERS = ("record", "audit", "apply")
 
 
@@ -58,7 +65,7 @@ async def stack(
     else:
         bootstrap = request.getfixturevalue("kafka_bootstrap")
         _, group = request.getfixturevalue("kafka_names")
-        await create_topic(bootstrap, topic, 4)
+        await create_topic(bootstrap, topic, KAFKA_PARTITIONS)
         made = kafka_stack(pg_url, bootstrap, group, tmp_path, topic)
     try:
         yield made
@@ -100,7 +107,7 @@ async def test_commit_delivers_once_to_every_handler_and_rollback_nothing(
         finally:
             correlation_id_var.reset(token)
         await wait_rows(pg_engine, "SELECT count(*) FROM outbox_test_deliveries", 90)
-        await asyncio.sleep(1.0)  # time for any extra delivery to show
+        await stack.wait_settled(pg_engine, records=30)  # any extra delivery happened by now
         for handler in HANDLERS:
             await exactly(pg_engine, DELIVERIES, 30, handler=handler)
             await exactly(pg_engine, DISTINCT, 30, handler=handler)
@@ -132,7 +139,7 @@ async def test_web_process_killed_after_commit_is_delivered_by_a_new_relay(
     await relay.wait_output("outbox relay running")
     await wait_rows(pg_engine, EFFECTS, 25)
     await wait_rows(pg_engine, "SELECT count(*) FROM outbox_test_deliveries", 75)
-    await asyncio.sleep(1.0)
+    await stack.wait_settled(pg_engine, records=25)
     for handler in HANDLERS:
         await exactly(pg_engine, DELIVERIES, 25, handler=handler)
     await exactly(pg_engine, PENDING, 0)
@@ -163,7 +170,7 @@ async def test_relay_killed_mid_batch_loses_nothing_and_applies_effects_once(
     relay = stack.start_relay()
     await wait_rows(pg_engine, DISTINCT, total, handler="record")
     await wait_rows(pg_engine, EFFECTS, total)
-    await asyncio.sleep(1.5)
+    await stack.wait_settled(pg_engine, records=total + batch)  # the killed batch sent twice
     duplicates = {
         handler: await count(pg_engine, DELIVERIES, handler=handler) - total for handler in HANDLERS
     }
@@ -269,7 +276,7 @@ async def test_idempotent_handler_applies_once_when_a_killed_worker_is_redeliver
         await stack.start_worker()
         # Redelivered once the dead worker's redelivery timeout passes.
         await wait_rows(pg_engine, DELIVERIES, 10, timeout=30, handler="apply")
-        await asyncio.sleep(1.0)
+        await stack.wait_settled(pg_engine, records=5)
         await exactly(pg_engine, DELIVERIES, 10, handler="apply")  # each event twice
         await exactly(pg_engine, EFFECTS, 5)  # its effect once
         await exactly(pg_engine, DISTINCT_EFFECTS, 5)
