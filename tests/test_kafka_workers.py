@@ -169,3 +169,5 @@ async def test_dramatiq_eventbus_actors_runs_the_kafka_bridge(
     assert worker.terminate(30) == 0, worker.output()
     committed = await committed_offsets(kafka_bootstrap, group, topic, PARTITIONS)
     assert sum(committed.values()) == 50
+    # where the handlers ran, and that dramatiq's --threads did not, is said at boot
+    assert "dramatiq's --threads stay idle" in worker.output()

@@ -571,6 +571,13 @@ class KafkaBackend(Backend):
         """
         from eventbus.kafka.worker import start_worker_thread
 
+        logger.info(
+            "Kafka: handlers run on the bridge's dispatcher (at most %d at once, %d threads "
+            "for sync handlers: EVENTBUS_MAX_CONCURRENCY, EVENTBUS_WORKER_THREADS); "
+            "dramatiq's --threads stay idle, each --processes is one consumer group member.",
+            self.max_concurrency,
+            self.worker_threads,
+        )
         return start_worker_thread(bus)
 
     async def health(self) -> list[HealthResult]:
