@@ -100,7 +100,7 @@ def log_dropped(pairs: list[Any], retention: UnroutedRetention) -> int:
     as the scripts return them); returns how many."""
     total = 0
     for i in range(0, len(pairs) - 1, 2):
-        topic = pairs[i].decode() if isinstance(pairs[i], bytes) else str(pairs[i])
+        topic = pairs[i].decode(errors="replace") if isinstance(pairs[i], bytes) else str(pairs[i])
         count = int(pairs[i + 1])
         total += count
         logger.warning(
