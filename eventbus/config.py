@@ -90,6 +90,17 @@ DEFAULT_REDIS_UNROUTED_MAX_BYTES = 64 * 1024 * 1024
 #: Seconds after a topic's first subscription during which all of its events are kept,
 #: for the other services' subscriptions written moments later (a Redis restart).
 DEFAULT_REDIS_UNROUTED_WARMUP = 60.0
+#: Replicas that must acknowledge each publish before it returns (0: none, the
+#: primary's answer is enough; Redis replicates asynchronously).
+DEFAULT_REDIS_MIN_REPLICAS = 0
+#: Seconds a publish waits for ``redis_min_replicas`` replicas (Redis ``WAIT``) before
+#: PublishError; under ``DEFAULT_REDIS_PUBLISH_TIMEOUT``, which bounds the whole call.
+DEFAULT_REDIS_REPLICA_TIMEOUT = 1.0
+#: Wait for the replicas' fsync of their append-only file (``WAITAOF``, Redis 7.2+)
+#: instead of their receipt of the write (``WAIT``).
+DEFAULT_REDIS_REPLICA_FSYNC = False
+#: Most replicas a publish may be asked to wait for.
+MAX_REDIS_MIN_REPLICAS = 100
 #: Longest unrouted retention or warm-up, in seconds (a week).
 MAX_REDIS_UNROUTED_SECONDS = 7 * 24 * 3600.0
 #: Most events and bytes per topic the unrouted window may be asked to keep.
@@ -297,6 +308,33 @@ class EventBusSettings(BaseSettings):
         allow_inf_nan=False,
         description="Seconds `publish` may take on the redis backend before it raises "
         "PublishError.",
+    )
+    redis_min_replicas: int = Field(
+        DEFAULT_REDIS_MIN_REPLICAS,
+        ge=0,
+        le=MAX_REDIS_MIN_REPLICAS,
+        description="Replicas that must acknowledge a publish before it returns (Redis "
+        "`WAIT`, sent with the fan-out in one round trip); fewer within "
+        "`redis_replica_timeout`: PublishError (the event is on the primary and may still "
+        "be delivered). 0: the primary's answer is enough (a primary that dies before "
+        "replicating loses the last events). Covers `publish`, `publish_many` and the "
+        "outbox relay, not the workers' acks and retries.",
+    )
+    redis_replica_timeout: float = Field(
+        DEFAULT_REDIS_REPLICA_TIMEOUT,
+        gt=0,
+        le=MAX_TIMEOUT_LIMIT,
+        allow_inf_nan=False,
+        description="Seconds a publish waits for `redis_min_replicas` replicas to "
+        "acknowledge it (rounded up to the millisecond). Must be under "
+        "`redis_publish_timeout`, which bounds the whole call.",
+    )
+    redis_replica_fsync: bool = Field(
+        DEFAULT_REDIS_REPLICA_FSYNC,
+        description="With `redis_min_replicas`: wait until that many replicas wrote the "
+        "event to their append-only file on disk (Redis `WAITAOF`, Redis 7.2 and later; "
+        "an older server fails the publish, naming this setting) instead of until they "
+        "received it (`WAIT`).",
     )
     redis_unrouted_retention: float = Field(
         DEFAULT_REDIS_UNROUTED_RETENTION,
@@ -508,6 +546,19 @@ class EventBusSettings(BaseSettings):
                 f"must be under {ENV_PREFIX}KAFKA_SESSION_TIMEOUT_MS="
                 f"{self.kafka_session_timeout_ms} (a third of it is usual), or the group "
                 "evicts its workers between two heartbeats"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replica_wait_within_publish(self) -> EventBusSettings:
+        """The replicas' wait runs inside the publish call: a wait as long as the call's
+        bound would end every publish with "no answer" instead of the replica count."""
+        if self.redis_min_replicas and self.redis_replica_timeout >= self.redis_publish_timeout:
+            raise ValueError(
+                f"{ENV_PREFIX}REDIS_REPLICA_TIMEOUT={self.redis_replica_timeout:g} must be "
+                f"under {ENV_PREFIX}REDIS_PUBLISH_TIMEOUT={self.redis_publish_timeout:g} "
+                f"when {ENV_PREFIX}REDIS_MIN_REPLICAS is set (half of it is usual): the "
+                "replicas' wait is part of the publish call"
             )
         return self
 

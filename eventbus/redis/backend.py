@@ -32,8 +32,10 @@ with requires_extra("redis", __name__):
     import redis
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -51,9 +53,12 @@ import eventbus.redis.subscriptions as subs
 from eventbus.backends.base import Backend, OutgoingEvent, replay_message
 from eventbus.config import (
     DEFAULT_REDIS_MAX_CONNECTIONS,
+    DEFAULT_REDIS_MIN_REPLICAS,
     DEFAULT_REDIS_NAMESPACE,
     DEFAULT_REDIS_PUBLISH_TIMEOUT,
     DEFAULT_REDIS_REDELIVERY_TIMEOUT,
+    DEFAULT_REDIS_REPLICA_FSYNC,
+    DEFAULT_REDIS_REPLICA_TIMEOUT,
     DEFAULT_REDIS_UNROUTED_MAX_BYTES,
     DEFAULT_REDIS_UNROUTED_MAX_EVENTS,
     DEFAULT_REDIS_UNROUTED_RETENTION,
@@ -72,8 +77,15 @@ from eventbus.redis.broker import (
     ReliableRedisBroker,
 )
 from eventbus.redis.messages import InvalidMessage, encode_message, message_problem
-from eventbus.redis.resp import RespClient, RespConnectionError, RespError, RespReplyLost
+from eventbus.redis.resp import (
+    Command,
+    RespClient,
+    RespConnectionError,
+    RespError,
+    RespReplyLost,
+)
 from eventbus.redis.scripts import service_of
+from eventbus.redis.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
@@ -107,6 +119,8 @@ STAGE_TTL_MS = 300_000
 EVENT_OVERHEAD_BYTES = 64
 #: Seconds between two warnings about unrouted events dropped from the same topic.
 DROP_WARNING_INTERVAL = 60.0
+#: First Redis version with ``WAITAOF`` (the replicas' fsync), as (major, minor).
+WAITAOF_VERSION = (7, 2)
 #: Seconds health reports ``redis.unrouted`` degraded after events were dropped
 #: from the unrouted window (an hour: any probe interval sees it).
 DROP_HEALTH_SECONDS = 3600.0
@@ -133,6 +147,14 @@ class RedisBackend(Backend):
         topic for subscriptions not written yet; the oldest are dropped first.
       unrouted_warmup: Seconds after a topic's first subscription during which all
         of its events are kept for the other services' subscriptions written next.
+      min_replicas: Replicas that must acknowledge each publish before it returns
+        (Redis ``WAIT``, in the same round trip as the fan-out); fewer within
+        ``replica_timeout`` seconds raise :class:`~eventbus.exceptions.PublishError`
+        (the events are on the primary: they may still be delivered).  0: the
+        primary's answer is enough.  See ``docs/redis.md``, "Replica acknowledgements".
+      replica_timeout: Seconds to wait for them; under ``publish_timeout``.
+      replica_fsync: Wait until the replicas wrote the events to their append-only
+        file (``WAITAOF``, Redis 7.2+) rather than until they received them.
 
     Example::
 
@@ -154,6 +176,9 @@ class RedisBackend(Backend):
         unrouted_max_events: int = DEFAULT_REDIS_UNROUTED_MAX_EVENTS,
         unrouted_max_bytes: int = DEFAULT_REDIS_UNROUTED_MAX_BYTES,
         unrouted_warmup: float = DEFAULT_REDIS_UNROUTED_WARMUP,
+        min_replicas: int = DEFAULT_REDIS_MIN_REPLICAS,
+        replica_timeout: float = DEFAULT_REDIS_REPLICA_TIMEOUT,
+        replica_fsync: bool = DEFAULT_REDIS_REPLICA_FSYNC,
     ) -> None:
         #: The unrouted window (see ``docs/redis.md``).
         self.retention = subs.UnroutedRetention(
@@ -162,6 +187,13 @@ class RedisBackend(Backend):
         self._drops_warned: dict[str, float] = {}
         if redelivery_timeout <= 0 or publish_timeout <= 0:
             raise ConfigurationError("redelivery_timeout and publish_timeout must be > 0")
+        if min_replicas < 0 or (min_replicas and not 0 < replica_timeout < publish_timeout):
+            raise ConfigurationError(
+                f"min_replicas={min_replicas}, replica_timeout={replica_timeout:g}: "
+                "min_replicas must be >= 0 and replica_timeout > 0 and under "
+                f"publish_timeout={publish_timeout:g} (the replicas' wait is part of the "
+                "publish call)"
+            )
         if (
             not namespace
             or ":" in namespace
@@ -183,6 +215,11 @@ class RedisBackend(Backend):
         self.redelivery_timeout = redelivery_timeout
         self.publish_timeout = publish_timeout
         self.worker_threads = worker_threads
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
+        self.replica_fsync = replica_fsync
+        #: The command sent after each fan-out call (``WAIT``/``WAITAOF``), once known.
+        self._replica_wait: Command | None = None
         #: Seconds of silence after which a worker is declared dead.
         self.heartbeat_timeout = redelivery_timeout * HEARTBEAT_TIMEOUT_SHARE
         #: Seconds between a worker's heartbeats (and recovery passes).
@@ -217,6 +254,9 @@ class RedisBackend(Backend):
             unrouted_max_events=settings.redis_unrouted_max_events,
             unrouted_max_bytes=settings.redis_unrouted_max_bytes,
             unrouted_warmup=settings.redis_unrouted_warmup,
+            min_replicas=settings.redis_min_replicas,
+            replica_timeout=settings.redis_replica_timeout,
+            replica_fsync=settings.redis_replica_fsync,
         )
 
     # -- clients ----------------------------------------------------------------------
@@ -225,13 +265,18 @@ class RedisBackend(Backend):
     def sync_client(self) -> redis.Redis:
         """The synchronous client of workers, retries and the dead-letter store."""
         if self._sync_client is None:
-            self._sync_client = redis.Redis.from_url(
-                self.url,
-                socket_timeout=WORKER_SOCKET_TIMEOUT,
-                socket_connect_timeout=self.publish_timeout,
-                socket_keepalive=True,
-                health_check_interval=30,
-            )
+            options: dict[str, Any] = {
+                "socket_timeout": WORKER_SOCKET_TIMEOUT,
+                "socket_connect_timeout": self.publish_timeout,
+                "socket_keepalive": True,
+                "health_check_interval": 30,
+            }
+            if is_sentinel_url(self.url):
+                # Asks the sentinels on every new connection; a demoted primary's
+                # READONLY closes the connection, so the next command finds the new one.
+                self._sync_client = sentinel_client(parse_sentinel_url(self.url), **options)
+            else:
+                self._sync_client = redis.Redis.from_url(self.url, **options)
         return self._sync_client
 
     def _client(self) -> RespClient:
@@ -245,14 +290,22 @@ class RedisBackend(Backend):
         return client
 
     async def _script(self, script: str, args: list[Any]) -> Any:
+        return (await self._script_then(script, args))[0]
+
+    async def _script_then(
+        self, script: str, args: list[Any], then: tuple[Command, ...] = ()
+    ) -> list[Any]:
+        """Run ``script``, and the commands ``then`` right after it in the same write
+        (one round trip); returns the script's reply followed by theirs (error
+        replies of ``then`` as RespError instances)."""
         client = self._client()
         sha = _sha1(script)
-        reply = (await client.execute([("EVALSHA", sha, 0, *args)]))[0]
-        if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-            reply = (await client.execute([("EVAL", script, 0, *args)]))[0]
-        if isinstance(reply, RespError):
-            raise reply
-        return reply
+        replies = await client.execute([("EVALSHA", sha, 0, *args), *then])
+        if isinstance(replies[0], RespError) and str(replies[0]).startswith("NOSCRIPT"):
+            replies = await client.execute([("EVAL", script, 0, *args), *then])
+        if isinstance(replies[0], RespError):
+            raise replies[0]
+        return replies
 
     # -- Backend hooks ----------------------------------------------------------------
 
@@ -306,6 +359,11 @@ class RedisBackend(Backend):
                 logger.warning(
                     "Redis is not reachable yet (%s); publishing will fail until it is.", exc
                 )
+        if self.min_replicas and self.replica_fsync:
+            # A server without WAITAOF fails the start (ConfigurationError); one not
+            # reachable yet is asked at the first publish.
+            with contextlib.suppress(PublishError):
+                self._replica_wait = await self._replica_command_of_server()
         if not consume:
             return
         try:
@@ -438,8 +496,9 @@ class RedisBackend(Backend):
             stage,
             self._window_arg,
         ]
+        then = (await self._replica_command(),) if self.min_replicas else ()
         try:
-            reply = await self._script(lua.PUBLISH, head + args)
+            reply, *waited = await self._script_then(lua.PUBLISH, head + args, then)
         except RespReplyLost as exc:
             raise PublishError(
                 f"could not publish to Redis: {exc}. The request was sent, so the event(s) "
@@ -460,7 +519,64 @@ class RedisBackend(Backend):
             )
         if len(reply) > 2 + count:
             self._dropped(reply[2 + count :])
+        if waited:
+            self._check_replicas(waited[0])
         return unrouted
+
+    async def _replica_command(self) -> Command:
+        """``WAIT n ms``, or ``WAITAOF 0 n ms`` when the replicas' fsync is asked for
+        and the server has it (its version is read once, at start or here)."""
+        if self._replica_wait is None:
+            try:
+                self._replica_wait = await self._replica_command_of_server()
+            except ConfigurationError as exc:
+                raise PublishError(f"{exc}; nothing was published") from None
+        return self._replica_wait
+
+    async def _replica_command_of_server(self) -> Command:
+        """The replicas' wait command for the server; raises ConfigurationError when
+        ``replica_fsync`` is asked of a server without ``WAITAOF``, PublishError when
+        the server cannot be asked."""
+        ms = max(1, math.ceil(self.replica_timeout * 1000))
+        if not self.replica_fsync:
+            return ("WAIT", self.min_replicas, ms)
+        try:
+            info = await self._client().call("INFO", "server")
+        except (RespConnectionError, RespError) as exc:
+            raise PublishError(
+                f"could not read the Redis server's version: {exc}; nothing was published"
+            ) from exc
+        version = _server_version(info)
+        if version is None or version[:2] < WAITAOF_VERSION:
+            shown = ".".join(map(str, version)) if version else "an unknown version"
+            raise ConfigurationError(
+                f"EVENTBUS_REDIS_REPLICA_FSYNC=true needs Redis "
+                f"{'.'.join(map(str, WAITAOF_VERSION))} or later (WAITAOF); the server at "
+                f"{self.address()} runs {shown}: upgrade it, or set "
+                "EVENTBUS_REDIS_REPLICA_FSYNC=false to wait for the replicas' receipt (WAIT)"
+            )
+        return ("WAITAOF", 0, self.min_replicas, ms)
+
+    def _check_replicas(self, reply: Any) -> None:
+        """Raise PublishError unless ``min_replicas`` replicas acknowledged the call
+        (``WAIT`` answers their count, ``WAITAOF`` [local fsyncs, replica fsyncs])."""
+        what = "received" if not self.replica_fsync else "wrote to disk"
+        if isinstance(reply, RespError):
+            problem = f"Redis could not count the replicas that {what} them: {reply}"
+        else:
+            acked = int(reply[1] if isinstance(reply, list) else reply)
+            if acked >= self.min_replicas:
+                return
+            problem = (
+                f"only {acked} replica(s) {what} them within {self.replica_timeout:g}s, "
+                f"{self.min_replicas} required (EVENTBUS_REDIS_MIN_REPLICAS)"
+            )
+        raise PublishError(
+            f"the event(s) were written on the Redis primary but {problem}: they may still "
+            "be delivered (at least once), or be lost if the primary fails before its "
+            "replicas have them. Publishing them again can deliver them twice (handlers "
+            "see the same event id); check the replicas (INFO replication)"
+        )
 
     async def _stage(self, args: list[Any]) -> str:
         """Send the events of ``args`` (4 items each) in chunks of at most
@@ -743,6 +859,17 @@ def _check_envelope(envelope: bytes, outgoing: OutgoingEvent) -> None:
         f"the envelope of event {outgoing.event.event_id} (topic {outgoing.event.topic}) is "
         f"not one JSON object ({problem}); nothing of this call was published"
     )
+
+
+def _server_version(info: bytes) -> tuple[int, ...] | None:
+    """``redis_version`` of an ``INFO server`` reply, as numbers (None if absent)."""
+    for line in info.decode(errors="replace").splitlines():
+        if line.startswith("redis_version:"):
+            try:
+                return tuple(int(part) for part in line.split(":", 1)[1].strip().split("."))
+            except ValueError:
+                return None
+    return None
 
 
 _SHA_CACHE: dict[str, str] = {}
