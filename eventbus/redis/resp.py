@@ -30,6 +30,16 @@ Example::
     [pushed] = await client.execute([(b"RPUSH", b"q", b"payload")])
     await client.close()
 
+With a ``redis+sentinel://`` URL (:mod:`eventbus.redis.sentinel`) the client
+finds the primary itself: before opening a connection it asks the sentinels
+(``SENTINEL get-master-addr-by-name``, the first that answers wins) and checks
+the server with ``ROLE`` in the connection's setup.  A lost connection is
+replaced by a new one, which asks again; a ``READONLY`` reply (a demoted
+primary) retires every connection and runs the call once more on the primary
+the sentinels name now (a replica refuses every write, so nothing of the call
+ran).  While no primary can be found, calls fail with
+:class:`RespConnectionError` (they never left).
+
 It is an implementation detail of :mod:`eventbus.redis.backend`, not a
 general-purpose Redis client (no pub/sub, no RESP3, no cluster).
 """
@@ -41,6 +51,8 @@ import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
+
+from eventbus.redis.sentinel import SentinelAddress, is_sentinel_url, parse_sentinel_url
 
 #: Default bound, in seconds, on one call (connecting included).
 DEFAULT_TIMEOUT = 2.0
@@ -200,6 +212,8 @@ class _Connection(asyncio.Protocol):
         self.waiters: deque[tuple[asyncio.Future[list[Any]], list[Any], int, float]] = deque()
         self.parser = _Parser()
         self.closed = False
+        #: Closing once its pending calls are answered (the server was demoted).
+        self.retiring = False
         self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -223,6 +237,14 @@ class _Connection(asyncio.Protocol):
             waiters.popleft()
             if not future.done():
                 future.set_result(replies)
+        if self.retiring and self.transport is not None:
+            self.transport.close()
+
+    def retire(self) -> None:
+        """Take no new call; close once the pending ones are answered."""
+        self.retiring = self.closed = True
+        if not self.waiters and self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -280,6 +302,8 @@ class RespClient:
       ssl_context: TLS context for ``rediss://``.
       timeout: Seconds one call may take, connecting included.
       max_connections: Connections the pool may open.
+      sentinel: Find the primary through these sentinels (``host`` and ``port``
+        are then the primary last found).
 
     A client belongs to the event loop it is first used on.
     """
@@ -296,7 +320,9 @@ class RespClient:
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        sentinel: SentinelAddress | None = None,
     ) -> None:
+        self.sentinel = sentinel
         self.host = host
         self.port = port
         self.db = db
@@ -308,6 +334,8 @@ class RespClient:
         self.max_connections = max(1, max_connections)
         self._connections: list[_Connection] = []
         self._connecting = 0
+        #: One client per sentinel, in the order to ask them (the last that answered first).
+        self._sentinels: list[RespClient] = []
 
     @classmethod
     def from_url(
@@ -318,7 +346,8 @@ class RespClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> RespClient:
         """A client for ``redis://[[user]:password@]host[:port][/db]``, ``rediss://``
-        (TLS) or ``unix:///path?db=N``.
+        (TLS), ``unix:///path?db=N`` or ``redis+sentinel://`` (see
+        :mod:`eventbus.redis.sentinel`).
 
         The URL is read by redis-py's own parser, so the publishing client and the
         workers' redis-py clients agree on every option: the database, credentials
@@ -333,11 +362,23 @@ class RespClient:
         """
         from redis.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
+        if is_sentinel_url(url):
+            address = parse_sentinel_url(url)
+            _check_tls_options(address.options)
+            return cls(
+                host="",
+                port=0,
+                db=address.db,
+                username=address.username,
+                password=address.password,
+                ssl_context=_ssl_context(address.options) if address.tls else None,
+                timeout=timeout,
+                max_connections=max_connections,
+                sentinel=address,
+            )
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         connection_class = options.pop("connection_class", None)
-        unsupported = sorted(k for k in options if k.startswith("ssl_") and k not in _TLS_OPTIONS)
-        if unsupported:
-            raise ValueError(f"TLS option(s) {', '.join(unsupported)} are not supported")
+        _check_tls_options(options)
         context = None
         if connection_class is SSLConnection:
             context = _ssl_context(options)
@@ -355,9 +396,45 @@ class RespClient:
             max_connections=max_connections,
         )
 
+    async def _discover(self, sentinel: SentinelAddress) -> tuple[str, int]:
+        """The primary's address, as the first sentinel that answers names it."""
+        if not self._sentinels:
+            self._sentinels = [
+                RespClient(
+                    host,
+                    port,
+                    username=sentinel.sentinel_username,
+                    password=sentinel.sentinel_password,
+                    ssl_context=self.ssl_context,
+                    timeout=self.timeout,
+                    max_connections=1,
+                )
+                for host, port in sentinel.sentinels
+            ]
+        failures = []
+        for client in list(self._sentinels):
+            try:
+                reply = await client.call("SENTINEL", "get-master-addr-by-name", sentinel.master)
+            except (RespConnectionError, RespError) as exc:
+                failures.append(f"{client._address}: {exc}")
+                continue
+            if not reply:
+                failures.append(f"{client._address}: no master named {sentinel.master!r}")
+                continue
+            self._sentinels.remove(client)
+            self._sentinels.insert(0, client)
+            return reply[0].decode(), int(reply[1])
+        raise RespConnectionError(
+            f"no sentinel named a primary for {sentinel.master!r} ({'; '.join(failures)}): "
+            "check the sentinels' addresses and the master name of EVENTBUS_REDIS_URL"
+        )
+
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         transport: asyncio.BaseTransport
+        sentinel = self.sentinel
+        if sentinel is not None:
+            self.host, self.port = await self._discover(sentinel)
         if self.unix_path:
             transport, conn = await loop.create_unix_connection(
                 self._protocol, self.unix_path, ssl=self.ssl_context
@@ -375,12 +452,21 @@ class RespClient:
             setup.append(auth)
         if self.db:
             setup.append(("SELECT", self.db))
+        if sentinel is not None:
+            setup.append(("ROLE",))
         if setup:
             replies = await conn.send(b"".join(encode_command(c) for c in setup), len(setup))
             for reply in replies:
                 if isinstance(reply, RespError):
                     transport.close()
                     raise RespConnectionError(f"Redis refused the connection setup: {reply}")
+            if sentinel is not None and replies[-1][0] != b"master":
+                transport.close()
+                role = replies[-1][0].decode(errors="replace")
+                raise RespConnectionError(
+                    f"the sentinels name {self._address} as the primary of {sentinel.master!r}, "
+                    f"but it is a {role} (a failover in progress?)"
+                )
         return conn
 
     def _protocol(self) -> _Connection:
@@ -427,6 +513,17 @@ class RespClient:
             the commands were sent: they did not run.
         """
         payload = b"".join([encode_command(c) for c in commands])
+        replies = await self._send(payload, len(commands))
+        if self.sentinel is not None and any(_readonly(r) for r in replies):
+            # A demoted primary: it refused every write of the call.  Leave it
+            # and run the call once on the primary the sentinels name now.
+            for conn in self._connections:
+                conn.retire()
+            self._connections = []
+            replies = await self._send(payload, len(commands))
+        return replies
+
+    async def _send(self, payload: bytes, expected: int) -> list[Any]:
         conn = self._pick()
         if conn is None:
             try:
@@ -438,7 +535,7 @@ class RespClient:
                 ) from None
             except OSError as exc:
                 raise RespConnectionError(f"cannot reach Redis at {self._address}: {exc}") from exc
-        return await conn.send(payload, len(commands))
+        return await conn.send(payload, expected)
 
     async def call(self, *args: bytes | str | int | float) -> Any:
         """Run one command and return its reply; an error reply is raised as RespError."""
@@ -449,6 +546,8 @@ class RespClient:
 
     @property
     def _address(self) -> str:
+        if self.sentinel is not None and not self.host:
+            return f"the primary of {self.sentinel.master!r} (not found yet)"
         return self.unix_path or f"{self.host}:{self.port}"
 
     async def close(self) -> None:
@@ -457,4 +556,17 @@ class RespClient:
         for conn in connections:
             if conn.transport is not None:
                 conn.transport.close()
+        sentinels, self._sentinels = self._sentinels, []
+        for client in sentinels:
+            await client.close()
         await asyncio.sleep(0)
+
+
+def _readonly(reply: Any) -> bool:
+    return isinstance(reply, RespError) and str(reply).startswith("READONLY")
+
+
+def _check_tls_options(options: dict[str, Any]) -> None:
+    unsupported = sorted(k for k in options if k.startswith("ssl_") and k not in _TLS_OPTIONS)
+    if unsupported:
+        raise ValueError(f"TLS option(s) {', '.join(unsupported)} are not supported")
