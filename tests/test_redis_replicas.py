@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -344,3 +347,25 @@ def test_a_replica_wait_as_long_as_the_publish_call_is_refused(
     # Without replicas to wait for, the timeout is not used and not checked.
     monkeypatch.setenv("EVENTBUS_REDIS_MIN_REPLICAS", "0")
     assert EventBusSettings().redis_replica_timeout == 2.0
+
+
+# -- benchmark --------------------------------------------------------------------------
+
+
+def test_replicas_bench_smoke_prints_both_settings_measured() -> None:
+    """bench/redis_replicas_bench.py runs: publish/s with MIN_REPLICAS=1 next to 0."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "redis_replicas_bench.py"), "--smoke"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("| publish one by one |", "| publish, 64 concurrent callers |"):
+        [line] = [line for line in done.stdout.splitlines() if line.startswith(row)]
+        cells = [cell.strip().replace(",", "") for cell in line.strip("|").split("|")]
+        zero, one = float(cells[1]), float(cells[2])
+        assert zero > 0 and one > 0, line
