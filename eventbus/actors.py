@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 import dramatiq
 from dramatiq import Middleware
+from dramatiq.middleware import MiddlewareError
 
 from eventbus.bus import EventBus
 from eventbus.config import EventBusSettings
@@ -57,6 +58,10 @@ BRIDGE_STOP_MARGIN = 5.0
 def handler_modules(value: str) -> list[str]:
     """The module names in a comma-separated ``EVENTBUS_HANDLERS`` value."""
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+class WorkerBootError(MiddlewareError):
+    """A ``dramatiq eventbus.actors`` process could not start handling events."""
 
 
 class DeclareHandlers(Middleware):
@@ -74,8 +79,19 @@ class DeclareHandlers(Middleware):
         self._stop_backend: Callable[[float], None] | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # dramatiq logs what a hook raises and boots the Worker anyway: a worker
+        # whose handlers failed to import would then report "ready for action" and
+        # handle nothing.  A MiddlewareError propagates: the process exits non-zero.
+        try:
+            self._boot()
+        except Exception as exc:
+            logger.critical("This worker cannot start: %s", exc, exc_info=True)
+            raise WorkerBootError(f"this worker cannot start: {exc}") from exc
+
+    def _boot(self) -> None:
         for name in self.modules:
             importlib.import_module(name)
+        self.bus.check_service(consume=True)
         # The backend decides how this process handles events: on Redis the bus
         # declares the actors (the Worker then consumes their queues with its
         # --threads); on Kafka a bridge consumes on its own loop and thread.

@@ -91,6 +91,31 @@ def _tracer(settings: EventBusSettings, backend: Backend) -> EventTracer:
     return NoopTracer()
 
 
+#: Derived service names that say nothing about the code: two codebases with a flat
+#: ``handlers.py`` would share one service (and split its events).  A worker refuses
+#: them unless ``EVENTBUS_SERVICE`` is set.
+GENERIC_SERVICE_NAMES = frozenset(
+    {
+        DEFAULT_SERVICE,
+        "handlers",
+        "handler",
+        "app",
+        "application",
+        "main",
+        "tasks",
+        "worker",
+        "workers",
+        "events",
+        "consumers",
+        "subscribers",
+        "src",
+        "api",
+        "service",
+        "services",
+    }
+)
+
+
 def service_name(handlers: Iterable[HandlerSpec]) -> str:
     """The default service name: the one top-level package the handlers come from.
 
@@ -271,6 +296,7 @@ class EventBus:
             )
         self.subscriptions.subscribe_all()
         self.subscriptions.service = self.service
+        self.check_service(self.consumes)
         await self.backend.start(self.consumes)
         self._started = True
         if self.outbox is not None:
@@ -282,6 +308,32 @@ class EventBus:
             "here" if self.consumes else "in workers",
             len(self.subscriptions.topics),
         )
+
+    def check_service(self, consume: bool) -> None:
+        """Refuse to consume under a generic derived service name on a shared backend.
+
+        Two codebases with a flat ``handlers.py`` both derive the service
+        ``handlers``: their workers would share one subscription and split its
+        events.  Names in :data:`GENERIC_SERVICE_NAMES` need ``EVENTBUS_SERVICE``.
+
+        Raises:
+          ConfigurationError: ``consume`` on Redis or Kafka, no ``EVENTBUS_SERVICE``,
+            and the handlers' package gives a generic name.
+        """
+        service = self.service
+        if (
+            consume
+            and not self.backend.always_consumes
+            and not self.settings.service
+            and self.registry.all_handlers()
+            and service in GENERIC_SERVICE_NAMES
+        ):
+            raise ConfigurationError(
+                f"this worker's service would be named {service!r} after "
+                "the package of its handlers, a name other codebases derive too (their "
+                "workers would share its subscriptions and split its events): set "
+                "EVENTBUS_SERVICE to this service's own name, e.g. EVENTBUS_SERVICE=billing"
+            )
 
     async def stop(self) -> None:
         """Finish in-flight handlers (within ``settings.shutdown_timeout``) and stop.
