@@ -43,10 +43,12 @@ previous succeeded or was dead-lettered, retries included.
 
 **Poison records** (no value, not JSON, nested too deeply, not an envelope,
 invalid fields, an event type this process does not know unless
-``accept_unknown_types``, or anything else that raises while the record is
-decoded) go to the DLQ topic with the reason and count as finished: they never
-stall their partition and never restart the consumer.  A poison value that
-nests more than :data:`~eventbus.events.MAX_DEPTH` levels is kept as text.
+``accept_unknown_types`` or every handler of the topic declares its own event
+class (each validates the fields into its class, as on every backend), or
+anything else that raises while the record is decoded) go to the DLQ topic with
+the reason and count as finished: they never stall their partition and never
+restart the consumer.  A poison value that nests more than
+:data:`~eventbus.events.MAX_DEPTH` levels is kept as text.
 
 **Errors.**  When the consumer fails, the bridge drops its in-flight state (those
 records are delivered again), closes the consumer and reconnects with an
@@ -82,6 +84,7 @@ from dramatiq.middleware import SkipMessage
 
 import eventbus.keys as keys
 from eventbus.backends.base import handler_message
+from eventbus.events import BaseEvent, UnknownEvent
 from eventbus.exceptions import ShutdownError
 from eventbus.kafka.config import HEADER_REPLAY_HANDLER, KafkaConfig
 from eventbus.kafka.partitions import (
@@ -508,15 +511,15 @@ class KafkaBridge:
     def _dispatch(self, entry: _Record, record: ConsumerRecord) -> None:
         """Hand ``record`` (counted as ``entry`` by the ledger) to its handlers."""
         headers = {k: v for k, v in record.headers or ()}
+        actors = self.route(record.topic)
         try:
-            envelope = decode_record(record, self.accept_unknown_types)
+            envelope = decode_record(record, self.accept_unknown_types, typed=_typed(actors))
             options = record_options(record, envelope, headers)
         except Exception as exc:  # RecursionError included: no record stops its partition
             reason = str(exc) if isinstance(exc, Poison) else f"{type(exc).__name__}: {exc}"
             entry.remaining = 1
             self._dead_letter_poison(entry, record, headers, reason)
             return
-        actors = self.route(record.topic)
         replay_to = headers.get(HEADER_REPLAY_HANDLER)
         if replay_to is not None:
             target = replay_to.decode("utf-8", "replace")
@@ -669,6 +672,20 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.bridge.assigned(set(assigned))
+
+
+def _typed(actors: list[Actor[Any, Any]]) -> bool:
+    """Whether every one of ``actors`` (at least one) validates payloads into its own
+    event class (``@on_event(OrderPlaced)``), so the envelope's type name matters
+    to none of them."""
+    if not actors:
+        return False
+    for actor in actors:
+        spec = actor.options.get(keys.HANDLER)
+        cls = getattr(spec, "event_type", None)
+        if cls is None or cls is BaseEvent or issubclass(cls, UnknownEvent):
+            return False
+    return True
 
 
 async def _ended(task: asyncio.Future[Any]) -> None:
