@@ -289,6 +289,34 @@ async def test_fsync_on_a_server_without_waitaof_fails_the_start(
         await bus.start()
 
 
+async def test_fsync_asked_of_a_server_unreachable_at_start_fails_the_first_publish(
+    pair: Pair,
+) -> None:
+    version = tuple(int(p) for p in pair.p.info("server")["redis_version"].split("."))
+    if version >= (7, 2):
+        pytest.skip("this Redis has WAITAOF")
+    late = RedisServer()  # a free port, nothing listening yet
+    bus = EventBus(
+        backend=RedisBackend(
+            url=late.url, min_replicas=1, replica_fsync=True, replica_timeout=REPLICA_TIMEOUT
+        ),
+        settings=EventBusSettings(shutdown_timeout=2.0),
+    )
+    try:
+        await bus.start()  # publishing only: an unreachable Redis is a warning
+        late.start()
+        with pytest.raises(PublishError, match=r"EVENTBUS_REDIS_REPLICA_FSYNC.*7\.2") as caught:
+            await bus.publish(h.Numbered(n=1))
+        assert "nothing was published" in str(caught.value)
+        assert redis.Redis(host=HOST, port=late.port).dbsize() == 0
+    finally:
+        await bus.stop()
+        broker = bus.backend.broker  # type: ignore[attr-defined]
+        if broker is not None:
+            broker.close()
+        late.stop()
+
+
 # -- settings ---------------------------------------------------------------------------
 
 
