@@ -410,6 +410,9 @@ class RedisBackend(Backend):
             the events: the message says why); or the request was sent and no
             answer came in time: the message then says the events *may* have been
             published (publishing them again can deliver them twice).
+            With ``min_replicas``, fewer replicas acknowledged the call in time:
+            the message says the events are on the primary and may still be
+            delivered (at least once).
           UnroutedError: ``strict`` and a topic has no subscription; nothing published.
         """
         args: list[Any] = []
