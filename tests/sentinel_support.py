@@ -27,12 +27,13 @@ FAILOVER_TIMEOUT_MS = 5000
 
 
 class SentinelCluster:
-    """One primary, one replica, three sentinels; ``url`` is the Sentinel URL."""
+    """One primary, ``replicas`` replicas, three sentinels; ``url`` is the Sentinel URL."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, replicas: int = 1) -> None:
         self.directory = directory
         self.primary = RedisServer()
-        self.replica = RedisServer()
+        self.replicas = [RedisServer() for _ in range(replicas)]
+        self.replica = self.replicas[0]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
@@ -42,9 +43,15 @@ class SentinelCluster:
         return f"redis+sentinel://{hosts}/{MASTER}/0"
 
     def start(self) -> SentinelCluster:
-        self.primary.start()
-        self.replica.args = ("--replicaof", HOST, str(self.primary.port))
-        self.replica.start()
+        # Each server in a directory of its own: a replica writes the snapshot of
+        # its full sync there (not in the working directory).
+        for server in (self.primary, *self.replicas):
+            data = self.directory / f"redis-{server.port}"
+            data.mkdir()
+            server.args = ("--dir", str(data))
+            if server is not self.primary:
+                server.args += ("--replicaof", HOST, str(self.primary.port))
+            server.start()
         binary = shutil.which("redis-server")
         assert binary is not None
         for port in self.sentinel_ports:
@@ -67,15 +74,16 @@ class SentinelCluster:
         return redis.Redis(HOST, self.sentinel_ports[index], socket_timeout=1)
 
     def _ready(self) -> bool:
-        """Every sentinel knows the replica and the two other sentinels, and the
-        replica is in sync (otherwise a failover could not promote it)."""
+        """Every sentinel knows the replicas and the two other sentinels, and the
+        replicas are in sync (otherwise a failover could not promote one)."""
         try:
-            info = redis.Redis(HOST, self.replica.port, socket_timeout=1).info("replication")
-            if info.get("master_link_status") != "up":
-                return False
+            for replica in self.replicas:
+                info = redis.Redis(HOST, replica.port, socket_timeout=1).info("replication")
+                if info.get("master_link_status") != "up":
+                    return False
             for index in range(len(self.sentinel_ports)):
                 client = self.sentinel(index)
-                if len(client.sentinel_slaves(MASTER)) < 1:
+                if len(client.sentinel_slaves(MASTER)) < len(self.replicas):
                     return False
                 if len(client.sentinel_sentinels(MASTER)) < len(self.sentinel_ports) - 1:
                     return False
@@ -103,15 +111,22 @@ class SentinelCluster:
                     return int(address[1])
         return None
 
+    def promoted(self) -> RedisServer | None:
+        """The replica the sentinels name as the primary, if one is."""
+        port = self.master_port()
+        return next((r for r in self.replicas if r.port == port), None)
+
     def wait_promoted(self, timeout: float = 15.0) -> float:
-        """Wait until the replica is the primary (the sentinels say so and it answers
+        """Wait until a replica is the primary (the sentinels say so and it answers
         ROLE master); returns the seconds it took."""
         started = time.monotonic()
         while True:
             with contextlib.suppress(redis.RedisError):
-                role = redis.Redis(HOST, self.replica.port, socket_timeout=1).role()
-                if self.master_port() == self.replica.port and role[0] == b"master":
-                    return time.monotonic() - started
+                replica = self.promoted()
+                if replica is not None:
+                    role = redis.Redis(HOST, replica.port, socket_timeout=1).role()
+                    if role[0] == b"master":
+                        return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"the replica was not promoted within {timeout:g}s")
             time.sleep(0.05)
@@ -126,5 +141,5 @@ class SentinelCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        self.replica.stop()
-        self.primary.stop()
+        for server in (*self.replicas, self.primary):
+            server.stop()

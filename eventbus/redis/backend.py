@@ -79,6 +79,7 @@ from eventbus.redis.broker import (
 from eventbus.redis.messages import InvalidMessage, encode_message, message_problem
 from eventbus.redis.resp import (
     Command,
+    PrimaryNotFound,
     RespClient,
     RespConnectionError,
     RespError,
@@ -710,6 +711,17 @@ class RedisBackend(Backend):
             rtt = (time.perf_counter() - started) * 1000
             rows, window = await asyncio.to_thread(self._health_reads)
         except (RespConnectionError, RespError, redis.RedisError) as exc:
+            if is_sentinel_url(self.url) and not isinstance(exc, PrimaryNotFound | RespError):
+                # The sentinels answer, but the primary they name does not: a failover
+                # (seconds) until they promote a replica; publishes fail meanwhile.
+                detail = (
+                    f"the primary cannot be reached (a failover in progress?): {exc}; "
+                    "publishes fail until the sentinels name a reachable primary"
+                )
+                return [
+                    HealthResult(broker_name, HealthStatus.DEGRADED, detail),
+                    HealthResult(workers_name, HealthStatus.DEGRADED, "unknown: no primary"),
+                ]
             return [
                 HealthResult(broker_name, HealthStatus.UNHEALTHY, f"unreachable: {exc}"),
                 HealthResult(workers_name, HealthStatus.UNHEALTHY, "unknown: Redis unreachable"),

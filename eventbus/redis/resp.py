@@ -111,6 +111,11 @@ class RespConnectionError(ConnectionError):
     """The connection failed, was lost, or a call timed out."""
 
 
+class PrimaryNotFound(RespConnectionError):
+    """No sentinel named a primary: none answered, or none knows the master name
+    (a configuration or network problem, not a failover in progress)."""
+
+
 class RespReplyLost(RespConnectionError):
     """A call was sent but its reply did not arrive (timed out, or the connection
     was lost): Redis may have run its commands.  Any other
@@ -424,7 +429,7 @@ class RespClient:
             self._sentinels.remove(client)
             self._sentinels.insert(0, client)
             return reply[0].decode(), int(reply[1])
-        raise RespConnectionError(
+        raise PrimaryNotFound(
             f"no sentinel named a primary for {sentinel.master!r} ({'; '.join(failures)}): "
             "check the sentinels' addresses and the master name of EVENTBUS_REDIS_URL"
         )
@@ -533,6 +538,10 @@ class RespClient:
                 raise RespConnectionError(
                     f"no answer from Redis at {self._address} within {self.timeout:g}s"
                 ) from None
+            except RespReplyLost as exc:  # the connection's setup, not this call, was sent
+                raise RespConnectionError(f"cannot reach Redis at {self._address}: {exc}") from exc
+            except RespConnectionError:
+                raise
             except OSError as exc:
                 raise RespConnectionError(f"cannot reach Redis at {self._address}: {exc}") from exc
         return await conn.send(payload, expected)
