@@ -277,7 +277,9 @@ class EventBusSettings(BaseSettings):
     redis_url: str = Field(
         DEFAULT_REDIS_URL,
         description="Redis server of the redis backend (`redis://`, `rediss://` for TLS, "
-        "`unix://`; user, password and database in the URL). Errors, logs, health details "
+        "`unix://`; user, password and database in the URL), or its Sentinels "
+        "(`redis+sentinel://host1:26379,host2:26379/<master-name>[/db]`, "
+        "`?sentinel_password=`; see docs/redis.md, Sentinel). Errors, logs, health details "
         "and the CLI show it with its password (userinfo or `?password=`, "
         "`ssl_password=`...) as `***`.",
     )
