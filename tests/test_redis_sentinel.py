@@ -5,6 +5,9 @@ sentinels on loopback: :class:`tests.sentinel_support.SentinelCluster`)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from eventbus import EventBus
+from eventbus import EventBus, EventBusSettings
+from eventbus.dlq import FailedEvent
 from eventbus.exceptions import ConfigurationError
 from eventbus.health import HealthStatus
 from eventbus.redact import redact_url
@@ -29,6 +33,7 @@ from tests.sentinel_support import MASTER, SentinelCluster  # noqa: E402
 pytest_plugins = ["tests.redis_support"]
 
 MODULES = ("tests.reliability.handlers",)
+SCRIPT = Path(sys.executable).with_name("eventbus")
 #: Seconds a failover may take here (down-after 1 s, then the election).
 FAILOVER_BOUND = 15.0
 
@@ -113,6 +118,28 @@ def test_sentinel_url_shown_without_either_password() -> None:
 # -- against real servers ----------------------------------------------------------------
 
 
+def dead_letter(record_id: str) -> FailedEvent:
+    return FailedEvent(
+        id=record_id,
+        event=None,
+        envelope={"type": "x.Charge", "event": {"topic": "charges"}},
+        topic="charges",
+        handler="charges:ledger",
+        queue="tests.eventbus",
+        attempts=1,
+        error="ledger unavailable",
+        error_type="ConnectionError",
+        traceback="Traceback (most recent call last):\nConnectionError: ledger unavailable\n",
+    )
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    return subprocess.run(
+        [str(SCRIPT), *args], env={**full_env, **env}, capture_output=True, text=True, timeout=30
+    )
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
     require_redis_server_binary()
@@ -154,9 +181,14 @@ async def test_publisher_and_worker_follow_a_coordinated_failover(
         await wait_for(lambda: not ledger.missing({1}), 10, "the event before the failover")
         old = redis.Redis.from_url(cluster.primary.url)
         assert old.role()[0] == b"master"  # otherwise the test proves nothing
+        # A dead letter written through the backend's store (the Sentinel client).
+        store = bus.backend.dead_letter_store(EventBusSettings())  # type: ignore[attr-defined]
+        store.add(dead_letter("before-failover"))
 
         assert cluster.sentinel().execute_command("SENTINEL", "FAILOVER", MASTER)
         await asyncio.to_thread(cluster.wait_promoted, FAILOVER_BOUND)
+        # Sentinel demotes the old primary (and closes its clients) when it next
+        # polls it, up to 10 s later; until then it still takes writes (docs/redis.md).
         await wait_for(lambda: old.role()[0] == b"slave", FAILOVER_BOUND, "the demotion")
 
         await bus.publish(Tracked(n=2))  # no PublishError: found the new primary
@@ -166,6 +198,19 @@ async def test_publisher_and_worker_follow_a_coordinated_failover(
         # The worker's heartbeat and the subscriptions are on the new primary.
         assert new.hlen(f"{namespace}:workers") >= 1 and new.hlen(f"{namespace}:subs") >= 1
         assert ledger.refresh().done[2] == 1
+        # The dead letter survived, and the CLI finds it through the Sentinel URL.
+        assert store.get("before-failover") is not None
+        done = run_cli(
+            {
+                "EVENTBUS_BACKEND": "redis",
+                "EVENTBUS_REDIS_URL": cluster.url,
+                "EVENTBUS_REDIS_NAMESPACE": namespace,
+            },
+            "dlq",
+            "list",
+        )
+        assert done.returncode == 0, done.stderr
+        assert "before-failover" in done.stdout
     finally:
         workers.stop_all()
 
