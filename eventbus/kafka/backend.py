@@ -77,6 +77,7 @@ from eventbus.kafka.config import (
     HEADER_EVENT_TYPE,
     HEADER_REPLAY_HANDLER,
     HEADER_REPLAY_OF,
+    HEADER_REPLAY_SERVICE,
     HEADER_TRACEPARENT,
     TRACE_CONTEXT_HEADERS,
     KafkaConfig,
@@ -84,6 +85,7 @@ from eventbus.kafka.config import (
 )
 from eventbus.kafka.dlq import KafkaDeadLetterStore
 from eventbus.kafka.lag import LagReader
+from eventbus.kafka.records import POISON_HANDLER, dead_letter_address
 from eventbus.redact import redact_url
 from eventbus.routing import Router, Subscriptions
 
@@ -353,6 +355,7 @@ class KafkaBackend(Backend):
                 max_in_flight=self.max_in_flight,
                 revoke_timeout=self.revoke_timeout,
                 accept_unknown_types=self.accept_unknown_types,
+                service=self.subscriptions.service,
             )
             self.bridge.start()
 
@@ -474,9 +477,18 @@ class KafkaBackend(Backend):
     def replay(self, record: FailedEvent) -> None:
         """Publish a dead letter's event again, for the handler that failed on it only.
 
-        The record goes to the event's topic with the ``eventbus-replay-handler``
-        header: whichever worker of the group gets it runs that one handler.
-        Blocking: it writes through the dead-letter store's producer.
+        The record goes to the event's topic with the service and the handler its
+        dead-letter id names (``eventbus-replay-service``,
+        ``eventbus-replay-handler``): every service's group reads it, the workers of
+        that service run that one handler (a poison record's: every handler of the
+        topic), the others let it pass.  A worker of that service without such a
+        handler writes the dead letter back with the reason: a replay never loses
+        it.  Blocking: it writes through the dead-letter store's producer.
+
+        Raises:
+          BackendError: No topic or envelope, or a poison record's dead letter from
+            before dead letters named their service (no handler can be addressed;
+            the record is kept).
         """
         topic = record.topic
         envelope = record.envelope
@@ -484,13 +496,28 @@ class KafkaBackend(Backend):
             raise BackendError(
                 f"cannot replay dead letter {record.id}: no topic or envelope", backend=self.name
             )
-        event = envelope.get("event")
-        key = str(event.get("event_id", "")) if isinstance(event, dict) else ""
+        address = dead_letter_address(record)
         headers = [
-            (HEADER_REPLAY_HANDLER, record.handler.encode()),
             (HEADER_CORRELATION_ID, record.correlation_id.encode()),
             (HEADER_REPLAY_OF, record.id.encode()),
         ]
+        if address is not None:
+            service, handler = address
+            headers.append((HEADER_REPLAY_SERVICE, service.encode()))
+            if handler != POISON_HANDLER:
+                headers.append((HEADER_REPLAY_HANDLER, handler.encode()))
+        elif record.handler == POISON_HANDLER:
+            raise BackendError(
+                f"cannot replay dead letter {record.id}: it was set aside before any "
+                "handler saw it, and it does not name the service whose workers did "
+                "(dead letters written before ids named service and handler); kept. "
+                "Use replay_edited with the event, or publish the event again",
+                backend=self.name,
+            )
+        else:  # an older handler failure: its handler name alone addresses it
+            headers.append((HEADER_REPLAY_HANDLER, record.handler.encode()))
+        event = envelope.get("event")
+        key = str(event.get("event_id", "")) if isinstance(event, dict) else ""
         self.dead_letters.send(topic, to_json(envelope), key.encode() or None, headers)
 
     # -- waiting and health ------------------------------------------------------------

@@ -86,7 +86,12 @@ import eventbus.keys as keys
 from eventbus.backends.base import handler_message
 from eventbus.events import BaseEvent, UnknownEvent
 from eventbus.exceptions import ShutdownError
-from eventbus.kafka.config import HEADER_REPLAY_HANDLER, KafkaConfig
+from eventbus.kafka.config import (
+    HEADER_REPLAY_HANDLER,
+    HEADER_REPLAY_OF,
+    HEADER_REPLAY_SERVICE,
+    KafkaConfig,
+)
 from eventbus.kafka.partitions import (
     COMMIT_INTERVAL,
     PAUSE_AFTER,
@@ -94,7 +99,16 @@ from eventbus.kafka.partitions import (
     Partition,
     PartitionLedger,
 )
-from eventbus.kafka.records import Poison, decode_record, poison_dead_letter, record_options
+from eventbus.kafka.records import (
+    POISON_HANDLER,
+    Poison,
+    dead_letter_id,
+    decode_record,
+    poison_dead_letter,
+    record_options,
+    refused_replay,
+)
+from eventbus.middleware.dead_letters import DEAD_LETTER_ID
 from eventbus.middleware.retries import unrecorded
 
 if TYPE_CHECKING:
@@ -103,6 +117,7 @@ if TYPE_CHECKING:
     from dramatiq.broker import MessageProxy
 
     from eventbus.backends.embedded import EmbeddedBroker
+    from eventbus.dlq.records import FailedEvent
     from eventbus.kafka.dlq import KafkaDeadLetterStore
 
 logger = logging.getLogger(__name__)
@@ -128,6 +143,8 @@ _Record: TypeAlias = "Dispatched[TopicPartition, ConsumerRecord]"
 @dataclass(eq=False)
 class _Delivery:
     record: _Record
+    #: The id of the handler's dead letter, should it fail (its pending write's key).
+    dead_letter: str
     chain: tuple[str, bytes] | None = None
 
 
@@ -194,6 +211,9 @@ class KafkaBridge:
       fetch_max_wait_ms: Longest time the broker may hold a fetch while waiting for
         records (bounds publish-to-handler latency on brokers that answer a fetch
         only when the wait ends).
+      service: The service these workers belong to (default: ``group_id``): named
+        in dead-letter ids (``<topic>:<partition>:<offset>:<service>:<handler>``);
+        a replayed record naming another service is left to that service.
     """
 
     def __init__(
@@ -213,9 +233,11 @@ class KafkaBridge:
         revoke_timeout: float = 5.0,
         accept_unknown_types: bool = False,
         fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+        service: str | None = None,
     ) -> None:
         self.config = config
         self.group_id = group_id
+        self.service = service or group_id
         self.broker = broker
         self.middleware = middleware
         self.route = route
@@ -509,9 +531,22 @@ class KafkaBridge:
     # -- dispatch ---------------------------------------------------------------
 
     def _dispatch(self, entry: _Record, record: ConsumerRecord) -> None:
-        """Hand ``record`` (counted as ``entry`` by the ledger) to its handlers."""
+        """Hand ``record`` (counted as ``entry`` by the ledger) to its handlers.
+
+        A replayed record goes to the handler its dead letter names, in the service
+        it names (other services' workers let it pass); when this service has no
+        such handler, the dead letter is written back with the reason, never lost.
+        """
         headers = {k: v for k, v in record.headers or ()}
         actors = self.route(record.topic)
+        replay_service = headers.get(HEADER_REPLAY_SERVICE)
+        if replay_service is not None and replay_service.decode("utf-8", "replace") != self.service:
+            self._settle(entry)  # another service's replay
+            return
+        replay_to = headers.get(HEADER_REPLAY_HANDLER)
+        target = replay_to.decode("utf-8", "replace") if replay_to is not None else None
+        if target is not None:
+            actors = [actor for actor in actors if actor.actor_name == target]
         try:
             envelope = decode_record(record, self.accept_unknown_types, typed=_typed(actors))
             options = record_options(record, envelope, headers)
@@ -520,30 +555,49 @@ class KafkaBridge:
             entry.remaining = 1
             self._dead_letter_poison(entry, record, headers, reason)
             return
-        replay_to = headers.get(HEADER_REPLAY_HANDLER)
-        if replay_to is not None:
-            target = replay_to.decode("utf-8", "replace")
-            actors = [actor for actor in actors if actor.actor_name == target]
-            if not actors:
-                logger.warning(
-                    "Replayed record %s[%d]@%d names handler %r, which this process "
-                    "does not have; skipped.",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    target,
-                )
+        if not actors and replay_service is not None:
+            original = headers.get(HEADER_REPLAY_OF, b"").decode("utf-8", "replace")
+            handler = target if target is not None else POISON_HANDLER
+            original = original or dead_letter_id(
+                record.topic, record.partition, record.offset, self.service, handler
+            )
+            logger.warning(
+                "Replayed record %s[%d]@%d names handler %r of service %r, which this "
+                "worker does not have; dead letter %s kept.",
+                record.topic,
+                record.partition,
+                record.offset,
+                handler,
+                self.service,
+                original,
+            )
+            entry.remaining = 1
+            failed = refused_replay(record, headers, envelope, original, self.service, handler)
+            self._write_dead_letter(entry, failed)
+            return
+        if not actors and target is not None:
+            logger.warning(
+                "Replayed record %s[%d]@%d names handler %r, which this process "
+                "does not have; skipped.",
+                record.topic,
+                record.partition,
+                record.offset,
+                target,
+            )
         if not actors:
             self._settle(entry)
             return
         entry.remaining = len(actors)
         for actor in actors:
-            message = handler_message(actor, envelope, options)
+            dead_letter = dead_letter_id(
+                record.topic, record.partition, record.offset, self.service, actor.actor_name
+            )
+            message = handler_message(actor, envelope, {**options, DEAD_LETTER_ID: dead_letter})
             spec = actor.options.get(keys.HANDLER)
             chain = None
             if spec is not None and spec.ordered and record.key is not None:
                 chain = (actor.actor_name, bytes(record.key))
-            self._deliveries[message.message_id] = _Delivery(entry, chain)
+            self._deliveries[message.message_id] = _Delivery(entry, dead_letter, chain)
             if chain is not None:
                 waiting = self._chains.get(chain)
                 if waiting is not None:
@@ -570,7 +624,10 @@ class KafkaBridge:
             record.offset,
             reason,
         )
-        failed = poison_dead_letter(record, headers, reason)
+        self._write_dead_letter(entry, poison_dead_letter(record, headers, reason, self.service))
+
+    def _write_dead_letter(self, entry: _Record, failed: FailedEvent) -> None:
+        """Write ``failed``; the record settles once it is written."""
         task = asyncio.get_running_loop().create_task(self.dead_letters.write(failed))
         task.add_done_callback(lambda t: self._after_write(entry, t))
 
@@ -593,7 +650,7 @@ class KafkaBridge:
             return
         if delivery.chain is not None:
             self._advance(delivery.chain)
-        write = self.dead_letters.take_write(message_id) if failed else None
+        write = self.dead_letters.take_write(delivery.dead_letter) if failed else None
         if write is None:
             self._settle(delivery.record)
         else:

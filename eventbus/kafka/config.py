@@ -47,6 +47,9 @@ HEADER_TRACEPARENT = "traceparent"
 TRACE_CONTEXT_HEADERS = ("traceparent", "tracestate", "baggage")
 #: On a replayed record: the only handler (actor name) that should receive it.
 HEADER_REPLAY_HANDLER = "eventbus-replay-handler"
+#: On a replayed record: the service (consumer group's service name) whose
+#: handler failed; the workers of other services ignore the record.
+HEADER_REPLAY_SERVICE = "eventbus-replay-service"
 #: On a replayed record: the id of the dead letter it comes from.
 HEADER_REPLAY_OF = "eventbus-replay-of"
 

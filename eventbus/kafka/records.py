@@ -4,6 +4,7 @@ options, or, for a record that can never become an event, its dead letter."""
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import eventbus.keys as keys
@@ -32,6 +33,33 @@ if TYPE_CHECKING:
 POISON_ERROR_TYPE = "EventDecodeError"
 #: Handler name on dead letters of poison records (no handler ever saw them).
 POISON_HANDLER = "eventbus.kafka-bridge"
+#: Error type of the dead letter a worker writes back when a replay names a
+#: handler its service does not have (the dead letter is kept, not lost).
+REPLAY_REFUSED_ERROR_TYPE = "ReplayRefused"
+
+#: ``<topic>:<partition>:<offset>:<service>:<handler>``: a service name has no
+#: colon (``EVENTBUS_SERVICE``'s pattern), a Kafka topic neither, a handler may.
+_DEAD_LETTER_ID = re.compile(
+    r"(?P<topic>[^:]+):(?P<partition>\d+):(?P<offset>\d+):(?P<service>[^:]+):(?P<handler>.+)",
+    re.DOTALL,
+)
+
+
+def dead_letter_id(topic: str, partition: int, offset: int, service: str, handler: str) -> str:
+    """The id of a Kafka dead letter: the record, the service and the handler that
+    failed on it, so two services' (or two handlers') failures of one record are two
+    dead letters, and a replay knows where to go."""
+    return f"{topic}:{partition}:{offset}:{service}:{handler}"
+
+
+def dead_letter_address(record: FailedEvent) -> tuple[str, str] | None:
+    """``(service, handler)`` named by ``record``'s id, or None for ids written
+    before dead letters named their service (``<topic>:<partition>:<offset>`` of a
+    poison record, or a message id)."""
+    match = _DEAD_LETTER_ID.fullmatch(record.id)
+    if match is None or match["topic"] != record.topic or match["handler"] != record.handler:
+        return None
+    return match["service"], match["handler"]
 
 
 class Poison(Exception):
@@ -103,9 +131,11 @@ def record_options(
 
 
 def poison_dead_letter(
-    record: ConsumerRecord, headers: dict[str, bytes], reason: str
+    record: ConsumerRecord, headers: dict[str, bytes], reason: str, service: str
 ) -> FailedEvent:
-    """The dead letter of a poison record, id ``<topic>:<partition>:<offset>``.
+    """The dead letter of a poison record, id
+    ``<topic>:<partition>:<offset>:<service>:eventbus.kafka-bridge`` (replayed, it
+    goes to every handler of the topic in ``service``).
 
     Its envelope is the record's value as JSON, or as text when it is not JSON or
     nests more than :data:`~eventbus.events.MAX_DEPTH` levels (writing such a
@@ -124,7 +154,7 @@ def poison_dead_letter(
     if isinstance(value, dict) and isinstance(value.get(TYPE_KEY), str):
         event_type = value[TYPE_KEY]
     return FailedEvent(
-        id=f"{record.topic}:{record.partition}:{record.offset}",
+        id=dead_letter_id(record.topic, record.partition, record.offset, service, POISON_HANDLER),
         event=None,
         envelope=value,
         topic=record.topic,
@@ -133,6 +163,42 @@ def poison_dead_letter(
         attempts=0,
         error=reason + (f" (type {event_type})" if event_type else ""),
         error_type=POISON_ERROR_TYPE,
+        correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
+        partition=record.partition,
+        offset=record.offset,
+    )
+
+
+def refused_replay(
+    record: ConsumerRecord,
+    headers: dict[str, bytes],
+    envelope: dict[str, Any],
+    original_id: str,
+    service: str,
+    handler: str,
+) -> FailedEvent:
+    """The dead letter ``original_id`` written back by a worker of ``service`` that
+    got its replay but has no handler ``handler`` (renamed or removed): kept, with
+    the reason, rather than lost."""
+    try:
+        event = decode_event(envelope)
+    except EventDecodeError:
+        event = None
+    what = f"handler {handler!r}" if handler != POISON_HANDLER else "handler of this topic"
+    return FailedEvent(
+        id=original_id,
+        event=event,
+        envelope=envelope,
+        topic=record.topic,
+        handler=handler,
+        queue="",
+        attempts=0,
+        error=(
+            f"replay refused: the workers of service {service!r} have no {what} (renamed "
+            "or removed?); the dead letter is kept: deploy the handler and replay it "
+            "again, or purge it"
+        ),
+        error_type=REPLAY_REFUSED_ERROR_TYPE,
         correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
         partition=record.partition,
         offset=record.offset,

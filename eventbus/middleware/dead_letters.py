@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Message option naming the dead letter's id, for backends whose records have an
+#: address of their own (Kafka: ``<topic>:<partition>:<offset>:<service>:<handler>``);
+#: without it the id is the message id.
+DEAD_LETTER_ID = "eventbus_dead_letter_id"
+
 #: Epoch milliseconds of the end of year 9999 (the largest datetime).
 _MAX_EPOCH_MS = 253_402_300_799_000
 
@@ -139,7 +144,7 @@ def build_failed_event(
     if not topic and isinstance(envelope, dict) and isinstance(envelope.get(EVENT_KEY), dict):
         topic = str(envelope[EVENT_KEY].get("topic", ""))
     return FailedEvent(
-        id=message.message_id,
+        id=str(options.get(DEAD_LETTER_ID) or message.message_id),
         event=event,
         envelope=envelope,
         topic=str(topic),
