@@ -21,7 +21,7 @@ from eventbus.exceptions import ConfigurationError
 from eventbus.health import HealthStatus
 from eventbus.redact import redact_url
 from eventbus.redis.backend import RedisBackend
-from eventbus.redis.resp import RespClient
+from eventbus.redis.resp import SENTINEL_RECHECK_INTERVAL, RespClient
 from eventbus.redis.sentinel import SentinelAddress, is_sentinel_url, parse_sentinel_url
 from tests.reliability.handlers import Tracked
 from tests.reliability.support import Ledger
@@ -184,20 +184,33 @@ async def test_publisher_and_worker_follow_a_coordinated_failover(
         # A dead letter written through the backend's store (the Sentinel client).
         store = bus.backend.dead_letter_store(EventBusSettings())  # type: ignore[attr-defined]
         store.add(dead_letter("before-failover"))
+        # No worker during the switch: an event published to the old primary would
+        # stay there and vanish with the demotion instead of being handled there.
+        worker.stop()
 
         assert cluster.sentinel().execute_command("SENTINEL", "FAILOVER", MASTER)
         await asyncio.to_thread(cluster.wait_promoted, FAILOVER_BOUND)
         # Sentinel demotes the old primary (and closes its clients) when it next
-        # polls it, up to 10 s later; until then it still takes writes (docs/redis.md).
+        # polls it, up to 10 s later; until then it still takes writes, which the
+        # demotion discards.  The publisher asks the sentinels again at most
+        # SENTINEL_RECHECK_INTERVAL after its last check (in the background of a
+        # call): the call that starts the check may still go to the old primary.
+        assert old.role()[0] == b"master"  # otherwise the window is not tested
+        await bus.publish(Tracked(n=2))
+        await asyncio.sleep(SENTINEL_RECHECK_INTERVAL)  # the check, started by that call
+        await bus.publish(Tracked(n=3))  # no PublishError, and on the new primary
         await wait_for(lambda: old.role()[0] == b"slave", FAILOVER_BOUND, "the demotion")
 
-        await bus.publish(Tracked(n=2))  # no PublishError: found the new primary
         new = redis.Redis.from_url(cluster.replica.url)
-        await wait_for(lambda: not ledger.missing({2}), 15, "the event after the failover")
+        worker = workers.start(
+            MODULES, threads=2, env={"RELIABILITY_LEDGER": str(ledger_dir)}, wait=False
+        )
+        workers.wait_registered(worker, 1, url=cluster.replica.url)
+        await wait_for(lambda: not ledger.missing({3}), 15, "the event after the failover")
         assert await bus.backend.pending() == 0  # type: ignore[attr-defined]
         # The worker's heartbeat and the subscriptions are on the new primary.
         assert new.hlen(f"{namespace}:workers") >= 1 and new.hlen(f"{namespace}:subs") >= 1
-        assert ledger.refresh().done[2] == 1
+        assert ledger.refresh().done[3] == 1
         # The dead letter survived, and the CLI finds it through the Sentinel URL.
         assert store.get("before-failover") is not None
         done = run_cli(

@@ -37,7 +37,10 @@ the server with ``ROLE`` in the connection's setup.  A lost connection is
 replaced by a new one, which asks again; a ``READONLY`` reply (a demoted
 primary) retires every connection and runs the call once more on the primary
 the sentinels name now (a replica refuses every write, so nothing of the call
-ran).  While no primary can be found, calls fail with
+ran).  While in use, it asks the sentinels again in the background at most every
+``SENTINEL_RECHECK_INTERVAL`` seconds and retires the connections to a server
+they no longer name (after a manual ``SENTINEL FAILOVER`` the old primary takes
+writes until Sentinel demotes it).  While no primary can be found, calls fail with
 :class:`RespConnectionError` (they never left).
 
 It is an implementation detail of :mod:`eventbus.redis.backend`, not a
@@ -58,6 +61,10 @@ from eventbus.redis.sentinel import SentinelAddress, is_sentinel_url, parse_sent
 DEFAULT_TIMEOUT = 2.0
 #: Default number of connections a client may open.
 DEFAULT_MAX_CONNECTIONS = 10
+#: Seconds between two checks, in Sentinel mode, that the sentinels still name the
+#: server this client's connections go to (after a manual ``SENTINEL FAILOVER`` the
+#: old primary keeps taking writes until Sentinel demotes it, up to 10 s later).
+SENTINEL_RECHECK_INTERVAL = 1.0
 
 Command = Sequence[bytes | str | int | float]
 
@@ -341,6 +348,9 @@ class RespClient:
         self._connecting = 0
         #: One client per sentinel, in the order to ask them (the last that answered first).
         self._sentinels: list[RespClient] = []
+        #: When (event loop time) to ask the sentinels again, and the pending check.
+        self._recheck_at = 0.0
+        self._recheck: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
@@ -434,6 +444,27 @@ class RespClient:
             "check the sentinels' addresses and the master name of EVENTBUS_REDIS_URL"
         )
 
+    def _maybe_recheck(self, sentinel: SentinelAddress) -> None:
+        """Ask the sentinels, in the background and at most every
+        SENTINEL_RECHECK_INTERVAL seconds, whether the primary moved."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._recheck_at or (self._recheck is not None and not self._recheck.done()):
+            return
+        self._recheck_at = now + SENTINEL_RECHECK_INTERVAL
+        self._recheck = loop.create_task(self._check_primary(sentinel))
+
+    async def _check_primary(self, sentinel: SentinelAddress) -> None:
+        try:
+            address = await self._discover(sentinel)
+        except RespConnectionError:
+            return  # the next connection to open asks again (and fails loudly)
+        current = f"{address[0]}:{address[1]}"
+        for conn in self._connections:
+            if conn.address != current:  # the old primary: it takes no new call
+                conn.retire()
+        self._connections = [c for c in self._connections if not c.closed]
+
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         transport: asyncio.BaseTransport
@@ -518,6 +549,8 @@ class RespClient:
             the commands were sent: they did not run.
         """
         payload = b"".join([encode_command(c) for c in commands])
+        if self.sentinel is not None and self._connections:
+            self._maybe_recheck(self.sentinel)
         replies = await self._send(payload, len(commands))
         if self.sentinel is not None and any(_readonly(r) for r in replies):
             # A demoted primary: it refused every write of the call.  Leave it
@@ -565,6 +598,10 @@ class RespClient:
         for conn in connections:
             if conn.transport is not None:
                 conn.transport.close()
+        recheck, self._recheck = self._recheck, None
+        if recheck is not None:
+            recheck.cancel()
+            await asyncio.wait([recheck])
         sentinels, self._sentinels = self._sentinels, []
         for client in sentinels:
             await client.close()
