@@ -2,7 +2,7 @@
 
 An event travels as an *envelope*, a JSON object::
 
-    {"type": "myapp.events.UserCreated", "event": {"event_id": "...", "topic": "user.created", ...}}
+    {"type": "user.created:UserCreated", "event": {"event_id": "...", "topic": "user.created", ...}}
 
 ``type`` is a name, never a module to import: decoding looks it up among the
 :class:`BaseEvent` subclasses defined in the running process.  A process that does
@@ -41,7 +41,12 @@ CAUSATION_ID = "causation_id"
 #: the interpreter's recursion limit keeps hostile payloads from exhausting it.
 MAX_DEPTH = 64
 
-_registry: dict[str, type[BaseEvent]] = {}
+#: Event classes by type name, oldest first (one process may define two classes
+#: under one name: two modules copying a class, a test redefining one).
+_registry: dict[str, list[type[BaseEvent]]] = {}
+#: Event classes by ``module.QualName``, the default type name before names were
+#: stable across codebases: envelopes written then still decode.
+_module_names: dict[str, type[BaseEvent]] = {}
 
 #: A JSON string, or an unterminated one up to the end (never backtracks).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
@@ -59,6 +64,15 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def default_type_name(cls: type[BaseEvent]) -> str:
+    """The type name of ``cls`` when it does not set ``__event_type__``:
+    ``<topic>:<ClassName>`` when it has a default topic, else ``module.QualName``."""
+    topic = cls.default_topic()
+    if topic is None:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return f"{topic}:{cls.__name__}"
+
+
 class BaseEvent(BaseModel):
     """Base class of every event.
 
@@ -69,9 +83,12 @@ class BaseEvent(BaseModel):
             user_id: int
             username: str
 
-    Events are immutable.  Each subclass is registered under its *type name*,
-    ``module.QualName`` unless the class sets ``__event_type__``; set it when a
-    class moves between modules while events of it are still in flight.
+    Events are immutable.  Each subclass is registered under its *type name*:
+    ``__event_type__`` when the class sets it, else ``<topic>:<ClassName>`` (its
+    default topic and class name, the same in every codebase holding a copy of
+    the class), else, for a class without a default topic, ``module.QualName``.
+    Envelopes naming a class by ``module.QualName`` (the default of earlier
+    versions) still decode into it.
 
     On a partitioned backend (Kafka) the record key is :meth:`partition_key`:
     events with the same key land on the same partition, in publish order.  Name
@@ -99,14 +116,24 @@ class BaseEvent(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        module_name = f"{cls.__module__}.{cls.__qualname__}"
         if "__event_type__" not in cls.__dict__:
-            cls.__event_type__ = f"{cls.__module__}.{cls.__qualname__}"
+            cls.__event_type__ = default_type_name(cls)
         if cls.__dict__.get("_eventbus_unregistered"):
             return
-        previous = _registry.get(cls.__event_type__)
-        if previous is not None and previous is not cls:
-            logger.debug("Event type %s redefined; the newest class wins.", cls.__event_type__)
-        _registry[cls.__event_type__] = cls
+        _module_names[module_name] = cls
+        same = _registry.setdefault(cls.__event_type__, [])
+        # A class redefined in its module (a reload, a class in a function) replaces
+        # itself; another class under the same name joins it (the newest first).
+        same[:] = [c for c in same if f"{c.__module__}.{c.__qualname__}" != module_name]
+        if same:
+            logger.debug(
+                "Event type %s is defined by %d classes in this process; decoding by "
+                "name tries the newest first.",
+                cls.__event_type__,
+                len(same) + 1,
+            )
+        same.append(cls)
 
     @property
     def event_type(self) -> str:
@@ -160,10 +187,20 @@ class UnknownEvent(BaseEvent):
 
 
 def event_class(type_name: str) -> type[BaseEvent] | None:
-    """The registered event class for ``type_name``, or None."""
+    """The registered event class for ``type_name`` (the newest, when several
+    classes of this process share it), or None.  A ``module.QualName`` of a class
+    that has another type name now also finds it."""
     if type_name == BaseEvent.__event_type__:
         return BaseEvent
-    return _registry.get(type_name)
+    classes = _registry.get(type_name)
+    if classes:
+        return classes[-1]
+    return _module_names.get(type_name)
+
+
+def _namesakes(type_name: str, tried: type[BaseEvent]) -> list[type[BaseEvent]]:
+    """The other classes registered under ``type_name``, newest first."""
+    return [c for c in reversed(_registry.get(type_name, ())) if c is not tried]
 
 
 def encode_event(event: BaseEvent, metadata: dict[str, str] | None = None) -> dict[str, Any]:
@@ -248,7 +285,8 @@ def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> Base
 
     Returns:
       An instance of ``expected``, else of the registered class named by the
-      envelope, else an :class:`UnknownEvent` holding every field.
+      envelope (when several classes of this process share the name, the newest
+      whose fields validate), else an :class:`UnknownEvent` holding every field.
 
     Raises:
       EventDecodeError: The envelope is not JSON, nests deeper than
@@ -278,7 +316,17 @@ def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> Base
     cls = expected or event_class(type_name)
     try:
         if cls is not None:
-            return cls.model_validate(data)
+            try:
+                return cls.model_validate(data)
+            except ValidationError:
+                if expected is not None:
+                    raise
+                for other in _namesakes(type_name, cls):
+                    try:
+                        return other.model_validate(data)
+                    except ValidationError:
+                        continue
+                raise
         unknown = UnknownEvent.model_validate(data)
     except ValidationError as exc:
         target = cls.__event_type__ if cls is not None else type_name

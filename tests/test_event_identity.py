@@ -15,8 +15,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from eventbus import EventBus
-from tests.codebase_a.events import OrderPlaced
+from pydantic import create_model
+
+from eventbus import BaseEvent, EventBus
+from eventbus.events import decode_event, encode_event
+from tests.codebase_a.events import TOPIC, OrderPlaced
 from tests.kafka_helpers import ROOT, create_topic, wait_for, worker_env
 from tests.redis_support import Workers, make_redis_bus, namespace, redis_url, workers  # noqa: F401
 
@@ -113,3 +116,30 @@ async def test_redis_handler_of_another_codebase_gets_the_copied_class(
         lambda: len(handled_by_b(out)) >= ORDERS, HANDLED_WITHIN, "codebase B's Redis worker"
     )
     assert sorted(handled_by_b(out)) == expected()
+
+
+def test_default_type_name_is_topic_and_class_name_and_old_module_names_still_decode() -> None:
+    event = OrderPlaced(order_id=1, total_cents=5)
+    assert event.event_type == f"{TOPIC}:OrderPlaced"  # the same in codebase B's copy
+    old = {"type": "tests.codebase_a.events.OrderPlaced", "event": event.model_dump(mode="json")}
+    decoded = decode_event(old)  # written by a version whose default was the module path
+    assert type(decoded) is OrderPlaced and decoded == event
+
+
+def test_namesakes_in_one_process_decode_by_name_into_the_one_that_validates() -> None:
+    class Shipped(BaseEvent):
+        topic: str = "identity.shipped"
+        parcel: str
+
+    # Another module's class of the same topic and name, with other fields.
+    other = create_model(
+        "Shipped",
+        __base__=BaseEvent,
+        __module__="tests.elsewhere",
+        topic=(str, "identity.shipped"),
+        order_id=(int, ...),
+    )
+    assert Shipped.__event_type__ == other.__event_type__ == "identity.shipped:Shipped"
+    # By name, the newest class first; the other when the newest does not validate.
+    assert type(decode_event(encode_event(other(order_id=2)))) is other
+    assert type(decode_event(encode_event(Shipped(parcel="p-1")))) is Shipped

@@ -12,6 +12,9 @@ from eventbus.events import MAX_DEPTH, UnknownEvent, decode_event, encode_event
 
 
 class UserCreated(BaseEvent):
+    # Named: test_seed_examples defines a UserCreated of this topic in the same test
+    # process, and two classes under one type name decode by name to the newest.
+    __event_type__ = "tests.events.UserCreated"
     topic: str = "user.created"
     user_id: int
     username: str
