@@ -296,7 +296,13 @@ class EventBus:
             )
         self.subscriptions.subscribe_all()
         self.subscriptions.service = self.service
-        self.check_service(self.consumes)
+        try:
+            self.check_service(self.consumes)
+        except ConfigurationError as exc:
+            # Worker processes refuse (eventbus.actors, python -m eventbus.kafka); a
+            # process that consumes on its own terms (EVENTBUS_CONSUME=true, tests) is
+            # told loudly.
+            logger.warning("%s", exc)
         await self.backend.start(self.consumes)
         self._started = True
         if self.outbox is not None:

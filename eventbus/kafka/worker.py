@@ -99,5 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in args:
         importlib.import_module(module)
     settings = EventBusSettings(backend="kafka")
-    asyncio.run(run_worker(EventBus(settings=settings)))
+    bus = EventBus(settings=settings)
+    bus.check_service(consume=True)  # a generic derived service name is refused
+    asyncio.run(run_worker(bus))
     return 0
