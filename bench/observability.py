@@ -151,7 +151,6 @@ def _redis_rate(url: str, n: int, config: str, workload: str) -> float:
             BENCH_OTEL_SDK="1", BENCH_OTEL_RATIO=str(_ratio(config)), EVENTBUS_TRACING="otel"
         )
     rb.flush(url)
-    pending = rb.pending_counter("eventbus", url)
     worker = rb.start_worker("eventbus", url, 2, 8, extra_env=env)
     try:
         args = ["--n", str(n), "--child", config, "--workload", workload, "--redis-url", url]
@@ -163,7 +162,8 @@ def _redis_rate(url: str, n: int, config: str, workload: str) -> float:
             text=True,
         )
         started = json.loads(child.stdout)["started"]
-        _, done = rb.wait_drained(pending, n + 1)
+        with rb.pending_counter("eventbus", url) as pending:
+            _, done, _ = rb.wait_drained(pending, n + 1)
     finally:
         worker.stop()
     return n / (done - started)
