@@ -156,7 +156,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--reference-runs", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.runs, args.reference_runs = 300, 2, 1
 
     with redis_server() as url:
         client = redis.Redis.from_url(url)

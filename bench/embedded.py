@@ -46,6 +46,10 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
 
 
+#: Events per run in --smoke mode (the test suite's run: every row, in seconds).
+SMOKE_N = 200
+
+
 @dataclass
 class Row:
     name: str
@@ -209,13 +213,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="eventbus embedded-mode benchmark")
     parser.add_argument("--n", type=int, default=20_000, help="events per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per system (best kept)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run of every eventbus row in seconds; skips the fastapi-eventbus "
+        f"{SEED_VERSION} reference (its venv is installed on demand) and prints '-' for it",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeat = SMOKE_N, 1
 
     here = sys.executable
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     project = {"PYTHONPATH": pythonpath}
     systems = [
-        System(SEED_NAME, ensure_seed_venv(), "_ref_seed.py"),
+        System(SEED_NAME, "" if args.smoke else ensure_seed_venv(), "_ref_seed.py"),
         System("raw dramatiq StubBroker + Worker", here, "_ref_dramatiq.py"),
         System(PLAIN_NAME, here, "_run_eventbus.py", ["publish"], project),
         System(DI_NAME, here, "_run_eventbus.py", ["publish_di"], project),
@@ -234,6 +246,9 @@ def main() -> None:
     groups.insert(2, [s for s in systems if s.name in together])
     rows = []
     for group in groups:
+        if args.smoke and group[0].name == SEED_NAME:
+            rows.append(Row(SEED_NAME, note="-"))
+            continue
         log(f"running {' / '.join(s.name for s in group)} ...")
         rows += measure(group, args.n, args.repeat)
     print(table(rows, args.n, args.repeat))

@@ -376,7 +376,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="eventbus Kafka backend benchmark")
     parser.add_argument("--n", type=int, default=20_000, help="events per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (best kept)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeat = 200, 1
 
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"

@@ -217,7 +217,10 @@ def main() -> None:
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke and not args.child:
+        args.n, args.repeat = 100, 1
     sys.path.insert(0, str(ROOT))
     if args.child:
         if args.embedded:

@@ -154,7 +154,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke and not args.child:
+        args.n, args.repeat = 100, 1
     if args.child:
         print(json.dumps({"rate": asyncio.run(_measure(args.n, args.child))}))
         return

@@ -280,7 +280,10 @@ def main() -> None:
     parser.add_argument("--latency-count", type=int, default=200, help="events per latency round")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--drivers", default="asyncpg,psycopg")
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.ops, args.latency_count, args.repeat = 100, 20, 10, 1
 
     database = f"eventbus_bench_{os.getpid()}"
     with psycopg.connect(args.pg_url, autocommit=True) as conn:

@@ -84,6 +84,10 @@ BATCH = 1000
 #: Concurrent publishers of the "publish 64 concurrent/s" row.
 CALLERS = 64
 SYSTEMS = ("eventbus", "dramatiq", "faststream")
+#: Messages per run in --smoke mode (the test suite's run: every path, in seconds).
+SMOKE_N = 200
+#: Seconds of each latency rate and of the idle measurement in --smoke mode.
+SMOKE_SECONDS = 1.0
 
 FASTSTREAM_VENV = BENCH / ".venvs" / "faststream"
 FASTSTREAM_REQUIREMENT = "faststream[redis]>=0.7,<0.8"
@@ -731,7 +735,16 @@ def main() -> None:
         default=",".join(SYSTEMS),
         help="comma-separated systems to run (default: %(default)s)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run that exercises every path in seconds (skips faststream, whose "
+        "venv is installed on demand); numbers mean nothing",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeat, args.idle_seconds = SMOKE_N, 1, SMOKE_SECONDS
+        args.only = ",".join(s for s in args.only.split(",") if s != "faststream")
     systems = tuple(s for s in SYSTEMS if s in args.only.split(","))
     unknown = set(args.only.split(",")) - set(SYSTEMS)
     if unknown or not systems:
@@ -747,6 +760,8 @@ def main() -> None:
             out.note(f"faststream not measured: {exc}")
             out.systems = tuple(s for s in out.systems if s != "faststream")
     rates = [(2.0, 10.0 if args.quick else 30.0), (500.0, 4.0 if args.quick else 10.0)]
+    if args.smoke:
+        rates = [(50.0, SMOKE_SECONDS), (500.0, SMOKE_SECONDS)]
     with redis_server() as url:
         os.environ["BENCH_REDIS_URL"] = url  # read by the dramatiq actors module
         log(f"redis-server at {url}; n={args.n}; systems: {', '.join(out.systems)}")
@@ -759,7 +774,8 @@ def main() -> None:
         log("latency (-p 1 -t 8) ...")
         measure_latency(url, rates, out)
         log("idle ...")
-        measure_idle(url, 5.0 if args.quick else args.idle_seconds, out)
+        quick = 5.0 if args.quick else args.idle_seconds
+        measure_idle(url, SMOKE_SECONDS if args.smoke else quick, out)
     print(table(out, args.n, args.repeat))
 
 

@@ -28,9 +28,9 @@ import redis
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+import eventbus.redis.scripts as lua  # noqa: E402
 from bench import _redis_bench_handlers as handlers  # noqa: E402
 from bench.redis_bench import NAMESPACE, log, make_bus, redis_server, start_worker  # noqa: E402
-import eventbus.redis.scripts as lua  # noqa: E402
 
 #: Events published per run (the handler sleeps 0.2 s; 2 worker groups of 8 threads).
 EVENTS = 120
@@ -88,7 +88,10 @@ def one_run(url: str) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one run (about 15 s)")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs = 1
     results = []
     with redis_server() as url:
         for run in range(args.runs):
