@@ -39,6 +39,9 @@ CONFIGS = (
     "otel@10%",
     "prometheus+otel@10%",
 )
+#: The configurations a --smoke run measures: every instrumentation (Prometheus, OTel
+#: sampling all, OTel sampling a ratio) once, next to the uninstrumented baseline.
+SMOKE_CONFIGS = ("off", "prometheus+otel", "otel@10%")
 WORKLOADS = ("noop", "write")
 SAMPLED_RATIO = 0.1
 
@@ -194,12 +197,17 @@ async def _redis_publish(n: int, config: str, workload: str, url: str) -> float:
     return started
 
 
-def _table(title: str, best: dict[tuple[str, str], float], workloads: list[str]) -> None:
+def _table(
+    title: str,
+    best: dict[tuple[str, str], float],
+    workloads: list[str],
+    configs: tuple[str, ...] = CONFIGS,
+) -> None:
     print(title + "\n")
     header = " | ".join(f"{w}/s | vs off" for w in workloads)
     print(f"| configuration | {header} |")
     print("| --- |" + " ---: | ---: |" * len(workloads))
-    for config in CONFIGS:
+    for config in configs:
         cells = []
         for workload in workloads:
             rate, off = best[(config, workload)], best[("off", workload)]
@@ -233,6 +241,7 @@ def main() -> None:
 
     from bench import redis_bench as rb
 
+    configs = SMOKE_CONFIGS if args.smoke else CONFIGS
     workloads = list(WORKLOADS) if args.workload == "both" else [args.workload]
     runs = [("sync", _sync_rate), ("redis", _redis_rate)]
     with rb.redis_server() as url:
@@ -242,7 +251,7 @@ def main() -> None:
             best: dict[tuple[str, str], float] = {}
             for _ in range(args.repeat):
                 for workload in workloads:
-                    for config in CONFIGS:
+                    for config in configs:
                         rate = rate_of(url, args.n, config, workload)
                         key = (config, workload)
                         best[key] = max(best.get(key, 0.0), rate)
@@ -250,7 +259,7 @@ def main() -> None:
                 title = "Embedded backend, one async handler"
             else:
                 title = "Redis backend, workers -p 2 -t 8, one handler"
-            _table(f"{title}, N = {args.n:,}, best of {args.repeat}", best, workloads)
+            _table(f"{title}, N = {args.n:,}, best of {args.repeat}", best, workloads, configs)
 
 
 if __name__ == "__main__":
