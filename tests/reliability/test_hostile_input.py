@@ -115,7 +115,9 @@ wild_values = st.recursive(
 #: an amount past 64 bits, a topic that is a list...).
 wild_envelopes = st.fixed_dictionaries(
     {
-        "type": st.sampled_from(["tests.reliability.test_hostile_input.Typed", "x.Y"]),
+        "type": st.sampled_from(
+            ["typed:Typed", "tests.reliability.test_hostile_input.Typed", "x.Y"]
+        ),
         "event": st.fixed_dictionaries(
             {},
             optional={
@@ -172,10 +174,17 @@ class Typed(BaseEvent):
 # field; anything else is an EventDecodeError saying what is wrong.  The oracle below
 # is that contract spelled out on plain JSON values, not a call into the decoder.
 
-_TYPED = "tests.reliability.test_hostile_input.Typed"
+#: Typed's name: ``<topic>:<ClassName>``; the ``module.QualName`` of earlier versions
+#: still decodes to it.
+_TYPED = "typed:Typed"
+_TYPED_BEFORE = "tests.reliability.test_hostile_input.Typed"
 
 #: The event classes the payloads of this module name, by type name.
-KNOWN_TYPES: dict[str, type[BaseEvent]] = {"eventbus.BaseEvent": BaseEvent, _TYPED: Typed}
+KNOWN_TYPES: dict[str, type[BaseEvent]] = {
+    "eventbus.BaseEvent": BaseEvent,
+    _TYPED: Typed,
+    _TYPED_BEFORE: Typed,
+}
 #: What a refusal says, per problem.
 REFUSAL_WORDING = {
     "json": "event envelope is not valid JSON",
@@ -333,6 +342,9 @@ _UNKNOWN = "x.Unknown"
         ('{"type":"eventbus.BaseEvent","event":{"topic":"t","event_id":"e1"}}', None, DECODE),
         (b'{"type":"x.Y","event":{"amount":7,"metadata":{"k":"v"}}}', Typed, DECODE),
         ({"type": _UNKNOWN, "event": {"amount": 2**70}}, Typed, DECODE),
+        ({"type": _TYPED, "event": {"amount": 3}}, None, DECODE),
+        ({"type": _TYPED_BEFORE, "event": {"amount": 3}}, None, DECODE),
+        ({"type": _TYPED, "event": {}}, None, Outcome("refuse", ("fields",), ("amount",))),
         ({"type": _UNKNOWN, "event": {"amount": "7"}}, Typed, EITHER),
         ({"type": _UNKNOWN, "event": {"timestamp": 1e308}}, None, EITHER),
     ],
