@@ -12,11 +12,11 @@ measures, on a private ``redis-server`` (no persistence, free loopback port):
 * **bus.publish one by one**: ``await bus.publish(event)`` N times through a real
   ``EventBus`` on ``RedisBackend`` whose publishing client is ``RespClient`` (the
   backend as shipped) or ``redis.asyncio`` (the backend with its client swapped: the
-  same ``_script`` code path, EVALSHA then EVAL on NOSCRIPT).  One subscription.
+  same ``_script_then`` code path, EVALSHA then EVAL on NOSCRIPT).  One subscription.
 * **bus.publish, 64 concurrent callers**: the same N from 64 tasks (the backend
   groups concurrent publishes into one script call per round trip).
 * **EVALSHA fan-out one by one / 64 concurrent** (client only): the exact EVALSHA
-  command the backend sent for one of those events (captured from ``_script``), with
+  command the backend sent for one of those events (captured from ``_script_then``), with
   a fresh timestamp and entry id per call, as ``_fan_out`` and ``publish`` build them.
   ``redis.asyncio`` uses a ``BlockingConnectionPool`` as large as ``RespClient``'s
   (``max_connections``), bounded by the publish timeout as ``RespClient`` is; for
@@ -205,10 +205,12 @@ def bench_backend(kind: str, url: str) -> Any:
                 )
             return self.swapped[loop]
 
-        async def _script(self, script: str, args: list[Any]) -> Any:
+        async def _script_then(
+            self, script: str, args: list[Any], then: tuple[Any, ...] = ()
+        ) -> list[Any]:
             if self.recording is not None:
                 self.recording.append((script, list(args)))
-            return await super()._script(script, args)
+            return await super()._script_then(script, args, then)
 
         async def stop(self, timeout: float) -> None:
             await super().stop(timeout)

@@ -218,7 +218,8 @@ async def make_redis_bus(redis_url: str, namespace: str) -> AsyncIterator[Callab
         backend_options.setdefault("redelivery_timeout", TEST_REDELIVERY_TIMEOUT)
         bus = EventBus(
             backend=RedisBackend(**backend_options),
-            settings=EventBusSettings(shutdown_timeout=2.0),
+            # the handler modules' service, whatever other test modules imported
+            settings=EventBusSettings(shutdown_timeout=2.0, service=TEST_SERVICE),
             retry_policy=FAST_RETRIES,
         )
         buses.append(bus)

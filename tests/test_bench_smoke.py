@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.pg_support"]
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds one smoke run may take before the test fails (all nine run at once; on
 #: 2 cores the slowest, redis_bench, takes about 75 s).
@@ -108,9 +110,11 @@ def _numeric(cell: str) -> bool:
     )
 
 
-def _run(case: str) -> subprocess.CompletedProcess[str]:
-    args = CASES[case][0]
+def _run(case: str, pg_port: int) -> subprocess.CompletedProcess[str]:
+    args = list(CASES[case][0])
     script = case.split("-")[0]
+    if script == "outbox_bench":  # the session's PostgreSQL (the machine's, or our own)
+        args += ["--pg-url", f"postgresql://postgres@127.0.0.1:{pg_port}/postgres"]
     return subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--smoke", *args],
         cwd=ROOT,
@@ -122,11 +126,11 @@ def _run(case: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def runs() -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
+def runs(pg_port: int) -> Iterator[dict[str, Future[subprocess.CompletedProcess[str]]]]:
     """Every smoke run started at once (they wait on their own subprocesses and
     servers, so together they take about as long as the slowest one, redis_bench)."""
     with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
-        yield {case: pool.submit(_run, case) for case in CASES}
+        yield {case: pool.submit(_run, case, pg_port) for case in CASES}
 
 
 @pytest.mark.parametrize("case", list(CASES))
