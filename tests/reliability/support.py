@@ -323,3 +323,21 @@ _RECLAIMED = re.compile(r"Put back (\d+) event\(s\) of queue \S+ taken by a fetc
 def reclaimed(log: str) -> int:
     """Events a Redis worker put back after a fetch whose reply was lost (its log)."""
     return sum(int(n) for n in _RECLAIMED.findall(log))
+
+
+async def publish_until_accepted(
+    publish_many: Callable[[], Awaitable[None]], retry_after: float = 0.1
+) -> int:
+    """Call ``publish_many`` until it returns (a refused batch is published again: at
+    least once, as an application retrying a ``PublishError`` does); returns how many
+    ``PublishError`` it saw."""
+    from eventbus import PublishError
+
+    errors = 0
+    while True:
+        try:
+            await publish_many()
+            return errors
+        except PublishError:
+            errors += 1
+            await asyncio.sleep(retry_after)

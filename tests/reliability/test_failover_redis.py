@@ -24,9 +24,17 @@ from pathlib import Path
 
 import pytest
 
-from eventbus import EventBus, PublishError
+from eventbus import EventBus
 from tests.reliability.handlers import Tracked
-from tests.reliability.support import PROFILE, Ledger, Tally, paced, tally, wait_handled
+from tests.reliability.support import (
+    PROFILE,
+    Ledger,
+    Tally,
+    paced,
+    publish_until_accepted,
+    tally,
+    wait_handled,
+)
 
 pytest.register_assert_rewrite("tests.redis_support", "tests.sentinel_support")
 from tests.redis_support import Workers, require_redis_server_binary  # noqa: E402
@@ -78,19 +86,12 @@ async def test_redis_sentinel_failover_under_load(
         async def publish(batch: range) -> None:
             nonlocal errors, publish_resumed
             events = [Tracked(n=n) for n in batch]
-            while True:
-                try:
-                    await bus.publish_many(events)
-                except PublishError:
-                    errors += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                sent.update(batch)
-                if killed_at is not None:
-                    sent_after_kill.update(batch)
-                    if publish_resumed is None:
-                        publish_resumed = time.monotonic() - killed_at
-                return
+            errors += await publish_until_accepted(lambda: bus.publish_many(events), 0.05)
+            sent.update(batch)
+            if killed_at is not None:
+                sent_after_kill.update(batch)
+                if publish_resumed is None:
+                    publish_resumed = time.monotonic() - killed_at
 
         async def kill() -> None:
             nonlocal killed_at

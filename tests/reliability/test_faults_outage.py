@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from eventbus import EventBus, PublishError
+from eventbus import EventBus
 from tests.durable_handlers import Flaky
-from tests.reliability.support import PROFILE, Ledger, Tally, paced, wait_until
+from tests.reliability.support import (
+    PROFILE,
+    Ledger,
+    Tally,
+    paced,
+    publish_until_accepted,
+    wait_until,
+)
 
 pytest.register_assert_rewrite("tests.redis_support")  # before it is imported below
 from tests.redis_support import RedisServer, Workers, require_redis_server_binary  # noqa: E402
@@ -89,15 +96,8 @@ async def test_redis_outage_while_handlers_fail(
         async def publish(batch: range) -> None:
             nonlocal errors
             events = [Flaky(n=n, fails=fails_of(n), delay=ATTEMPT_TIME) for n in batch]
-            while True:
-                try:
-                    await bus.publish_many(events)
-                except PublishError:
-                    errors += 1
-                    await asyncio.sleep(0.1)
-                    continue
-                sent.update(batch)
-                return
+            errors += await publish_until_accepted(lambda: bus.publish_many(events))
+            sent.update(batch)
 
         async def outage() -> None:
             nonlocal down

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from eventbus import EventBus, PublishError
+from eventbus import EventBus
 from eventbus.redis.scripts import inflight_key
 from tests.reliability.handlers import Tracked
 from tests.reliability.support import (
@@ -24,6 +24,7 @@ from tests.reliability.support import (
     Tally,
     batches,
     paced,
+    publish_until_accepted,
     reclaimed,
     tally,
     wait_handled,
@@ -171,15 +172,8 @@ async def test_redis_restart_mid_run(
         async def publish(batch: range) -> None:
             nonlocal errors
             events = [Tracked(n=n) for n in batch]
-            while True:
-                try:
-                    await bus.publish_many(events)
-                except PublishError:
-                    errors += 1
-                    await asyncio.sleep(0.1)
-                    continue
-                sent.update(batch)
-                return
+            errors += await publish_until_accepted(lambda: bus.publish_many(events))
+            sent.update(batch)
 
         async def restart() -> None:
             nonlocal down
