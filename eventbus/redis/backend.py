@@ -269,9 +269,11 @@ class RedisBackend(Backend):
             options: dict[str, Any] = {
                 "socket_timeout": WORKER_SOCKET_TIMEOUT,
                 "socket_connect_timeout": self.publish_timeout,
-                "socket_keepalive": True,
                 "health_check_interval": 30,
             }
+            if not self.url.startswith("unix:"):
+                # TCP only: redis-py's Unix socket connection refuses the option.
+                options["socket_keepalive"] = True
             if is_sentinel_url(self.url):
                 # Asks the sentinels on every new connection; a demoted primary's
                 # READONLY closes the connection, so the next command finds the new one.
