@@ -80,6 +80,17 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
         [],
         {c: (0, 1, 2) for c in ("plain", "fastapi-otel", "fastapi-otel+bus-otel", "all")},
     ),
+    "redis_settings_bench": (
+        [],
+        {
+            "baseline (no persistence)": (1, 2, 3, 4),
+            "AOF, appendfsync always": (1, 2, 3, 4),
+            "TLS (rediss://)": (1, 2, 3, 4),
+            "MIN_REPLICAS=1, one replica": (1, 2, 3, 4),
+            "1": (0, 1, 2, 3, 4),
+            "2": (0, 1, 2, 3, 4),
+        },
+    ),
     "outbox_bench": ([], {"asyncpg": (0, 1, 2, 3, 4, 5), "psycopg": (0, 1, 2, 3, 4, 5)}),
     "console_bench": (
         [],
