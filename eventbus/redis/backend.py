@@ -48,6 +48,7 @@ from dramatiq import Middleware
 from dramatiq.middleware import TimeLimit
 from pydantic_core import from_json, to_json
 
+import eventbus.redis.memory as memory
 import eventbus.redis.scripts as lua
 import eventbus.redis.subscriptions as subs
 from eventbus.backends.base import Backend, OutgoingEvent, replay_message
@@ -362,6 +363,8 @@ class RedisBackend(Backend):
                 logger.warning(
                     "Redis is not reachable yet (%s); publishing will fail until it is.", exc
                 )
+        else:  # an eviction policy that would drop queued events: say so now
+            await memory.check_policy(self._client(), self.address())
         if self.min_replicas and self.replica_fsync:
             # A server without WAITAOF fails the start (ConfigurationError); one not
             # reachable yet is asked at the first publish.
@@ -514,7 +517,7 @@ class RedisBackend(Backend):
         except RespConnectionError as exc:
             raise PublishError(f"could not publish to Redis: {exc}; nothing was published") from exc
         except RespError as exc:
-            raise _Refused(f"Redis refused the event(s): {exc}") from exc
+            raise _Refused(memory.refusal(exc)) from exc
         count = reply[1]
         unrouted = {topic.decode() for topic in reply[2 : 2 + count]}
         if reply[0] == 0:
@@ -616,7 +619,7 @@ class RedisBackend(Backend):
             ) from exc
         for reply in replies:
             if isinstance(reply, RespError):
-                raise PublishError(f"Redis refused the event(s): {reply}; nothing was published")
+                raise PublishError(f"{memory.refusal(reply)}; nothing was published")
 
     def _dropped(self, pairs: list[Any]) -> None:
         """Warn (at most once a minute per topic) about events the publish script
@@ -736,6 +739,7 @@ class RedisBackend(Backend):
                 f"written yet (up to {self.retention.seconds:g}s)"
             )
         results = [HealthResult(broker_name, HealthStatus.HEALTHY, detail)]
+        results += await memory.memory_health(self._client(), self.name)  # redis.memory
         failed = self.broker.failed if self.broker is not None else None
         if self.worker is not None and failed is not None:
             results.append(
