@@ -28,9 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 import eventbus.redis.backend as backend_module
 from eventbus import BaseEvent, EventBus, EventBusSettings, PublishError
 from eventbus.exceptions import ConfigurationError
+from eventbus.health import HealthResult, HealthStatus
 from eventbus.outbox.outbox import Outbox
 from eventbus.outbox.schema import outbox_table
-from eventbus.redis.backend import RedisBackend
+from eventbus.redis.backend import REPLICA_HEALTH_MAX_LAG, RedisBackend
 from eventbus.redis.scripts import bodies_key
 from eventbus.redis.subscriptions import register
 from tests import redis_handlers as h
@@ -96,6 +97,11 @@ class Pair:
     def caught_up(self) -> bool:
         offset = self.p.info("replication")["master_repl_offset"]
         return bool(self.linked() and self.r.info("replication")["slave_repl_offset"] >= offset)
+
+    def acknowledging(self) -> bool:
+        """The primary heard from the replica within the last second (INFO's lag)."""
+        replica = self.p.info("replication").get("slave0", {})
+        return bool(replica.get("state") == "online" and int(replica.get("lag", 99)) <= 1)
 
     def stored(self, client: redis.Redis, namespace: str) -> int:
         """Messages of the subscription's queue on that server."""
@@ -315,6 +321,74 @@ async def test_fsync_asked_of_a_server_unreachable_at_start_fails_the_first_publ
         if broker is not None:
             broker.close()
         late.stop()
+
+
+def replicas_health(results: list[HealthResult]) -> HealthResult:
+    [result] = [r for r in results if r.backend == "redis.replicas"]
+    return result
+
+
+async def test_health_is_degraded_while_the_primary_has_too_few_replicas_in_sync(
+    pair: Pair, namespace: str, make_bus: Callable[..., EventBus]
+) -> None:
+    """Every publish fails while fewer replicas than EVENTBUS_REDIS_MIN_REPLICAS are
+    there to acknowledge it: health says so, naming the setting and the count."""
+    bus = make_bus(min_replicas=1)
+    await bus.start()
+    ready = replicas_health(await bus.health.check())
+    assert ready.status is HealthStatus.HEALTHY, ready  # otherwise the test proves nothing
+    assert ready.detail == "1 replica(s) in sync, 1 required"
+
+    pair.replica.stop()  # a replica that is down: the primary drops its link
+    try:
+        wait_until(
+            lambda: pair.p.info("replication")["connected_slaves"] == 0, 15, "the link's drop"
+        )
+        down = replicas_health(await bus.health.check())
+        assert down.status is HealthStatus.DEGRADED, down
+        assert "EVENTBUS_REDIS_MIN_REPLICAS=1" in down.detail
+        assert "0 connected, in-sync replica(s) (0 connected" in down.detail
+        # What health warns of: the publish fails (the event is on the primary).
+        with pytest.raises(PublishError, match="may still be delivered"):
+            await bus.publish(h.Numbered(n=1))
+    finally:
+        pair.replica.start()
+        wait_until(pair.caught_up, 15, "the restarted replica to catch up")
+    back = replicas_health(await bus.health.check())
+    assert back.status is HealthStatus.HEALTHY, back
+    await bus.publish(h.Numbered(n=2))
+
+    # A replica that is connected but silent (SIGSTOP): its lag grows until health
+    # no longer counts it in sync, about REPLICA_HEALTH_MAX_LAG seconds.
+    with pair.replica_paused():
+        deadline = time.monotonic() + REPLICA_HEALTH_MAX_LAG + 15
+        while (paused := replicas_health(await bus.health.check())).status is not (
+            HealthStatus.DEGRADED
+        ):
+            assert time.monotonic() < deadline, paused
+            await asyncio.sleep(0.2)
+        assert "0 connected, in-sync replica(s) (1 connected" in paused.detail
+    # Resumed, it acknowledges again within a second or so.
+    wait_until(pair.acknowledging, 15, "the resumed replica's acknowledgement")
+    back = replicas_health(await bus.health.check())
+    assert back.status is HealthStatus.HEALTHY, back
+
+
+async def test_health_counts_replicas_against_the_setting(
+    pair: Pair, make_bus: Callable[..., EventBus]
+) -> None:
+    wait_until(pair.acknowledging, 15, "the replica's acknowledgement")
+    two = make_bus(min_replicas=2)  # one replica exists
+    await two.start()
+    result = replicas_health(await two.health.check())
+    assert result.status is HealthStatus.DEGRADED, result
+    assert "EVENTBUS_REDIS_MIN_REPLICAS=2" in result.detail
+    assert "1 connected, in-sync replica(s) (1 connected" in result.detail
+    assert "EVENTBUS_REDIS_REPLICA_TIMEOUT=0.5s" in result.detail
+    # Without replicas to wait for, there is nothing to report.
+    zero = make_bus()
+    await zero.start()
+    assert not [r for r in await zero.health.check() if r.backend == "redis.replicas"]
 
 
 # -- settings ---------------------------------------------------------------------------

@@ -126,6 +126,9 @@ WAITAOF_VERSION = (7, 2)
 #: Seconds health reports ``redis.unrouted`` degraded after events were dropped
 #: from the unrouted window (an hour: any probe interval sees it).
 DROP_HEALTH_SECONDS = 3600.0
+#: Seconds since a replica's last acknowledgement (``lag`` in ``INFO replication``)
+#: after which health no longer counts it in sync (replicas acknowledge every second).
+REPLICA_HEALTH_MAX_LAG = 3
 
 
 class RedisBackend(Backend):
@@ -739,6 +742,8 @@ class RedisBackend(Backend):
                 f"written yet (up to {self.retention.seconds:g}s)"
             )
         results = [HealthResult(broker_name, HealthStatus.HEALTHY, detail)]
+        if self.min_replicas:  # redis.replicas
+            results.append(await self._replica_health())
         results += await memory.memory_health(self._client(), self.name)  # redis.memory
         failed = self.broker.failed if self.broker is not None else None
         if self.worker is not None and failed is not None:
@@ -787,6 +792,34 @@ class RedisBackend(Backend):
             )
             results.append(HealthResult(f"{self.name}.unrouted", HealthStatus.DEGRADED, detail))
         return results
+
+    async def _replica_health(self) -> HealthResult:
+        """``redis.replicas``: degraded while the primary has fewer connected, in-sync
+        replicas than ``min_replicas`` (every publish then fails: the replicas'
+        acknowledgements cannot come).  Degraded, not unhealthy: taking the web
+        processes out of service would not bring a replica back."""
+        name = f"{self.name}.replicas"
+        try:
+            info = await self._client().call("INFO", "replication")
+        except (RespConnectionError, RespError) as exc:
+            return HealthResult(name, HealthStatus.DEGRADED, f"cannot read INFO replication: {exc}")
+        connected, in_sync = _replicas_in_sync(info, REPLICA_HEALTH_MAX_LAG)
+        if in_sync >= self.min_replicas:
+            return HealthResult(
+                name,
+                HealthStatus.HEALTHY,
+                f"{in_sync} replica(s) in sync, {self.min_replicas} required",
+            )
+        detail = (
+            f"EVENTBUS_REDIS_MIN_REPLICAS={self.min_replicas} but the primary has "
+            f"{in_sync} connected, in-sync replica(s) ({connected} connected; in sync: "
+            f"online, acknowledged within {REPLICA_HEALTH_MAX_LAG}s): every publish fails "
+            "with PublishError after EVENTBUS_REDIS_REPLICA_TIMEOUT="
+            f"{self.replica_timeout:g}s (its events are on the primary and may still be "
+            "delivered). Bring the replicas back (INFO replication), or lower "
+            "EVENTBUS_REDIS_MIN_REPLICAS"
+        )
+        return HealthResult(name, HealthStatus.DEGRADED, detail)
 
     def _health_reads(self) -> tuple[list[subs.Subscription], subs.UnroutedStats]:
         return self.subscription_list(), subs.unrouted_stats(self.sync_client, self.namespace)
@@ -880,6 +913,28 @@ def _check_envelope(envelope: bytes, outgoing: OutgoingEvent) -> None:
         f"the envelope of event {outgoing.event.event_id} (topic {outgoing.event.topic}) is "
         f"not one JSON object ({problem}); nothing of this call was published"
     )
+
+
+def _replicas_in_sync(info: bytes, max_lag: int) -> tuple[int, int]:
+    """``(connected, in sync)`` replicas of an ``INFO replication`` reply: in sync
+    means ``state=online`` (not in a full resync) and ``lag`` (seconds since its last
+    acknowledgement) at most ``max_lag``."""
+    connected = in_sync = 0
+    for line in info.decode(errors="replace").splitlines():
+        if line.startswith("connected_slaves:"):
+            connected = int(line.split(":", 1)[1])
+            continue
+        key, _, value = line.partition(":")
+        if not (key.startswith("slave") and key[5:].isdigit()):
+            continue
+        fields = {}
+        for part in value.strip().split(","):
+            field, _, field_value = part.partition("=")
+            fields[field] = field_value
+        lag = fields.get("lag", "")
+        if fields.get("state") == "online" and lag.isdigit() and int(lag) <= max_lag:
+            in_sync += 1
+    return connected, in_sync
 
 
 def _server_version(info: bytes) -> tuple[int, ...] | None:
