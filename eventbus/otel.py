@@ -19,7 +19,8 @@ propagator left at its default (W3C trace context and baggage) it writes and rea
 ``traceparent`` itself, several times cheaper than the propagator API, and falls
 back to that API for anything else (another propagator, baggage, ``tracestate``).
 At high volume, sample: under a ``ParentBased(TraceIdRatioBased(r))`` sampler an
-unsampled span costs a few times less than a recorded one.
+unsampled span costs a few times less than a recorded one, and a handler attempt of
+an unsampled event makes no SDK call at all (see ``follow_unsampled_parent``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ with requires_extra("otel", __name__):
     )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+import random
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -65,6 +67,10 @@ _OPERATIONS = {
 _TRACEPARENT = "traceparent"
 _TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _NONE: frozenset[str] = frozenset()
+#: Span ids of unsampled handler attempts (what the SDK's RandomIdGenerator uses).
+_random = random.Random()
+#: Stands for the OpenTelemetry span of an unsampled attempt in ``_live``.
+_UNSAMPLED_SPAN = NonRecordingSpan(SpanContext(0, 0, is_remote=False))
 #: Span names cached per (topic, operation), up to this many.
 _MAX_CACHED_NAMES = 4096
 #: The carrier fields of W3C trace context and baggage, the default propagators.
@@ -109,6 +115,12 @@ class OpenTelemetryTracer:
     Parameters:
       tracer_provider: Defaults to the global provider.
       messaging_system: The ``messaging.system`` attribute (``dramatiq``, ``kafka``).
+      follow_unsampled_parent: A handler attempt whose publish span was not sampled
+        is not recorded either, as the SDK's default sampler (``ParentBased``)
+        decides, but without a call into the SDK: the attempt only carries the trace
+        context on (a non-recording span, so spans the handler starts are dropped
+        alike).  Set False for a sampler that records children of unsampled remote
+        parents; every dispatch span then asks the SDK.
     """
 
     #: ``start_span`` takes the span's attributes (see TakesSpanAttributes).
@@ -118,9 +130,12 @@ class OpenTelemetryTracer:
         self,
         tracer_provider: trace.TracerProvider | None = None,
         messaging_system: str = DEFAULT_MESSAGING_SYSTEM,
+        *,
+        follow_unsampled_parent: bool = True,
     ) -> None:
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=tracer_provider)
         self._system = messaging_system
+        self._follow_unsampled = follow_unsampled_parent
         self._live: dict[int, tuple[EventSpan, trace.Span, object | None, frozenset[str]]] = {}
         self._names: dict[tuple[str, str], tuple[str, SpanKind]] = {}
         self._textmap: TextMapPropagator | None = None
@@ -187,7 +202,20 @@ class OpenTelemetryTracer:
         name, kind = name_kind
         parent_ctx = None
         if parent_span is not None and parent_span.context:
-            parent_ctx = self._extract(parent_span.context)
+            carrier = parent_span.context
+            if (
+                kind is SpanKind.CONSUMER
+                and self._follow_unsampled
+                and len(carrier) == 1
+                and self._w3c_textmap()
+            ):
+                value = carrier.get(_TRACEPARENT)
+                remote = _parse_traceparent(value) if isinstance(value, str) else None
+                if remote is not None and not remote.trace_flags.sampled:
+                    return self._unsampled(
+                        remote, parent_span, operation, topic, event_id, attributes
+                    )
+            parent_ctx = self._extract(carrier)
         # Each attribute costs the SDK ~1 us: the messaging conventions' essentials only.
         otel_attributes: dict[str, Any] = {
             "messaging.system": self._system,
@@ -224,6 +252,34 @@ class OpenTelemetryTracer:
             token,
             frozenset(attributes) if attributes else _NONE,
         )
+        return span
+
+    def _unsampled(
+        self,
+        remote: SpanContext,
+        parent_span: EventSpan,
+        operation: str,
+        topic: str,
+        event_id: str,
+        attributes: Mapping[str, Any] | None,
+    ) -> EventSpan:
+        """The span of a handler attempt whose publisher did not sample the trace: a
+        non-recording span in the same trace, current while the handler runs."""
+        span_id = _random.getrandbits(64) or 1
+        own = SpanContext(remote.trace_id, span_id, is_remote=False, trace_flags=remote.trace_flags)
+        token = otel_context.attach(
+            trace.set_span_in_context(NonRecordingSpan(own), otel_context.Context())
+        )
+        span = EventSpan(
+            span_id=f"{span_id:016x}",
+            trace_id=f"{remote.trace_id:032x}",
+            parent_span_id=parent_span.span_id,
+            operation=operation,
+            topic=topic,
+            event_id=event_id,
+            attributes=dict(attributes) if attributes else {},
+        )
+        self._live[id(span)] = (span, _UNSAMPLED_SPAN, token, _NONE)
         return span
 
     def finish_span(self, span: EventSpan) -> None:

@@ -232,3 +232,71 @@ async def test_overlapping_handlers_without_a_configured_sdk_log_no_context_erro
 
     assert order == ["first", "second"]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+async def test_an_unsampled_event_carries_its_trace_to_the_handler_and_records_nothing(
+    topic: str,
+) -> None:
+    """A ratio sampler that drops the publish span: the handler attempt is not
+    recorded either, its spans are dropped alike, and they stay in the same trace."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = EventBus(tracer=OpenTelemetryTracer(tracer_provider=tp))
+    seen: list[tuple[int, bool, bool]] = []
+
+    async def handle(event: BaseEvent) -> None:
+        current = trace.get_current_span()
+        with tp.get_tracer("app").start_as_current_span("db query") as inner:
+            seen.append(
+                (
+                    current.get_span_context().trace_id,
+                    current.is_recording(),
+                    inner.is_recording(),
+                )
+            )
+
+    await bus.registry.register(topic, handle)
+    await bus.start()
+    token = otel_context.attach(propagate.extract({"traceparent": UNSAMPLED}))
+    try:
+        await bus.publish(Paid(topic=topic))
+    finally:
+        otel_context.detach(token)
+    await bus.drain(timeout=5)
+    await bus.stop()
+    tp.shutdown()
+
+    assert seen == [(int(UNSAMPLED[3:35], 16), False, False)]
+    assert exporter.get_finished_spans() == ()
+    # And after the handler, nothing of its trace is left current.
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+def test_a_sampler_recording_children_of_unsampled_parents_can_be_followed() -> None:
+    """``follow_unsampled_parent=False`` asks the SDK for every handler attempt."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    exporter = InMemorySpanExporter()
+    tp = TracerProvider(sampler=ALWAYS_ON)  # not parent-based: records them all
+    tp.add_span_processor(SimpleSpanProcessor(exporter))
+    parent = EventSpan(span_id=UNSAMPLED[36:52], context={"traceparent": UNSAMPLED})
+    for follow in (True, False):
+        tracer = OpenTelemetryTracer(tracer_provider=tp, follow_unsampled_parent=follow)
+        span = tracer.start_span("dispatch", topic="orders", parent_span=parent)
+        span.finish(SpanStatus.OK)
+        tracer.finish_span(span)
+        assert span.trace_id == UNSAMPLED[3:35]
+        assert span.parent_span_id == UNSAMPLED[36:52]
+    [consumer] = by_kind(exporter, SpanKind.CONSUMER)  # only the one the SDK was asked for
+    assert consumer.context.trace_id == int(UNSAMPLED[3:35], 16)
+    tp.shutdown()
