@@ -40,14 +40,17 @@ import importlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 import dramatiq
 from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
+from pydantic import ValidationError
 
 from eventbus.bus import EventBus
 from eventbus.config import EventBusSettings
+from eventbus.exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +142,41 @@ def _exit(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: Exit status of a worker whose settings are missing or wrong (dramatiq's for a
+#: failed import: its master exits with it too).
+BAD_SETTINGS = 2
+
+
+def _settings_problem(exc: Exception) -> str:
+    """One line naming what is wrong with the worker's settings."""
+    if not isinstance(exc, ValidationError) and "EVENTBUS_BACKEND" not in os.environ:
+        return (
+            "EVENTBUS_BACKEND is not set: a worker (dramatiq eventbus.actors) needs "
+            "EVENTBUS_BACKEND=redis or EVENTBUS_BACKEND=kafka (the default, sync, runs "
+            "handlers inside the web process); set it in the environment or in .env "
+            "(honcho reads .env; see .env.example)"
+        )
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors():
+            name = "EVENTBUS_" + "_".join(str(part) for part in error["loc"]).upper()
+            parts.append(f"{name}: {error['msg']}")
+        return "bad settings: " + "; ".join(parts) + " (set in the environment or in .env)"
+    return f"{exc} (set it in the environment or in .env)"
+
+
 def _build() -> EventBus:
-    settings = EventBusSettings()
-    bus = EventBus(settings=settings)
-    # Raises ConfigurationError on a backend that cannot feed worker processes.
-    bus.backend.prepare_worker_process(_exit)
+    try:
+        settings = EventBusSettings()
+        bus = EventBus(settings=settings)
+        # Raises ConfigurationError on a backend that cannot feed worker processes.
+        bus.backend.prepare_worker_process(_exit)
+    except (ConfigurationError, ValidationError) as exc:
+        # One line, no traceback: the usual cause is a missing variable (a Procfile
+        # run without .env), and dramatiq's master then exits with this status.
+        print(f"eventbus worker cannot start: {_settings_problem(exc)}", file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(BAD_SETTINGS) from None
     dramatiq.set_broker(bus.broker)
     bus.broker.add_middleware(DeclareHandlers(bus, handler_modules(settings.handlers)))
     return bus

@@ -1,7 +1,9 @@
 """Fixtures for tests against a real Redis server and real worker processes.
 
-``redis_url`` uses the server on 127.0.0.1:6379 when one answers, else starts
-``redis-server`` on a free port (no persistence).  With ``CI=true`` a missing
+``redis_url`` uses the server at ``EVENTBUS_TEST_REDIS_URL`` (default
+``redis://127.0.0.1:6379/0``) when one answers there, else starts ``redis-server``
+on a free port (no persistence).  A URL set explicitly must answer: the suite
+never silently swaps it for a server of its own.  With ``CI=true`` a missing
 Redis is a failure, never a skip.  Every test gets its own key namespace and
 deletes only its own keys.
 
@@ -34,6 +36,9 @@ from eventbus.redis.backend import RedisBackend
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 DEFAULT_PORT = 6379
+#: The variable naming the shared Redis of the test suite (a URL; db index honoured).
+URL_VARIABLE = "EVENTBUS_TEST_REDIS_URL"
+DEFAULT_URL = f"redis://{HOST}:{DEFAULT_PORT}/0"
 #: Seconds a started redis-server or worker may take to become ready.
 READY_TIMEOUT = 15.0
 #: Redelivery timeout of test workers: short, so crash tests finish quickly.
@@ -53,6 +58,34 @@ def answers(port: int, host: str = HOST) -> bool:
         return bool(redis.Redis(host=host, port=port, socket_timeout=1).ping())
     except redis.RedisError:
         return False
+
+
+def url_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url``."""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return False
+
+
+def shared_redis_url() -> str | None:
+    """The shared Redis of the suite: ``EVENTBUS_TEST_REDIS_URL`` if set (it must
+    answer: a clear failure otherwise), else 127.0.0.1:6379 if it answers, else
+    None (the fixture starts a ``redis-server`` of its own)."""
+    configured = os.environ.get(URL_VARIABLE, "").strip()
+    if configured:
+        if not url_answers(configured):
+            pytest.fail(
+                f"{URL_VARIABLE}={configured} does not answer PING: start that Redis, "
+                f"or unset {URL_VARIABLE} (the suite then uses {DEFAULT_URL} or starts "
+                "redis-server itself)"
+            )
+        return configured
+    return DEFAULT_URL if answers(DEFAULT_PORT) else None
 
 
 class RedisServer:
@@ -182,9 +215,10 @@ def sync_subscriptions(
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """The URL of a Redis server for this test session."""
-    if answers(DEFAULT_PORT):
-        yield f"redis://{HOST}:{DEFAULT_PORT}/0"
+    """The URL of a Redis server for this test session (see :func:`shared_redis_url`)."""
+    shared = shared_redis_url()
+    if shared is not None:
+        yield shared
         return
     require_redis_server_binary()
     server = RedisServer().start()
