@@ -77,7 +77,7 @@ DEFAULT_REDIS_MAX_CONNECTIONS = 10
 #: Prefix of every Redis key the redis backend writes.
 DEFAULT_REDIS_NAMESPACE = "eventbus"
 #: Seconds within which a dead worker's in-flight events are handed to another worker.
-DEFAULT_REDIS_REDELIVERY_TIMEOUT = 10.0
+DEFAULT_REDIS_REDELIVERY_TIMEOUT = 5.0
 #: Seconds ``publish`` may take on the redis backend before it raises PublishError.
 DEFAULT_REDIS_PUBLISH_TIMEOUT = 2.0
 #: Seconds an event published to a topic without a subscription is kept for the
