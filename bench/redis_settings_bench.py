@@ -24,12 +24,17 @@ included, before and after, over N) and the publishing process's CPU µs per eve
 medians shown.
 
 Then **how far one primary goes**: 1, 2 and 4 publisher processes, each with 64
-concurrent callers publishing ``--scale-n`` events to the baseline server at once;
+concurrent callers publishing ``--scale-n`` events to the baseline server at once, to
+a topic of 1 and of 5 subscriptions (each event fans out to every one);
 aggregate events/s and Redis CPU µs per event (median of ``--repeat``).  On a machine
 with fewer cores than publishers plus Redis, the publishers and Redis compete for the
 cores: the table then shows the machine's ceiling, and Redis' CPU per event is the
 number that carries to a bigger host (a core of Redis time / that = the primary's
-ceiling).  ``--smoke`` runs tiny N once, in seconds, for the test suite.
+ceiling).  Last, **end to end**: the same baseline server while one worker process
+(``dramatiq eventbus.actors -p 1 -t 8``, one no-op handler) consumes what one publisher
+process publishes from 64 callers: events/s until the last ack, and the Redis CPU per
+event of publishing, fetching and acking it.  ``--smoke`` runs tiny N once, in seconds,
+for the test suite.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._redis_settings_handlers import Delivered  # noqa: E402
 from eventbus import BaseEvent, EventBus, EventBusSettings  # noqa: E402
 from eventbus.redis.backend import RedisBackend  # noqa: E402
 from eventbus.redis.scripts import bodies_key  # noqa: E402
@@ -78,10 +84,16 @@ SMOKE_SCALE_N = 300
 SMOKE_PROCESSES = (1, 2)
 #: Publisher processes of the scaling table.
 PROCESSES = (1, 2, 4)
+#: Subscriptions of the topic in the scaling table (handlers each event fans out to).
+SCALE_SUBSCRIPTIONS = (1, 5)
 #: Seconds a publish waits for the replica (well under the publish timeout).
 REPLICA_TIMEOUT = 1.0
 #: Seconds a scaling child may take to start (imports) and to publish.
 CHILD_TIMEOUT = 300.0
+#: Worker processes and threads of the end-to-end row (``dramatiq -p 1 -t 8``).
+E2E_PROCESSES, E2E_THREADS = 1, 8
+#: Seconds the end-to-end row may take to drain.
+DRAIN_TIMEOUT = 300.0
 ONE_BY_ONE = "one by one"
 CONCURRENT = f"{CALLERS} concurrent callers"
 ROWS = (ONE_BY_ONE, CONCURRENT)
@@ -249,10 +261,11 @@ def servers(directory: Path) -> Iterator[list[Setting]]:
                 process.wait()
 
 
-def fresh(setting: Setting) -> None:
-    """An empty database with the one subscription (on the replica too)."""
+def fresh(setting: Setting, subscriptions: int = 1) -> None:
+    """An empty database with the topic's subscriptions (on the replica too)."""
     setting.primary.flushall()
-    register(setting.primary, NAMESPACE, SERVICE, [(TOPIC, ACTOR, QUEUE)])
+    handlers = [(TOPIC, ACTOR + (str(i) if i else ""), QUEUE) for i in range(subscriptions)]
+    register(setting.primary, NAMESPACE, SERVICE, handlers)
     if setting.replica is not None:
         offset = setting.primary.info("replication")["master_repl_offset"]
         replica = setting.replica
@@ -335,10 +348,10 @@ async def child(url: str, n: int) -> None:
         await close(bus)
 
 
-def scale_once(setting: Setting, processes: int, n: int) -> dict[str, float]:
+def scale_once(setting: Setting, processes: int, subscriptions: int, n: int) -> dict[str, float]:
     """Aggregate events/s, Redis and publisher CPU µs per event of ``processes``
-    publishers publishing at once."""
-    fresh(setting)
+    publishers publishing at once to a topic of ``subscriptions`` subscriptions."""
+    fresh(setting, subscriptions)
     with ExitStack() as stack:
         children = []
         for _ in range(processes):
@@ -369,14 +382,80 @@ def scale_once(setting: Setting, processes: int, n: int) -> dict[str, float]:
         redis_cpu = setting.redis_cpu() - before
     total = n * processes
     stored = setting.primary.hlen(bodies_key(NAMESPACE, QUEUE))
-    if stored < total:
-        raise SystemExit(f"Redis holds {stored} events, expected {total}+")
+    if stored < total * subscriptions:
+        raise SystemExit(f"Redis holds {stored} messages, expected {total * subscriptions}+")
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     return {
         "rate": total / wall,
         "redis": redis_cpu / total * 1e6,
         "cpu": sum(r["cpu"] for r in results) / total * 1e6,
     }
+
+
+# -- end to end: a worker process consuming while the publisher publishes ----------------
+
+
+def e2e_once(setting: Setting, n: int) -> dict[str, float]:
+    """Events/s from the first publish until the worker acked the last, and Redis CPU
+    µs per event for all of it (publish, fetch, ack), one no-op handler."""
+    setting.primary.flushall()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": setting.url,
+        "EVENTBUS_REDIS_NAMESPACE": NAMESPACE,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "eventbus.actors",
+        "bench._redis_settings_handlers",
+    ]
+    command += ["-p", str(E2E_PROCESSES), "-t", str(E2E_THREADS)]
+    worker = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(
+            lambda: setting.primary.hlen(f"{NAMESPACE}:workers") >= E2E_PROCESSES,
+            "the worker's first heartbeat",
+        )
+        queues = [q.decode() for q in setting.primary.smembers(f"{NAMESPACE}:queues")]
+
+        def pending() -> int:
+            return sum(int(setting.primary.hlen(bodies_key(NAMESPACE, q))) for q in queues)
+
+        async def publish(events: list[Delivered]) -> float:
+            bus = make_bus(setting.url)
+            await bus.start()
+            try:
+                started = time.perf_counter()
+                await publish_concurrently(bus, events)
+                return started
+            finally:
+                await close(bus)
+
+        asyncio.run(publish([Delivered(n=-1) for _ in range(WARMUP)]))  # worker warm
+        wait_for(lambda: pending() == 0, "the warm-up events")
+        before = setting.redis_cpu()
+        started = asyncio.run(publish([Delivered(n=i) for i in range(n)]))
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while pending():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{pending()} events not handled in {DRAIN_TIMEOUT:g}s")
+            time.sleep(0.005)
+        done = time.perf_counter()
+        redis_cpu = setting.redis_cpu() - before
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    return {"rate": n / (done - started), "redis": redis_cpu / n * 1e6}
 
 
 # -- output ---------------------------------------------------------------------------
@@ -413,23 +492,42 @@ def settings_table(settings: list[Setting], n: int, repeat: int) -> str:
     return "\n".join(lines)
 
 
-def scale_table(scale: dict[int, list[dict[str, float]]], n: int, repeat: int) -> str:
+def scale_table(scale: dict[tuple[int, int], list[dict[str, float]]], n: int, repeat: int) -> str:
     lines = [
         f"One primary: publisher processes x {CALLERS} concurrent callers, "
         f"{n:,} events per process, baseline server, median of {repeat}",
         "",
-        "| publisher processes | events/s | Redis CPU µs/event | publishers' CPU µs/event "
-        "| Redis CPU share of one core | Redis-bound ceiling events/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| publisher processes | subscriptions | events/s | Redis CPU µs/event "
+        "| publishers' CPU µs/event | Redis CPU share of one core "
+        "| Redis-bound ceiling events/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for processes, runs in scale.items():
+    for (processes, subscriptions), runs in scale.items():
         rate = median([r["rate"] for r in runs])
         redis_us = median([r["redis"] for r in runs])
         lines.append(
-            f"| {processes} | {rate:,.0f} | {redis_us:,.1f} "
+            f"| {processes} | {subscriptions} | {rate:,.0f} | {redis_us:,.1f} "
             f"| {median([r['cpu'] for r in runs]):,.1f} | {rate * redis_us / 1e6:.0%} "
             f"| {1e6 / redis_us:,.0f} |"
         )
+    return "\n".join(lines)
+
+
+def e2e_table(runs: list[dict[str, float]], n: int, repeat: int) -> str:
+    lines = [
+        f"End to end: {n:,} events from 64 concurrent callers while one worker process "
+        f"(-p {E2E_PROCESSES} -t {E2E_THREADS}, one no-op handler) consumes, baseline server, "
+        f"median of {repeat}",
+        "",
+        "| shape | events/s | Redis CPU µs/event (publish + fetch + ack) "
+        "| Redis-bound ceiling events/s |",
+        "|---|---:|---:|---:|",
+    ]
+    redis_us = median([r["redis"] for r in runs])
+    lines.append(
+        f"| publish + deliver | {median([r['rate'] for r in runs]):,.0f} | {redis_us:,.1f} "
+        f"| {1e6 / redis_us:,.0f} |"
+    )
     return "\n".join(lines)
 
 
@@ -466,13 +564,17 @@ def main() -> None:
                 stored = setting.primary.hlen(bodies_key(NAMESPACE, QUEUE))
                 if stored < 2 * n:
                     raise SystemExit(f"{setting.name}: {stored} events stored, expected 2n")
-        scale: dict[int, list[dict[str, float]]] = {p: [] for p in processes}
+        shapes = [(p, k) for k in SCALE_SUBSCRIPTIONS for p in processes]
+        scale: dict[tuple[int, int], list[dict[str, float]]] = {shape: [] for shape in shapes}
         for round_ in range(repeat):
-            order = processes if round_ % 2 == 0 else processes[::-1]
-            for count in order:
-                result = scale_once(settings[0], count, scale_n)
-                scale[count].append(result)
-                log(f"  round {round_ + 1} {count} process(es): {result}")
+            for count, subscriptions in shapes if round_ % 2 == 0 else shapes[::-1]:
+                result = scale_once(settings[0], count, subscriptions, scale_n)
+                scale[count, subscriptions].append(result)
+                log(f"  round {round_ + 1} {count} process(es), {subscriptions} sub(s): {result}")
+        e2e = []
+        for round_ in range(repeat):
+            e2e.append(e2e_once(settings[0], scale_n))
+            log(f"  round {round_ + 1} end to end: {e2e[-1]}")
     print(
         f"nproc={os.cpu_count()}, python {platform.python_version()}, "
         f"redis-server {version}, redis-py {redis.__version__}; "
@@ -482,6 +584,8 @@ def main() -> None:
     print(settings_table(settings, n, repeat))
     print()
     print(scale_table(scale, scale_n, repeat))
+    print()
+    print(e2e_table(e2e, scale_n, repeat))
 
 
 if __name__ == "__main__":

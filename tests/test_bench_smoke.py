@@ -50,6 +50,25 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
         },
     ),
     "redis_recovery": ([], {"1": (0, 1)}),
+    # Consumers running while publishing, 1 and 2 worker processes: eventbus and raw
+    # dramatiq columns (FastStream's only where its venv exists).
+    "production_bench": (
+        [],
+        {
+            f"{m}, -p {p}": (0, 1)
+            for p in (1, 2)
+            for m in (
+                "publish/s",
+                "end-to-end/s",
+                "p50 ms @50/s",
+                "p99 ms @500/s",
+                "CPU µs/event publisher",
+                "CPU µs/event worker(s)",
+                "CPU µs/event Redis",
+                "CPU µs/event total",
+            )
+        },
+    ),
     "embedded": (
         [],
         {
@@ -87,8 +106,9 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
             "AOF, appendfsync always": (1, 2, 3, 4),
             "TLS (rediss://)": (1, 2, 3, 4),
             "MIN_REPLICAS=1, one replica": (1, 2, 3, 4),
-            "1": (0, 1, 2, 3, 4),
-            "2": (0, 1, 2, 3, 4),
+            "1": (0, 1, 2, 3, 4, 5),
+            "2": (0, 1, 2, 3, 4, 5),
+            "publish + deliver": (0, 1, 2),
         },
     ),
     "outbox_bench": ([], {"asyncpg": (0, 1, 2, 3, 4, 5), "psycopg": (0, 1, 2, 3, 4, 5)}),
