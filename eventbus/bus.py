@@ -193,7 +193,12 @@ class EventBus:
         store = self.backend.dead_letter_store(self.settings)
         if store is None:
             store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
-        self.dlq = DeadLetterQueue(store, replayer=self.backend.replay)
+        self.dlq = DeadLetterQueue(
+            store,
+            replayer=self.backend.replay,
+            refusal=self.backend.replay_refusal,
+            targets=self.backend.replay_targets,
+        )
         self.broker = self.backend.bind(self._middleware(), self.subscriptions)
         self.health = HealthChecker(self.backend)
         if isinstance(self.metrics, ReadsTheBus):
@@ -247,7 +252,12 @@ class EventBus:
         saved = (self.backend, self.broker, self.dlq, self.health, self._before_stop)
         if dead_letter_store is None:
             dead_letter_store = MemoryDeadLetterStore(max_size=self.settings.dlq_max_size)
-        self.dlq = DeadLetterQueue(dead_letter_store, replayer=backend.replay)
+        self.dlq = DeadLetterQueue(
+            dead_letter_store,
+            replayer=backend.replay,
+            refusal=backend.replay_refusal,
+            targets=backend.replay_targets,
+        )
         chain = [*outer, *self._middleware(), *inner]
         self.broker = backend.bind(chain, self.subscriptions)
         self.backend = backend

@@ -7,6 +7,7 @@ a worker or web host::
     eventbus dlq show 0f3c...            # the record with its traceback
     eventbus dlq replay 0f3c... 9a1b...  # back to the handler that failed
     eventbus dlq replay --error-type TimeoutError
+    eventbus dlq replay --handler old_name --to-handler new_name  # a renamed handler
     eventbus dlq purge --all --yes
 
     eventbus subscriptions list          # service, topic, handler, backlog, workers
@@ -192,6 +193,13 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument("ids", nargs="*", help="record ids (or use filters, or --all)")
         add_filters(action)
         action.add_argument("--all", action="store_true", help="every dead letter")
+        if name == "replay":
+            action.add_argument(
+                "--to-handler",
+                metavar="NAME",
+                help="deliver to this handler of the same topic and service instead (the "
+                "new name of a renamed handler)",
+            )
         if name == "purge":
             action.add_argument(
                 "--yes", action="store_true", help="confirm a purge by filter or --all"
@@ -502,7 +510,7 @@ def _dlq(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> i
     ids = args.ids or None
 
     if args.action == "replay":
-        result = dlq.replay(ids, **kwargs)
+        result = dlq.replay(ids, **kwargs, to_handler=args.to_handler or None)
         lines = [f"replayed {len(result.replayed)}"]
         lines += [f"missing {printable(i)}" for i in result.missing]
         lines += [f"failed {printable(i)}: {printable(why)}" for i, why in result.failed.items()]

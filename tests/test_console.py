@@ -446,7 +446,7 @@ def test_a_dry_run_changes_nothing_and_says_what_would_happen(
         data={"action": "dry-run:filter", "topic": "console.orders", "csrf_token": token(client)},
     )
     assert answer.status_code == 200
-    assert "Dry run: would replay 3 dead letters" in answer.text
+    assert "Dry run: would queue 3 of 3 dead letters" in answer.text
     assert bus.dlq.size() == 3 and ledger.handled == []
     assert "Nothing replayed or purged yet" in client.get(PREFIX + "/audit").text
 
@@ -487,7 +487,7 @@ def test_an_edit_is_validated_against_the_handlers_event_class(
 
     ledger.broken = False
     status, html = submit(json.dumps({**fields, "amount": 9}))
-    assert status == 200 and "Replayed 1 dead letter" in html
+    assert status == 200 and "Queued 1 event again" in html
     client.portal.call(bus.drain, 5)  # type: ignore[union-attr]
     assert [e.amount for e in ledger.handled] == [9] and bus.dlq.size() == 0
     audit = client.get(PREFIX + "/audit").text

@@ -249,7 +249,7 @@ def test_list_filter_detail_replay_then_the_record_is_gone_and_the_handler_ran(
 
     ledger.broken = False
     page.get_by_role("button", name="Replay", exact=True).click()
-    assert "Replayed 1 dead letter" in page.inner_text("main")
+    assert "Queued 1 event again" in page.inner_text("main")
     live.run(lambda: live.bus.drain(timeout=10))
     assert [e.order_id for e in ledger.handled] == [1]  # type: ignore[attr-defined]
 
@@ -281,7 +281,7 @@ def test_edit_and_replay_delivers_the_edited_payload_and_refuses_an_invalid_one(
     ledger.broken = False
     page.fill("textarea#event", json.dumps({**fields, "amount_cents": 500}, indent=2))
     page.get_by_role("button", name="Validate and replay").click()
-    assert "Replayed 1 dead letter" in page.inner_text("main")
+    assert "Queued 1 event again" in page.inner_text("main")
     live.run(lambda: live.bus.drain(timeout=10))
     [handled] = ledger.handled
     assert isinstance(handled, Order) and (handled.order_id, handled.amount_cents) == (7, 500)
@@ -305,15 +305,15 @@ def test_replaying_a_failure_group_of_50_handles_all_of_them(
     assert "ConnectionError" in row.inner_text() and "50" in row.inner_text()
 
     row.get_by_role("button", name="Dry run").click()
-    assert "Dry run: would replay 50 dead letters" in page.inner_text("h1")
+    assert "Dry run: would queue 50 of 50 dead letters" in page.inner_text("h1")
     assert live.bus.dlq.size() == 51 and ledger.handled == []
 
     ledger.broken = False
     page.goto(live.url + "/groups")
     page.locator("table.groups tbody tr", has_text="shop.orders:book_payment").get_by_role(
-        "button", name="Replay group"
+        "button", name="Replay", exact=True
     ).click()
-    assert "50 of 50 done" in page.inner_text("h1")
+    assert "50 of 50 queued" in page.inner_text("h1")
     live.run(lambda: live.bus.drain(timeout=20))
     assert sorted(e.order_id for e in ledger.handled) == list(range(50))  # type: ignore[attr-defined]
     assert [r.handler for r in live.bus.dlq.peek(100)] == ["shop.signups:send_welcome"]
@@ -338,7 +338,7 @@ def test_purge_asks_for_confirmation_first(
     assert live.bus.dlq.size() == 3
 
     page.goto(live.url + "/groups")
-    page.get_by_role("button", name="Purge group…").click()
+    page.get_by_role("button", name="Purge…").click()
     assert "Purge 3 dead letters?" in page.inner_text("h1")
     page.get_by_role("button", name="Yes, purge 3").click()
     assert "Purged 3 dead letters" in page.inner_text("main")
@@ -590,8 +590,8 @@ def test_replaying_a_group_of_50_on_redis_reaches_the_worker(
         row = page.locator("table.groups tbody tr", has_text="dlq.poison:poison")
         assert "LookupError" in row.inner_text() and "50" in row.inner_text()
         r.set(poison.key("fixed", namespace), 1)
-        row.get_by_role("button", name="Replay group").click()
-        assert "50 of 50 done" in page.inner_text("h1")
+        row.get_by_role("button", name="Replay", exact=True).click()
+        assert "50 of 50 queued" in page.inner_text("h1")
 
         def handled() -> int:
             return int(r.llen(poison.key("handled", namespace)))

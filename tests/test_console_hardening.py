@@ -329,7 +329,7 @@ def test_a_replay_stopped_by_a_redis_outage_is_completed_as_failed_with_its_coun
     assert 200 <= done.count < total
     assert "not tried" in done.detail and "ConnectionError" in done.detail
     audit = client.get(PREFIX + "/audit").text
-    assert "failed midway" in audit and f"{total:,} selected, {done.count:,} done" in audit
+    assert "failed midway" in audit and f"{total:,} selected, {done.count:,} queued" in audit
 
 
 def test_no_op_actions_do_not_push_a_purge_out_of_the_audit_trail(

@@ -82,7 +82,7 @@ async def test_the_console_lists_edits_replays_and_purges_kafka_dead_letters(
                 "csrf_token": csrf,
             },
         )
-        assert edited.status_code == 200 and "Replayed 1 dead letter" in edited.text
+        assert edited.status_code == 200 and "Queued 1 event again" in edited.text
         await wait_for(lambda: handled == [100], 30, "the edited event")
 
         ask = await http.post(
@@ -105,7 +105,7 @@ async def test_the_console_lists_edits_replays_and_purges_kafka_dead_letters(
                 "csrf_token": csrf,
             },
         )
-        assert "1 of 1 done" in group.text
+        assert "1 of 1 queued" in group.text
         await wait_for(lambda: sorted(handled) == [2, 100], 30, "the replayed group")
         assert await bus.dlq.asize() == 0
 

@@ -231,9 +231,29 @@ class Backend(abc.ABC):
         """The backend's health, as one or more results."""
 
     @abc.abstractmethod
-    def replay(self, record: FailedEvent) -> None:
+    def replay(self, record: FailedEvent, handler: str | None = None) -> None:
         """Deliver a dead letter's event again to the handler that failed on it,
-        with a fresh retry budget (synchronous; may block)."""
+        with a fresh retry budget (synchronous; may block).
+
+        Parameters:
+          handler: Deliver it to this handler (actor name) of the same topic and
+            service instead: the new name of a renamed handler.
+
+        Raises:
+          BackendError: No such handler is subscribed (the record stays).
+        """
+
+    def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
+        """Why :meth:`replay` of ``record`` (to ``handler``) would be refused now, in
+        words, or None when it would be queued: what a dry run checks.  Blocking;
+        a server that cannot be reached raises (the caller reports it)."""
+        return None
+
+    def replay_targets(self, record: FailedEvent) -> list[str] | None:
+        """The handlers ``record`` may be replayed to: those subscribed to its topic
+        in its service now (its own included when still there), sorted; None when
+        this backend cannot list them (the operator types the name).  Blocking."""
+        return None
 
     def dead_letter_store(self, settings: EventBusSettings) -> DeadLetterStore | None:
         """The store this backend keeps dead letters in; None for the bus's in-memory
@@ -307,8 +327,12 @@ class Backend(abc.ABC):
         return None
 
 
-def replay_message(record: FailedEvent, queue_name: str) -> Message[Any]:
-    """The message that delivers ``record``'s event to its handler again, retries reset."""
+def replay_message(
+    record: FailedEvent, queue_name: str, handler: str | None = None
+) -> Message[Any]:
+    """The message that delivers ``record``'s event to its handler (or to
+    ``handler``) again, retries reset; it names the record (``keys.REPLAY_OF``), so
+    a new dead letter of it links back."""
     options: dict[str, Any] = {
         keys.TOPIC: record.topic,
         keys.CORRELATION_ID: record.correlation_id,
@@ -317,7 +341,7 @@ def replay_message(record: FailedEvent, queue_name: str) -> Message[Any]:
     }
     return dramatiq.Message(
         queue_name=queue_name,
-        actor_name=record.handler,
+        actor_name=handler or record.handler,
         args=(record.envelope,),
         kwargs={},
         options=options,

@@ -133,14 +133,25 @@ class SyncBackend(Backend):
             for recorder in recorders:
                 recorder.record(message, error)
 
-    def replay(self, record: FailedEvent) -> None:
-        actor = self._require_router().actor(record.handler)
-        if actor is None:
-            raise BackendError(
-                f"handler {record.handler!r} is not registered on this bus", backend=self.name
-            )
-        assert self.broker is not None
-        self.broker.enqueue(replay_message(record, actor.queue_name))
+    def replay(self, record: FailedEvent, handler: str | None = None) -> None:
+        refusal = self.replay_refusal(record, handler)
+        if refusal is not None:
+            raise BackendError(refusal, backend=self.name)
+        actor = self._require_router().actor(handler or record.handler)
+        assert self.broker is not None and actor is not None
+        self.broker.enqueue(replay_message(record, actor.queue_name, handler))
+
+    def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
+        name = handler or record.handler
+        if self._require_router().actor(name) is None:
+            return f"handler {name!r} is not registered on this bus"
+        if handler is not None and handler not in (self.replay_targets(record) or []):
+            return f"handler {handler!r} does not subscribe to topic {record.topic!r}"
+        return None
+
+    def replay_targets(self, record: FailedEvent) -> list[str] | None:
+        router = self._require_router()
+        return sorted({actor.actor_name for actor in router.actors(record.topic)})
 
     async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
         router = self._require_router()

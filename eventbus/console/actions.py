@@ -7,8 +7,15 @@ module holds the actions and their rules, so they read (and test) without HTTP:
   group).  A query is resolved to ids when the action runs; a purge confirmed on
   a page is bounded by the newest record that page showed, so records that fail
   after the confirmation are not purged with it.
-- A dry run resolves the selection and says what would happen; it changes nothing
-  and is not audited.
+- A dry run resolves the selection and makes, for each record, the checks the
+  replay would make (an event envelope; the handler still subscribed; the backend
+  reachable and willing), without replaying: it says how many would be queued and
+  why the others would fail, one line per reason with its count.  It changes
+  nothing and is not audited.
+- A replay *queues* events: "queued" is not "handled".  A replayed event that
+  fails again becomes a new dead letter that names the old one (``replay_of``);
+  the console links the old id to it.  A replay may go to another handler of the
+  same topic and service (the new name of a renamed handler).
 - Every replay and purge is written to the audit trail with who asked, twice:
   "started" (with the count selected) before it changes anything, and "done" (or
   "failed", when the store failed midway) with what it did after.  An action
@@ -56,6 +63,14 @@ logger = logging.getLogger(__name__)
 
 #: Records a dry run or a confirmation page shows (it counts them all).
 PREVIEW_ROWS = 20
+#: Records a dry run checks at most (the newest of the selection); the page says
+#: when the selection is larger.
+DRY_RUN_CHECKS = 5_000
+#: Record ids a "replay these" form carries at most (forms take 1,000 fields);
+#: a larger set is replayed by the same selection instead.
+MAX_FORM_IDS = 900
+#: Record ids kept per reason line (links on the page).
+REASON_SAMPLES = 3
 #: Records a bulk replay or purge hands to the store per call (in a thread).
 BULK_CHUNK = 500
 
@@ -119,11 +134,51 @@ class Outcome:
     nothing: bool = False
     error: str = ""
 
+    to_handler: str | None = None
+    #: Dry run: the ids that would be queued (of those checked).
+    would_replay: list[str] = field(default_factory=list)
+    #: Dry run: how many of ``selected`` were checked (at most :data:`DRY_RUN_CHECKS`).
+    checked: int = 0
+    #: Handlers the selection may be replayed to instead (same topic and service).
+    targets: list[str] = field(default_factory=list)
+
     def add(self, result: ReplayResult) -> None:
         """Count what one store call did."""
         self.done += result.replayed
         self.missing += result.missing
         self.failed.update(result.failed)
+
+    @property
+    def reasons(self) -> list[Reason]:
+        """``failed`` grouped: one line per reason, with its count, largest first."""
+        return group_reasons(self.failed)
+
+    @property
+    def all_failed(self) -> bool:
+        """Nothing was done and something failed: the page must not look green."""
+        return not self.done and bool(self.failed or self.error)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason a replay failed (or would fail), with how many records and a few ids."""
+
+    text: str
+    count: int
+    samples: tuple[str, ...]
+
+
+def group_reasons(failed: dict[str, str]) -> list[Reason]:
+    """``{id: reason}`` as one :class:`Reason` per distinct reason (the record's own
+    id, when a reason names it, does not make it distinct), largest first."""
+    groups: dict[str, list[str]] = {}
+    for record_id, reason in failed.items():
+        text = reason.replace(record_id, "<id>") if record_id else reason
+        groups.setdefault(text, []).append(record_id)
+    return sorted(
+        (Reason(text, len(ids), tuple(ids[:REASON_SAMPLES])) for text, ids in groups.items()),
+        key=lambda r: (-r.count, r.text),
+    )
 
 
 @dataclass
@@ -198,26 +253,91 @@ class ConsoleActions:
             return await asyncio.to_thread(self.audit.entries, limit)
         return self.audit.entries(limit)
 
-    async def preview(self, action: str, selection: Selection) -> Outcome:
-        """What ``action`` would do to ``selection`` (a dry run, or a confirmation)."""
+    async def preview(
+        self, action: str, selection: Selection, to_handler: str | None = None
+    ) -> Outcome:
+        """What ``action`` would do to ``selection`` (a dry run, or a confirmation).
+
+        A replay's dry run checks each record (the newest :data:`DRY_RUN_CHECKS`)
+        as the replay would, without replaying: ``would_replay`` and ``failed``
+        (grouped in ``reasons``).
+        """
         ids = await self.resolve(selection)
-        outcome = Outcome(action, selection.describe(), dry_run=True, selected=ids)
+        outcome = Outcome(
+            action, selection.describe(), dry_run=True, selected=ids, to_handler=to_handler
+        )
         outcome.preview = await self._preview(ids)
-        refused = sum(1 for r in outcome.preview if r.event is None)
-        if action == "replay" and refused:
-            outcome.note = (
-                f"{refused} of the records shown cannot be replayed (the payload is not an "
-                "event envelope): they would stay; inspect them, then purge them"
-            )
+        if action == "replay":
+            await self.call(self._check_replays, outcome, ids[:DRY_RUN_CHECKS], to_handler)
+            outcome.targets = await self._targets(outcome.preview)
         return outcome
 
-    async def replay(self, selection: Selection, who: str) -> Outcome:
-        """Replay every record of ``selection``; audited when it starts and ends."""
-        outcome = Outcome("replay", selection.describe(), selected=await self.resolve(selection))
+    def _check_replays(self, outcome: Outcome, ids: list[str], to_handler: str | None) -> None:
+        """Fill ``would_replay``, ``failed`` and ``missing`` of a dry run (blocking)."""
+        for n, record_id in enumerate(ids):
+            record = self.dlq.get(record_id)
+            if record is None:
+                outcome.missing.append(record_id)
+                continue
+            try:
+                reason = self.dlq.refusal(record, to_handler)
+            except Exception as exc:  # the backend cannot answer: no replay would go
+                why = f"the backend cannot be asked: {type(exc).__name__}: {exc}"
+                for later in ids[n:]:
+                    outcome.failed[later] = why
+                break
+            if reason is None:
+                outcome.would_replay.append(record_id)
+            else:
+                outcome.failed[record_id] = reason
+        outcome.checked = len(ids)
+
+    async def _targets(self, records: list[FailedEvent]) -> list[str]:
+        """The handlers every record of ``records`` may be replayed to (same topic
+        and service); empty when they differ or the backend cannot tell."""
+        if not records or len({(r.topic, r.queue) for r in records}) != 1:
+            return []
+        try:
+            names = await self.call(self.dlq.targets, records[0])
+        except Exception:  # the page still works; the choice is just not offered
+            logger.warning("Could not list the handlers to replay to", exc_info=True)
+            return []
+        return list(names or [])
+
+    async def targets(self, record: FailedEvent) -> list[str] | None:
+        """The handlers ``record`` may be replayed to, or None when unknown."""
+        try:
+            return await self.call(self.dlq.targets, record)
+        except Exception:
+            logger.warning("Could not list the handlers to replay to", exc_info=True)
+            return None
+
+    async def replayed_as(self, ids: list[str]) -> dict[str, str]:
+        """``{old id: new id}``: which of ``ids`` were replayed and failed again, as
+        which record (empty when the store cannot be read)."""
+        if not ids:
+            return {}
+        try:
+            return await self.call(self.dlq.replayed_as, ids)
+        except Exception:
+            logger.warning("Could not look up replays that failed again", exc_info=True)
+            return {}
+
+    async def replay(
+        self, selection: Selection, who: str, to_handler: str | None = None
+    ) -> Outcome:
+        """Queue every record of ``selection`` again (to ``to_handler`` when given);
+        audited when it starts and ends."""
+        outcome = Outcome(
+            "replay",
+            selection.describe() + (f", to handler {to_handler}" if to_handler else ""),
+            selected=await self.resolve(selection),
+            to_handler=to_handler,
+        )
 
         def replay(ids: list[str]) -> None:
             for record_id in ids:  # one at a time: a store error midway loses no count
-                outcome.add(self.dlq.replay([record_id]))
+                outcome.add(self.dlq.replay([record_id], to_handler=to_handler))
 
         return await self._run(who, outcome, replay)
 
@@ -353,11 +473,18 @@ _MISSING = object()
 
 def _completion(outcome: Outcome) -> str:
     """What an action did, in words, for its completing audit entry."""
-    parts = [outcome.selection, f"{outcome.action}: {len(outcome.done):,} done"]
+    did = "purged" if outcome.action == "purge" else "queued (not yet handled)"
+    parts = [outcome.selection, f"{outcome.action}: {len(outcome.done):,} {did}"]
     if outcome.missing:
         parts.append(f"{len(outcome.missing):,} missing")
     if outcome.failed:
-        parts.append(f"{len(outcome.failed):,} failed")
+        reasons = outcome.reasons
+        parts.append(
+            f"{len(outcome.failed):,} failed ("
+            + "; ".join(f"{r.count:,}: {r.text[:200]}" for r in reasons[:3])
+            + (f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else "")
+            + ")"
+        )
     left = len(outcome.selected) - len(outcome.done) - len(outcome.missing) - len(outcome.failed)
     if outcome.error:
         parts.append(f"stopped with {left:,} not tried: {outcome.error}")

@@ -19,6 +19,7 @@ from starlette.responses import Response
 import eventbus.console.csrf as csrf
 from eventbus.bus import EventBus
 from eventbus.console.actions import (
+    MAX_FORM_IDS,
     ConsoleActions,
     EditCheck,
     Outcome,
@@ -119,12 +120,26 @@ class Pages:
     def message(
         self, request: Request, who: str, heading: str, text: str, *, status: int
     ) -> Response:
-        context = {"heading": heading, "text": text}
+        context = {"heading": heading, "text": text, "new_id": None}
         return self.page(request, "message.html", "", who, context, status=status)
 
-    def missing(self, request: Request, who: str, record_id: str) -> Response:
+    def missing(
+        self,
+        request: Request,
+        who: str,
+        record_id: str,
+        replayed_as: Mapping[str, str] | None = None,
+    ) -> Response:
         text = f"No dead letter {record_id!r}: it was replayed or purged, or never existed."
-        return self.message(request, who, "Not found", text, status=404)
+        new_id = (replayed_as or {}).get(record_id)
+        context: dict[str, Any] = {"heading": "Not found", "text": text, "new_id": new_id}
+        if new_id is not None:
+            context["heading"] = "Replayed, and failed again"
+            context["text"] = (
+                f"Dead letter {record_id!r} was replayed; its handler failed on the event "
+                "again, and it is now a new dead letter:"
+            )
+        return self.page(request, "message.html", "", who, context, status=404)
 
     async def checked_form(
         self, request: Request, who: str
@@ -193,29 +208,66 @@ class Pages:
         status = 422 if check is not None and check.problems else 200
         return self.page(request, "edit.html", "list", who, context, status=status)
 
-    def result(self, request: Request, who: str, outcome: Outcome) -> Response:
-        status = 500 if outcome.error else 207 if outcome.failed else 200
-        return self.page(request, "result.html", "", who, {"outcome": outcome}, status=status)
+    def result(
+        self,
+        request: Request,
+        who: str,
+        outcome: Outcome,
+        scope: str = "selected",
+        selection: Selection | None = None,
+    ) -> Response:
+        """The page of an action's outcome; a dry run's offers to replay the records
+        that would be queued (those ids, or the same selection when they are all of
+        it or too many for a form)."""
+        status = 500 if outcome.error else 207 if outcome.failed and not outcome.dry_run else 200
+        context: dict[str, Any] = {"outcome": outcome, "again": None, "same": None}
+        if selection is not None:
+            same = {"scope": scope, "ids": selection.ids, "fields": _fields(selection.query)}
+            context["same"] = same
+        if outcome.dry_run and outcome.action == "replay" and outcome.would_replay:
+            every = len(outcome.would_replay) == len(outcome.selected)
+            if selection is not None and (every or len(outcome.would_replay) > MAX_FORM_IDS):
+                context["again"] = {
+                    "scope": scope,
+                    "ids": selection.ids,
+                    "fields": _fields(selection.query),
+                    "count": len(outcome.selected) if every else None,
+                }
+            else:
+                context["again"] = {
+                    "scope": "selected",
+                    "ids": outcome.would_replay,
+                    "fields": {},
+                    "count": len(outcome.would_replay),
+                }
+        return self.page(request, "result.html", "", who, context, status=status)
 
     def confirm(
         self, request: Request, who: str, scope: str, selection: Selection, outcome: Outcome
     ) -> Response:
-        query = selection.query or DeadLetterQuery()
         bound = outcome.preview[0].last_failed_at if outcome.preview else None
         context = {
             "outcome": outcome,
             "scope": scope,
             "ids": selection.ids,
             "fields": {
-                "topic": query.topic,
-                "handler": query.handler,
-                "error_type": query.error_type,
-                "since": query.since.isoformat() if query.since else None,
-                "until": query.until.isoformat() if query.until else None,
+                **_fields(selection.query),
                 "bound": micros(bound) if bound is not None and scope != "selected" else None,
             },
         }
         return self.page(request, "confirm.html", "", who, context)
+
+
+def _fields(query: DeadLetterQuery | None) -> dict[str, str | None]:
+    """The form fields that select ``query``'s records again."""
+    query = query or DeadLetterQuery()
+    return {
+        "topic": query.topic,
+        "handler": query.handler,
+        "error_type": query.error_type,
+        "since": query.since.isoformat() if query.since else None,
+        "until": query.until.isoformat() if query.until else None,
+    }
 
 
 def attempt_rows(record: FailedEvent) -> list[dict[str, Any]]:
@@ -354,9 +406,11 @@ def facets(groups: list[FailureGroup], query: DeadLetterQuery) -> dict[str, list
     return {name: sorted(values) for name, values in facets.items()}
 
 
-def list_url(filters: dict[str, Any], limit: int, cursor: str | None) -> str:
+def list_url(
+    filters: dict[str, Any], limit: int, cursor: str | None, *, select: str | None = None
+) -> str:
     params = {k: filters[k] for k in ("topic", "handler", "error_type", "since", "until")}
-    return query_string({**params, "limit": limit, "cursor": cursor})
+    return query_string({**params, "limit": limit, "cursor": cursor, "select": select})
 
 
 def selection_from_form(scope: str, form: Mapping[str, list[str]]) -> Selection:

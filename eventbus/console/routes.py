@@ -192,6 +192,7 @@ def dlq_console(
         until: str | None = None,
         cursor: str | None = None,
         limit: int = Query(settings.page_size, ge=1, le=MAX_PAGE_SIZE),
+        select: str | None = Query(None, pattern="^(all|none)$"),
         who: str = who_dep,
         actions: ConsoleActions = actions_dep,
     ) -> Response:
@@ -213,6 +214,9 @@ def dlq_console(
             "cursor": cursor,
             "next_url": list_url(filters, limit, page.next_cursor) if page.next_cursor else None,
             "first_url": list_url(filters, limit, None) if cursor else None,
+            "all_selected": select == "all",
+            "select_all_url": list_url(filters, limit, cursor, select="all"),
+            "select_none_url": list_url(filters, limit, cursor),
             "filtered": any(
                 filters[k] for k in ("topic", "handler", "error_type", "since", "until")
             ),
@@ -255,8 +259,12 @@ def dlq_console(
         started = time.perf_counter()
         record = await actions.record(id)
         if record is None:
-            return pages.missing(request, who, id)
+            return pages.missing(request, who, id, await actions.replayed_as([id]))
         context = pages.record_context(request, record, actions)
+        context["targets"] = await actions.targets(record)
+        context["replay_of_exists"] = (
+            record.replay_of and await actions.record(record.replay_of) is not None
+        )
         return pages.page(request, "record.html", "list", who, context, started=started)
 
     @router.get("/record/text", response_class=PlainTextResponse)
@@ -313,10 +321,13 @@ def dlq_console(
             selection = selection_from_form(scope, form)
         except ValueError as exc:
             return pages.message(request, who, "Nothing to do", str(exc), status=400)
+        to_handler = first(form, "to_handler") or None
         if action == "replay":
-            return pages.result(request, who, await actions.replay(selection, who))
+            outcome = await actions.replay(selection, who, to_handler)
+            return pages.result(request, who, outcome, scope, selection)
         if action == "dry-run":
-            return pages.result(request, who, await actions.preview("replay", selection))
+            outcome = await actions.preview("replay", selection, to_handler)
+            return pages.result(request, who, outcome, scope, selection)
         if action == "purge" and first(form, "confirm") == "yes":
             return pages.result(request, who, await actions.purge(selection, who))
         if action == "purge":
@@ -330,7 +341,12 @@ def dlq_console(
     ) -> Response:
         started = time.perf_counter()
         entries = audit_rows(await actions.entries(AUDIT_PAGE))
-        context = {"entries": entries, "audit_kind": type(actions.audit).__name__}
+        replayed = [i for e in entries if e.action.startswith("replay") for i in e.ids[:5]]
+        context = {
+            "entries": entries,
+            "audit_kind": type(actions.audit).__name__,
+            "replayed_as": await actions.replayed_as(list(dict.fromkeys(replayed))),
+        }
         return pages.page(request, "audit.html", "audit", who, context, started=started)
 
     @router.get("/static/{name}")

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from eventbus.dlq.records import FailedEvent, non_finite_path
-from eventbus.dlq.store import DEFAULT_PEEK_LIMIT, CountsEvictions, DeadLetterStore
+from eventbus.dlq.store import (
+    DEFAULT_PEEK_LIMIT,
+    CountsEvictions,
+    DeadLetterStore,
+    TracksReplays,
+)
 from eventbus.events import decode_event
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,13 @@ class ReplayResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-Replayer = Callable[[FailedEvent], None]
+#: ``replayer(record)`` or ``replayer(record, handler)``: enqueue the record's event
+#: for its handler, or for ``handler`` (the backend's ``replay``).
+Replayer = Callable[..., None]
+#: ``refusal(record, handler)``: why a replay would be refused now, or None.
+RefusalCheck = Callable[[FailedEvent, "str | None"], "str | None"]
+#: ``targets(record)``: the handlers a record may be replayed to, or None (unknown).
+TargetList = Callable[[FailedEvent], "list[str] | None"]
 
 _MIXED_SELECTION = (
     "give either record ids or filters (topic, handler, error_type) or all_records=True, "
@@ -61,11 +72,24 @@ class DeadLetterQueue:
     Parameters:
       store: Where the records are.
       replayer: Enqueues a record's event for its handler again (the bus provides it).
+      refusal: Says why a replay would be refused now (the backend's
+        ``replay_refusal``), for dry runs.
+      targets: Lists the handlers a record may be replayed to (the backend's
+        ``replay_targets``).
     """
 
-    def __init__(self, store: DeadLetterStore, replayer: Replayer | None = None) -> None:
+    def __init__(
+        self,
+        store: DeadLetterStore,
+        replayer: Replayer | None = None,
+        *,
+        refusal: RefusalCheck | None = None,
+        targets: TargetList | None = None,
+    ) -> None:
         self.store = store
         self._replayer = replayer
+        self._refusal = refusal
+        self._targets = targets
 
     # -- reading -----------------------------------------------------------------
 
@@ -137,6 +161,7 @@ class DeadLetterQueue:
         handler: str | None = None,
         error_type: str | None = None,
         all_records: bool = False,
+        to_handler: str | None = None,
     ) -> ReplayResult:
         """Send dead events back to the handler that failed on them, with fresh retries.
 
@@ -146,9 +171,16 @@ class DeadLetterQueue:
         A record whose payload is not an event envelope (``event`` is None) is
         refused and kept: it lands in ``failed`` with the reason.
 
+        "Replayed" means queued again: whether the handler then succeeds shows
+        later (a replay that fails again becomes a new record whose ``replay_of``
+        names this one; :meth:`replayed_as` finds it).
+
         Parameters:
           ids: Record ids; or select by ``topic`` / ``handler`` / ``error_type``, or
             ``all_records=True``.
+          to_handler: Deliver to this handler (actor name) of the same topic and
+            service instead of the one that failed: the new name of a renamed
+            handler.
 
         Raises:
           ValueError: Nothing selected, or ids together with filters or
@@ -171,7 +203,10 @@ class DeadLetterQueue:
                 )
                 continue
             try:
-                self._replayer(record)
+                if to_handler is None:
+                    self._replayer(record)
+                else:
+                    self._replayer(record, to_handler)
             except Exception as exc:
                 self.store.release(record)
                 result.failed[record_id] = f"{type(exc).__name__}: {exc}"
@@ -180,6 +215,31 @@ class DeadLetterQueue:
             self.store.complete(record_id)
             result.replayed.append(record_id)
         return result
+
+    def refusal(self, record: FailedEvent, to_handler: str | None = None) -> str | None:
+        """Why :meth:`replay` of ``record`` (to ``to_handler``) would be refused now,
+        or None when it would be queued: the checks the replay makes, without
+        replaying (a dry run).  Blocking; raises when the backend cannot be reached."""
+        if record.event is None:
+            return "its payload is not an event envelope: inspect it, then purge it"
+        if self._refusal is None:
+            return None
+        return self._refusal(record, to_handler)
+
+    def targets(self, record: FailedEvent) -> list[str] | None:
+        """The handlers ``record`` may be replayed to (its topic's, in its service),
+        or None when the backend cannot list them."""
+        return self._targets(record) if self._targets is not None else None
+
+    def replayed_as(self, ids: list[str]) -> dict[str, str]:
+        """``{old id: new id}`` for those of ``ids`` (replayed records) whose replay
+        failed again into a record still stored.  Stores that keep an index
+        (:class:`~eventbus.dlq.store.TracksReplays`) answer from it; others are
+        scanned."""
+        if isinstance(self.store, TracksReplays):
+            return self.store.replayed_as(ids)
+        wanted = set(ids)
+        return {r.replay_of: r.id for r in self.store.find(None) if r.replay_of in wanted}
 
     def replay_edited(self, record_id: str, envelope: dict[str, Any]) -> ReplayResult:
         """Replay one record with ``envelope`` instead of the payload it failed on.

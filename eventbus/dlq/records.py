@@ -53,6 +53,9 @@ class FailedEvent:
       correlation_id: The correlation id of the publishing request.
       trace_id: The trace id of the publish span.
       partition, offset: Where a Kafka record came from (None elsewhere).
+      replay_of: The id of the dead letter whose replay this is ("" when the event
+        failed on its first delivery): a replay that failed again names the
+        record it came from.
     """
 
     id: str
@@ -74,6 +77,7 @@ class FailedEvent:
     #: Each failed attempt, oldest first: ``{"at": datetime, "error_type": str,
     #: "error": str}`` (the last one is the final failure; older records have none).
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
+    replay_of: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-compatible dict (the event as its envelope).
@@ -101,6 +105,7 @@ class FailedEvent:
             "partition": self.partition,
             "offset": self.offset,
             "attempt_log": [{**entry, "at": entry["at"].isoformat()} for entry in self.attempt_log],
+            "replay_of": self.replay_of,
         }
 
     @classmethod
@@ -137,6 +142,7 @@ class FailedEvent:
                 for entry in data.get("attempt_log") or []
                 if isinstance(entry, dict)
             ],
+            replay_of=str(data.get("replay_of") or ""),
         )
 
     def matches(

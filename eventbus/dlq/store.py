@@ -70,6 +70,18 @@ class CountsEvictions(Protocol):
         ...
 
 
+@runtime_checkable
+class TracksReplays(Protocol):
+    """A store that finds, by index, the record a replayed event became when it
+    failed again (its :attr:`~eventbus.dlq.records.FailedEvent.replay_of` names the
+    replayed record).  Stores without it are scanned (:meth:`DeadLetterQueue.replayed_as`)."""
+
+    def replayed_as(self, ids: list[str]) -> dict[str, str]:
+        """``{old id: new id}`` for those of ``ids`` whose replay failed again and
+        whose new record is still stored."""
+        ...
+
+
 class MemoryDeadLetterStore:
     """Keeps the newest ``max_size`` dead letters in memory.
 

@@ -474,8 +474,10 @@ class KafkaBackend(Backend):
                 produced[tp] = metadata.offset
         return set()
 
-    def replay(self, record: FailedEvent) -> None:
-        """Publish a dead letter's event again, for the handler that failed on it only.
+    def replay(self, record: FailedEvent, handler: str | None = None) -> None:
+        """Publish a dead letter's event again, for the handler that failed on it only
+        (or for ``handler``, another handler of the topic in the same service: the
+        new name of a renamed one).
 
         The record goes to the event's topic with the service and the handler its
         dead-letter id names (``eventbus-replay-service``,
@@ -490,35 +492,55 @@ class KafkaBackend(Backend):
             before dead letters named their service (no handler can be addressed;
             the record is kept).
         """
-        topic = record.topic
+        refusal = self.replay_refusal(record, handler)
+        if refusal is not None:
+            raise BackendError(f"cannot replay this dead letter: {refusal}", backend=self.name)
         envelope = record.envelope
-        if not topic or not isinstance(envelope, dict):
-            raise BackendError(
-                f"cannot replay dead letter {record.id}: no topic or envelope", backend=self.name
-            )
+        assert isinstance(envelope, dict)
         address = dead_letter_address(record)
         headers = [
             (HEADER_CORRELATION_ID, record.correlation_id.encode()),
             (HEADER_REPLAY_OF, record.id.encode()),
         ]
         if address is not None:
-            service, handler = address
+            service, named = address
             headers.append((HEADER_REPLAY_SERVICE, service.encode()))
-            if handler != POISON_HANDLER:
-                headers.append((HEADER_REPLAY_HANDLER, handler.encode()))
-        elif record.handler == POISON_HANDLER:
-            raise BackendError(
-                f"cannot replay dead letter {record.id}: it was set aside before any "
-                "handler saw it, and it does not name the service whose workers did "
-                "(dead letters written before ids named service and handler); kept. "
-                "Use replay_edited with the event, or publish the event again",
-                backend=self.name,
-            )
+            target = handler or named
+            if target != POISON_HANDLER:
+                headers.append((HEADER_REPLAY_HANDLER, target.encode()))
         else:  # an older handler failure: its handler name alone addresses it
-            headers.append((HEADER_REPLAY_HANDLER, record.handler.encode()))
+            headers.append((HEADER_REPLAY_HANDLER, (handler or record.handler).encode()))
         event = envelope.get("event")
         key = str(event.get("event_id", "")) if isinstance(event, dict) else ""
-        self.dead_letters.send(topic, to_json(envelope), key.encode() or None, headers)
+        self.dead_letters.send(record.topic, to_json(envelope), key.encode() or None, headers)
+
+    def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
+        if not record.topic or not isinstance(record.envelope, dict):
+            return "no topic or envelope"
+        address = dead_letter_address(record)
+        if address is None and record.handler == POISON_HANDLER and handler is None:
+            return (
+                "it was set aside before any handler saw it, and it does not name the "
+                "service whose workers did (dead letters written before ids named service "
+                "and handler); kept. Use replay_edited with the event, or publish the "
+                "event again"
+            )
+        targets = self.replay_targets(record)
+        if handler is not None and targets is not None and handler not in targets:
+            return f"handler {handler!r} does not subscribe to topic {record.topic!r} here"
+        return None
+
+    def replay_targets(self, record: FailedEvent) -> list[str] | None:
+        """The handlers of the record's topic in this process, when this process is
+        of the record's service (the group has no list other processes can read);
+        else None (also when this process has none: it cannot tell)."""
+        address = dead_letter_address(record)
+        if self.router is None or self.subscriptions is None:
+            return None
+        if address is not None and address[0] != self.subscriptions.service:
+            return None
+        names = sorted({actor.actor_name for actor in self.router.actors(record.topic)})
+        return names or None
 
     # -- waiting and health ------------------------------------------------------------
 

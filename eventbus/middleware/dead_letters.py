@@ -158,6 +158,7 @@ def build_failed_event(
         last_failed_at=now,
         correlation_id=str(options.get(keys.CORRELATION_ID, "")),
         trace_id=str(options.get(keys.TRACE_ID, "")),
+        replay_of=str(options.get(keys.REPLAY_OF) or ""),
         attempt_log=[
             {
                 "at": datetime.fromtimestamp(entry[0] / 1000, UTC),

@@ -34,6 +34,7 @@ with requires_extra("redis", __name__):
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
 from dramatiq import Middleware
@@ -638,17 +639,43 @@ class RedisBackend(Backend):
         if due:
             subs.log_dropped(due, self.retention)
 
-    def replay(self, record: FailedEvent) -> None:
+    def replay(self, record: FailedEvent, handler: str | None = None) -> None:
+        """Enqueue ``record``'s event for its handler (or ``handler``, another
+        handler of its topic in its service: a renamed one), retries reset.
+
+        Raises:
+          BackendError: That handler has no subscription to the topic in the
+            service (removed, or not deployed yet); the record stays.
+        """
         broker = self._require_broker()
+        queue, refusal = self._replay_queue(record, handler)
+        if queue is None:
+            raise BackendError(f"{refusal}; the dead letter stays", backend=self.name)
+        broker.enqueue(replay_message(record, queue, handler))
+
+    def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
+        return self._replay_queue(record, handler)[1] or None
+
+    def _replay_queue(self, record: FailedEvent, handler: str | None) -> tuple[str | None, str]:
+        """The queue a replay of ``record`` to ``handler`` goes to, or None and why not."""
         service = service_of(record.queue)
-        field = lua.subscription_field(service, record.topic, record.handler)
-        if not self.sync_client.hexists(f"{self.namespace}:subs", field):
-            raise BackendError(
-                f"handler {record.handler!r} has no subscription to {record.topic!r} in "
-                f"service {service!r} (removed?); dead letter {record.id} stays",
-                backend=self.name,
+        name = handler or record.handler
+        field = lua.subscription_field(service, record.topic, name)
+        raw = self.sync_client.hget(f"{self.namespace}:subs", field)
+        if raw is None:
+            return None, (
+                f"handler {name!r} has no subscription to {record.topic!r} in service "
+                f"{service!r} (removed{', or renamed' if handler is None else ''}?)"
             )
-        broker.enqueue(replay_message(record, record.queue))
+        if handler is None:
+            return record.queue, ""
+        return str(json.loads(raw)["queue"]), ""
+
+    def replay_targets(self, record: FailedEvent) -> list[str] | None:
+        prefix = lua.subscription_field(service_of(record.queue), record.topic, "").encode()
+        fields = cast(list[bytes], self.sync_client.hkeys(f"{self.namespace}:subs"))
+        names = (f[len(prefix) :] for f in fields if f.startswith(prefix))
+        return sorted(n.decode() for n in names if b"|" not in n)  # not a topic "a|b"
 
     async def pending(self) -> int:
         """Events not handled yet in every subscription's queue: ready, delayed,

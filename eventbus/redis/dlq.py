@@ -19,6 +19,8 @@ Keys (``{ns}`` is the backend's namespace)::
     {ns}:dlq:groups   HASH  group -> record count (group: handler and error type)
     {ns}:dlq:ixkeys   SET   the per-value index keys that exist
     {ns}:dlq:audit    LIST  audit entries (JSON), newest first
+    {ns}:dlq:replays  HASH  replayed record id -> id of the record its replay became
+                            when it failed again (``FailedEvent.replay_of``)
 
 The indexes let the console list, filter, page and group 100,000 records with
 a handful of O(log n) commands; every script that lists or unlists a record
@@ -157,6 +159,7 @@ class RedisDeadLetterStore:
         self._sum = f"{base}:sum"
         self._ix = f"{base}:ix"
         self._groups = f"{base}:groups"
+        self._replays = f"{base}:replays"
         self._add = client.register_script(lua.ADD)
         self._restore = client.register_script(lua.RESTORE)
         self._claim = client.register_script(lua.CLAIM)
@@ -199,6 +202,8 @@ class RedisDeadLetterStore:
         store is over ``max_size`` or ``max_bytes``."""
         evicted = self._add(args=self._add_args(record))
         self._evictions(int(evicted))
+        if record.replay_of:
+            self._link_replays([record])
 
     def add_many(self, records: Iterable[FailedEvent], *, chunk: int = SCAN_CHUNK) -> None:
         """Store many records, ``chunk`` per round trip (imports, benchmarks)."""
@@ -209,6 +214,37 @@ class RedisDeadLetterStore:
                     self._add(args=self._add_args(record), client=pipe)
                 evicted = pipe.execute()
             self._evictions(sum(int(n) for n in evicted))
+        self._link_replays([r for r in pending if r.replay_of])
+
+    def _link_replays(self, records: list[FailedEvent]) -> None:
+        """Remember which record each replayed one became; drop links to records
+        gone when the links outnumber ``max_size``."""
+        if not records:
+            return
+        self.client.hset(self._replays, mapping={r.replay_of: r.id for r in records})
+        if int(self.client.hlen(self._replays)) <= self.max_size:
+            return
+        for old, new in self.client.hscan_iter(self._replays):
+            if self.client.zscore(self._order, new) is None:
+                self.client.hdel(self._replays, old)
+
+    def replayed_as(self, ids: list[str]) -> dict[str, str]:
+        """``{old id: new id}`` for those of ``ids`` whose replay failed again into a
+        record still stored (see :class:`~eventbus.dlq.store.TracksReplays`)."""
+        if not ids:
+            return {}
+        links = cast(list[bytes | None], self.client.hmget(self._replays, ids))
+        found = {
+            old: new.decode("utf-8", "replace") for old, new in zip(ids, links, strict=True) if new
+        }
+        if not found:
+            return {}
+        scores = self.client.zmscore(self._order, list(found.values()))
+        return {
+            old: new
+            for (old, new), score in zip(found.items(), scores, strict=True)
+            if score is not None
+        }
 
     def _add_args(self, record: FailedEvent) -> list[Any]:
         data, summary = _encoded(record)
@@ -322,6 +358,7 @@ class RedisDeadLetterStore:
     def clear(self) -> None:
         """Delete every record (the eviction counter and the audit trail stay)."""
         self._clear(args=[self._prefix])
+        self.client.delete(self._replays)
 
     def claim(self, record_id: str) -> FailedEvent | None:
         """Hide the record from listings and other claims, and return it."""
