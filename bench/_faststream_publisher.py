@@ -6,8 +6,10 @@ not import eventbus.  Usage::
     _faststream_publisher.py URL publish N      # await broker.publish(...) one by one
     _faststream_publisher.py URL concurrent N   # the same from 64 concurrent tasks
     _faststream_publisher.py URL paced RATE SECONDS   # stamped payloads at RATE/s
+    _faststream_publisher.py URL prod list|stream   # bench/production_bench.py
 
-Prints one JSON line: ``{"seconds": s, "started": wall clock of the first publish}``.
+Prints one JSON line: ``{"seconds": s, "started": wall clock of the first publish}``
+(``prod``: driven over stdin, see ``_production_common.serve``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from faststream.redis import RedisBroker
 
 LIST = "bench-list"
 LATENCY_LIST = "bench-latency"
+#: The list and the stream of bench/production_bench.py.
+PROD_LIST = "bench-prod"
+PROD_STREAM = "bench-prod-stream"
 #: Concurrent callers of the ``concurrent`` mode.
 CALLERS = 64
 
@@ -45,6 +50,16 @@ async def run(url: str, mode: str, args: list[str]) -> dict[str, float]:
     broker = RedisBroker(url, log_level=logging.DEBUG)
     await broker.connect()
     try:
+        if mode == "prod":  # ``prod list|stream``
+            from _production_common import serve  # beside this script
+
+            where = {"list": PROD_LIST} if args[0] == "list" else {"stream": PROD_STREAM}
+
+            async def send(i: int, sent: float) -> None:
+                await broker.publish(event("prod.event", i=i, sent=sent), **where)
+
+            await serve(send)
+            return {}
         if mode == "paced":
             rate, seconds = float(args[0]), float(args[1])
             interval = 1 / rate
@@ -82,4 +97,6 @@ async def run(url: str, mode: str, args: list[str]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(run(sys.argv[1], sys.argv[2], sys.argv[3:]))))
+    result = asyncio.run(run(sys.argv[1], sys.argv[2], sys.argv[3:]))
+    if result:  # "prod" printed its own
+        print(json.dumps(result))

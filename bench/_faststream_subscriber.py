@@ -5,10 +5,15 @@ not import eventbus.  Usage::
 
     _faststream_subscriber.py URL count N   # no-op handler of "bench-list"
     _faststream_subscriber.py URL latency   # handler of "bench-latency"
+    _faststream_subscriber.py URL prod-list     # bench/production_bench.py: "bench-prod"
+    _faststream_subscriber.py URL prod-stream   # its stream, group "bench-prod", acked
 
 ``count``: when the N-th message has been handled, writes the wall clock to
 :data:`DONE_KEY` (no Redis command per message).  ``latency``: pushes handler
 start minus the publisher's ``sent`` stamp (seconds) to :data:`LATENCY_KEY`.
+``prod-*``: counts through ``_production_common.Progress``; several such processes
+share the list, or the stream's consumer group (one consumer each, XACK after the
+handler returned: FastStream's default ``AckPolicy.REJECT_ON_ERROR``).
 Writes :data:`READY_KEY` once the subscriber consumes.  Stops on SIGTERM.
 """
 
@@ -16,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from datetime import datetime
 
 import redis.asyncio as aioredis
 from faststream import FastStream
-from faststream.redis import RedisBroker
+from faststream.redis import RedisBroker, StreamSub
 from pydantic import BaseModel
 
 LIST = "bench-list"
@@ -30,6 +36,9 @@ LATENCY_LIST = "bench-latency"
 READY_KEY = "bench:faststream:ready"
 DONE_KEY = "bench:faststream:done"
 LATENCY_KEY = "bench:latency:faststream"
+PROD_LIST = "bench-prod"
+PROD_STREAM = "bench-prod-stream"
+PROD_GROUP = "bench-prod"
 
 
 class Noop(BaseModel):
@@ -47,6 +56,15 @@ class Timed(BaseModel):
     topic: str
     timestamp: datetime
     metadata: dict[str, str]
+    sent: float
+
+
+class Prod(BaseModel):
+    event_id: str
+    topic: str
+    timestamp: datetime
+    metadata: dict[str, str]
+    i: int
     sent: float
 
 
@@ -73,6 +91,20 @@ def build(url: str, mode: str, expect: int) -> FastStream:
         async def latency(event: Timed) -> None:
             lag = time.time() - event.sent
             await client.rpush(LATENCY_KEY, lag)
+
+    elif mode in ("prod-list", "prod-stream"):
+        from _production_common import Progress  # beside this script
+
+        progress = Progress(url)
+        where: dict[str, object] = (
+            {"list": PROD_LIST}
+            if mode == "prod-list"
+            else {"stream": StreamSub(PROD_STREAM, group=PROD_GROUP, consumer=f"c-{os.getpid()}")}
+        )
+
+        @broker.subscriber(**where)  # type: ignore[call-overload]
+        async def prod(event: Prod) -> None:
+            progress.hit(event.sent)
 
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -211,7 +211,10 @@ def start_worker(
     *,
     settle: bool = True,
     extra_env: dict[str, str] | None = None,
+    modules: list[str] | None = None,
 ) -> Worker:
+    """``dramatiq`` worker processes of ``system``; ``modules``: the handler (eventbus)
+    or actor (dramatiq) modules to import instead of this benchmark's."""
     env = {
         **os.environ,
         **(extra_env or {}),
@@ -222,9 +225,9 @@ def start_worker(
         "BENCH_REDIS_URL": url,
     }
     if system == "eventbus":
-        args = ["eventbus.actors", *EVENTBUS_MODULES]
+        args = ["eventbus.actors", *(modules or EVENTBUS_MODULES)]
     else:
-        args = ["bench._dramatiq_bench_actors"]
+        args = modules or ["bench._dramatiq_bench_actors"]
     command = [sys.executable, "-m", "dramatiq", *args, "-p", str(processes), "-t", str(threads)]
     with tempfile.TemporaryFile() as errors:  # read only if the worker does not start
         process = subprocess.Popen(
