@@ -356,6 +356,8 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
                 (r.service, r.topic, r.handler, r.queue, str(r.backlog), str(r.live_workers), seen)
             )
         emit([r.to_dict() for r in rows], _grid(table) + f"\n{len(rows)} subscription(s)")
+        for warning in backend.subscription_warnings():  # e.g. a topic that looks mistyped
+            err.write(f"warning: {printable(warning)}\n")
         return 0
 
     matches = [r for r in rows if r.handler == args.handler]

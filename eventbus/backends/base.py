@@ -103,6 +103,10 @@ class StoresSubscriptions(Protocol):
     def subscription_list(self) -> Sequence[SubscriptionRow]:
         """Every stored subscription, with its state (blocking)."""
 
+    def subscription_warnings(self) -> list[str]:
+        """What looks wrong with the stored subscriptions, one line each (e.g. a
+        topic that looks mistyped); empty when nothing does (blocking)."""
+
     def remove_subscription(
         self, service: str, topic: str, handler: str, dead_letters: DeadLetterStore | None
     ) -> int | None:

@@ -78,6 +78,12 @@ from eventbus.redis.broker import (
     WORKER_SOCKET_TIMEOUT,
     ReliableRedisBroker,
 )
+from eventbus.redis.checks import (
+    check_at_boot,
+    published_topics,
+    published_topics_key,
+    suspect_topics,
+)
 from eventbus.redis.messages import InvalidMessage, encode_message, message_problem
 from eventbus.redis.resp import (
     Command,
@@ -226,6 +232,10 @@ class RedisBackend(Backend):
         self.replica_fsync = replica_fsync
         #: The command sent after each fan-out call (``WAIT``/``WAITAOF``), once known.
         self._replica_wait: Command | None = None
+        #: Topics this process noted in ``{ns}:ptopics`` (published topics, for the
+        #: mistyped-topic check of :mod:`eventbus.redis.checks`).
+        self._noted_topics: set[str] = set()
+        self._noting: set[asyncio.Task[None]] = set()
         #: Seconds of silence after which a worker is declared dead.
         self.heartbeat_timeout = redelivery_timeout * HEARTBEAT_TIMEOUT_SHARE
         #: Seconds between a worker's heartbeats (and recovery passes).
@@ -387,6 +397,15 @@ class RedisBackend(Backend):
             len(fields),
             self.subscriptions.service if self.subscriptions else "?",
         )
+        if self.subscriptions is not None:  # warn about subscriptions nobody serves
+            await asyncio.to_thread(
+                check_at_boot,
+                broker.client,
+                self.namespace,
+                self.subscriptions.service,
+                fields,
+                broker.heartbeat_timeout,
+            )
         if self.runs_worker and self.worker is None and fields:
             worker = dramatiq.Worker(broker, worker_threads=self.worker_threads)
             broker.emit_after("process_boot")  # only the dramatiq CLI emits it otherwise
@@ -399,6 +418,8 @@ class RedisBackend(Backend):
             await asyncio.to_thread(worker.stop, int(timeout * 1000))
             if self.broker is not None:
                 self.broker.release()
+        for task in list(self._noting):  # a topic note still in flight: not needed now
+            task.cancel()
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.close()
@@ -438,6 +459,8 @@ class RedisBackend(Backend):
             args.append(os.urandom(8).hex())
             size += len(envelope) + len(options) + len(topic) + EVENT_OVERHEAD_BYTES
         topics = {outgoing.event.topic for outgoing in events}
+        if not topics <= self._noted_topics:  # once per topic per process, off the path
+            self._note_topics(topics - self._noted_topics)
         if strict:
             return await self._fan_out(args, size, strict=True)
         group = self._groups.get(asyncio.get_running_loop())
@@ -454,6 +477,27 @@ class RedisBackend(Backend):
             return await self._fan_out(args, size)
         finally:
             self._next_round(group)
+
+    def _note_topics(self, topics: set[str]) -> None:
+        """Record, in the background, that this process publishes to ``topics`` (one
+        HSET per topic per process, ever; publish never waits for it): what tells a
+        mistyped subscription topic from a real one (:mod:`eventbus.redis.checks`).
+        Best effort: a failure is retried at the next publish of the topic."""
+        self._noted_topics |= topics
+        args: list[Any] = [published_topics_key(self.namespace)]
+        for topic in sorted(topics):
+            args += [topic, str(int(time.time() * 1000))]
+
+        async def note() -> None:
+            try:
+                await asyncio.wait_for(self._client().call("HSET", *args), self.publish_timeout)
+            except (RespError, RespConnectionError, OSError, TimeoutError) as exc:
+                self._noted_topics -= topics
+                logger.debug("Could not note the published topics %s: %s", sorted(topics), exc)
+
+        task = asyncio.get_running_loop().create_task(note())
+        self._noting.add(task)
+        task.add_done_callback(self._noting.discard)
 
     def _next_round(self, group: _Group) -> None:
         if not group.waiters:
@@ -695,6 +739,12 @@ class RedisBackend(Backend):
     def subscription_list(self) -> list[subs.Subscription]:
         """Every subscription in this namespace, with backlog and live workers (blocking)."""
         return subs.list_subscriptions(self.sync_client, self.namespace, self.heartbeat_timeout)
+
+    def subscription_warnings(self) -> list[str]:
+        """Subscribed topics that look mistyped (see :mod:`eventbus.redis.checks`)."""
+        rows = subs.list_subscriptions(self.sync_client, self.namespace, self.heartbeat_timeout)
+        published = published_topics(self.sync_client, self.namespace)
+        return [suspect.message() for suspect in suspect_topics(rows, published)]
 
     def remove_subscription(
         self, service: str, topic: str, handler: str, dead_letters: DeadLetterStore | None

@@ -56,6 +56,56 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two log lines about events parked for one handler.
+PARKED_LOG_INTERVAL = 60.0
+
+
+class ParkedLog:
+    """Logs the events a worker parks for a handler it does not have: the first one
+    at once, then at most one summary per handler every ``interval`` seconds (with
+    the count since the last line), not one line per event: a handler deleted from
+    the code but still subscribed gets every event of its topic parked.  The parked
+    events are counted in Redis (``eventbus subscriptions list``, health)."""
+
+    def __init__(self, interval: float = PARKED_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        #: handler -> (when its last line was logged, events parked since)
+        self._state: dict[str, tuple[float, int]] = {}
+
+    def parked(self, handler: str) -> None:
+        """One event was parked for ``handler``: log it, or count it for later."""
+        now = time.monotonic()
+        with self._lock:
+            state = self._state.get(handler)
+            if state is not None and now - state[0] < self.interval:
+                self._state[handler] = (state[0], state[1] + 1)
+                return
+            self._state[handler] = (now, 0)
+        if state is None:
+            logger.info(
+                "Parked an event for handler %s, which this worker does not have; a worker "
+                "with it takes it at its next heartbeat (further ones are summarized "
+                "every %gs).",
+                handler,
+                self.interval,
+            )
+            return
+        logger.info(
+            "Parked %d event(s) for handler %s in the last %.0fs: no worker of this queue "
+            "that has it took them yet. If the handler was deleted, `eventbus "
+            "subscriptions remove %s --yes` removes its subscription (and dead-letters "
+            "what waits for it).",
+            state[1] + 1,
+            handler,
+            now - state[0],
+            handler,
+        )
+
+
+#: The process's parked-event log (shared by the consumers of every queue).
+parked_log = ParkedLog()
+
 #: Most entries one fetch takes (and most delayed entries one fetch promotes).
 MAX_FETCH = 500
 #: Seconds under which a BLMOVE answer means entries were already waiting.
@@ -356,11 +406,7 @@ class RedisConsumer(Consumer):
             return False
         parked = lua.parked_key(self.namespace, self.queue_name, message.actor_name)
         self._park_script(keys=[self.inflight, parked], args=[entry])
-        logger.info(
-            "Parked an event for handler %s, which this worker does not have; a worker "
-            "with it takes it at its next heartbeat.",
-            message.actor_name,
-        )
+        parked_log.parked(message.actor_name)
         return True
 
     def _reject_raw(self, entry: bytes, body: bytes, error: Exception) -> None:

@@ -30,6 +30,8 @@ keys of one queue share the hash tag ``{<queue>}``::
                                   left the window without reaching a subscription),
                                   "s:<subscription>" (seq when it was removed)
     {ns}:stage:{id}         LIST  the chunks of one large publish, until its commit
+    {ns}:ptopics            HASH  topic -> when a publisher process first published
+                                  to it (ms): the mistyped-topic check (checks.py)
 
 **Subscriptions live here.**  A worker writes the subscriptions of its handlers
 when it boots (``eventbus subscriptions sync`` writes them without a worker), and
