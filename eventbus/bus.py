@@ -8,9 +8,11 @@ delegates (encoding, routing, dispatch, the backends) lives in modules of its ow
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -69,6 +71,57 @@ _UNTRACED = EventSpan(span_id="", operation="publish")
 
 #: Seconds between two warnings about the same unrouted topic.
 UNROUTED_WARNING_INTERVAL = 60.0
+
+#: Longest ``publish(..., delay=...)``, in seconds (a week: the longest retry delay).
+MAX_PUBLISH_DELAY = 7 * 24 * 3600.0
+
+
+def deliver_at(delay: timedelta | float | None, eta: datetime | None) -> int | None:
+    """When an event published with ``delay`` or ``eta`` becomes due, in
+    milliseconds since the epoch; None for at once (no delay, a zero delay, or an
+    ``eta`` already past).
+
+    Raises:
+      ValueError: Both are given; ``delay`` is negative, not finite or over
+        :data:`MAX_PUBLISH_DELAY`; ``eta`` is a naive datetime or further than that.
+      TypeError: ``delay`` is not a number or a timedelta, ``eta`` not a datetime.
+    """
+    if delay is None and eta is None:
+        return None
+    if delay is not None and eta is not None:
+        raise ValueError("publish() takes delay= or eta=, not both")
+    now = time.time()
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise TypeError(f"eta must be a datetime, got {type(eta).__name__}")
+        if eta.tzinfo is None or eta.utcoffset() is None:
+            raise ValueError(
+                f"eta={eta.isoformat()} is a naive datetime: give it a time zone, e.g. "
+                "datetime.now(UTC) + timedelta(minutes=5)"
+            )
+        seconds = eta.timestamp() - now
+        name = f"eta={eta.isoformat()}"
+    else:
+        if isinstance(delay, timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, int | float) and not isinstance(delay, bool):
+            seconds = float(delay)
+        else:
+            raise TypeError(
+                f"delay must be seconds (a number) or a timedelta, got {type(delay).__name__}"
+            )
+        name = f"delay={seconds:g}s"
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{name}: a delay must be a finite number of seconds >= 0")
+    if seconds > MAX_PUBLISH_DELAY:
+        raise ValueError(
+            f"{name} is further than the longest delay, {MAX_PUBLISH_DELAY / 86400:g} days "
+            "(eventbus.bus.MAX_PUBLISH_DELAY): store the event and publish it closer to "
+            "its time"
+        )
+    if seconds <= 0:
+        return None  # due now (an eta already past is delivered at once)
+    return math.ceil((now + seconds) * 1000)
 
 
 def _metrics(settings: EventBusSettings) -> MetricsCollector:
@@ -427,7 +480,9 @@ class EventBus:
             )
         return event
 
-    def _outgoing(self, event: BaseEvent, span: EventSpan, cid: str) -> OutgoingEvent:
+    def _outgoing(
+        self, event: BaseEvent, span: EventSpan, cid: str, due: int | None = None
+    ) -> OutgoingEvent:
         metadata = {CORRELATION_ID: cid}
         cause = get_current_event()
         if cause is not None:
@@ -459,6 +514,8 @@ class EventBus:
         context = span.context
         if context:
             options[keys.TRACE_CONTEXT] = context
+        if due is not None:
+            options[keys.DELIVER_AT] = due
         return OutgoingEvent(
             event=event,
             envelope=envelope,
@@ -469,7 +526,14 @@ class EventBus:
             trace_context=dict(context) if context else {},
         )
 
-    async def publish(self, event: BaseEvent, *, session: OutboxSession | None = None) -> None:
+    async def publish(
+        self,
+        event: BaseEvent,
+        *,
+        session: OutboxSession | None = None,
+        delay: timedelta | float | None = None,
+        eta: datetime | None = None,
+    ) -> None:
         """Deliver ``event`` to every handler subscribed to its topic.
 
         Returns once the backend holds the event for every subscription of its
@@ -493,36 +557,61 @@ class EventBus:
         event is written to the outbox in that session's transaction instead: it
         leaves only if the transaction commits, through the outbox relay (see
         :mod:`eventbus.outbox.outbox`; unrouted topics are then only warned about).
+
+        With ``delay`` (seconds, or a ``timedelta``) or ``eta`` (a time-zone aware
+        ``datetime``), the handlers get the event no earlier than then (at most
+        :data:`MAX_PUBLISH_DELAY` ahead; an ``eta`` already past means now).  It is
+        routed now: the subscriptions of its topic at publish time receive it.  The
+        time is absolute, taken at this call: an outbox row relayed later keeps it.
+        A backend that cannot hold events (Kafka) refuses with a PublishError.
+        ``ValueError`` names a delay that is negative, both arguments, a naive
+        ``eta`` or one too far ahead.
         """
         self._check(event)
+        due = deliver_at(delay, eta) if delay is not None or eta is not None else None
+        if due is not None:
+            self._check_delay()
         if session is not None:
-            await self._write_outbox([event], session)
+            await self._write_outbox([event], session, due)
             return
         cid = correlation_id_var.get()
         if cid:
-            await self._publish_batch([event], cid)
+            await self._publish_batch([event], cid, due)
             return
         cid = new_correlation_id()
         token = correlation_id_var.set(cid)
         try:
-            await self._publish_batch([event], cid)
+            await self._publish_batch([event], cid, due)
         finally:
             correlation_id_var.reset(token)
 
+    def _check_delay(self) -> None:
+        refusal = self.backend.delay_refusal()
+        if refusal is not None:
+            raise PublishError(refusal)
+
     async def publish_many(
-        self, events: Iterable[BaseEvent], *, session: OutboxSession | None = None
+        self,
+        events: Iterable[BaseEvent],
+        *,
+        session: OutboxSession | None = None,
+        delay: timedelta | float | None = None,
+        eta: datetime | None = None,
     ) -> None:
         """Publish several events with one backend call, all or none.
 
         Every event is checked first: a non-event raises TypeError before any is sent.
-        With ``session``, they are written to the outbox in its transaction (see
-        :meth:`publish`).
+        With ``session``, they are written to the outbox in its transaction; with
+        ``delay`` or ``eta``, every event of the call is due then (see :meth:`publish`).
         """
         batch = [self._check(event) for event in events]
+        due = deliver_at(delay, eta) if delay is not None or eta is not None else None
+        if due is not None:
+            self._check_delay()
         if not batch:
             return
         if session is not None:
-            await self._write_outbox(batch, session)
+            await self._write_outbox(batch, session, due)
             return
         token = None
         cid = correlation_id_var.get()
@@ -530,12 +619,14 @@ class EventBus:
             cid = new_correlation_id()
             token = correlation_id_var.set(cid)
         try:
-            await self._publish_batch(batch, cid)
+            await self._publish_batch(batch, cid, due)
         finally:
             if token is not None:
                 correlation_id_var.reset(token)
 
-    async def _publish_batch(self, batch: list[BaseEvent], cid: str) -> None:
+    async def _publish_batch(
+        self, batch: list[BaseEvent], cid: str, due: int | None = None
+    ) -> None:
         parent = get_current_span()
         tracer = self.tracer
         started = time.perf_counter()
@@ -552,7 +643,7 @@ class EventBus:
                 else:
                     span = _UNTRACED
                 spans.append(span)
-                outgoing.append(self._outgoing(event, span, cid))
+                outgoing.append(self._outgoing(event, span, cid, due))
             unrouted = await self.backend.publish(outgoing, strict=strict)
         except Exception as exc:
             for span in spans if traced else ():
@@ -574,7 +665,9 @@ class EventBus:
         if unrouted:
             self._unrouted(batch, unrouted)
 
-    async def _write_outbox(self, batch: list[BaseEvent], session: OutboxSession) -> None:
+    async def _write_outbox(
+        self, batch: list[BaseEvent], session: OutboxSession, due: int | None = None
+    ) -> None:
         """Encode ``batch`` as for a publish (span, correlation and causation ids) and
         add it to the outbox in ``session``'s transaction."""
         outbox = self.outbox
@@ -597,7 +690,7 @@ class EventBus:
                         "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
                     )
                     spans.append(span)
-                outgoing.append(self._outgoing(event, span, cid))
+                outgoing.append(self._outgoing(event, span, cid, due))
             await outbox.write(session, outgoing)
         except Exception as exc:
             for span in spans:

@@ -32,3 +32,8 @@ REPLAY_OF = "eventbus_replay_of"
 
 #: Actor option holding the HandlerSpec behind an actor.
 HANDLER = "eventbus_handler"
+
+#: When the event's messages become due: milliseconds since the epoch (publisher's
+#: clock), set by ``publish(..., delay=...)`` or ``eta=...`` (absent: at once).
+#: Absolute, so an outbox row relayed later is still delivered on time.
+DELIVER_AT = "eventbus_deliver_at"

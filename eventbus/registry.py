@@ -11,8 +11,10 @@ every other parameter is a FastAPI-style dependency (see :mod:`eventbus.dependen
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,9 @@ QUEUE_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9._-]*")
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,249}")
 #: Longest handler (actor) name.
 MAX_NAME_LENGTH = 512
+#: Seconds a sync handler's thread waits for a free slot of its concurrency limit
+#: at a time before checking again (so that an interrupt can land meanwhile).
+LIMIT_WAIT_SLICE = 0.05
 
 __all__ = ["HandlerRegistry", "HandlerSpec", "get_current_event", "make_spec", "on_event"]
 
@@ -57,6 +62,44 @@ def validate_queue(queue: object) -> str:
             "digits, '.', '_' or '-'"
         )
     return queue
+
+
+class LocalLimit:
+    """At most ``limit`` runs at once of one handler in this process.
+
+    Async handlers wait on an ``asyncio.Semaphore`` of the loop they run on (a
+    handler runs on one loop per process: the application's, or a worker's); sync
+    ones on a thread semaphore, in slices so that a time limit or a shutdown
+    interrupt lands while they wait.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._threads = threading.BoundedSemaphore(limit)
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        semaphore = self._loops.get(loop)
+        if semaphore is None:
+            semaphore = self._loops[loop] = asyncio.Semaphore(self.limit)
+        return semaphore
+
+    async def run_async(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Await ``call()`` once a slot is free."""
+        async with self._semaphore():
+            await call()
+
+    def run_sync(self, call: Callable[[], None]) -> None:
+        """Run ``call()`` once a slot is free (blocking this thread meanwhile)."""
+        while not self._threads.acquire(timeout=LIMIT_WAIT_SLICE):
+            pass
+        try:
+            call()
+        finally:
+            self._threads.release()
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
@@ -83,6 +126,11 @@ class HandlerSpec:
       ordered: On a keyed backend (Kafka), events with the same partition key reach
         this handler one after another, each once the previous one succeeded or was
         dead-lettered.  Other backends ignore it.
+      concurrency: At most this many runs of the handler at once: across every
+        worker of the service on Redis, in each process on the embedded and Kafka
+        backends; None: no limit.
+      limit: The limit in this process (shared by the copies of a spec that
+        :func:`dataclasses.replace` makes); set from ``concurrency``.
       dependencies: The handler's dependencies, resolved for each attempt; None when
         it takes only the event (it is then called without the resolver).
     """
@@ -96,11 +144,15 @@ class HandlerSpec:
     time_limit: float | None = None
     retry: RetryPolicy | None = None
     ordered: bool = False
+    concurrency: int | None = None
+    limit: LocalLimit | None = field(default=None, repr=False)
     dependencies: HandlerDependencies | None = field(default=None, repr=False)
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "is_async", _is_async(self.fn))
+        if self.concurrency is not None and self.limit is None:
+            object.__setattr__(self, "limit", LocalLimit(self.concurrency))
 
     def decode(self, envelope: Any) -> BaseEvent:
         """The event in ``envelope``, as ``event_type`` when the handler declared one."""
@@ -112,7 +164,9 @@ class HandlerSpec:
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
         current = current_event_var.set(event)
         try:
-            if self.dependencies is None:
+            if self.limit is not None:
+                await self.limit.run_async(lambda: self._call_async(event))
+            elif self.dependencies is None:
                 await self.fn(event)  # type: ignore[misc]
             else:
                 await self.dependencies.run_async(self.fn, event)
@@ -126,13 +180,27 @@ class HandlerSpec:
         cid = correlation_id_var.set(event.metadata.get(CORRELATION_ID, ""))
         current = current_event_var.set(event)
         try:
-            if self.dependencies is None:
+            if self.limit is not None:
+                self.limit.run_sync(lambda: self._call_sync(event))
+            elif self.dependencies is None:
                 self.fn(event)
             else:
                 self.dependencies.run_sync(self.fn, event)
         finally:
             current_event_var.reset(current)
             correlation_id_var.reset(cid)
+
+    async def _call_async(self, event: BaseEvent) -> None:
+        if self.dependencies is None:
+            await self.fn(event)  # type: ignore[misc]
+        else:
+            await self.dependencies.run_async(self.fn, event)
+
+    def _call_sync(self, event: BaseEvent) -> None:
+        if self.dependencies is None:
+            self.fn(event)
+        else:
+            self.dependencies.run_sync(self.fn, event)
 
     def matches(self, handler: object) -> bool:
         """Whether ``handler`` (a function, a spec or a name) designates this spec."""
@@ -151,6 +219,7 @@ def make_spec(
     time_limit: float | None = None,
     retry: RetryPolicy | None = None,
     ordered: bool = False,
+    concurrency: int | None = None,
 ) -> HandlerSpec:
     """Validate the options and the signature of a handler and build its spec.
 
@@ -179,6 +248,12 @@ def make_spec(
         raise ConfigurationError(f"max_retries must be >= 0, got {max_retries}")
     if time_limit is not None and time_limit <= 0:
         raise ConfigurationError(f"time_limit must be > 0 seconds, got {time_limit}")
+    if concurrency is not None and (
+        not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+    ):
+        raise ConfigurationError(
+            f"concurrency must be a whole number >= 1 (runs at once), got {concurrency!r}"
+        )
     if name is None:
         qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
         name = f"{topic}:{getattr(fn, '__module__', '_')}.{qualname}"
@@ -197,6 +272,7 @@ def make_spec(
         time_limit=time_limit,
         retry=retry,
         ordered=ordered,
+        concurrency=concurrency,
         dependencies=dependencies,
     )
 
@@ -219,6 +295,7 @@ def on_event(
     time_limit: float | None = None,
     retry: RetryPolicy | None = None,
     ordered: bool = False,
+    concurrency: int | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated function as a handler of ``topic``, for every bus.
 
@@ -244,6 +321,11 @@ def on_event(
       retry: A whole :class:`RetryPolicy` for this handler.
       ordered: On the Kafka backend, events with the same partition key reach this
         handler one after another (see :meth:`BaseEvent.partition_key`).
+      concurrency: At most this many runs of the handler at once.  On Redis, across
+        every worker process of the service (a Redis semaphore: two round trips per
+        event of this handler, none for handlers without a limit); an event that
+        finds no free slot waits in Redis and comes back shortly, without using a
+        retry.  On the embedded and Kafka backends, per process.
 
     Example::
 
@@ -268,6 +350,7 @@ def on_event(
             time_limit=time_limit,
             retry=retry,
             ordered=ordered,
+            concurrency=concurrency,
         )
         for i, existing in enumerate(_decorated):
             if existing.name == spec.name:

@@ -170,6 +170,18 @@ class OutgoingEvent:
         """The event's topic."""
         return self.event.topic
 
+    @property
+    def deliver_at(self) -> int | None:
+        """When its messages become due, in milliseconds since the epoch (the
+        publisher's clock), or None: at once (``publish(..., delay=...)``)."""
+        at = self.options.get(keys.DELIVER_AT)
+        return at if isinstance(at, int) and not isinstance(at, bool) else None
+
+    def delay_ms(self, now_ms: int) -> int:
+        """Milliseconds from ``now_ms`` until it is due (0: due now)."""
+        at = self.deliver_at
+        return 0 if at is None else max(0, at - now_ms)
+
 
 class Backend(abc.ABC):
     """Carries events from :meth:`publish` to the handlers subscribed to their topic.
@@ -190,6 +202,12 @@ class Backend(abc.ABC):
     #: True when handlers run in the publishing process whatever the settings say
     #: (the embedded backend: the publisher is the subscriber).
     always_consumes: bool = False
+
+    def delay_refusal(self) -> str | None:
+        """Why this backend cannot hold an event until a later time
+        (``publish(..., delay=...)``), as a sentence that says what to do instead;
+        None when it can (the default)."""
+        return None
 
     @classmethod
     @abc.abstractmethod

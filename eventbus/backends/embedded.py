@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -173,11 +174,15 @@ class SyncBackend(Backend):
                 sorted(unrouted),
             )
         enqueue = self.broker.enqueue  # type: ignore[union-attr]
+        now_ms = int(time.time() * 1000)
         for outgoing, actors in routed:
             envelope = from_json(outgoing.envelope)
             options = outgoing.options
+            # Delayed (publish(..., delay=...)): a timer on the loop; lost with the
+            # process like anything pending here (dead-lettered at stop).
+            delay = outgoing.delay_ms(now_ms) or None
             for actor in actors:
-                enqueue(handler_message(actor, envelope, options))
+                enqueue(handler_message(actor, envelope, options), delay=delay)
         return unrouted
 
     def backlog(self) -> dict[str, int]:

@@ -429,6 +429,14 @@ class KafkaBackend(Backend):
                 headers.append((HEADER_TRACEPARENT, traceparent.encode()))
         return headers
 
+    def delay_refusal(self) -> str:
+        return (
+            "the Kafka backend cannot delay an event (publish(..., delay=...) or eta=): "
+            "a Kafka topic delivers its records in order, as soon as they are written. "
+            "Publish it when it is due (from a scheduler of your own), or use the Redis "
+            "backend, which holds delayed events in Redis"
+        )
+
     async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
         """Send one record per event, then wait once for all acknowledgements.
 
@@ -441,6 +449,9 @@ class KafkaBackend(Backend):
             within ``publish_timeout`` seconds (some may still arrive).
         """
         producer = self._require_producer()
+        if any(outgoing.deliver_at is not None for outgoing in events):
+            # An outbox row written with a delay under another backend's settings.
+            raise PublishError(self.delay_refusal() + "; nothing was published")
 
         async def send_all() -> list[Any]:
             futures = []

@@ -161,6 +161,9 @@ def checked_options(text: str, topic: str) -> dict[str, Any]:
         isinstance(context, dict) and all(isinstance(v, str) for v in context.values())
     ):
         raise InvalidRow(f"its option {keys.TRACE_CONTEXT!r} is not an object of strings")
+    due = options.get(keys.DELIVER_AT)
+    if due is not None and (not isinstance(due, int) or isinstance(due, bool) or due < 0):
+        raise InvalidRow(f"its option {keys.DELIVER_AT!r} is not a time in epoch milliseconds")
     return options
 
 

@@ -84,6 +84,7 @@ from eventbus.redis.checks import (
     published_topics_key,
     suspect_topics,
 )
+from eventbus.redis.limits import ConcurrencyLimits
 from eventbus.redis.messages import InvalidMessage, encode_message, message_problem
 from eventbus.redis.resp import (
     Command,
@@ -335,7 +336,9 @@ class RedisBackend(Backend):
             ]
             self.broker = ReliableRedisBroker(
                 self.sync_client,
-                middleware=[*middleware, *worker_middleware],
+                # Limits first: an event without a free slot is put back before any
+                # other middleware counts or traces an attempt.
+                middleware=[ConcurrencyLimits(), *middleware, *worker_middleware],
                 namespace=self.namespace,
                 heartbeat_timeout=self.heartbeat_timeout,
                 heartbeat_interval=self.heartbeat_interval,
@@ -448,6 +451,7 @@ class RedisBackend(Backend):
         """
         args: list[Any] = []
         size = 0
+        now_ms = int(time.time() * 1000)
         for outgoing in events:
             envelope = outgoing.envelope
             _check_envelope(envelope, outgoing)
@@ -456,7 +460,9 @@ class RedisBackend(Backend):
             args.append(topic)
             args.append(envelope)
             args.append(options)
-            args.append(os.urandom(8).hex())
+            delay = outgoing.delay_ms(now_ms)
+            # "<base>@<ms>": the script puts it in the delayed sets (Redis clock).
+            args.append(f"{os.urandom(8).hex()}@{delay}" if delay else os.urandom(8).hex())
             size += len(envelope) + len(options) + len(topic) + EVENT_OVERHEAD_BYTES
         topics = {outgoing.event.topic for outgoing in events}
         if not topics <= self._noted_topics:  # once per topic per process, off the path

@@ -49,6 +49,7 @@ import eventbus.redis.scripts as lua
 from eventbus import keys
 from eventbus.events import MAX_DEPTH, text_too_deep
 from eventbus.middleware.retries import UNRECORDED_REDELIVERY_DELAY, unrecorded
+from eventbus.redis.limits import hand_over_later
 from eventbus.redis.messages import InvalidMessage, message_problem
 
 if TYPE_CHECKING:
@@ -181,6 +182,10 @@ class RedisConsumer(Consumer):
         if unrecorded(message):  # its retry could not be enqueued
             self._defer(message)
             return
+        later = hand_over_later(message)
+        if later is not None:  # its handler's concurrency limit is reached: not run
+            self._defer(message, later)
+            return
         self._remove(message)
 
     def nack(self, message: MessageProxy) -> None:
@@ -190,20 +195,22 @@ class RedisConsumer(Consumer):
         # The DeadLetters middleware has recorded it in our own store already.
         self._remove(message)
 
-    def _defer(self, message: MessageProxy) -> None:
+    def _defer(self, message: MessageProxy, later_ms: int | None = None) -> None:
         """Hand ``message`` over again later instead of acking it: neither its retry
-        nor its dead letter is written.  Raises ConnectionClosed while Redis is
-        unreachable (dramatiq's worker calls again until it answers)."""
+        nor its dead letter is written (or, with ``later_ms``, it was not run: its
+        handler's concurrency limit is reached).  Raises ConnectionClosed while
+        Redis is unreachable (dramatiq's worker calls again until it answers)."""
         entry = message.entry if isinstance(message, RedisMessage) else None
         if entry is not None:
+            delay_ms = later_ms if later_ms is not None else int(UNRECORDED_REDELIVERY_DELAY * 1000)
             try:
                 moved = self._defer_script(
                     keys=[self.inflight, self.delayed, self.ready],
-                    args=[entry, int(UNRECORDED_REDELIVERY_DELAY * 1000)],
+                    args=[entry, delay_ms],
                 )
             except redis.RedisError as exc:
                 raise connection_closed(exc) from None
-            if moved:
+            if moved and later_ms is None:
                 logger.warning(
                     "Neither a retry nor a dead letter could be written for event %s of "
                     "handler %s; it is handled again in %gs.",

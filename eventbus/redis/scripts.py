@@ -11,6 +11,8 @@ keys of one queue share the hash tag ``{<queue>}``::
     {ns}:{q}:p:{actor}      LIST  entry ids parked for a handler no live worker of
                                   this queue has yet (a rolling deploy)
     {ns}:{q}:n              HASH  actor -> its events not finished yet (the backlog)
+    {ns}:{q}:c:{actor}      ZSET  "<worker id> <message id>" -> since when (ms): the
+                                  runs of a handler with a concurrency limit
 
     {ns}:t:{topic}          HASH  "<service>|<actor>" -> "<queue>\\n<message prefix>";
                                   "~warm" -> until when the topic warms up (ms)
@@ -178,7 +180,9 @@ end
 #: message timestamp (ms), staged list key ("": none), "<retention ms (0: keep
 #: nothing)> <most events kept per topic> <most bytes kept per topic>" (read only
 #: when an event is kept), then 4 per event: topic, envelope JSON, options JSON,
-#: entry id base (the n-th subscription's entry is "<base>.<n>").  With a staged
+#: entry id base (the n-th subscription's entry is "<base>.<n>"; "<base>@<ms>":
+#: delayed, its entries go to each queue's delayed set due in <ms> by the Redis
+#: clock, with a wake-up token when one becomes the earliest).  With a staged
 #: list key, the events are that list's items instead (a large call arrives in
 #: bounded chunks) and it is deleted.  Returns {1 (0 when strict refused: nothing
 #: written), number of unrouted topics, those topics..., then topic, events
@@ -216,7 +220,7 @@ for i = first, #A, 4 do
         end
         local tag = ns .. ':{' .. string.sub(value, 1, nl - 1) .. '}'
         subs[#subs + 1] = {tag .. ':m', tag .. ':q', tag .. ':n', string.sub(value, nl + 1),
-          string.sub(field, bar + 1), 0}
+          string.sub(field, bar + 1), 0, tag .. ':d'}
       end
     end
     subs_of[topic] = subs
@@ -261,27 +265,48 @@ if #unrouted > 0 or warming then
 end
 local seq = 0
 if kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
--- Write, keeping in u what undoes each write, 3 slots each: HDEL key field,
--- RPOP key, HINCRBY key field by, HSET key field value (op, key, arg, value).
+-- Write, keeping in u what undoes each write, 4 slots each: HDEL key field,
+-- ZREM key member, RPOP key, HINCRBY key field by, HSET key field value (op, key,
+-- arg, value).
 local u, nu, at = {}, 0, ''
 local ok, failure = pcall(function()
   for i = first, #A, 4 do
     local topic = A[i]
     local subs = subs_of[topic]
     local tail = '],"kwargs":{},"options":' .. A[i + 2] .. ',"message_id":"'
+    local base, due = A[i + 3], nil
+    local mark = string.find(base, '@', 1, true)
+    if mark then  -- delayed: due in <ms> from now
+      if now == 0 then now = clock() end
+      due = now + tonumber(string.sub(base, mark + 1))
+      base = string.sub(base, 1, mark - 1)
+    end
     for j = 1, #subs do
       local sub = subs[j]
-      local eid = A[i + 3] .. '.' .. j
+      local eid = base .. '.' .. j
       at = sub[1]
       if redis.call('HSET', at, eid, sub[4] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
           '","message_timestamp":' .. ts .. '}') == 1 then
         u[nu + 1], u[nu + 2], u[nu + 3] = 'HDEL', at, eid
         nu = nu + 4
       end
-      at = sub[2]
-      redis.call('RPUSH', at, eid)
-      u[nu + 1], u[nu + 2] = 'RPOP', at
-      nu = nu + 4
+      if due then
+        at = sub[7]
+        redis.call('ZADD', at, due, eid)
+        u[nu + 1], u[nu + 2], u[nu + 3] = 'ZREM', at, eid
+        nu = nu + 4
+        if redis.call('ZRANGE', at, 0, 0)[1] == eid then  -- wake a blocked consumer
+          at = sub[2]
+          redis.call('RPUSH', at, '')
+          u[nu + 1], u[nu + 2] = 'RPOP', at
+          nu = nu + 4
+        end
+      else
+        at = sub[2]
+        redis.call('RPUSH', at, eid)
+        u[nu + 1], u[nu + 2] = 'RPOP', at
+        nu = nu + 4
+      end
       sub[6] = sub[6] + 1
     end
     if kept and kept[topic] then
@@ -318,7 +343,7 @@ if not ok then
   for k = nu - 3, 1, -4 do
     local op = u[k]
     if op == 'RPOP' then redis.call(op, u[k + 1])
-    elseif op == 'HDEL' then redis.call(op, u[k + 1], u[k + 2])
+    elseif op == 'HDEL' or op == 'ZREM' then redis.call(op, u[k + 1], u[k + 2])
     else redis.call(op, u[k + 1], u[k + 2], u[k + 3]) end
   end
   local why = tostring(failure)
@@ -390,6 +415,7 @@ for i = 8, #ARGV, 5 do
   need(ns .. ':t:' .. topic, 'hash')
   need(tag .. ':m', 'hash')
   need(tag .. ':q', 'list')
+  need(tag .. ':d', 'zset')
   need(tag .. ':n', 'hash')
   need_int(tag .. ':n', actor)
   check_retained(ns, topic)
@@ -422,11 +448,22 @@ for i = 8, #ARGV, 5 do
     for _, entry in ipairs(entries) do
       local flag, seq, at, base, options, envelope = parse(entry)
       if flag and seq > after and (flag == 'u' or (again and others > 0)) then
+        local due = 0
+        local mark = string.find(base, '@', 1, true)
+        if mark then  -- published with a delay: due <ms> after it was kept
+          due = at + (tonumber(string.sub(base, mark + 1)) or 0)
+          base = string.sub(base, 1, mark - 1)
+        end
         local eid = base .. suffix
         redis.call('HSET', tag .. ':m', eid, prefix .. ',"args":[' .. envelope ..
           '],"kwargs":{},"options":' .. options .. ',"message_id":"' .. eid ..
           '","message_timestamp":' .. fmt(at) .. '}')
-        redis.call('RPUSH', tag .. ':q', eid)
+        if due > now then
+          redis.call('ZADD', tag .. ':d', due, eid)
+          redis.call('RPUSH', tag .. ':q', '')  -- wake a consumer to read the schedule
+        else
+          redis.call('RPUSH', tag .. ':q', eid)
+        end
         count = count + 1
         last = seq
       end
@@ -593,6 +630,31 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 local first = redis.call('ZRANGE', KEYS[2], 0, 0)
 if first[1] == ARGV[1] then redis.call('RPUSH', KEYS[3], '') end
+return 1
+"""
+)
+
+#: Take a slot of a handler's concurrency limit for one run, if one is free.  A
+#: full set is first rid of the holders whose worker is dead (no heartbeat within
+#: ARGV[3] ms: it was SIGKILLed while running them), so a crash frees its slots
+#: when its in-flight events are recovered.
+#: KEYS: the handler's slots zset, the heartbeats zset.  ARGV: holder ("<worker
+#: id> <message id>"), limit, heartbeat timeout (ms).  Returns 1 if taken.
+ACQUIRE = (
+    _NOW
+    + """
+local slots, holder, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
+if redis.call('ZSCORE', slots, holder) then return 1 end
+if redis.call('ZCARD', slots) >= limit then
+  local stale = now - tonumber(ARGV[3])
+  for _, h in ipairs(redis.call('ZRANGE', slots, 0, -1)) do
+    local w = string.match(h, '^(%S+) ')
+    local beat = w and redis.call('ZSCORE', KEYS[2], w)
+    if not beat or tonumber(beat) < stale then redis.call('ZREM', slots, h) end
+  end
+  if redis.call('ZCARD', slots) >= limit then return 0 end
+end
+redis.call('ZADD', slots, now, holder)
 return 1
 """
 )
@@ -765,6 +827,17 @@ def backlog_key(namespace: str, queue: str) -> str:
 def inflight_key(namespace: str, worker_id: str, queue: str) -> str:
     """The list of entry ids of ``queue`` that ``worker_id`` took and has not acked."""
     return f"{namespace}:{{{queue}}}:a:{worker_id}"
+
+
+def slots_key(namespace: str, queue: str, actor: str) -> str:
+    """The sorted set of the runs in progress of ``actor``, a handler with a
+    concurrency limit (see :data:`ACQUIRE`)."""
+    return f"{namespace}:{{{queue}}}:c:{actor}"
+
+
+def heartbeats_key(namespace: str) -> str:
+    """The sorted set of live workers' last heartbeats."""
+    return f"{namespace}:heartbeats"
 
 
 def parked_key(namespace: str, queue: str, actor: str) -> str:

@@ -1,0 +1,168 @@
+"""Concurrency limits of handlers across the workers of a service (``@on_event(...,
+concurrency=N)`` on the Redis backend).
+
+Each run of a limited handler takes a slot of a Redis sorted set first
+(:data:`~eventbus.redis.scripts.ACQUIRE`, one round trip) and gives it back
+when its outcome is known (``ZREM``, one more).  Handlers without a limit cost
+nothing: a dictionary lookup, no round trip.
+
+An event that finds every slot taken is not run and not counted as an attempt:
+it goes back to its queue's delayed set, due :data:`LIMIT_RECHECK_DELAY` seconds
+later (jittered), and the worker thread takes other work meanwhile.  No retry is
+used and nothing is dead-lettered for the limit.  A worker killed while running
+limited handlers frees their slots when it is declared dead (the redelivery
+timeout), as its in-flight events are handed to live workers.
+"""
+
+from __future__ import annotations
+
+from eventbus.extras import requires_extra
+
+with requires_extra("redis", __name__):
+    import redis
+
+import logging
+import random
+import threading
+from typing import TYPE_CHECKING, Any, cast
+
+from dramatiq import Middleware
+from dramatiq.middleware import SkipMessage
+
+import eventbus.redis.scripts as lua
+from eventbus import keys
+
+if TYPE_CHECKING:
+    from dramatiq import Broker
+    from dramatiq.broker import MessageProxy
+
+    from eventbus.redis.broker import ReliableRedisBroker
+
+logger = logging.getLogger(__name__)
+
+#: Seconds after which an event that found its handler's slots all taken is
+#: handed to a worker again (each time drawn from 0.5x to 1.5x of it).
+LIMIT_RECHECK_DELAY = 0.05
+#: Attribute of a message proxy: milliseconds until it is handed over again (it
+#: found no free slot; its consumer must neither ack nor run it).
+_LATER = "eventbus_limit_later"
+#: Attribute of a message proxy: the slot it holds, ``(slots key, holder)``.
+_SLOT = "eventbus_limit_slot"
+#: dramatiq's worker logs each skipped message at WARNING with this format.
+_SKIP_LOG = "Message %s was skipped."
+
+
+def hand_over_later(message: object) -> int | None:
+    """Milliseconds after which ``message`` must be handed over again (it found no
+    free slot of its handler's concurrency limit), or None: it ran."""
+    later = getattr(message, _LATER, None)
+    return later if isinstance(later, int) else None
+
+
+class _QuietSkips(logging.Filter):
+    """Drops dramatiq's "Message ... was skipped." warning for the events put back
+    because their handler's slots were all taken (not a problem: a wait)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _SKIP_LOG or not isinstance(record.args, tuple) or not record.args:
+            return True
+        return hand_over_later(record.args[0]) is None
+
+
+_quiet_skips = _QuietSkips()
+
+
+class ConcurrencyLimits(Middleware):
+    """Holds each run of a limited handler to a slot of its Redis semaphore.
+
+    Put it first in the chain: an event that finds no slot is skipped before any
+    other middleware sees it (no metrics, span, attempt or retry for the wait).
+    Needs a :class:`~eventbus.redis.broker.ReliableRedisBroker` (its client,
+    namespace, worker id and heartbeat timeout).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: Slots whose release failed (Redis unreachable): given back at the next run.
+        self._unreleased: list[tuple[str, str]] = []
+        self._scripts: dict[int, Any] = {}
+        # dramatiq's worker threads log through "dramatiq.worker.WorkerThread".
+        logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_quiet_skips)
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        actor = broker.actors.get(message.actor_name)
+        spec = actor.options.get(keys.HANDLER) if actor is not None else None
+        if spec is None or spec.concurrency is None:
+            return
+        worker = cast("ReliableRedisBroker", broker)
+        client, namespace = worker.client, worker.namespace
+        slots = lua.slots_key(namespace, message.queue_name, message.actor_name)
+        holder = f"{worker.worker_id} {message.message_id}"
+        timeout_ms = int(worker.heartbeat_timeout * 1000)
+        if self._unreleased:
+            self._release_pending(client)
+        try:
+            taken = self._acquire(client)(
+                keys=[slots, lua.heartbeats_key(namespace)],
+                args=[holder, spec.concurrency, timeout_ms],
+            )
+        except redis.RedisError as exc:
+            # Put it back rather than run it over the limit: its consumer retries
+            # the move until Redis answers.
+            logger.warning("Could not take a slot of %s's limit: %s", message.actor_name, exc)
+            taken = 0
+        if taken:
+            setattr(message, _SLOT, (slots, holder))
+            return
+        delay = LIMIT_RECHECK_DELAY * random.uniform(0.5, 1.5)
+        setattr(message, _LATER, max(1, int(delay * 1000)))
+        raise SkipMessage(f"every slot of {message.actor_name}'s concurrency limit is taken")
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        self._release(broker, message)
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        self._release(broker, message)
+
+    def _acquire(self, client: redis.Redis) -> Any:
+        script = self._scripts.get(id(client))
+        if script is None:
+            script = self._scripts[id(client)] = client.register_script(lua.ACQUIRE)
+        return script
+
+    def _release(self, broker: Broker, message: MessageProxy) -> None:
+        slot = getattr(message, _SLOT, None)
+        if slot is None:
+            return
+        delattr(message, _SLOT)
+        client = cast("ReliableRedisBroker", broker).client
+        try:
+            client.zrem(*slot)
+        except redis.RedisError as exc:
+            logger.warning(
+                "Could not give back a slot of %s's concurrency limit (%s); retrying at "
+                "the next run.",
+                message.actor_name,
+                exc,
+            )
+            with self._lock:
+                self._unreleased.append(slot)
+
+    def _release_pending(self, client: redis.Redis) -> None:
+        with self._lock:
+            pending, self._unreleased = self._unreleased, []
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for slots, holder in pending:
+                    pipe.zrem(slots, holder)
+                pipe.execute()
+        except redis.RedisError:
+            with self._lock:
+                self._unreleased.extend(pending)
