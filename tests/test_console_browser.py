@@ -477,11 +477,17 @@ def test_posts_without_the_csrf_token_are_refused(
     assert live.bus.dlq.size() == 1
 
 
-def test_screenshots_of_the_list_group_and_detail_pages(
-    shop: tuple[LiveApp, Handler, Handler], page: Page
-) -> None:
-    live, _, _ = shop
-    store = live.bus.dlq.store
+#: A handler name and an error message longer than any column (the layout must wrap them).
+LONG_HANDLER = "shop.fulfilment:reserve_stock_for_marketplace_orders_with_backorder_fallback_eu"
+LONG_ERROR = (
+    "warehouse API refused the reservation: POST https://warehouse.internal.example.com/api/v3/"
+    "reservations/bulk?include=backorders&region=eu-central-1&idempotency_key=5f0c9e2b7a41d3"
+    " answered 409 Conflict: " + "stock-level-mismatch;" * 12
+)
+
+
+def fill_samples(store: Any) -> None:
+    """Dead letters of five handlers (two of them not subscribed here), fixed times."""
     now = datetime(2025, 3, 14, 9, 30, tzinfo=UTC)  # fixed: the images only change with the UI
     samples = [
         (
@@ -498,7 +504,7 @@ def test_screenshots_of_the_list_group_and_detail_pages(
             "ledger call timed out after 5.0 s",
             4,
         ),
-        ("shop.orders", "shop.orders:reserve_stock", "KeyError", "'sku-4711'", 3),
+        ("shop.orders", LONG_HANDLER, "WarehouseConflictError", LONG_ERROR, 3),
         (
             "shop.signups",
             "shop.signups:send_welcome",
@@ -552,19 +558,106 @@ def test_screenshots_of_the_list_group_and_detail_pages(
                     last_failed_at=at,
                     correlation_id=f"req-{n:05d}",
                     trace_id=f"4bf92f3577b34da6a3ce929d0e0e{n:04x}",
+                    attempt_log=[
+                        {
+                            "at": at - timedelta(seconds=8 - 2 * k - (k == 3) * 2),
+                            "error_type": error_type,
+                            "error": error if k == 3 else f"{error} (attempt {k + 1})",
+                        }
+                        for k in range(4)
+                    ],
                 )
             )
+
+
+def fits(page: Page, what: str) -> None:
+    """The page scrolls only vertically: nothing is wider than the window."""
+    width, inner = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width <= inner, f"{what}: the page is {width}px wide in a {inner}px window"
+
+
+@pytest.mark.parametrize("width", [1366, 800])
+def test_every_page_fits_the_window_from_800_px_and_screenshots(
+    shop: tuple[LiveApp, Handler, Handler], browser: Browser, width: int
+) -> None:
+    live, _, _ = shop
+    fill_samples(live.bus.dlq.store)
+    ctx = browser.new_context(
+        http_credentials={"username": USER, "password": PASSWORD},
+        viewport={"width": width, "height": 900},
+    )
+    page = ctx.new_page()
+    page.set_default_timeout(15_000)
+    suffix = "" if width == 1366 else f"-{width}"
     DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    page.goto(live.url + "/?limit=25")
-    page.screenshot(path=str(DOCS_IMG / "console-list.png"), full_page=True)
-    page.goto(live.url + "/groups")
-    page.screenshot(path=str(DOCS_IMG / "console-groups.png"), full_page=True)
+
+    def shot(name: str) -> None:
+        fits(page, f"{name} at {width}px")
+        path = DOCS_IMG / f"console-{name}{suffix}.png"
+        page.screenshot(path=str(path), full_page=True)
+        assert path.stat().st_size > 10_000
+
+    try:
+        page.goto(live.url + "/?limit=25")
+        # the bulk buttons come before the records, not below 25 (or 200) rows
+        bar = page.locator("div.actions-top").first.bounding_box()
+        table = page.locator("table.records").bounding_box()
+        assert bar is not None and table is not None and bar["y"] < table["y"]
+        shot("list")
+        page.goto(live.url + "/groups")
+        row = page.locator("table.groups tbody tr", has_text=LONG_HANDLER)
+        assert "3" in row.inner_text() and row.get_by_role("button", name="Dry run").is_visible()
+        shot("groups")
+        page.goto(live.url + "/")
+        page.locator("table.records tbody a").first.click()
+        page.wait_for_url(re.compile(r"/record\?id="))
+        shot("detail")
+        # the dry run of every record: the truth about the two handlers not subscribed here
+        page.goto(live.url + "/")
+        page.get_by_role("button", name="Dry run").nth(1).click()
+        assert "Dry run: would queue 24 of 29 dead letters" in page.inner_text("h1")
+        reasons = page.locator("ul.reasons li").all_inner_texts()
+        assert len(reasons) == 2 and reasons[0].startswith(f"3 handler '{LONG_HANDLER}'")
+        assert reasons[1].startswith("2 handler 'shop.refunds:notify_finance'")
+        assert page.get_by_role("button", name="Replay these 24").is_visible()
+        shot("dry-run")
+    finally:
+        ctx.close()
+
+
+def test_select_all_then_replay_these_from_the_dry_run(
+    shop: tuple[LiveApp, Handler, Handler], page: Page
+) -> None:
+    live, ledger, _ = shop
+    live.publish(*(Order(order_id=i, amount_cents=1) for i in range(3)))
+    live.bus.dlq.store.add(
+        FailedEvent(
+            id="orphan-1",
+            event=None,
+            envelope={"type": "shop.events.Order", "event": {"topic": "shop.orders"}},
+            topic="shop.orders",
+            handler="shop.orders:removed_handler",
+            queue="default",
+            attempts=1,
+            error="gone",
+            error_type="SubscriptionRemoved",
+        )
+    )
     page.goto(live.url + "/")
-    page.locator("table.records tbody a").first.click()
-    page.wait_for_url(re.compile(r"/record\?id="))
-    page.screenshot(path=str(DOCS_IMG / "console-detail.png"), full_page=True)
-    for name in ("list", "groups", "detail"):
-        assert (DOCS_IMG / f"console-{name}.png").stat().st_size > 10_000
+    boxes = page.locator("input[name=id][type=checkbox]")
+    assert boxes.count() == 4 and not any(boxes.nth(i).is_checked() for i in range(4))
+    page.get_by_role("link", name="Select all 4 on this page").click()
+    assert all(boxes.nth(i).is_checked() for i in range(4))  # no script: the server checks them
+    page.get_by_role("button", name="Dry run").first.click()
+    assert "Dry run: would queue 3 of 4 dead letters" in page.inner_text("h1")
+    assert live.bus.dlq.size() == 4 and ledger.handled == []
+
+    ledger.broken = False
+    page.get_by_role("button", name="Replay these 3").click()
+    assert "Replay: 3 of 3 queued" in page.inner_text("h1")
+    live.run(lambda: live.bus.drain(timeout=10))
+    assert sorted(e.order_id for e in ledger.handled) == [0, 1, 2]  # type: ignore[attr-defined]
+    assert [r.id for r in live.bus.dlq.peek(10)] == ["orphan-1"]
 
 
 # -- Redis: the web process shows what worker processes dead-lettered ----------------------------
