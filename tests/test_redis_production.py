@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+import eventbus.redis.memory as memory
 from eventbus import EventBus, EventBusSettings, PublishError
 from eventbus.health import HealthStatus
 from eventbus.redis.backend import RedisBackend
@@ -133,9 +134,9 @@ async def test_full_redis_refuses_publish_as_out_of_memory_and_keeps_what_it_ack
     assert stored(client, namespace) == (len(acknowledged), len(acknowledged))
 
     # Health says why before anyone reads a log.
-    memory = [r for r in await bus.backend.health() if r.backend == "redis.memory"]
-    assert memory and memory[0].status is HealthStatus.DEGRADED
-    assert "full" in memory[0].detail and "PublishError" in memory[0].detail
+    reported = [r for r in await bus.backend.health() if r.backend == "redis.memory"]
+    assert reported and reported[0].status is HealthStatus.DEGRADED
+    assert "full" in reported[0].detail and "PublishError" in reported[0].detail
 
     # The operator makes room: every acknowledged event reaches both handlers, once.
     client.config_set("maxmemory", "0")
@@ -220,9 +221,9 @@ async def test_an_evicting_policy_is_warned_about_at_start_and_degrades_health(
             await bus.start()
         warned = [r.getMessage() for r in caplog.records if "allkeys-lru" in r.getMessage()]
         assert warned and "noeviction" in warned[0], caplog.text
-        memory = [r for r in await bus.backend.health() if r.backend == "redis.memory"]
-        assert memory and memory[0].status is HealthStatus.DEGRADED
-        assert "allkeys-lru" in memory[0].detail and "noeviction" in memory[0].detail
+        reported = [r for r in await bus.backend.health() if r.backend == "redis.memory"]
+        assert reported and reported[0].status is HealthStatus.DEGRADED
+        assert "allkeys-lru" in reported[0].detail and "noeviction" in reported[0].detail
 
         # Fixed on the server: health recovers without a restart of the publisher.
         redis.Redis(port=srv.port).config_set("maxmemory-policy", "noeviction")
@@ -251,3 +252,22 @@ async def test_a_server_that_refuses_info_and_config_still_publishes(
         results = {r.backend: r.status for r in await bus.backend.health()}
         assert results["redis"] is HealthStatus.HEALTHY and "redis.memory" not in results
         await bus.stop()
+
+
+@pytest.mark.parametrize(
+    ("policy", "loses_events"),
+    [
+        ("noeviction", False),
+        ("volatile-lru", False),
+        ("volatile-lfu", False),
+        ("volatile-random", False),
+        ("volatile-ttl", False),
+        ("allkeys-lru", True),
+        ("allkeys-lfu", True),
+        ("allkeys-random", True),
+    ],
+)
+def test_which_policies_may_evict_queued_events(policy: str, loses_events: bool) -> None:
+    """Every policy Redis 7 knows: only allkeys-* may evict keys without a time to live
+    (eventbus's queues, messages and subscriptions have none)."""
+    assert memory.evicting(policy) is loses_events
