@@ -348,14 +348,42 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
         if args.service:
             rows = [r for r in rows if r.service == args.service]
         table: list[tuple[str, ...]] = [
-            ("SERVICE", "TOPIC", "HANDLER", "QUEUE", "BACKLOG", "WORKERS", "LAST SEEN (UTC)")
+            (
+                "SERVICE",
+                "TOPIC",
+                "HANDLER",
+                "QUEUE",
+                "BACKLOG",
+                "WORKERS",
+                "CODE",
+                "LAST SEEN (UTC)",
+            )
         ]
+        notes = []
         for r in rows:
             seen = r.last_seen.strftime("%Y-%m-%d %H:%M:%S") if r.last_seen else "never"
+            # CODE: how many code versions its live workers run ("MIXED" past one).
+            code = str(len(r.code)) + (" MIXED" if r.mixed_code else "")
             table.append(
-                (r.service, r.topic, r.handler, r.queue, str(r.backlog), str(r.live_workers), seen)
+                (
+                    r.service,
+                    r.topic,
+                    r.handler,
+                    r.queue,
+                    str(r.backlog),
+                    str(r.live_workers),
+                    code,
+                    seen,
+                )
             )
-        emit([r.to_dict() for r in rows], _grid(table) + f"\n{len(rows)} subscription(s)")
+            if r.mixed_code:
+                notes.append(f"{r.handler} ({r.service}): {r.mixed_code}")
+        text = _grid(table) + f"\n{len(rows)} subscription(s)"
+        if notes:
+            text += "\nMIXED code versions among live workers:\n" + "\n".join(
+                "  " + printable(note) for note in notes
+            )
+        emit([r.to_dict() for r in rows], text)
         for warning in backend.subscription_warnings():  # e.g. a topic that looks mistyped
             err.write(f"warning: {printable(warning)}\n")
         return 0

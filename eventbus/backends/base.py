@@ -82,6 +82,14 @@ class SubscriptionRow(Protocol):
     def last_seen(self) -> datetime | None:
         """The last sign of life of a worker that had the handler."""
 
+    @property
+    def code(self) -> dict[str, list[str]]:
+        """The code fingerprints its live workers reported, each with those workers."""
+
+    @property
+    def mixed_code(self) -> str | None:
+        """Why its live workers look like different code, or None."""
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict."""
 
@@ -139,6 +147,115 @@ class DevServer:
     host: str
     port: int
     run: Callable[[TextIO, str, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """One live worker process (a Kafka consumer group member), as the operations
+    view shows it.
+
+    Attributes:
+      name: ``host:pid``, or the member's client id and host on Kafka.
+      beat_age: Seconds since its last heartbeat; None when the backend does not
+        keep them (Kafka: the group coordinator drops silent members itself).
+      queues: What it consumes (Redis queues; Kafka ``topic:partition``s assigned).
+      in_flight: Events it holds and has not finished; None when unknown.
+      version: Its eventbus version ("" when unknown).
+      code: The code fingerprint of each subscription it serves
+        (:mod:`eventbus.fingerprint`); empty when unknown.
+      group: Its Kafka consumer group ("" elsewhere).
+    """
+
+    name: str
+    beat_age: float | None
+    queues: tuple[str, ...]
+    in_flight: int | None = None
+    version: str = ""
+    code: dict[str, str] = field(default_factory=dict)
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionState:
+    """One subscription (service, topic, handler) with its backlog, as the
+    operations view shows it.
+
+    Attributes:
+      backlog: Its events not finished yet; None when the backend counts them per
+        consumer group, not per handler (Kafka: see :attr:`Operations.partitions`).
+      parked: Those parked by workers that do not have the handler (Redis).
+      oldest_age: Seconds since the oldest of its waiting events was published
+        (ready, delayed for a retry, or parked); None when nothing waits or the
+        backend cannot tell.
+      live_workers: Live worker processes that serve it.
+      code: The code fingerprints its live workers reported, each with their names.
+      mixed_code: Why its live workers look like different code, or None.
+    """
+
+    service: str
+    topic: str
+    handler: str
+    queue: str
+    backlog: int | None = None
+    parked: int = 0
+    oldest_age: float | None = None
+    live_workers: int = 0
+    code: dict[str, list[str]] = field(default_factory=dict)
+    mixed_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """The lag of one consumer group on one partition (Kafka).
+
+    Attributes:
+      committed: The group's committed offset; None when it never committed.
+      end: The partition's end offset.
+      lag: Records not handled (or not committed) yet.
+      member: The client id of the member it is assigned to ("" when none).
+    """
+
+    group: str
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+    lag: int
+    member: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Operations:
+    """What runs and what waits, in one reading: :meth:`Backend.operations`.
+
+    Attributes:
+      backend: The backend's name.
+      address: Where its server is (secrets hidden).
+      taken_at: When it was read (UTC).
+      subscriptions: Every subscription known, with its backlog.
+      workers: The live worker processes (consumer group members).
+      unrouted_waiting: Events kept for topics that have no subscription yet, by topic.
+      unrouted_dropped: Events that reached no subscription and were dropped, by topic.
+      last_unrouted_drop: When the last of them was dropped.
+      partitions: Lag per consumer group and partition (Kafka).
+      notes: What this backend cannot show, or could not read, in sentences.
+    """
+
+    backend: str
+    address: str
+    taken_at: datetime
+    subscriptions: list[SubscriptionState] = field(default_factory=list)
+    workers: list[WorkerState] = field(default_factory=list)
+    unrouted_waiting: dict[str, int] = field(default_factory=dict)
+    unrouted_dropped: dict[str, int] = field(default_factory=dict)
+    last_unrouted_drop: datetime | None = None
+    partitions: list[PartitionLag] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def services(self) -> list[str]:
+        """The services of :attr:`subscriptions`, sorted."""
+        return sorted({s.service for s in self.subscriptions})
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +430,20 @@ class Backend(abc.ABC):
     def backlog(self) -> dict[str, int]:
         """Messages waiting per queue, for the backlog gauge (may block briefly)."""
         return {}
+
+    async def operations(self) -> Operations:
+        """Services, subscriptions, live workers, backlogs and unrouted events in one
+        reading, for the console's operations page.  Round trips to the server; a
+        server that cannot be reached raises (the caller reports it)."""
+        from datetime import UTC
+        from datetime import datetime as moment
+
+        return Operations(
+            self.name,
+            self.address(),
+            moment.now(UTC),
+            notes=[f"the {self.name} backend gives no operations view"],
+        )
 
     def liveness(self) -> list[HealthResult]:
         """Whether this process's own event handling is alive, without a round trip.

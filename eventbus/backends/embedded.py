@@ -26,7 +26,10 @@ from pydantic_core import from_json
 from eventbus.backends.base import (
     Backend,
     CachedHooksBroker,
+    Operations,
     OutgoingEvent,
+    SubscriptionState,
+    WorkerState,
     handler_message,
     replay_message,
 )
@@ -188,6 +191,52 @@ class SyncBackend(Backend):
     def backlog(self) -> dict[str, int]:
         dispatcher = self.dispatcher
         return {"embedded": dispatcher.pending if dispatcher is not None else 0}
+
+    async def operations(self) -> Operations:
+        """This process: its handlers, and its deliveries not finished yet."""
+        import os
+        import socket
+        from datetime import UTC, datetime
+
+        from eventbus.fingerprint import code_fingerprint, eventbus_version
+
+        router = self._require_router()
+        router.declare()
+        service = router.subscriptions.service
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        running = self.dispatcher is not None and not self.dispatcher.task.done()
+        rows, code = [], {}
+        for spec in router.subscriptions.handlers():
+            fingerprint = code_fingerprint(spec.fn)
+            code[f"{service}|{spec.topic}|{spec.name}"] = fingerprint
+            rows.append(
+                SubscriptionState(
+                    service,
+                    spec.topic,
+                    spec.name,
+                    router.subscriptions.queue_of(spec),
+                    live_workers=1 if running else 0,
+                    code={fingerprint: [name]} if running else {},
+                )
+            )
+        workers = []
+        if running:
+            assert self.dispatcher is not None
+            workers.append(
+                WorkerState(
+                    name,
+                    0.0,
+                    tuple(sorted({r.queue for r in rows})),
+                    self.dispatcher.pending,
+                    eventbus_version(),
+                    code,
+                )
+            )
+        note = (
+            "handlers run in this process (EVENTBUS_BACKEND=sync): its deliveries not "
+            "finished yet are its worker's in-flight count; no backlog per handler is kept"
+        )
+        return Operations(self.name, self.address(), datetime.now(UTC), rows, workers, notes=[note])
 
     async def drain(self, timeout: float | None = None) -> None:
         if self.dispatcher is not None:

@@ -35,6 +35,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from eventbus.bus import EventBus
 from eventbus.console.actions import ConsoleActions, editable_fields
+from eventbus.console.operations import add_operations_page
 from eventbus.console.pages import (
     TEXT_PARTS,
     ConsoleSettings,
@@ -348,6 +349,8 @@ def dlq_console(
             "replayed_as": await actions.replayed_as(list(dict.fromkeys(replayed))),
         }
         return pages.page(request, "audit.html", "audit", who, context, started=started)
+
+    add_operations_page(router, pages, bus, who_dep)
 
     @router.get("/static/{name}")
     async def static(name: str) -> Response:

@@ -51,7 +51,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotRead
 from dramatiq import Middleware
 from pydantic_core import to_json
 
-from eventbus.backends.base import Backend, HostedBus, OutgoingEvent, StopWorker
+from eventbus.backends.base import Backend, HostedBus, Operations, OutgoingEvent, StopWorker
 from eventbus.backends.embedded import EmbeddedBroker
 from eventbus.config import (
     DEFAULT_DLQ_TOPIC_SUFFIX,
@@ -599,6 +599,23 @@ class KafkaBackend(Backend):
         if group is None:
             return {}
         return self._lag_reader.read(group, self._topics)
+
+    async def operations(self) -> Operations:
+        """The service's consumer group: its members, their partitions and the lag
+        per partition of this process's handlers' topics (see
+        :mod:`eventbus.kafka.operations`)."""
+        from eventbus.kafka.operations import read_operations
+
+        if self.router is None:
+            raise BackendError("backend not bound to a bus", backend=self.name)
+        service = self.router.subscriptions.service
+        return await read_operations(
+            self.config,
+            self.group_id or service,
+            service,
+            self.router.subscriptions.handlers(),
+            self.address(),
+        )
 
     def liveness(self) -> list[HealthResult]:
         """The dispatcher and, when this process consumes, the bridge's consumer task."""

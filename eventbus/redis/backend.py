@@ -52,7 +52,7 @@ from pydantic_core import from_json, to_json
 import eventbus.redis.memory as memory
 import eventbus.redis.scripts as lua
 import eventbus.redis.subscriptions as subs
-from eventbus.backends.base import Backend, OutgoingEvent, replay_message
+from eventbus.backends.base import Backend, Operations, OutgoingEvent, replay_message
 from eventbus.config import (
     DEFAULT_REDIS_MAX_CONNECTIONS,
     DEFAULT_REDIS_MIN_REPLICAS,
@@ -903,6 +903,20 @@ class RedisBackend(Backend):
             "EVENTBUS_REDIS_MIN_REPLICAS"
         )
         return HealthResult(name, HealthStatus.DEGRADED, detail)
+
+    async def operations(self) -> Operations:
+        """Live workers (host, pid, heartbeat age, queues, in-flight events, code
+        fingerprints), subscriptions (backlog, parked, oldest waiting event) and the
+        unrouted window (see :mod:`eventbus.redis.operations`)."""
+        from eventbus.redis.operations import read_operations
+
+        return await asyncio.to_thread(
+            read_operations,
+            self.sync_client,
+            self.namespace,
+            self.heartbeat_timeout,
+            self.address(),
+        )
 
     def _health_reads(self) -> tuple[list[subs.Subscription], subs.UnroutedStats]:
         return self.subscription_list(), subs.unrouted_stats(self.sync_client, self.namespace)

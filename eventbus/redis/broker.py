@@ -25,6 +25,7 @@ from eventbus.extras import requires_extra
 with requires_extra("redis", __name__):
     import redis
 
+import json
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ import eventbus.redis.scripts as lua
 from eventbus import keys
 from eventbus.backends.base import CachedHooksBroker
 from eventbus.config import DEFAULT_REDIS_NAMESPACE, DEFAULT_REDIS_REDELIVERY_TIMEOUT
+from eventbus.fingerprint import code_fingerprint, eventbus_version
 from eventbus.middleware import DeadLetters
 from eventbus.redis.consumer import RedisConsumer, RedisMessage, connection_closed
 from eventbus.redis.messages import encode_message
@@ -102,6 +104,9 @@ class ReliableRedisBroker(CachedHooksBroker):
         self.service: str | None = None
         #: The subscriptions ("<service>|<topic>|<actor>") this worker serves.
         self.subscriptions: list[str] = []
+        #: The code fingerprint of each of them (:mod:`eventbus.fingerprint`).
+        self.code: dict[str, str] = {}
+        self._description = self._describe()
         self._schedule = client.register_script(lua.SCHEDULE)
         self._beat = client.register_script(lua.BEAT)
         self._release = client.register_script(lua.RELEASE)
@@ -215,7 +220,31 @@ class ReliableRedisBroker(CachedHooksBroker):
             self.client, self.namespace, service, handlers, retention=self.retention, again=again
         )
         self.service = service
+        specs = {
+            lua.subscription_field(service, spec.topic, name): spec
+            for name, actor in list(self.actors.items())
+            if (spec := actor.options.get(keys.HANDLER)) is not None
+        }
+        self.code = {
+            field: code_fingerprint(specs[field].fn)
+            for field in self.subscriptions
+            if field in specs
+        }
+        self._description = self._describe()
         return self.subscriptions
+
+    def _describe(self) -> str:
+        """What the heartbeat stores about this worker (``{ns}:winfo``): host, pid,
+        eventbus version and the code fingerprint of each subscription."""
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": eventbus_version(),
+                "code": self.code,
+            },
+            sort_keys=True,
+        )
 
     def thread_started(self, thread: threading.Thread) -> None:
         """Watch a dramatiq worker thread (see :meth:`check_threads`)."""
@@ -277,6 +306,7 @@ class ReliableRedisBroker(CachedHooksBroker):
                     "-" if self._beats % BEATS_PER_TIMEOUT else "+",
                     handlers,
                     "\n".join(self.subscriptions),
+                    self._description,
                 ]
             )
         if unknown and self.service is not None and self._beaten:

@@ -22,6 +22,8 @@ keys of one queue share the hash tag ``{<queue>}``::
     {ns}:heartbeats         ZSET  worker id -> last heartbeat (ms, Redis clock)
     {ns}:workers            HASH  worker id -> comma-separated queues it consumes
     {ns}:wsubs              HASH  worker id -> its subscriptions, one per line
+    {ns}:winfo              HASH  worker id -> JSON: host, pid, eventbus version, the
+                                  code fingerprint of each subscription it serves
 
     {ns}:u:{topic}          LIST  events of the topic kept for subscriptions not
                                   created yet (the unrouted window), oldest first
@@ -674,19 +676,22 @@ local function requeue_worker(ns, w)
   redis.call('ZREM', ns .. ':heartbeats', w)
   redis.call('HDEL', ns .. ':workers', w)
   redis.call('HDEL', ns .. ':wsubs', w)
+  redis.call('HDEL', ns .. ':winfo', w)
   return moved
 end
 """
 
 #: Heartbeat of worker ARGV[2]: registers the queues ARGV[3] it consumes and, when
 #: ARGV[6] is not "-" (every few beats) or Redis did not know the worker, its
-#: subscriptions ARGV[8] (one per line, their last-seen time updated); moves the
+#: subscriptions ARGV[8] (one per line, their last-seen time updated) and its
+#: description ARGV[9] (JSON: host, pid, code fingerprints); moves the
 #: entries parked for its handlers ARGV[7] (lines "<queue>|<actor>") back to their
 #: ready lists, then recovers: every worker silent for ARGV[4] ms has its
 #: in-flight entries put back at the front of their queues and is forgotten.
 #: ARGV: namespace, worker id, queues (comma-separated), timeout ms, max dead per
-#: pass, "-" or "+", handlers, subscriptions.  Returns {entries recovered, entries unparked,
-#: 1 when Redis did not know the worker (its first beat, or Redis lost its data)}.
+#: pass, "-" or "+", handlers, subscriptions, description.  Returns {entries
+#: recovered, entries unparked, 1 when Redis did not know the worker (its first
+#: beat, or Redis lost its data)}.
 BEAT = (
     _NOW
     + _REQUEUE_WORKER
@@ -696,6 +701,7 @@ redis.call('ZADD', ns .. ':heartbeats', now, wid)
 local unknown = redis.call('HSET', ns .. ':workers', wid, ARGV[3])
 if ARGV[6] ~= '-' or unknown == 1 then
   redis.call('HSET', ns .. ':wsubs', wid, ARGV[8])
+  if ARGV[9] then redis.call('HSET', ns .. ':winfo', wid, ARGV[9]) end
   for field in string.gmatch(ARGV[8], '[^\\n]+') do
     redis.call('ZADD', ns .. ':seen', now, field)
   end
@@ -781,18 +787,23 @@ end
 return total
 """
 
-#: The queues and subscriptions of every worker whose last heartbeat is at most
-#: ARGV[2] ms old: {worker id, queues, subscriptions, ...}.  ARGV[1]: namespace.
+#: The queues, subscriptions, description and last heartbeat of every worker whose
+#: last heartbeat is at most ARGV[2] ms old: {worker id, queues, subscriptions,
+#: description JSON, ms since its last heartbeat, ...}.  ARGV[1]: namespace.
 LIVE_WORKERS = (
     _NOW
     + """
 local ns = ARGV[1]
-local alive = redis.call('ZRANGEBYSCORE', ns .. ':heartbeats', now - tonumber(ARGV[2]), '+inf')
+local alive = redis.call('ZRANGEBYSCORE', ns .. ':heartbeats', now - tonumber(ARGV[2]), '+inf',
+  'WITHSCORES')
 local out = {}
-for _, w in ipairs(alive) do
+for i = 1, #alive, 2 do
+  local w = alive[i]
   out[#out + 1] = w
   out[#out + 1] = redis.call('HGET', ns .. ':workers', w) or ''
   out[#out + 1] = redis.call('HGET', ns .. ':wsubs', w) or ''
+  out[#out + 1] = redis.call('HGET', ns .. ':winfo', w) or ''
+  out[#out + 1] = string.format('%d', math.max(0, now - tonumber(alive[i + 1])))
 end
 return out
 """

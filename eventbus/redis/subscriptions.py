@@ -28,6 +28,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from eventbus.config import (
     DEFAULT_REDIS_UNROUTED_WARMUP,
 )
 from eventbus.exceptions import ConfigurationError, EventBusError
+from eventbus.fingerprint import mixed_code
 from eventbus.middleware.dead_letters import build_failed_event
 
 if TYPE_CHECKING:
@@ -135,6 +137,8 @@ class Subscription:
       waiting: Events ready or delayed in its queue (for every handler of the queue).
       live_workers: Live worker processes that have the handler.
       last_seen: The last heartbeat of a worker that had the handler.
+      code: The code fingerprints its live workers reported, each with those
+        workers (``host:pid``): more than one is :attr:`mixed_code`.
     """
 
     service: str
@@ -146,6 +150,13 @@ class Subscription:
     waiting: int = 0
     live_workers: int = 0
     last_seen: datetime | None = None
+    code: dict[str, list[str]] = dataclass_field(default_factory=dict)
+
+    @property
+    def mixed_code(self) -> str | None:
+        """Why its live workers look like different code (a rolling deploy, or two
+        codebases under one service name), or None."""
+        return mixed_code(self.code)
 
     @property
     def field(self) -> str:
@@ -156,6 +167,8 @@ class Subscription:
         """A JSON-compatible dict."""
         data = asdict(self)
         data["last_seen"] = self.last_seen.isoformat() if self.last_seen else None
+        data["code_versions"] = len(self.code)
+        data["mixed_code"] = self.mixed_code
         return data
 
 
@@ -267,28 +280,92 @@ def _parse_field(field: str) -> tuple[str, str, str]:
     return service, topic, actor
 
 
-def live_workers(client: redis.Redis, namespace: str, timeout: float) -> dict[str, set[str]]:
-    """The subscriptions of every live worker (heartbeat at most ``timeout`` s old),
-    by worker id."""
+@dataclass(frozen=True)
+class LiveWorker:
+    """A worker process whose last heartbeat is recent enough.
+
+    Attributes:
+      id: Its worker id (``<host>.<pid>.<random>``).
+      host, pid: Where it runs (from what it wrote; "" and 0 for a worker of an
+        older version).
+      queues: The queues it consumes.
+      subscriptions: The subscriptions it serves.
+      code: The code fingerprint of each subscription (:mod:`eventbus.fingerprint`).
+      version: Its eventbus version.
+      beat_age: Seconds since its last heartbeat (the Redis clock).
+    """
+
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    subscriptions: frozenset[str]
+    code: dict[str, str]
+    version: str
+    beat_age: float
+
+    @property
+    def label(self) -> str:
+        """``host:pid``, or its id when it did not say."""
+        return f"{self.host}:{self.pid}" if self.host else self.id
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def worker_states(client: redis.Redis, namespace: str, timeout: float) -> list[LiveWorker]:
+    """Every live worker (heartbeat at most ``timeout`` s old), sorted by host and pid."""
     script = client.register_script(lua.LIVE_WORKERS)
     reply = script(args=[namespace, int(timeout * 1000)])
-    out: dict[str, set[str]] = {}
-    for i in range(0, len(reply), 3):
-        out[reply[i].decode()] = {line for line in reply[i + 2].decode().split("\n") if line}
+    out = []
+    for i in range(0, len(reply), 5):
+        try:
+            described = json.loads(_text(reply[i + 3]) or "{}")
+        except ValueError:
+            described = {}
+        if not isinstance(described, dict):
+            described = {}
+        code = described.get("code")
+        pid = described.get("pid")
+        out.append(
+            LiveWorker(
+                id=_text(reply[i]),
+                host=str(described.get("host") or ""),
+                pid=pid if isinstance(pid, int) else 0,
+                queues=tuple(q for q in _text(reply[i + 1]).split(",") if q),
+                subscriptions=frozenset(line for line in _text(reply[i + 2]).split("\n") if line),
+                code={str(k): str(v) for k, v in code.items()} if isinstance(code, dict) else {},
+                version=str(described.get("version") or ""),
+                beat_age=int(reply[i + 4]) / 1000,
+            )
+        )
+    out.sort(key=lambda w: (w.host, w.pid, w.id))
     return out
 
 
+def live_workers(client: redis.Redis, namespace: str, timeout: float) -> dict[str, set[str]]:
+    """The subscriptions of every live worker (heartbeat at most ``timeout`` s old),
+    by worker id."""
+    return {w.id: set(w.subscriptions) for w in worker_states(client, namespace, timeout)}
+
+
 def list_subscriptions(
-    client: redis.Redis, namespace: str, heartbeat_timeout: float
+    client: redis.Redis,
+    namespace: str,
+    heartbeat_timeout: float,
+    workers: list[LiveWorker] | None = None,
 ) -> list[Subscription]:
-    """Every subscription in ``namespace`` with its backlog, live workers and last
-    heartbeat, sorted by service, topic and handler."""
+    """Every subscription in ``namespace`` with its backlog, live workers (``workers``,
+    default: read now), their code fingerprints and last heartbeat, sorted by
+    service, topic and handler."""
     r: Any = client
     subs: dict[bytes, bytes] = r.hgetall(f"{namespace}:subs")
     if not subs:
         return []
     seen = dict(r.zrange(f"{namespace}:seen", 0, -1, withscores=True))
-    workers = live_workers(client, namespace, heartbeat_timeout)
+    if workers is None:
+        workers = worker_states(client, namespace, heartbeat_timeout)
     rows = []
     for raw_field, raw_value in subs.items():
         field = raw_field.decode()
@@ -314,13 +391,17 @@ def list_subscriptions(
     out = []
     for i, (field, service, topic, actor, queue) in enumerate(rows):
         held, pending = per_row[2 * i], per_row[2 * i + 1]
-        live = sum(1 for fields in workers.values() if field in fields)
+        serving = [w for w in workers if field in w.subscriptions]
+        live = len(serving)
+        code: dict[str, list[str]] = {}
+        for w in serving:
+            code.setdefault(w.code.get(field, "unknown"), []).append(w.label)
         backlog = max(0, int(pending or 0))
         score = seen.get(field.encode())
         last = datetime.fromtimestamp(score / 1000, UTC) if score is not None else None
         out.append(
             Subscription(
-                service, topic, actor, queue, backlog, int(held), waiting[queue], live, last
+                service, topic, actor, queue, backlog, int(held), waiting[queue], live, last, code
             )
         )
     out.sort(key=lambda s: (s.service, s.topic, s.handler))
