@@ -35,13 +35,17 @@ finds the primary itself: before opening a connection it asks the sentinels
 (``SENTINEL get-master-addr-by-name``, the first that answers wins) and checks
 the server with ``ROLE`` in the connection's setup.  A lost connection is
 replaced by a new one, which asks again; a ``READONLY`` reply (a demoted
-primary) retires every connection and runs the call once more on the primary
-the sentinels name now (a replica refuses every write, so nothing of the call
-ran).  While in use, it asks the sentinels again in the background at most every
-``SENTINEL_RECHECK_INTERVAL`` seconds and retires the connections to a server
-they no longer name (after a manual ``SENTINEL FAILOVER`` the old primary takes
-writes until Sentinel demotes it).  While no primary can be found, calls fail with
-:class:`RespConnectionError` (they never left).
+primary; also inside a script's own error) retires every connection and runs the
+call once more on the primary the sentinels name now (a replica refuses every
+write, so nothing of the call ran); a sentinel that still names the demoted
+server is passed over for the next.  While in use, it asks every sentinel again
+in the background at most every ``SENTINEL_RECHECK_INTERVAL`` seconds, follows
+the one with the newest configuration (``config-epoch``: the sentinel that ran a
+failover knows first) and retires the connections to a server it no longer
+names (after a manual ``SENTINEL FAILOVER`` the old primary takes writes until
+Sentinel demotes it, some 10 s later, and those writes vanish then).  While no
+primary can be found, calls fail with :class:`RespConnectionError` (they never
+left).
 
 It is an implementation detail of :mod:`eventbus.redis.backend`, not a
 general-purpose Redis client (no pub/sub, no RESP3, no cluster).
@@ -63,8 +67,10 @@ DEFAULT_TIMEOUT = 2.0
 DEFAULT_MAX_CONNECTIONS = 10
 #: Seconds between two checks, in Sentinel mode, that the sentinels still name the
 #: server this client's connections go to (after a manual ``SENTINEL FAILOVER`` the
-#: old primary keeps taking writes until Sentinel demotes it, up to 10 s later).
-SENTINEL_RECHECK_INTERVAL = 1.0
+#: old primary keeps taking writes until Sentinel demotes it, up to 10 s later: they
+#: vanish then).  One pipelined round trip to each sentinel per check, in the
+#: background of calls; ``bench/redis_failover_window_bench.py`` measures the window.
+SENTINEL_RECHECK_INTERVAL = 0.25
 
 Command = Sequence[bytes | str | int | float]
 
@@ -121,6 +127,14 @@ class RespConnectionError(ConnectionError):
 class PrimaryNotFound(RespConnectionError):
     """No sentinel named a primary: none answered, or none knows the master name
     (a configuration or network problem, not a failover in progress)."""
+
+
+class _NotPrimary(RespConnectionError):
+    """The server a sentinel named is not a primary (it was demoted)."""
+
+    def __init__(self, address: str, message: str) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class RespReplyLost(RespConnectionError):
@@ -411,8 +425,15 @@ class RespClient:
             max_connections=max_connections,
         )
 
-    async def _discover(self, sentinel: SentinelAddress) -> tuple[str, int]:
-        """The primary's address, as the first sentinel that answers names it."""
+    async def _discover(
+        self, sentinel: SentinelAddress, avoid: str | None = None
+    ) -> tuple[str, int]:
+        """The primary's address, as the first sentinel that answers names it.
+
+        ``avoid``: a server found to be a replica; a sentinel that still names it
+        (it has not learnt of the failover yet: sentinels tell each other every
+        couple of seconds) is passed over for the next one.
+        """
         if not self._sentinels:
             self._sentinels = [
                 RespClient(
@@ -427,6 +448,7 @@ class RespClient:
                 for host, port in sentinel.sentinels
             ]
         failures = []
+        stale = False
         for client in list(self._sentinels):
             try:
                 reply = await client.call("SENTINEL", "get-master-addr-by-name", sentinel.master)
@@ -436,9 +458,18 @@ class RespClient:
             if not reply:
                 failures.append(f"{client._address}: no master named {sentinel.master!r}")
                 continue
+            host, port = reply[0].decode(), int(reply[1])
+            if f"{host}:{port}" == avoid:
+                stale = True
+                continue
             self._sentinels.remove(client)
             self._sentinels.insert(0, client)
-            return reply[0].decode(), int(reply[1])
+            return host, port
+        if stale:
+            raise RespConnectionError(
+                f"the sentinels name {avoid} as the primary of {sentinel.master!r}, but it "
+                "is a replica (a failover in progress?)"
+            )
         raise PrimaryNotFound(
             f"no sentinel named a primary for {sentinel.master!r} ({'; '.join(failures)}): "
             "check the sentinels' addresses and the master name of EVENTBUS_REDIS_URL"
@@ -455,22 +486,63 @@ class RespClient:
         self._recheck = loop.create_task(self._check_primary(sentinel))
 
     async def _check_primary(self, sentinel: SentinelAddress) -> None:
-        try:
-            address = await self._discover(sentinel)
-        except RespConnectionError:
+        """Ask every sentinel at once and follow the one with the newest
+        configuration (the highest ``config-epoch``): the sentinel that ran a
+        failover names the new primary at once, the others a couple of seconds
+        later (their hello messages)."""
+        if not self._sentinels:
+            return  # none asked yet: the next connection to open asks
+        answers = await asyncio.gather(
+            *(self._ask_with_epoch(client, sentinel.master) for client in self._sentinels)
+        )
+        known = [(epoch, i, address) for i, (epoch, address) in enumerate(answers) if address]
+        if not known:
             return  # the next connection to open asks again (and fails loudly)
-        current = f"{address[0]}:{address[1]}"
+        _, index, current = max(known, key=lambda answer: (answer[0], -answer[1]))
+        client = self._sentinels[index]
+        if index:  # ask it first from now on (connections opened next)
+            self._sentinels.remove(client)
+            self._sentinels.insert(0, client)
         for conn in self._connections:
             if conn.address != current:  # the old primary: it takes no new call
                 conn.retire()
         self._connections = [c for c in self._connections if not c.closed]
 
+    @staticmethod
+    async def _ask_with_epoch(client: RespClient, master: str) -> tuple[int, str | None]:
+        """``(config-epoch, "host:port")`` of the primary as one sentinel names it, or
+        ``(-1, None)`` when it does not answer."""
+        try:
+            address, state = await client.execute(
+                [("SENTINEL", "get-master-addr-by-name", master), ("SENTINEL", "MASTER", master)]
+            )
+        except RespConnectionError:
+            return -1, None
+        if not address or isinstance(address, RespError) or isinstance(state, RespError):
+            return -1, None
+        fields = dict(zip(state[::2], state[1::2], strict=False))
+        epoch = fields.get(b"config-epoch", b"0")
+        return int(epoch) if epoch.isdigit() else 0, f"{address[0].decode()}:{int(address[1])}"
+
     async def _open(self) -> _Connection:
+        sentinel = self.sentinel
+        if sentinel is None:
+            return await self._connect()
+        self.host, self.port = await self._discover(sentinel)
+        try:
+            return await self._connect()
+        except _NotPrimary as exc:
+            # A sentinel that has not learnt of a failover yet names the demoted
+            # primary: ask the others at once rather than fail until it learns.
+            self.host, self.port = await self._discover(sentinel, avoid=exc.address)
+            return await self._connect()
+
+    async def _connect(self) -> _Connection:
+        """A connection to ``host``:``port`` (or the Unix socket), set up; in Sentinel
+        mode, raises :class:`_NotPrimary` unless the server is a primary."""
         loop = asyncio.get_running_loop()
         transport: asyncio.BaseTransport
         sentinel = self.sentinel
-        if sentinel is not None:
-            self.host, self.port = await self._discover(sentinel)
         if self.unix_path:
             transport, conn = await loop.create_unix_connection(
                 self._protocol, self.unix_path, ssl=self.ssl_context
@@ -499,9 +571,10 @@ class RespClient:
             if sentinel is not None and replies[-1][0] != b"master":
                 transport.close()
                 role = replies[-1][0].decode(errors="replace")
-                raise RespConnectionError(
+                raise _NotPrimary(
+                    self._address,
                     f"the sentinels name {self._address} as the primary of {sentinel.master!r}, "
-                    f"but it is a {role} (a failover in progress?)"
+                    f"but it is a {role} (a failover in progress?)",
                 )
         return conn
 
@@ -608,8 +681,17 @@ class RespClient:
         await asyncio.sleep(0)
 
 
+#: What a replica answers a write (its ``READONLY`` error), also when a script
+#: that caught the error wraps it in its own (the publish script does).
+_READONLY_REPLY = "READONLY You can't write against a read only replica"
+
+
 def _readonly(reply: Any) -> bool:
-    return isinstance(reply, RespError) and str(reply).startswith("READONLY")
+    """Whether ``reply`` is a replica's refusal of a write (nothing was written)."""
+    if not isinstance(reply, RespError):
+        return False
+    text = str(reply)
+    return text.startswith("READONLY") or _READONLY_REPLY in text
 
 
 def _check_tls_options(options: dict[str, Any]) -> None:

@@ -23,8 +23,10 @@ Workers, the dead-letter store and the CLI use redis-py's
 the sentinels for the primary when they connect and reconnect when the server
 answers ``READONLY`` (a demoted primary).  The publishing client
 (:class:`eventbus.redis.resp.RespClient`) asks the sentinels itself (``SENTINEL
-get-master-addr-by-name``), checks the answer with ``ROLE``, and asks again after
-a lost connection or a ``READONLY`` reply.
+get-master-addr-by-name``), checks the answer with ``ROLE``, asks again after
+a lost connection or a ``READONLY`` reply, and asks every sentinel a few times a
+second while it publishes (a manual ``SENTINEL FAILOVER`` leaves the old primary
+writable for seconds).
 """
 
 from __future__ import annotations
