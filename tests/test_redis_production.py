@@ -190,6 +190,27 @@ async def test_workers_drain_a_full_redis_without_more_memory(
         workers.stop_all()
 
 
+async def test_a_large_publish_many_refused_midway_leaves_no_staged_chunks(
+    namespace: str,
+) -> None:
+    """A publish_many over 8 MiB goes to Redis in chunks, staged until its commit: when a
+    full Redis refuses one, the chunks already staged are deleted at once (not left to
+    their 5-minute expiry, keeping Redis full and failing every publish meanwhile)."""
+    with server("noeviction", "--maxmemory", "30mb") as srv:
+        client = redis.Redis(port=srv.port)
+        register(client, namespace, TEST_SERVICE, SUBSCRIPTIONS)
+        bus = make_bus(srv.url, namespace)
+        await bus.start()
+        big = [ph.Filler(n=i, pad="y" * 100_000) for i in range(400)]  # 40 MB
+        with pytest.raises(PublishError, match=r"out of memory"):
+            await bus.publish_many(big)
+        assert stored(client, namespace) == (0, 0)
+        assert not list(client.scan_iter(match=f"{namespace}:stage:*"))
+        await bus.publish(ph.Filler(n=1))  # Redis has room again
+        assert stored(client, namespace) == (1, 1)
+        await bus.stop()
+
+
 def test_an_evicting_policy_loses_acknowledged_events() -> None:
     """The premise of the warning below: with allkeys-lru, a Redis that fills up
     evicts queues of events it acknowledged, and nobody is told."""

@@ -571,6 +571,8 @@ class RedisBackend(Backend):
         except RespConnectionError as exc:
             raise PublishError(f"could not publish to Redis: {exc}; nothing was published") from exc
         except RespError as exc:
+            if stage:  # nothing of it was published: free its staged chunks now
+                await memory.forget(self._client(), stage)
             raise _Refused(memory.refusal(exc)) from exc
         count = reply[1]
         unrouted = {topic.decode() for topic in reply[2 : 2 + count]}
@@ -673,6 +675,7 @@ class RedisBackend(Backend):
             ) from exc
         for reply in replies:
             if isinstance(reply, RespError):
+                await memory.forget(client, stage)  # the chunks staged before it, at once
                 raise PublishError(f"{memory.refusal(reply)}; nothing was published")
 
     def _dropped(self, pairs: list[Any]) -> None:

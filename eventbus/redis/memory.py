@@ -24,6 +24,7 @@ not ``CONFIG GET``: managed services often disable ``CONFIG``; a server that ref
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -51,12 +52,20 @@ def refusal(exc: BaseException) -> str:
     if not _OOM.search(str(exc)):
         return message
     return (
-        f"{message}. Redis is out of memory (OOM): its used memory reached `maxmemory` and "
-        "its `maxmemory-policy noeviction` refuses new writes (as it should: an evicting "
-        "policy would drop queued events). The events published before are kept. Make "
-        "room: raise `maxmemory` (`CONFIG SET maxmemory ...` and redis.conf) or free "
-        "memory; see the backlog with `eventbus subscriptions list`"
+        f"{message.rstrip('. ')}. Redis is out of memory (OOM): its used memory reached "
+        "`maxmemory` and its `maxmemory-policy noeviction` refuses new writes (as it "
+        "should: an evicting policy would drop queued events). The events published before "
+        "are kept. Make room: raise `maxmemory` (`CONFIG SET maxmemory ...` and "
+        "redis.conf) or free memory; see the backlog with `eventbus subscriptions list`"
     )
+
+
+async def forget(client: RespClient, key: str) -> None:
+    """Delete ``key`` now, best effort (``DEL`` runs on a full Redis too): the chunks
+    staged by a large publish that was refused, which would otherwise hold their memory
+    until they expire and keep a full Redis full."""
+    with contextlib.suppress(RespError, RespConnectionError):
+        await client.call("DEL", key)
 
 
 def parse_info(info: bytes | str) -> dict[str, str]:
