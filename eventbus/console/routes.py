@@ -131,7 +131,9 @@ def dlq_console(
     traceback or envelope is cut with a link to the whole text) and the audit
     trail.  Purges always ask for confirmation first.  A query the console
     cannot use (a date outside the years 1 to 9999 in UTC, a cursor it did not
-    write) answers 400 with the page saying why.
+    write) answers 400 with the page saying why.  The operations page
+    (``/operations``, :mod:`eventbus.console.operations`) shows services,
+    subscriptions, live workers, backlogs and unrouted events.
 
     Parameters:
       bus: The bus whose dead letters to show; None: the app's (``get_event_bus``).
