@@ -70,6 +70,7 @@ BOOT_WITHIN = 60.0
 HANDLERS = '''
 """Codebase {version} of the mailer."""
 import os
+import time
 
 from eventbus import BaseEvent, on_event
 
@@ -81,6 +82,9 @@ class Mail(BaseEvent):
 
 @on_event(Mail)
 def send_mail(event: Mail) -> None:
+    gate = os.environ.get("OPS_GATE", "")
+    while event.n == 50 and gate and not os.path.exists(gate):  # held until the test opens it
+        time.sleep(0.05)
     {body}
 '''
 
@@ -136,6 +140,7 @@ def environment(code: Path, redis_url: str, namespace: str, topic: str) -> dict[
         "EVENTBUS_REDIS_REDELIVERY_TIMEOUT": str(TEST_REDELIVERY_TIMEOUT),
         "EVENTBUS_SERVICE": SERVICE,
         "OPS_TOPIC": topic,
+        "OPS_GATE": str(code.parent / "gate"),
         "PYTHONPATH": str(code),
     }
 
@@ -266,6 +271,19 @@ def cell(row: str, css: str) -> str:
     return re.sub(r"<[^>]+>", "", match.group(1)).strip()
 
 
+async def eventually(
+    check: Callable[[Operations], bool], read: Callable[[], Any], what: str
+) -> Operations:
+    """The first reading that passes ``check`` (polled; fails after 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        ops: Operations = await read()
+        if check(ops):
+            return ops
+        assert time.monotonic() < deadline, f"waited 30 s for {what}: {ops}"
+        await asyncio.sleep(0.1)
+
+
 # -- code fingerprints ---------------------------------------------------------------------
 
 
@@ -358,13 +376,9 @@ async def test_operations_page_shows_workers_backlog_and_its_age_parked_and_unro
 
         # v1's worker handles send_mail and parks send_sms's and send_fax's events
         # (a rolling deploy's newer handlers); archive's queue has no consumer.
-        deadline = time.monotonic() + 30
-        while True:
-            ops = await read()
-            if row_of(ops, topic, "send_fax").parked == 3 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert row_of(ops, topic, "send_fax").parked == 3
+        ops = await eventually(
+            lambda ops: row_of(ops, topic, "send_fax").parked == 3, read, "3 events parked"
+        )
         assert row_of(ops, topic, "send_sms").parked == 3
         assert row_of(ops, topic, "archive").backlog == 3
         assert row_of(ops, topic, "archive").oldest_age is not None
@@ -379,6 +393,14 @@ async def test_operations_page_shows_workers_backlog_and_its_age_parked_and_unro
         assert cell(page_row(page, handler_name(topic, "archive")), "backlog") == "3"
         assert f"<code>{nobody}</code>" in page
         assert re.search(r'class="num waiting"[^>]*>1<', page)
+
+        # An event its handler holds: the worker's in-flight count, until it finishes.
+        await publisher.publish(Mail(n=50))
+        await eventually(lambda ops: ops.workers[0].in_flight == 1, read, "an event in flight")
+        page = (await client.get(f"{PREFIX}/operations")).text
+        assert re.search(r'data-label="In flight">1<', page)
+        (codebases["v1"].parent / "gate").touch()
+        await eventually(lambda ops: ops.workers[0].in_flight == 0, read, "it to finish")
 
         # The worker stops: send_mail's events wait too, and their age grows.
         workers.stop(worker)
