@@ -7,11 +7,12 @@ to its new name, from the console and from ``eventbus dlq replay --to-handler``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from html import unescape
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tests.redis_support import (  # noqa: E402
     wait_until,
 )
 
-pytest_plugins = ["tests.redis_support"]
+pytest_plugins = ["tests.redis_support", "tests.kafka_support"]
 pytestmark = pytest.mark.timeout(180)
 
 PREFIX = "/eventbus/console"
@@ -262,3 +263,65 @@ def test_a_replay_that_fails_again_links_the_old_id_to_the_new_record(
     wait_until(lambda: len(web.handled(h.OLD_NAME)) == 1, 60, "the handled replay")
     assert web.bus.dlq.size() == 0
     assert web.bus.dlq.replayed_as([first.id, second.id]) == {}
+
+
+# -- Kafka (Tansu): the same rules through the consumer group ---------------------------
+
+
+async def test_kafka_replay_that_fails_again_links_back_and_a_renamed_handler_gets_the_rest(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    from tests.kafka_events import Numbered
+    from tests.kafka_helpers import create_topic, wait_for
+
+    topic, _ = kafka_names
+    await create_topic(kafka_bootstrap, topic, 1)
+    old_name, new_name = f"{topic}.old_name", f"{topic}.new_name"
+    handled: list[tuple[str, int]] = []
+
+    async def old_handler(event: Numbered) -> None:
+        raise RuntimeError("payment service down")
+
+    async def new_handler(event: Numbered) -> None:
+        handled.append((new_name, event.n))
+
+    first = make_kafka_bus()
+    await first.registry.register(topic, old_handler, name=old_name)
+    await first.start()
+    await first.publish_many([Numbered(topic=topic, n=n, key=f"k{n}") for n in range(3)])
+    await first.drain(timeout=30)
+    records = await first.dlq.apeek(10)
+    assert sorted(r.event.n for r in records) == [0, 1, 2]  # type: ignore[union-attr]
+
+    # a replay to the same (still failing) handler becomes a new record naming the old one
+    again = records[0]
+    assert first.dlq.refusal(again) is None
+    assert (await first.dlq.areplay([again.id])).replayed == [again.id]
+
+    await wait_for(
+        lambda: bool(first.dlq.replayed_as([again.id])), 30, "the new dead letter of the replay"
+    )
+    [(old_id, new_id)] = first.dlq.replayed_as([again.id]).items()
+    new_record = await first.dlq.aget(new_id)
+    assert old_id == again.id and new_record is not None and new_record.replay_of == again.id
+    await first.stop()
+
+    # the handler is renamed: this service's process has new_name only
+    second = make_kafka_bus()
+    await second.registry.register(topic, new_handler, name=new_name)
+    await second.start()
+    left = await second.dlq.apeek(10)
+    assert len(left) == 3 and all(r.handler == old_name for r in left)
+    # the dry run's checks: the old name would be refused, the new name accepted
+    assert "would write the dead letter back as ReplayRefused" in (
+        second.dlq.refusal(left[0]) or ""
+    )
+    assert second.dlq.refusal(left[0], new_name) is None
+    assert second.dlq.targets(left[0]) == [new_name]
+    result = await asyncio.to_thread(second.dlq.replay, [r.id for r in left], to_handler=new_name)
+    assert sorted(result.replayed) == sorted(r.id for r in left)
+
+    await wait_for(lambda: len(handled) == 3, 30, "the 3 events handled by the new name")
+    assert sorted(handled) == [(new_name, 0), (new_name, 1), (new_name, 2)]
+    await second.drain(timeout=30)
+    assert await second.dlq.asize() == 0

@@ -503,7 +503,7 @@ class KafkaBackend(Backend):
             before dead letters named their service (no handler can be addressed;
             the record is kept).
         """
-        refusal = self.replay_refusal(record, handler)
+        refusal = self._refusal(record, handler)
         if refusal is not None:
             raise BackendError(f"cannot replay this dead letter: {refusal}", backend=self.name)
         envelope = record.envelope
@@ -526,6 +526,24 @@ class KafkaBackend(Backend):
         self.dead_letters.send(record.topic, to_json(envelope), key.encode() or None, headers)
 
     def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
+        """Why :meth:`replay` would refuse ``record``, or why the service's workers
+        would write it back (``ReplayRefused``: this process runs the record's
+        service and has no such handler); None when it would be handled."""
+        refusal = self._refusal(record, handler)
+        if refusal is not None:
+            return refusal
+        targets = self.replay_targets(record)
+        name = handler or record.handler
+        if targets is not None and name != POISON_HANDLER and name not in targets:
+            return (
+                f"handler {name!r} does not subscribe to topic {record.topic!r} in this "
+                "service (renamed or removed?): its workers would write the dead letter "
+                "back as ReplayRefused"
+            )
+        return None
+
+    def _refusal(self, record: FailedEvent, handler: str | None) -> str | None:
+        """Why :meth:`replay` refuses ``record`` outright (it sends nothing)."""
         if not record.topic or not isinstance(record.envelope, dict):
             return "no topic or envelope"
         address = dead_letter_address(record)
@@ -536,9 +554,6 @@ class KafkaBackend(Backend):
                 "and handler); kept. Use replay_edited with the event, or publish the "
                 "event again"
             )
-        targets = self.replay_targets(record)
-        if handler is not None and targets is not None and handler not in targets:
-            return f"handler {handler!r} does not subscribe to topic {record.topic!r} here"
         return None
 
     def replay_targets(self, record: FailedEvent) -> list[str] | None:
