@@ -5,7 +5,8 @@ purge dead letters (``pip install "fastapi-eventbus[console]"``)::
 
     app.include_router(dlq_console(bus, dependencies=[Depends(admin_only)]), prefix="/admin/dlq")
 
-Sits above the bus: it reads ``bus.dlq`` and never reaches a backend directly.
+Sits above the bus: it reads ``bus.dlq``, and the operations page reads
+``bus.backend.operations()`` (the backend contract); it imports no backend family.
 """
 
 from __future__ import annotations
