@@ -6,7 +6,8 @@
 
 Extra arguments after ``--`` go to pytest (``-- -k redis``).  The table lists,
 per scenario: events sent (publish succeeded), handled at least once, lost
-(sent but never handled: must be 0), duplicated (handler runs beyond the first)
+(sent but never handled: must be 0, but counted only in the Sentinel failover
+with MIN_REPLICAS=0), duplicated (handler runs beyond the first)
 and the time from the first publish until every sent event was handled.
 """
 
