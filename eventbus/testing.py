@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -53,7 +54,7 @@ from dramatiq import Message, Middleware
 from dramatiq.middleware import MiddlewareError
 
 import eventbus.keys as keys
-from eventbus.backends.base import OutgoingEvent
+from eventbus.backends.base import CachedHooksBroker, OutgoingEvent
 from eventbus.backends.embedded import EmbeddedBroker, SyncBackend
 from eventbus.bus import EventBus
 from eventbus.context import new_message_id
@@ -80,6 +81,12 @@ E = TypeVar("E", bound=BaseEvent)
 
 #: Seconds :meth:`EventBusTestKit.drain` waits, and the kit waits when the bus stops.
 DEFAULT_DRAIN_TIMEOUT = 10.0
+
+#: Seconds between looks at the outbox table while draining.
+OUTBOX_POLL_INTERVAL = 0.02
+
+#: Buses a kit is active on.
+_active: weakref.WeakSet[EventBus] = weakref.WeakSet()
 
 #: Message option of a redelivery made by ``crash_after``: how many so far.
 REDELIVERY = "eventbus_test_redelivery"
@@ -241,8 +248,10 @@ class EventBusTestKit:
         raise_errors: bool = True,
         backoff: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        with_real: bool = False,
     ) -> None:
         self.bus = bus
+        self.with_real = with_real
         self.raise_errors = raise_errors
         self.backoff = backoff
         self.drain_timeout = drain_timeout
@@ -260,6 +269,17 @@ class EventBusTestKit:
         self._running: dict[str, HandlerCall] = {}
         self._crashes: dict[str, int] = {}
         self._held: dict[str, Message[Any]] = {}
+        # The outbox: events written per open transaction (by its sync connection),
+        # the event ids committed in this kit and those the relay is done with.
+        self._uncommitted: weakref.WeakKeyDictionary[Any, list[BaseEvent]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._committed: dict[str, None] = {}
+        self._relayed: set[str] = set()
+        # With ``with_real``: the loop the bus runs on, the kit's middlewares on the
+        # bus's own broker, and what to undo on leaving.
+        self._bus_loop: asyncio.AbstractEventLoop | None = None
+        self._undo: list[Callable[[], None]] = []
 
     # -- entering and leaving ------------------------------------------------------
 
@@ -301,13 +321,22 @@ class EventBusTestKit:
 
     def _install(self) -> None:
         bus = self.bus
-        if isinstance(bus.backend, _TestBackend):
+        if bus in _active:
             raise RuntimeError("an EventBusTestKit is already active on this bus")
         if bus.started:
             raise RuntimeError(
                 "the bus is already running: enter the kit before the app starts, "
                 "`with EventBusTestKit(bus) as kit, TestClient(app) as client:`"
             )
+        if self.with_real:
+            self._install_real()
+        else:
+            self._install_embedded()
+        self._install_outbox()
+        _active.add(bus)
+
+    def _install_embedded(self) -> None:
+        bus = self.bus
         backend = _TestBackend(
             self,
             max_concurrency=bus.settings.max_concurrency,
@@ -323,16 +352,66 @@ class EventBusTestKit:
         )
         self._backend = backend
 
+    def _install_real(self) -> None:
+        """Keep the bus's own backend and broker: add the kit's two middlewares to
+        its chain, record what its backend publishes, and note the bus's loop."""
+        bus = self.bus
+        backend, broker = bus.backend, bus.broker
+        if not isinstance(broker, CachedHooksBroker):
+            raise TypeError(
+                f"EventBusTestKit(with_real=True) cannot attach to the {backend.name} "
+                f"backend's broker ({type(broker).__name__}); use EventBusTestKit(bus)"
+            )
+        outcomes, injections = _Outcomes(self), _Injections(self)
+        broker.add_middleware(outcomes, before=type(broker.middleware[0]))
+        broker.add_middleware(injections)
+        self._undo.append(lambda: broker.remove_middleware(outcomes))
+        self._undo.append(lambda: broker.remove_middleware(injections))
+        publish, start = backend.publish, backend.start
+
+        async def recording_publish(
+            events: list[OutgoingEvent], *, strict: bool = False
+        ) -> set[str]:
+            unrouted = await publish(events, strict=strict)
+            self._on_published(events)
+            return unrouted
+
+        async def noting_start(consume: bool) -> None:
+            self._bus_loop = asyncio.get_running_loop()
+            await start(consume)
+
+        # Instance attributes over the class's methods, deleted on leaving.
+        setattr(backend, "publish", recording_publish)  # noqa: B010
+        setattr(backend, "start", noting_start)  # noqa: B010
+        self._undo.append(lambda: delattr(backend, "publish"))
+        self._undo.append(lambda: delattr(backend, "start"))
+        # The bus's own dead-letter store; the kit drains before the bus stops.
+        self._restore_bus = bus.run_on(
+            backend, dead_letter_store=bus.dlq.store, before_stop=self._drain_before_stop
+        )
+
+    def _install_outbox(self) -> None:
+        """Record the events written to the bus's outbox when their transaction commits."""
+        outbox = self.bus.outbox
+        if outbox is None:
+            return
+        hook = self._on_outbox_write
+        outbox.write_hooks.append(hook)
+        self._undo.append(lambda: outbox.write_hooks.remove(hook))
+
     async def _drain_before_stop(self) -> None:
         """Run by ``bus.stop()`` while the kit is active: drain everything first."""
-        backend = self._backend
-        if self.bus.started and backend is not None:
+        if self.bus.started:
             try:
-                await backend.drain(self.drain_timeout)
-            except TimeoutError as exc:
+                await self._drain_all(self.drain_timeout)
+            except (TimeoutError, RuntimeError) as exc:
                 self._on_failure(HandlerFailure(None, None, 0, exc))
 
     def _restore(self) -> None:
+        _active.discard(self.bus)
+        undo, self._undo = self._undo, []
+        for step in reversed(undo):
+            step()
         if self._restore_bus is not None:
             self._restore_bus()
             self._restore_bus = None
@@ -352,21 +431,65 @@ class EventBusTestKit:
             (default ``drain_timeout``).
           RuntimeError: Called on the event loop the bus runs on.
         """
-        backend = self._backend
-        if self.bus.started and backend is not None:
+        if self.bus.started:
             limit = self.drain_timeout if timeout is None else timeout
-            self._on_loop(lambda: backend.drain(limit), "kit.drain()")
+            self._on_loop(lambda: self._drain_all(limit), "kit.drain()")
         self._raise_failures()
 
     async def adrain(self, timeout: float | None = None) -> None:
         """:meth:`drain` for ``async def`` tests (``httpx.AsyncClient``)."""
-        backend = self._backend
-        if self.bus.started and backend is not None:
+        if self.bus.started:
             limit = self.drain_timeout if timeout is None else timeout
-            await self._aon_loop(lambda: backend.drain(limit))
+            await self._aon_loop(lambda: self._drain_all(limit))
         self._raise_failures()
 
+    async def _drain_all(self, timeout: float) -> None:
+        """On the bus's loop: the relay sent every outbox event committed in this kit,
+        and the backend delivered everything; again while handlers add more."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._wait_outbox(deadline)
+            await self.bus.backend.drain(max(0.0, deadline - time.monotonic()))
+            if not self._outstanding():
+                return
+
+    def _outstanding(self) -> list[str]:
+        with self._lock:
+            return [i for i in self._committed if i not in self._relayed]
+
+    async def _wait_outbox(self, deadline: float) -> None:
+        """Wait until no outbox row of an event committed in this kit is pending."""
+        outbox = self.bus.outbox
+        ids = self._outstanding()
+        if outbox is None or not ids:
+            return
+        while True:
+            relay = outbox.relay
+            if relay is None or not relay.running:
+                raise RuntimeError(
+                    f"kit.drain(): {len(ids)} outbox event(s) committed in this test wait "
+                    "for the outbox relay, and none runs in this process (Outbox(bus, "
+                    "engine) with relay=True starts one with the bus; "
+                    "EVENTBUS_OUTBOX_RELAY=false turns it off)"
+                )
+            relay.wake()
+            pending = await outbox.pending_events(ids)
+            with self._lock:
+                self._relayed.update(i for i in ids if i not in pending)
+            ids = [i for i in ids if i in pending]
+            if not ids:
+                return
+            if time.monotonic() >= deadline:
+                why = f"; the relay's last error: {relay.last_error}" if relay.last_error else ""
+                raise TimeoutError(
+                    f"{len(ids)} outbox event(s) committed in this test were not relayed "
+                    f"in time (first: {ids[0]}){why}"
+                )
+            await asyncio.sleep(OUTBOX_POLL_INTERVAL)
+
     def _loop(self) -> asyncio.AbstractEventLoop | None:
+        if self.with_real:
+            return self._bus_loop
         backend = self._backend
         dispatcher = backend.dispatcher if backend is not None else None
         return dispatcher.loop if dispatcher is not None else None
@@ -558,6 +681,7 @@ class EventBusTestKit:
           event: An event class or a topic (default: every event).
           handler: Only for this handler (default: every handler).
         """
+        self._broker_only("deliver_twice")
         self._add(_Fault("twice", event, self._checked(handler)))
 
     def crash_after(
@@ -571,6 +695,7 @@ class EventBusTestKit:
         the previous run finished.  Metrics count the runs as successes.
         """
         _positive("times", times)
+        self._broker_only("crash_after")
         self._add(_Fault("crash", event, self._checked(handler), times=times))
 
     def fail(
@@ -603,12 +728,21 @@ class EventBusTestKit:
         returns at once; retries are not delayed further)."""
         if seconds <= 0:
             raise ValueError(f"seconds must be > 0, got {seconds}")
+        self._broker_only("delay")
         self._add(_Fault("delay", event, self._checked(handler), seconds=seconds))
 
     def clear_faults(self) -> None:
         """Deliver normally from now on (deliveries already held keep their fault)."""
         with self._lock:
             self._faults = []
+
+    def _broker_only(self, method: str) -> None:
+        if self.with_real:
+            raise RuntimeError(
+                f"kit.{method}() needs the kit's in-memory broker, which decides every "
+                "delivery; with with_real=True the real broker delivers. Test it with "
+                "EventBusTestKit(bus) (kit.fail() works in both modes)"
+            )
 
     def _checked(self, handler: HandlerRef | None) -> HandlerRef | None:
         if handler is not None:
@@ -628,9 +762,44 @@ class EventBusTestKit:
     # -- called by the backend and middleware, on the bus's loop ------------------------
 
     def _on_published(self, events: list[OutgoingEvent]) -> None:
-        decoded = [decode_event(o.envelope, type(o.event)) for o in events]
+        """Record ``events``; those the outbox relay sends were recorded at commit."""
+        with self._lock:
+            committed = self._committed
+            relayed = [o.event.event_id for o in events if o.event.event_id in committed]
+            self._relayed.update(relayed)
+            fresh = [o for o in events if o.event.event_id not in committed]
+        decoded = [decode_event(o.envelope, type(o.event)) for o in fresh]
         with self._lock:
             self._published.extend(decoded)
+
+    def _is_relayed(self, event_id: str) -> bool:
+        with self._lock:
+            return event_id in self._committed
+
+    async def _on_outbox_write(self, session: Any, events: list[OutgoingEvent]) -> None:
+        """The outbox wrote ``events`` in ``session``'s transaction: record them when
+        it commits, forget them when it rolls back."""
+        from sqlalchemy import event as sa_event
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        conn = await session.connection() if isinstance(session, AsyncSession) else session
+        sync = conn.sync_connection
+        decoded = [decode_event(o.envelope, type(o.event)) for o in events]
+        for name, fn in (("commit", self._on_commit), ("rollback", self._on_rollback)):
+            if not sa_event.contains(sync, name, fn):  # once per connection; never removed
+                sa_event.listen(sync, name, fn)  # (removing one inside a commit breaks it)
+        with self._lock:
+            self._uncommitted.setdefault(sync, []).extend(decoded)
+
+    def _on_commit(self, sync: Any) -> None:
+        with self._lock:
+            events = self._uncommitted.pop(sync, [])
+            self._published.extend(events)
+            self._committed.update(dict.fromkeys(e.event_id for e in events))
+
+    def _on_rollback(self, sync: Any) -> None:
+        with self._lock:
+            self._uncommitted.pop(sync, None)
 
     def _on_failure(self, failure: HandlerFailure) -> None:
         with self._lock:
@@ -730,8 +899,15 @@ class _TestBackend(SyncBackend):
         return self.broker
 
     async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
-        unrouted = await super().publish(events, strict=strict)
-        self.kit._on_published(events)
+        """Deliver ``events`` and record them.  An outbox event the relay sends, of a
+        topic no handler of this process subscribes, counts as delivered: it was
+        recorded as published at commit, and the relay deletes its row as sent."""
+        kit, router = self.kit, self._require_router()
+        deliver = [
+            o for o in events if router.actors(o.topic) or not kit._is_relayed(o.event.event_id)
+        ]
+        unrouted = await super().publish(deliver, strict=strict) if deliver else set()
+        kit._on_published(events)
         return unrouted
 
 

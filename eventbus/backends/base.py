@@ -537,6 +537,11 @@ class CachedHooksBroker(dramatiq.Broker):
         super().add_middleware(middleware, **kwargs)
         self._hook_cache.clear()
 
+    def remove_middleware(self, middleware: Middleware) -> None:
+        """Take ``middleware`` (added by :meth:`add_middleware`) out of the chain."""
+        self.middleware.remove(middleware)
+        self._hook_cache.clear()
+
     def _hooks_for(self, signal: str) -> list[Any]:
         """The bound ``signal`` hooks of the middleware that override it, in order."""
         cache = self._hook_cache

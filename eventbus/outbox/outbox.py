@@ -51,7 +51,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError
@@ -211,6 +211,9 @@ class Outbox:
         self.dead = dead if dead is not None else dead_table_of(table)
         self.inbox = inbox
         self.relay: Relay | None = None
+        #: Awaited with ``(session, events)`` after each :meth:`write`, in the caller's
+        #: transaction (the test kit records outbox events at commit this way).
+        self.write_hooks: list[Callable[[OutboxSession, list[OutgoingEvent]], Awaitable[None]]] = []
         self._stats: OutboxStats | None = None
         name = table.fullname
         columns = "shard, topic, partition_key, event_id, event_type, envelope, options"
@@ -250,11 +253,13 @@ class Outbox:
         if len(rows) == 1:
             row = rows[0]
             await session.execute(self._insert_keyed if "lock" in row else self._insert, row)
-            return
-        locks = sorted({row.pop("lock") for row in rows if "lock" in row})
-        if locks:  # taken in one order by every transaction: no deadlock between them
-            await session.execute(self._lock_keys, {"locks": locks})
-        await session.execute(self._insert, rows)
+        else:
+            locks = sorted({row.pop("lock") for row in rows if "lock" in row})
+            if locks:  # taken in one order by every transaction: no deadlock between them
+                await session.execute(self._lock_keys, {"locks": locks})
+            await session.execute(self._insert, rows)
+        for hook in self.write_hooks:
+            await hook(session, events)
 
     @staticmethod
     def _row(outgoing: OutgoingEvent) -> dict[str, Any]:
@@ -284,6 +289,18 @@ class Outbox:
         if key != event.event_id:  # an ordering key: same-key rows in commit order
             row["lock"] = key_lock(key)
         return row
+
+    async def pending_events(self, event_ids: list[str]) -> set[str]:
+        """Those of ``event_ids`` whose rows wait in the outbox, not sent yet (the
+        test kit's drain asks)."""
+        if self.engine is None:
+            raise ConfigurationError("this Outbox has no engine: Outbox(bus, engine)")
+        query = text(
+            f"SELECT event_id FROM {self.table.fullname} WHERE sent_at IS NULL "
+            "AND event_id = ANY(CAST(:ids AS text[]))"
+        )
+        async with self.engine.connect() as conn:
+            return set((await conn.scalars(query, {"ids": event_ids})).all())
 
     # -- lifecycle ------------------------------------------------------------------
 
