@@ -121,6 +121,29 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
             "record detail": (0, 1, 2),
         },
     ),
+    "delay_concurrency_bench": (
+        [],
+        {
+            **{
+                f"delay=60 s: {row}": (0, 1, 2)
+                for row in (
+                    "publish/s, one by one",
+                    "publish: publisher CPU µs/event",
+                    "publish: Redis CPU µs/event",
+                )
+            },
+            **{
+                f"concurrency={limit}: {row}": (0, 1, 2)
+                for limit in (8, 2)
+                for row in (
+                    "end-to-end/s, -p 1 -t 8, handler 2 ms",
+                    "end-to-end: Redis commands/event",
+                    "end-to-end: Redis CPU µs/event",
+                    "end-to-end: worker CPU µs/event",
+                )
+            },
+        },
+    ),
 }
 
 

@@ -6,10 +6,13 @@ Each run of a limited handler takes a slot of a Redis sorted set first
 when its outcome is known (``ZREM``, one more).  Handlers without a limit cost
 nothing: a dictionary lookup, no round trip.
 
-An event that finds every slot taken is not run and not counted as an attempt:
-it goes back to its queue's delayed set, due :data:`LIMIT_RECHECK_DELAY` seconds
-later (jittered), and the worker thread takes other work meanwhile.  No retry is
-used and nothing is dead-lettered for the limit.  A worker killed while running
+An event that finds every slot taken waits for one in its worker thread, at most
+:data:`LIMIT_WAIT` seconds: a slot given back in the same process wakes it at
+once, one given back by another process is seen within :data:`LIMIT_POLL`.
+Still none: it is not run and not counted as an attempt, it goes back to its
+queue's delayed set, due :data:`LIMIT_RECHECK_DELAY` seconds later (jittered),
+and the thread takes other work.  No retry is used and nothing is dead-lettered
+for the limit.  A worker killed while running
 limited handlers frees their slots when it is declared dead (the redelivery
 timeout), as its in-flight events are handed to live workers.
 """
@@ -21,9 +24,11 @@ from eventbus.extras import requires_extra
 with requires_extra("redis", __name__):
     import redis
 
+import hashlib
 import logging
 import random
 import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from dramatiq import Middleware
@@ -40,7 +45,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Seconds after which an event that found its handler's slots all taken is
+#: Seconds a worker thread waits for a free slot before putting the event back.
+LIMIT_WAIT = 0.5
+#: Seconds between two tries of a waiting thread (slots given back by other
+#: processes; one given back in this process wakes it at once).
+LIMIT_POLL = 0.02
+#: Seconds after which an event put back (no slot within :data:`LIMIT_WAIT`) is
 #: handed to a worker again (each time drawn from 0.5x to 1.5x of it).
 LIMIT_RECHECK_DELAY = 0.05
 #: Attribute of a message proxy: milliseconds until it is handed over again (it
@@ -83,9 +93,12 @@ class ConcurrencyLimits(Middleware):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: Per handler's slots key: notified when this process gives one back, and
+        #: how many it gave back so far.
+        self._freed: dict[str, threading.Condition] = {}
+        self._releases: dict[str, int] = {}
         #: Slots whose release failed (Redis unreachable): given back at the next run.
         self._unreleased: list[tuple[str, str]] = []
-        self._scripts: dict[int, Any] = {}
         # dramatiq's worker threads log through "dramatiq.worker.WorkerThread".
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_quiet_skips)
 
@@ -101,16 +114,26 @@ class ConcurrencyLimits(Middleware):
         timeout_ms = int(worker.heartbeat_timeout * 1000)
         if self._unreleased:
             self._release_pending(client)
-        try:
-            taken = self._acquire(client)(
-                keys=[slots, lua.heartbeats_key(namespace)],
-                args=[holder, spec.concurrency, timeout_ms],
-            )
-        except redis.RedisError as exc:
-            # Put it back rather than run it over the limit: its consumer retries
-            # the move until Redis answers.
-            logger.warning("Could not take a slot of %s's limit: %s", message.actor_name, exc)
-            taken = 0
+        slot_keys = [slots, lua.heartbeats_key(namespace)]
+        args = [holder, spec.concurrency, timeout_ms]
+        deadline = time.monotonic() + LIMIT_WAIT
+        freed = self._condition(slots)
+        while True:
+            releases = self._releases.get(slots, 0)
+            try:
+                taken = _acquire(client, slot_keys, args)
+            except redis.RedisError as exc:
+                # Put it back rather than run it over the limit: its consumer
+                # retries the move until Redis answers.
+                logger.warning("Could not take a slot of %s's limit: %s", message.actor_name, exc)
+                taken = 0
+                break
+            left = deadline - time.monotonic()
+            if taken or left <= 0:
+                break
+            with freed:
+                if self._releases.get(slots, 0) == releases:  # none given back since
+                    freed.wait(min(left, LIMIT_POLL))
         if taken:
             setattr(message, _SLOT, (slots, holder))
             return
@@ -131,11 +154,12 @@ class ConcurrencyLimits(Middleware):
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
         self._release(broker, message)
 
-    def _acquire(self, client: redis.Redis) -> Any:
-        script = self._scripts.get(id(client))
-        if script is None:
-            script = self._scripts[id(client)] = client.register_script(lua.ACQUIRE)
-        return script
+    def _condition(self, slots: str) -> threading.Condition:
+        condition = self._freed.get(slots)
+        if condition is None:
+            with self._lock:
+                condition = self._freed.setdefault(slots, threading.Condition())
+        return condition
 
     def _release(self, broker: Broker, message: MessageProxy) -> None:
         slot = getattr(message, _SLOT, None)
@@ -145,6 +169,10 @@ class ConcurrencyLimits(Middleware):
         client = cast("ReliableRedisBroker", broker).client
         try:
             client.zrem(*slot)
+            freed = self._condition(slot[0])
+            with freed:
+                self._releases[slot[0]] = self._releases.get(slot[0], 0) + 1
+                freed.notify()  # one waiter: one slot
         except redis.RedisError as exc:
             logger.warning(
                 "Could not give back a slot of %s's concurrency limit (%s); retrying at "
@@ -166,3 +194,18 @@ class ConcurrencyLimits(Middleware):
         except redis.RedisError:
             with self._lock:
                 self._unreleased.extend(pending)
+
+
+#: SHA1 of :data:`~eventbus.redis.scripts.ACQUIRE` (EVALSHA).
+_ACQUIRE_SHA = hashlib.sha1(lua.ACQUIRE.encode()).hexdigest()
+
+
+def _acquire(client: redis.Redis, keys: list[str], args: list[Any]) -> int:
+    """Run :data:`~eventbus.redis.scripts.ACQUIRE` (EVALSHA, the script sent once
+    when Redis does not know it): half the client CPU of redis-py's ``Script``."""
+    command: Any = client.execute_command  # redis-py leaves it untyped
+    try:
+        reply = command("EVALSHA", _ACQUIRE_SHA, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        reply = command("EVAL", lua.ACQUIRE, len(keys), *keys, *args)
+    return int(reply)

@@ -638,8 +638,9 @@ return 1
 
 #: Take a slot of a handler's concurrency limit for one run, if one is free.  A
 #: full set is first rid of the holders whose worker is dead (no heartbeat within
-#: ARGV[3] ms: it was SIGKILLed while running them), so a crash frees its slots
-#: when its in-flight events are recovered.
+#: ARGV[3] ms: it was SIGKILLed while running them; only holders older than that
+#: are looked at), so a crash frees its slots when its in-flight events are
+#: recovered.
 #: KEYS: the handler's slots zset, the heartbeats zset.  ARGV: holder ("<worker
 #: id> <message id>"), limit, heartbeat timeout (ms).  Returns 1 if taken.
 ACQUIRE = (
@@ -648,8 +649,11 @@ ACQUIRE = (
 local slots, holder, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if redis.call('ZSCORE', slots, holder) then return 1 end
 if redis.call('ZCARD', slots) >= limit then
+  -- Only a holder older than the timeout can belong to a worker declared dead.
   local stale = now - tonumber(ARGV[3])
-  for _, h in ipairs(redis.call('ZRANGE', slots, 0, -1)) do
+  local old = redis.call('ZRANGEBYSCORE', slots, '-inf', stale)
+  if #old == 0 then return 0 end
+  for _, h in ipairs(old) do
     local w = string.match(h, '^(%S+) ')
     local beat = w and redis.call('ZSCORE', KEYS[2], w)
     if not beat or tonumber(beat) < stale then redis.call('ZREM', slots, h) end
