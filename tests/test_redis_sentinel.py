@@ -250,6 +250,44 @@ async def test_publisher_and_worker_follow_a_coordinated_failover(
         workers.stop_all()
 
 
+async def test_worker_consumes_from_the_new_primary_before_the_old_one_is_demoted(
+    cluster: SentinelCluster,
+    make_redis_bus: Callable[..., EventBus],
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """After a manual ``SENTINEL FAILOVER`` the old primary answers until Sentinel
+    demotes it, some 10 s later, while publishes already go to the new one.  The
+    worker's client asks the sentinels again every RECHECK_INTERVAL: it handles an
+    event published to the new primary before the old one is demoted."""
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    ledger = Ledger(ledger_dir)
+    workers = Workers(cluster.url, namespace, tmp_path)
+    try:
+        worker = workers.start(
+            MODULES, threads=2, env={"RELIABILITY_LEDGER": str(ledger_dir)}, wait=False
+        )
+        workers.wait_registered(worker, 1, url=cluster.primary.url)
+        bus = make_redis_bus(url=cluster.url)
+        await bus.start()
+        await bus.publish(Tracked(n=1))
+        await wait_for(lambda: not ledger.missing({1}), 10, "the event before the failover")
+
+        assert cluster.sentinel().execute_command("SENTINEL", "FAILOVER", MASTER)
+        await asyncio.to_thread(cluster.wait_promoted, FAILOVER_BOUND)
+        await bus.publish(Tracked(n=2))  # starts the publisher's check (maybe on the old)
+        await asyncio.sleep(SENTINEL_RECHECK_INTERVAL + 1.0)
+        await bus.publish(Tracked(n=3))  # on the new primary only
+        assert role(cluster.primary.port) == b"master"  # otherwise the test proves nothing
+        await wait_for(lambda: not ledger.missing({3}), 15, "the event on the new primary")
+        # Handled before the demotion: the worker consumed from the new primary.
+        assert role(cluster.primary.port) == b"master", "handled only after the demotion"
+        assert ledger.refresh().done[3] == 1
+    finally:
+        workers.stop_all()
+
+
 async def test_health_is_degraded_while_the_primary_is_down_and_healthy_after(
     cluster: SentinelCluster, make_redis_bus: Callable[..., EventBus]
 ) -> None:

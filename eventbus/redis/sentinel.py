@@ -21,7 +21,8 @@ way redis-py reads a ``redis://`` URL::
 Workers, the dead-letter store and the CLI use redis-py's
 :class:`redis.sentinel.Sentinel` (:func:`sentinel_client`): its connections ask
 the sentinels for the primary when they connect and reconnect when the server
-answers ``READONLY`` (a demoted primary).  The publishing client
+answers ``READONLY`` (a demoted primary); the pool also asks again every
+:data:`RECHECK_INTERVAL` seconds while in use (:class:`RecheckingPool`).  The publishing client
 (:class:`eventbus.redis.resp.RespClient`) asks the sentinels itself (``SENTINEL
 get-master-addr-by-name``), checks the answer with ``ROLE``, asks again after
 a lost connection or a ``READONLY`` reply, and asks every sentinel a few times a
@@ -31,17 +32,24 @@ writable for seconds).
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 #: The URL schemes of a Sentinel address (the ``rediss`` one turns TLS on).
 SCHEMES = ("redis+sentinel", "rediss+sentinel", "sentinel")
 #: The sentinels' port when a host of the URL names none.
 DEFAULT_SENTINEL_PORT = 26379
+#: Seconds between two checks, by a :func:`sentinel_client` (workers, the dead-letter
+#: store), that the sentinels still name the server its connections go to: after a
+#: manual ``SENTINEL FAILOVER`` the old primary answers until Sentinel demotes it,
+#: some 10 s later, while the publishers already write to the new one.
+RECHECK_INTERVAL = 1.0
 #: Query options that configure the sentinels rather than the data nodes.
 _SENTINEL_OPTIONS = frozenset({"sentinel_password", "sentinel_username"})
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -167,10 +175,39 @@ def _host_port(part: str, url: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+class RecheckingPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool that also asks the sentinels, at most every
+    :data:`RECHECK_INTERVAL` seconds as connections are taken, whether the primary
+    moved; when it did, connections to the old one are closed as they come back
+    (redis-py's own pool asks only when it opens a connection, so a worker would
+    keep consuming from an old primary that still answers)."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._checked_at = time.monotonic()
+        self._checking = threading.Lock()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= RECHECK_INTERVAL and self._checking.acquire(blocking=False):
+            try:
+                self._checked_at = now
+                # Moves the pool to the primary the sentinels name now (idle
+                # connections closed, busy ones when released).  No answer: keep
+                # the connections; a command that fails on them finds out.
+                self.get_master_address()  # type: ignore[no-untyped-call]
+            except redis.RedisError:
+                pass
+            finally:
+                self._checking.release()
+        return super().get_connection(*args, **kwargs)
+
+
 def sentinel_client(address: SentinelAddress, **connection_kwargs: Any) -> redis.Redis:
     """A redis-py client of the current primary: it asks the sentinels on every new
-    connection and reconnects after a failover (``READONLY`` from a demoted primary
-    closes the connection; the next command finds the new one).
+    connection and every :data:`RECHECK_INTERVAL` seconds (:class:`RecheckingPool`),
+    and reconnects after a failover (``READONLY`` from a demoted primary closes the
+    connection; the next command finds the new one).
 
     ``connection_kwargs`` (socket timeouts, keepalive, ...) apply to the data nodes
     and, for the ``socket_*`` ones, to the sentinels.
@@ -185,6 +222,7 @@ def sentinel_client(address: SentinelAddress, **connection_kwargs: Any) -> redis
     manager = Sentinel(list(address.sentinels), sentinel_kwargs=sentinel_kwargs)
     client: redis.Redis = manager.master_for(
         address.master,
+        connection_pool_class=RecheckingPool,
         db=address.db,
         username=address.username,
         password=address.password,
