@@ -250,6 +250,7 @@ class EventBus:
             store,
             replayer=self.backend.replay,
             refusal=self.backend.replay_refusal,
+            refusals=self.backend.replay_refusals,
             targets=self.backend.replay_targets,
         )
         self.broker = self.backend.bind(self._middleware(), self.subscriptions)
@@ -309,6 +310,7 @@ class EventBus:
             dead_letter_store,
             replayer=backend.replay,
             refusal=backend.replay_refusal,
+            refusals=backend.replay_refusals,
             targets=backend.replay_targets,
         )
         chain = [*outer, *self._middleware(), *inner]

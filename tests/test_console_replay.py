@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from eventbus import EventBus, EventBusSettings, FailedEvent, create_lifespan
 from eventbus.console.routes import dlq_console
+from eventbus.dlq.search import DeadLetterQuery
 from eventbus.redis.backend import RedisBackend
 from tests import replay_handlers as h
 
@@ -325,3 +326,43 @@ async def test_kafka_replay_that_fails_again_links_back_and_a_renamed_handler_ge
     assert sorted(handled) == [(new_name, 0), (new_name, 1), (new_name, 2)]
     await second.drain(timeout=30)
     assert await second.dlq.asize() == 0
+
+
+async def test_a_dry_run_when_the_backend_cannot_be_reached_says_so_once() -> None:
+    from eventbus.console.actions import ConsoleActions, Selection
+    from eventbus.dlq.queue import DeadLetterQueue
+    from eventbus.dlq.store import MemoryDeadLetterStore
+    from eventbus.events import decode_event
+    from eventbus.registry import HandlerRegistry
+    from tests.redis_support import free_port
+
+    # a real Redis client aimed at a port nothing listens on
+    backend = RedisBackend(url=f"redis://127.0.0.1:{free_port()}/0", namespace="nowhere")
+    store = MemoryDeadLetterStore()
+    for i in range(30):
+        envelope = {"type": "replay.orders:ReplayOrder", "event": {"topic": h.TOPIC, "n": i}}
+        store.add(
+            FailedEvent(
+                id=f"r{i}",
+                event=decode_event(envelope),
+                envelope=envelope,
+                topic=h.TOPIC,
+                handler=h.OLD_NAME,
+                queue=f"{TEST_SERVICE}.eventbus",
+                attempts=1,
+                error="x",
+                error_type="LookupError",
+            )
+        )
+    dlq = DeadLetterQueue(
+        store,
+        replayer=backend.replay,
+        refusal=backend.replay_refusal,
+        refusals=backend.replay_refusals,
+        targets=backend.replay_targets,
+    )
+    actions = ConsoleActions(dlq, HandlerRegistry(), store.audit)
+    outcome = await actions.preview("replay", Selection("filter", query=DeadLetterQuery()))
+    assert outcome.would_replay == [] and len(outcome.failed) == 30
+    [reason] = outcome.reasons
+    assert reason.count == 30 and reason.text.startswith("cannot be checked: ConnectionError")

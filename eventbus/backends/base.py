@@ -388,6 +388,13 @@ class Backend(abc.ABC):
         a server that cannot be reached raises (the caller reports it)."""
         return None
 
+    def replay_refusals(
+        self, records: Sequence[FailedEvent], handler: str | None = None
+    ) -> list[str | None]:
+        """:meth:`replay_refusal` of each of ``records`` (a dry run checks thousands:
+        a backend with a server answers them in a few round trips)."""
+        return [self.replay_refusal(record, handler) for record in records]
+
     def replay_targets(self, record: FailedEvent) -> list[str] | None:
         """The handlers ``record`` may be replayed to: those subscribed to its topic
         in its service now (its own included when still there), sorted; None when

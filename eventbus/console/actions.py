@@ -273,23 +273,25 @@ class ConsoleActions:
         return outcome
 
     def _check_replays(self, outcome: Outcome, ids: list[str], to_handler: str | None) -> None:
-        """Fill ``would_replay``, ``failed`` and ``missing`` of a dry run (blocking)."""
-        for n, record_id in enumerate(ids):
-            record = self.dlq.get(record_id)
-            if record is None:
-                outcome.missing.append(record_id)
-                continue
+        """Fill ``would_replay``, ``failed`` and ``missing`` of a dry run (blocking),
+        :data:`BULK_CHUNK` records per store read and per backend batch."""
+        for start in range(0, len(ids), BULK_CHUNK):
+            chunk = ids[start : start + BULK_CHUNK]
             try:
-                reason = self.dlq.refusal(record, to_handler)
-            except Exception as exc:  # the backend cannot answer: no replay would go
-                why = f"the backend cannot be asked: {type(exc).__name__}: {exc}"
-                for later in ids[n:]:
+                found = self.dlq.get_many(chunk)
+                records = [r for r in found if r is not None]
+                reasons = self.dlq.refusals(records, to_handler)
+            except Exception as exc:  # the store or backend cannot answer: nothing would go
+                why = f"cannot be checked: {type(exc).__name__}: {exc}"
+                for later in ids[start:]:
                     outcome.failed[later] = why
                 break
-            if reason is None:
-                outcome.would_replay.append(record_id)
-            else:
-                outcome.failed[record_id] = reason
+            outcome.missing += [i for i, r in zip(chunk, found, strict=True) if r is None]
+            for record, reason in zip(records, reasons, strict=True):
+                if reason is None:
+                    outcome.would_replay.append(record.id)
+                else:
+                    outcome.failed[record.id] = reason
         outcome.checked = len(ids)
 
     async def _targets(self, records: list[FailedEvent]) -> list[str]:

@@ -22,6 +22,7 @@ from eventbus.dlq.store import (
     DEFAULT_PEEK_LIMIT,
     CountsEvictions,
     DeadLetterStore,
+    ReadsMany,
     TracksReplays,
 )
 from eventbus.events import decode_event
@@ -53,6 +54,8 @@ class ReplayResult:
 Replayer = Callable[..., None]
 #: ``refusal(record, handler)``: why a replay would be refused now, or None.
 RefusalCheck = Callable[[FailedEvent, "str | None"], "str | None"]
+#: ``refusals(records, handler)``: :data:`RefusalCheck` of many records at once.
+RefusalsCheck = Callable[["list[FailedEvent]", "str | None"], "list[str | None]"]
 #: ``targets(record)``: the handlers a record may be replayed to, or None (unknown).
 TargetList = Callable[[FailedEvent], "list[str] | None"]
 
@@ -76,6 +79,8 @@ class DeadLetterQueue:
         ``replay_refusal``), for dry runs.
       targets: Lists the handlers a record may be replayed to (the backend's
         ``replay_targets``).
+      refusals: ``refusal`` of many records at once (the backend's
+        ``replay_refusals``).
     """
 
     def __init__(
@@ -85,10 +90,12 @@ class DeadLetterQueue:
         *,
         refusal: RefusalCheck | None = None,
         targets: TargetList | None = None,
+        refusals: RefusalsCheck | None = None,
     ) -> None:
         self.store = store
         self._replayer = replayer
         self._refusal = refusal
+        self._refusals = refusals
         self._targets = targets
 
     # -- reading -----------------------------------------------------------------
@@ -225,6 +232,31 @@ class DeadLetterQueue:
         if self._refusal is None:
             return None
         return self._refusal(record, to_handler)
+
+    def get_many(self, ids: list[str]) -> list[FailedEvent | None]:
+        """The record of each of ``ids`` (None where there is none), in order: one
+        round trip per chunk on stores that can (:class:`~eventbus.dlq.store.ReadsMany`)."""
+        if isinstance(self.store, ReadsMany):
+            return self.store.get_many(ids)
+        return [self.store.get(record_id) for record_id in ids]
+
+    def refusals(
+        self, records: list[FailedEvent], to_handler: str | None = None
+    ) -> list[str | None]:
+        """:meth:`refusal` of each of ``records``, the backend asked in one batch."""
+        reasons: list[str | None] = [
+            None if r.event is not None else self.refusal(r, to_handler) for r in records
+        ]
+        asked = [r for r, why in zip(records, reasons, strict=True) if why is None]
+        if asked and self._refusals is not None:
+            answers = iter(self._refusals(asked, to_handler))
+            reasons = [why if why is not None else next(answers) for why in reasons]
+        elif asked and self._refusal is not None:
+            reasons = [
+                why if why is not None else self._refusal(r, to_handler)
+                for r, why in zip(records, reasons, strict=True)
+            ]
+        return reasons
 
     def targets(self, record: FailedEvent) -> list[str] | None:
         """The handlers ``record`` may be replayed to (its topic's, in its service),

@@ -71,6 +71,15 @@ class CountsEvictions(Protocol):
 
 
 @runtime_checkable
+class ReadsMany(Protocol):
+    """A store that reads many records in one round trip (dry runs check thousands)."""
+
+    def get_many(self, ids: list[str]) -> list[FailedEvent | None]:
+        """The record of each of ``ids`` (None where there is none), in order."""
+        ...
+
+
+@runtime_checkable
 class TracksReplays(Protocol):
     """A store that finds, by index, the record a replayed event became when it
     failed again (its :attr:`~eventbus.dlq.records.FailedEvent.replay_of` names the

@@ -424,6 +424,21 @@ class KafkaDeadLetterStore:
 
         return self._view.call(run)
 
+    def get_many(self, ids: list[str]) -> list[FailedEvent | None]:
+        """:meth:`get` of each of ``ids``, after one catch-up (dry runs read thousands)."""
+
+        async def run() -> list[FailedEvent | None]:
+            fold = await self._view.catch_up()
+            now = time.time()
+            found: list[FailedEvent | None] = []
+            for record_id in ids:
+                entry = fold.entry(record_id)
+                visible = entry is not None and entry.visible(now, self.claim_timeout)
+                found.append(entry.record if visible and entry is not None else None)
+            return found
+
+        return self._view.call(run)
+
     def size(self) -> int:
         """How many records there are."""
 

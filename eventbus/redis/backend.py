@@ -41,7 +41,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
@@ -708,6 +708,26 @@ class RedisBackend(Backend):
 
     def replay_refusal(self, record: FailedEvent, handler: str | None = None) -> str | None:
         return self._replay_queue(record, handler)[1] or None
+
+    def replay_refusals(
+        self, records: Sequence[FailedEvent], handler: str | None = None
+    ) -> list[str | None]:
+        """One HEXISTS per distinct (service, topic, handler) of ``records``, pipelined."""
+        fields = {
+            r.id: lua.subscription_field(service_of(r.queue), r.topic, handler or r.handler)
+            for r in records
+        }
+        distinct = sorted(set(fields.values()))
+        with self.sync_client.pipeline(transaction=False) as pipe:
+            for field in distinct:
+                pipe.hexists(f"{self.namespace}:subs", field)
+            found = dict(zip(distinct, pipe.execute(), strict=True))
+        reasons: dict[str, str | None] = {}  # one message per missing subscription
+        for r in records:
+            field = fields[r.id]
+            if field not in reasons:
+                reasons[field] = None if found[field] else self.replay_refusal(r, handler)
+        return [reasons[fields[r.id]] for r in records]
 
     def _replay_queue(self, record: FailedEvent, handler: str | None) -> tuple[str | None, str]:
         """The queue a replay of ``record`` to ``handler`` goes to, or None and why not."""

@@ -345,6 +345,21 @@ class RedisDeadLetterStore:
             score, data = pipe.execute()
         return None if score is None else self._decode(record_id, data)
 
+    def get_many(self, ids: list[str]) -> list[FailedEvent | None]:
+        """:meth:`get` of each of ``ids``, :data:`SCAN_CHUNK` per round trip."""
+        found: list[FailedEvent | None] = []
+        for i in range(0, len(ids), SCAN_CHUNK):
+            chunk = ids[i : i + SCAN_CHUNK]
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zmscore(self._order, chunk)
+                pipe.hmget(self._hash, chunk)
+                scores, rows = pipe.execute()
+            found += [
+                None if score is None else self._decode(record_id, data)
+                for record_id, score, data in zip(chunk, scores, rows, strict=True)
+            ]
+        return found
+
     def remove(self, record_id: str) -> FailedEvent | None:
         """Delete and return the record with ``record_id``."""
         data = self._remove(args=[self._prefix, record_id])
