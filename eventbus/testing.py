@@ -29,6 +29,16 @@ Faults no other test broker offers: :meth:`~EventBusTestKit.deliver_twice`,
 redelivered), :meth:`~EventBusTestKit.fail` (the first attempts fail) and
 :meth:`~EventBusTestKit.delay`.
 
+With an outbox (``publish(..., session=...)``), an event is recorded as published
+when its transaction commits (never after a rollback), ``drain()`` waits for the
+relay to send every outbox event committed in the kit, and an outbox event no
+handler of the test process takes is recorded and its row sent, not kept.
+
+``EventBusTestKit(bus, with_real=True)`` keeps the bus on its configured backend
+(Redis, Kafka): the same assertions then check the real broker, ``drain()`` is the
+backend's own drain, and the faults only the in-memory broker can make
+(``deliver_twice``, ``crash_after``, ``delay``) raise a ``RuntimeError``.
+
 Limits: handlers run in this process only if their modules are imported by the
 test; a fault applies to events delivered after it is set; time is not faked
 (a delay of 0.5 s takes 0.5 s).
@@ -236,6 +246,16 @@ class EventBusTestKit:
         run at once: the number of attempts is production's, the waiting is not.
       drain_timeout: Seconds :meth:`drain` waits by default, and the kit waits for
         pending deliveries when the bus stops.
+      with_real: Keep the bus on its own backend (Redis, Kafka) and its dead-letter
+        store, as FastStream's ``TestRedisBroker(broker, with_real=True)``: publishes
+        are recorded as they reach the real broker, handlers running in this process
+        (``EVENTBUS_CONSUME=true`` or ``bus.start(consume=True)``) are recorded and
+        take :meth:`fail`, and :meth:`drain` waits for the backend's queues (on Redis,
+        whichever process consumes them).
+
+    With an outbox on the bus, events published with ``session=`` are recorded when
+    their transaction commits and :meth:`drain` waits for its relay (see the module
+    docstring).
 
     ``EventBusTestKit(bus, raise_errors=False, backoff=True)`` fails as production
     does.
@@ -422,6 +442,10 @@ class EventBusTestKit:
         """Wait until every event published so far is handled or dead-lettered, then
         re-raise the first new failure (unless ``raise_errors=False``).
 
+        Outbox events committed in the kit are waited for too: first until the relay
+        sent their rows, then until their handlers are done (and again for what those
+        handlers publish).  With ``with_real=True`` this is the backend's own drain.
+
         For tests that run the app in another thread (``with TestClient(app)``); in
         ``async def`` tests use :meth:`adrain`.  Does nothing but re-raise when the
         bus is not running.
@@ -429,7 +453,8 @@ class EventBusTestKit:
         Raises:
           TimeoutError: Deliveries still pending after ``timeout`` seconds
             (default ``drain_timeout``).
-          RuntimeError: Called on the event loop the bus runs on.
+          RuntimeError: Called on the event loop the bus runs on, or outbox events
+            wait and no relay runs in this process.
         """
         if self.bus.started:
             limit = self.drain_timeout if timeout is None else timeout

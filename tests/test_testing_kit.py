@@ -498,4 +498,5 @@ def test_the_testing_page_example_tests_pass(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{len(tests)} passed" in done.stdout, done.stdout
+    passed = re.search(r"(\d+) passed", done.stdout)  # parametrized tests run more than once
+    assert passed is not None and int(passed.group(1)) >= len(tests), done.stdout
