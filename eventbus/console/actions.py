@@ -173,7 +173,9 @@ def group_reasons(failed: dict[str, str]) -> list[Reason]:
     id, when a reason names it, does not make it distinct), largest first."""
     groups: dict[str, list[str]] = {}
     for record_id, reason in failed.items():
-        text = reason.replace(record_id, "<id>") if record_id else reason
+        # a reason naming its own record is not a distinct reason (ids of 8 characters
+        # or more: a shorter one could be a piece of any word)
+        text = reason.replace(record_id, "<id>") if len(record_id) >= 8 else reason
         groups.setdefault(text, []).append(record_id)
     return sorted(
         (Reason(text, len(ids), tuple(ids[:REASON_SAMPLES])) for text, ids in groups.items()),
