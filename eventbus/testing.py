@@ -510,6 +510,8 @@ class EventBusTestKit:
                 return
             if time.monotonic() >= deadline:
                 why = f"; the relay's last error: {relay.last_error}" if relay.last_error else ""
+                if relay.unrouted:  # with_real: the real backend has no subscription yet
+                    why += f"; no subscription handles {', '.join(sorted(relay.unrouted))} yet"
                 raise TimeoutError(
                     f"{len(ids)} outbox event(s) committed in this test were not relayed "
                     f"in time (first: {ids[0]}){why}"

@@ -237,3 +237,26 @@ async def test_real_redis_worker_process_and_the_outbox(
             assert len(kit.published(Placed)) == 5  # the relay's publish not recorded twice
     finally:
         stack.stop_all()
+
+
+async def test_real_mode_drain_names_an_outbox_topic_nobody_subscribes(
+    pg_engine: AsyncEngine, redis_url: str, namespace: str
+) -> None:
+    backend = RedisBackend(
+        redis_url, namespace=namespace, redelivery_timeout=TEST_REDELIVERY_TIMEOUT
+    )
+    bus = EventBus(backend=backend, settings=EventBusSettings(service="kit-real-nobody"))
+    Outbox(bus, pg_engine)
+    topic = f"kit.real.nobody.{os.getpid()}.{next(_ids)}"
+    try:
+        async with EventBusTestKit(bus, with_real=True, raise_errors=False, drain_timeout=1) as kit:
+            await bus.start()
+            async with pg_engine.begin() as conn:
+                await bus.publish(Paid(topic=topic, order_id=1), session=conn)
+            kit.assert_published(Paid, order_id=1)  # committed
+            with pytest.raises(TimeoutError, match=f"no subscription handles {topic}"):
+                await kit.adrain()
+    finally:
+        await bus.stop()
+    # The real relay keeps the row for a subscription to come: nothing is lost.
+    assert await count(pg_engine, "SELECT count(*) FROM eventbus_outbox") == 1
