@@ -291,7 +291,7 @@ class EventBusTestKit:
         self._held: dict[str, Message[Any]] = {}
         # The outbox: events written per open transaction (by its sync connection),
         # the event ids committed in this kit and those the relay is done with.
-        self._uncommitted: weakref.WeakKeyDictionary[Any, list[BaseEvent]] = (
+        self._uncommitted: weakref.WeakKeyDictionary[Any, list[tuple[str, BaseEvent]]] = (
             weakref.WeakKeyDictionary()
         )
         self._committed: dict[str, None] = {}
@@ -815,7 +815,9 @@ class EventBusTestKit:
 
         conn = await session.connection() if isinstance(session, AsyncSession) else session
         sync = conn.sync_connection
-        decoded = [decode_event(o.envelope, type(o.event)) for o in events]
+        outbox = self.bus.outbox
+        table = outbox.table.fullname if outbox is not None else "eventbus_outbox"
+        decoded = [(table, decode_event(o.envelope, type(o.event))) for o in events]
         for name, fn in (("commit", self._on_commit), ("rollback", self._on_rollback)):
             if not sa_event.contains(sync, name, fn):  # once per connection; never removed
                 sa_event.listen(sync, name, fn)  # (removing one inside a commit breaks it)
@@ -823,8 +825,25 @@ class EventBusTestKit:
             self._uncommitted.setdefault(sync, []).extend(decoded)
 
     def _on_commit(self, sync: Any) -> None:
+        """The transaction commits: record its outbox events whose rows it holds (a
+        row written in a savepoint rolled back since is not there)."""
+        from sqlalchemy import text
+        from sqlalchemy.exc import SQLAlchemyError
+
         with self._lock:
-            events = self._uncommitted.pop(sync, [])
+            written = self._uncommitted.pop(sync, [])
+        if not written:
+            return
+        kept: set[str] = set()
+        for table in {table for table, _ in written}:
+            ids = [e.event_id for t, e in written if t == table]
+            query = text(f"SELECT event_id FROM {table} WHERE event_id = ANY(CAST(:ids AS text[]))")
+            try:  # still in the transaction: the commit event comes before the COMMIT
+                kept.update(sync.execute(query, {"ids": ids}).scalars())
+            except SQLAlchemyError:  # an aborted transaction: its COMMIT rolls back
+                return
+        events = [e for _, e in written if e.event_id in kept]
+        with self._lock:
             self._published.extend(events)
             self._committed.update(dict.fromkeys(e.event_id for e in events))
 

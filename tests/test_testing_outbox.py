@@ -119,6 +119,27 @@ async def test_a_rolled_back_outbox_event_is_never_recorded(pg_engine: AsyncEngi
         assert await rows(pg_engine) == 0
 
 
+async def test_an_event_of_a_rolled_back_savepoint_is_not_recorded(
+    pg_engine: AsyncEngine,
+) -> None:
+    bus = make_bus(pg_engine)
+    await shipper(bus, pg_engine)
+    Session = async_sessionmaker(pg_engine, expire_on_commit=False)
+    async with EventBusTestKit(bus) as kit:
+        await bus.start()
+        async with Session() as session, session.begin():
+            await bus.publish(Ordered(order_id=1), session=session)
+            with pytest.raises(ZeroDivisionError):
+                async with session.begin_nested():  # rolled back
+                    await bus.publish(Ordered(order_id=2), session=session)
+                    raise ZeroDivisionError
+            async with session.begin_nested():  # released: part of the commit
+                await bus.publish(Ordered(order_id=3), session=session)
+        assert [e.order_id for e in kit.published(Ordered)] == [1, 3]
+        await kit.adrain()
+        assert sorted(c.event.order_id for c in kit.handler("ship").calls) == [1, 3]  # type: ignore[attr-defined]
+
+
 async def test_drain_waits_for_the_relay_and_for_follow_ups(pg_engine: AsyncEngine) -> None:
     # No LISTEN and a long poll: the relay sends nothing of its own accord within
     # the test, so only a drain that wakes it and waits for it delivers the events.
