@@ -19,12 +19,13 @@ from eventbus import BaseEvent, ConfigurationError, EventBus, on_event
 from eventbus.metrics import InMemoryMetricsCollector
 from eventbus.registry import make_spec
 from tests.delay_handlers import LIMIT, Limited
+from tests.kafka_helpers import create_topic
 from tests.redis_keys import key
 
 pytest.register_assert_rewrite("tests.redis_support")  # before it is imported below
 from tests.redis_support import Workers, wait_settled  # noqa: E402
 
-pytest_plugins = ["tests.redis_support"]
+pytest_plugins = ["tests.redis_support", "tests.kafka_support"]
 
 HANDLERS = ("tests.delay_handlers",)
 #: Seconds the limited events may take to drain (2 at a time, 50 ms each).
@@ -139,3 +140,26 @@ def test_a_limit_that_cannot_work_is_refused(bad: object) -> None:
         make_spec("t.limits", handler, concurrency=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="concurrency"):
         on_event("t.limits", concurrency=bad)(handler)  # type: ignore[arg-type]
+
+
+async def test_kafka_limit_holds_in_each_process(
+    make_kafka_bus: Callable[..., EventBus], kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    topic, _group = kafka_names
+    await create_topic(kafka_bootstrap, topic, 3)
+    seen = {"running": 0, "most": 0}
+
+    async def call_partner(event: BaseEvent) -> None:
+        seen["running"] += 1
+        seen["most"] = max(seen["most"], seen["running"])
+        await asyncio.sleep(0.02)
+        seen["running"] -= 1
+
+    bus = make_kafka_bus()
+    await bus.registry.register(topic, call_partner, concurrency=2)
+    await bus.start()
+    # Keyed by event id: three partitions in flight at once, several records each.
+    await bus.publish_many([BaseEvent(topic=topic) for _ in range(12)])
+    await bus.drain(timeout=30)
+    assert seen["most"] == 2  # reached, never passed
+    assert bus.dlq.size() == 0

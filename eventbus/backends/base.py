@@ -348,6 +348,10 @@ class Backend(abc.ABC):
     async def publish(self, events: list[OutgoingEvent], *, strict: bool = False) -> set[str]:
         """Publish all of ``events`` or none of them.
 
+        An event with :attr:`OutgoingEvent.deliver_at` reaches its handlers no
+        earlier than then (routed now); a backend that cannot hold events says so in
+        :meth:`delay_refusal` and raises PublishError here.
+
         Parameters:
           strict: Publish nothing when a topic has no subscription at all, and raise
             :class:`~eventbus.exceptions.UnroutedError` (backends that cannot know,
