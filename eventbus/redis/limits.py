@@ -8,7 +8,8 @@ nothing: a dictionary lookup, no round trip.
 
 An event that finds every slot taken waits for one in its worker thread, at most
 :data:`LIMIT_WAIT` seconds: a slot given back in the same process wakes it at
-once, one given back by another process is seen within :data:`LIMIT_POLL`.
+once, one given back by another process is seen within :data:`LIMIT_POLL` (no
+polling while every slot is held in this process).
 Still none: it is not run and not counted as an attempt, it goes back to its
 queue's delayed set, due :data:`LIMIT_RECHECK_DELAY` seconds later (jittered),
 and the thread takes other work.  No retry is used and nothing is dead-lettered
@@ -47,8 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a worker thread waits for a free slot before putting the event back.
 LIMIT_WAIT = 0.5
-#: Seconds between two tries of a waiting thread (slots given back by other
-#: processes; one given back in this process wakes it at once).
+#: Seconds between two tries of a waiting thread while other processes hold slots
+#: (one given back in this process wakes it at once).
 LIMIT_POLL = 0.02
 #: Seconds after which an event put back (no slot within :data:`LIMIT_WAIT`) is
 #: handed to a worker again (each time drawn from 0.5x to 1.5x of it).
@@ -97,6 +98,9 @@ class ConcurrencyLimits(Middleware):
         #: how many it gave back so far.
         self._freed: dict[str, threading.Condition] = {}
         self._releases: dict[str, int] = {}
+        #: Per handler's slots key: the slots this process holds (when they are all
+        #: its limit, a waiting thread need not ask Redis).
+        self._held: dict[str, int] = {}
         #: Slots whose release failed (Redis unreachable): given back at the next run.
         self._unreleased: list[tuple[str, str]] = []
         # dramatiq's worker threads log through "dramatiq.worker.WorkerThread".
@@ -121,7 +125,10 @@ class ConcurrencyLimits(Middleware):
         while True:
             releases = self._releases.get(slots, 0)
             try:
-                taken = _acquire(client, slot_keys, args)
+                if self._held.get(slots, 0) >= spec.concurrency:
+                    taken = -1  # every slot is held here: wait for one of ours
+                else:
+                    taken = _acquire(client, slot_keys, args)
             except redis.RedisError as exc:
                 # Put it back rather than run it over the limit: its consumer
                 # retries the move until Redis answers.
@@ -129,12 +136,17 @@ class ConcurrencyLimits(Middleware):
                 taken = 0
                 break
             left = deadline - time.monotonic()
-            if taken or left <= 0:
+            if taken == 1 or left <= 0:
                 break
+            # Every slot held in this process (-1): the next one given back here wakes
+            # us; else also try again soon for those given back elsewhere.
+            wait = left if taken == -1 else min(left, LIMIT_POLL)
             with freed:
                 if self._releases.get(slots, 0) == releases:  # none given back since
-                    freed.wait(min(left, LIMIT_POLL))
-        if taken:
+                    freed.wait(wait)
+        if taken == 1:
+            with self._lock:
+                self._held[slots] = self._held.get(slots, 0) + 1
             setattr(message, _SLOT, (slots, holder))
             return
         delay = LIMIT_RECHECK_DELAY * random.uniform(0.5, 1.5)
@@ -167,6 +179,8 @@ class ConcurrencyLimits(Middleware):
             return
         delattr(message, _SLOT)
         client = cast("ReliableRedisBroker", broker).client
+        with self._lock:
+            self._held[slot[0]] = self._held.get(slot[0], 1) - 1
         try:
             client.zrem(*slot)
             freed = self._condition(slot[0])

@@ -642,23 +642,33 @@ return 1
 #: are looked at), so a crash frees its slots when its in-flight events are
 #: recovered.
 #: KEYS: the handler's slots zset, the heartbeats zset.  ARGV: holder ("<worker
-#: id> <message id>"), limit, heartbeat timeout (ms).  Returns 1 if taken.
+#: id> <message id>"), limit, heartbeat timeout (ms).  Returns 1 if taken; when
+#: not, -1 if every slot is held by the caller's worker, else 0.
 ACQUIRE = (
     _NOW
     + """
 local slots, holder, limit = KEYS[1], ARGV[1], tonumber(ARGV[2])
+-- Refused: -1 when every slot is held by the caller's own worker (it hears of the
+-- next one given back), else 0.
+local function refused()
+  local mine = string.match(holder, '^%S+ ') or holder
+  for _, h in ipairs(redis.call('ZRANGE', slots, 0, -1)) do
+    if string.sub(h, 1, #mine) ~= mine then return 0 end
+  end
+  return -1
+end
 if redis.call('ZSCORE', slots, holder) then return 1 end
 if redis.call('ZCARD', slots) >= limit then
   -- Only a holder older than the timeout can belong to a worker declared dead.
   local stale = now - tonumber(ARGV[3])
   local old = redis.call('ZRANGEBYSCORE', slots, '-inf', stale)
-  if #old == 0 then return 0 end
+  if #old == 0 then return refused() end
   for _, h in ipairs(old) do
     local w = string.match(h, '^(%S+) ')
     local beat = w and redis.call('ZSCORE', KEYS[2], w)
     if not beat or tonumber(beat) < stale then redis.call('ZREM', slots, h) end
   end
-  if redis.call('ZCARD', slots) >= limit then return 0 end
+  if redis.call('ZCARD', slots) >= limit then return refused() end
 end
 redis.call('ZADD', slots, now, holder)
 return 1
