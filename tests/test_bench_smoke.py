@@ -111,6 +111,10 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
             "publish + deliver": (0, 1, 2),
         },
     ),
+    "redis_failover_window_bench": (
+        [],
+        {"coordinated failover": (0, 1), "demotion under the publisher": (0, 1)},
+    ),
     "outbox_bench": ([], {"asyncpg": (0, 1, 2, 3, 4, 5), "psycopg": (0, 1, 2, 3, 4, 5)}),
     "console_bench": (
         [],
