@@ -60,6 +60,7 @@ from bench.embedded import cpu_model, nproc, venv_python  # noqa: E402
 from bench.redis_bench import (  # noqa: E402
     FASTSTREAM_VENV,
     Worker,
+    command_total,
     ensure_faststream_venv,
     flush,
     fmt,
@@ -84,6 +85,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PUBLISH = "publish/s"
 E2E = "end-to-end/s"
 CPU_ROWS = ("publisher", "worker(s)", "Redis", "total")
+#: Redis commands per event (``INFO commandstats``; a Lua script's commands count too).
+COMMANDS = "Redis commands/event"
 
 
 def log(msg: str) -> None:
@@ -321,6 +324,7 @@ def run_once(
             return {
                 "workers": sum(tree_cpu(w.process.pid) for w in workers),
                 "redis": redis_cpu(client),
+                "commands": command_total(client),
             }
 
         profile = setup.profile_dir / f"{system}-p{processes}-{tag}" if setup.profile_dir else None
@@ -340,6 +344,7 @@ def run_once(
         cpu["total"] = sum(cpu.values())
         for name in CPU_ROWS:
             out.put(system, f"CPU µs/event {name}{p}", cpu[name] / n * 1e6)
+        out.put(system, COMMANDS + p, (after["commands"] - before["commands"]) / n)
 
         for rate, seconds in rates:
             client.delete(LAGS_KEY)
@@ -360,7 +365,7 @@ def metrics(processes: int, rates: list[tuple[float, float]]) -> list[str]:
     rows = [PUBLISH + p, E2E + p]
     for rate, _ in rates:
         rows += [f"p50 ms @{rate:g}/s{p}", f"p99 ms @{rate:g}/s{p}"]
-    return rows + [f"CPU µs/event {name}{p}" for name in CPU_ROWS]
+    return [*rows, *(f"CPU µs/event {name}{p}" for name in CPU_ROWS), COMMANDS + p]
 
 
 # -- report -------------------------------------------------------------------------------
@@ -368,7 +373,7 @@ def metrics(processes: int, rates: list[tuple[float, float]]) -> list[str]:
 
 def versus(metric: str, ours: float | None, ref: float | None) -> str:
     """eventbus vs a reference, > 1 when eventbus is better (faster, quicker, cheaper)."""
-    if metric.startswith("CPU"):  # lower is better: the rate ratio upside down
+    if metric.startswith(("CPU", COMMANDS)):  # lower is better: the rate ratio upside down
         return ratio(metric, ref, ours)
     return ratio(metric, ours, ref)
 

@@ -66,6 +66,7 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
                 "CPU µs/event worker(s)",
                 "CPU µs/event Redis",
                 "CPU µs/event total",
+                "Redis commands/event",
             )
         },
     ),
