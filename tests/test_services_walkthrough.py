@@ -40,8 +40,8 @@ SERVICES = ("shop", "mailer", "billing")
 TOPIC = "order.placed"
 #: Seconds processes get to start, and events to be handled.
 WITHIN = 40.0
-CONFIRMED = re.compile(r"mailer: confirmation of order (\d+) sent to (\S+)")
-CHARGED = re.compile(r"billing: order (\d+) charged (\d+) cents")
+CONFIRMED = re.compile(r"\[mailer\.handlers\] \[INFO\] confirmation of order (\d+) sent to (\S+)")
+CHARGED = re.compile(r"\[billing\.handlers\] \[INFO\] order (\d+) charged (\d+) cents")
 
 
 def page_files() -> dict[str, str]:
@@ -109,11 +109,17 @@ class Processes:
                 raise AssertionError(f"{service} exited:\n{self.log(service)}")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cli_in("", *args)
+
+    def cli_in(self, service: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """``eventbus ARGS`` in ``service``'s directory, as that service (or the root)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+        env.pop("PYTHONPATH", None)
+        env |= self.env | ({"EVENTBUS_SERVICE": service} if service else {})
         return subprocess.run(
             [sys.executable, "-m", "eventbus.cli", *args],
-            cwd=self.root,
-            env=env | self.env,
+            cwd=self.root / service,
+            env=env,
             capture_output=True,
             text=True,
             timeout=60,
@@ -158,6 +164,10 @@ def order(n: int) -> dict[str, object]:
 def walkthrough(run: Processes, outage: Path, settled: Callable[[int], None]) -> dict[str, object]:
     """The page's steps; returns billing's dead letter (replayed)."""
     port = free_port()
+    if run.env["EVENTBUS_BACKEND"] == "redis":  # the release step of each service
+        for service in ("mailer", "billing"):
+            synced = run.cli_in(service, "subscriptions", "sync", f"{service}.handlers")
+            assert synced.returncode == 0, synced.stdout + synced.stderr
     run.worker("mailer")
     run.worker("billing", BILLING_OUTAGE_FILE=str(outage))
     run.start("shop", [sys.executable, "-m", "uvicorn", "shop.app:app", "--port", str(port)])

@@ -1,9 +1,13 @@
 """Mailer: confirms each order by email."""
 
+import logging
+
 from eventbus import on_event
 from mailer.events import OrderPlaced
+
+logger = logging.getLogger(__name__)
 
 
 @on_event(OrderPlaced, name="mailer.confirm")
 def confirm(event: OrderPlaced) -> None:
-    print(f"mailer: confirmation of order {event.order_id} sent to {event.email}", flush=True)
+    logger.info("confirmation of order %s sent to %s", event.order_id, event.email)
