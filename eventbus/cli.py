@@ -526,7 +526,17 @@ def _dlq(args: argparse.Namespace, bus: EventBus, out: TextIO, err: TextIO) -> i
         if record is None:
             return _fail(err, f"no dead letter {args.id!r}")
         data = record.to_dict()
-        text = "\n".join(f"{k}: {printable(str(v))}" for k, v in data.items() if k != "traceback")
+        text = "\n".join(
+            f"{k}: {printable(str(v))}"
+            for k, v in data.items()
+            if k not in ("traceback", "field_errors")
+        )
+        if record.field_errors:
+            text += "\nfailing fields:" + "".join(
+                f"\n  {printable(f['path'] or '(the event)')}: expected "
+                f"{printable(f['expected'])}; got {printable(f['got'])}"
+                for f in record.field_errors
+            )
         tb = "\n".join(printable(line) for line in record.traceback.split("\n"))
         emit(data, text + "\n\n" + tb)
         return EXIT_OK

@@ -4,6 +4,9 @@ An event travels as an *envelope*, a JSON object::
 
     {"type": "user.created:UserCreated", "event": {"event_id": "...", "topic": "user.created", ...}}
 
+plus ``"version": N`` for a class whose ``__event_version__`` is not 1 (see
+:mod:`eventbus.upcasting`: old payloads are upcast before validation).
+
 ``type`` is a name, never a module to import: decoding looks it up among the
 :class:`BaseEvent` subclasses defined in the running process.  A process that does
 not know the name gets an :class:`UnknownEvent` (a ``BaseEvent`` carrying every
@@ -25,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import to_json
 
 from eventbus.exceptions import EventDecodeError
+from eventbus.redact import MASK, is_secret_name, redact
+from eventbus.upcasting import VERSION_KEY, check_version, upcast, version_of
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +108,10 @@ class BaseEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     __event_type__: ClassVar[str] = "eventbus.BaseEvent"
+    #: The version of the class's shape, written into the envelope when not 1.
+    #: Raise it when the fields change, and register an upcaster for each step
+    #: (:func:`eventbus.upcasting.upcaster`) so old payloads still reach handlers.
+    __event_version__: ClassVar[int] = 1
     #: Name of the field whose value is the partition key; None: the event id.
     __partition_key__: ClassVar[str | None] = None
 
@@ -117,6 +126,7 @@ class BaseEvent(BaseModel):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         module_name = f"{cls.__module__}.{cls.__qualname__}"
+        check_version(cls, cls.__event_version__)
         if "__event_type__" not in cls.__dict__:
             cls.__event_type__ = default_type_name(cls)
         if cls.__dict__.get("_eventbus_unregistered"):
@@ -139,6 +149,11 @@ class BaseEvent(BaseModel):
     def event_type(self) -> str:
         """The name this event travels under."""
         return type(self).__event_type__
+
+    @property
+    def event_version(self) -> int:
+        """The version this event travels under (its class's ``__event_version__``)."""
+        return type(self).__event_version__
 
     def partition_key(self) -> str:
         """The key that keeps related events in order on a partitioned backend.
@@ -180,10 +195,15 @@ class UnknownEvent(BaseEvent):
 
     _eventbus_unregistered: ClassVar[bool] = True
     _type_name: str = PrivateAttr(default="eventbus.UnknownEvent")
+    _version: int = PrivateAttr(default=1)
 
     @property
     def event_type(self) -> str:
         return self._type_name
+
+    @property
+    def event_version(self) -> int:
+        return self._version
 
 
 def event_class(type_name: str) -> type[BaseEvent] | None:
@@ -214,6 +234,9 @@ def encode_event(event: BaseEvent, metadata: dict[str, str] | None = None) -> di
     data = event.model_dump(mode="json")
     if metadata:
         data["metadata"] = {**metadata, **data["metadata"]}
+    version = event.event_version
+    if version != 1:
+        return {TYPE_KEY: event.event_type, VERSION_KEY: version, EVENT_KEY: data}
     return {TYPE_KEY: event.event_type, EVENT_KEY: data}
 
 
@@ -247,7 +270,11 @@ def encode_envelope(event: BaseEvent, metadata: dict[str, str] | None = None) ->
     # ser_json_inf_nan): look for them only when one of those can be in the text.
     if b"null" in body or b"NaN" in body or b"Infinity" in body:
         _refuse_non_finite(event)
-    envelope = b'{"type":' + to_json(event.event_type) + b',"event":' + body + b"}"
+    head = b'{"type":' + to_json(event.event_type)
+    version = event.event_version
+    if version != 1:
+        head += b',"version":' + str(version).encode()
+    envelope = head + b',"event":' + body + b"}"
     if text_too_deep(envelope):
         raise ValueError(f"{_TOO_DEEP}: a consumer could not decode it")
     return envelope
@@ -288,10 +315,14 @@ def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> Base
       envelope (when several classes of this process share the name, the newest
       whose fields validate), else an :class:`UnknownEvent` holding every field.
 
+    An envelope older than the class (its ``version``, 1 when absent, is lower
+    than ``__event_version__``) is upcast first (:mod:`eventbus.upcasting`).
+
     Raises:
       EventDecodeError: The envelope is not JSON, nests deeper than
-        :data:`MAX_DEPTH`, lacks ``type`` or ``event``, or its fields do not
-        validate.
+        :data:`MAX_DEPTH`, lacks ``type`` or ``event``, has an invalid
+        ``version``, cannot be upcast, or its fields do not validate (then
+        ``field_errors`` lists each failing field).
     """
     if isinstance(envelope, bytes | bytearray | str):
         if text_too_deep(envelope):
@@ -312,29 +343,76 @@ def decode_event(envelope: Any, expected: type[BaseEvent] | None = None) -> Base
         raise EventDecodeError(f"event envelope has no {TYPE_KEY!r} string")
     if not isinstance(data, dict):
         raise EventDecodeError(f"event envelope of type {type_name!r} has no {EVENT_KEY!r} object")
+    version = version_of(envelope)
 
     cls = expected or event_class(type_name)
     try:
         if cls is not None:
             try:
-                return cls.model_validate(data)
+                return cls.model_validate(upcast(cls, data, version))
             except ValidationError:
                 if expected is not None:
                     raise
                 for other in _namesakes(type_name, cls):
                     try:
-                        return other.model_validate(data)
-                    except ValidationError:
+                        return other.model_validate(upcast(other, data, version))
+                    except (ValidationError, EventDecodeError):
                         continue
                 raise
         unknown = UnknownEvent.model_validate(data)
     except ValidationError as exc:
         target = cls.__event_type__ if cls is not None else type_name
+        newer = ""
+        if cls is not None and version > cls.__event_version__:
+            newer = (
+                f" (the payload is version {version}, newer than {cls.__qualname__}, "
+                f"version {cls.__event_version__}: deploy the newer class here)"
+            )
         raise EventDecodeError(
-            f"invalid fields for event type {target!r}: {_summarize(exc)}"
+            f"invalid fields for event type {target!r}{newer}: {_summarize(exc)}",
+            field_errors=field_errors(exc),
         ) from None
     unknown._type_name = type_name
+    unknown._version = version
     return unknown
+
+
+#: Characters of a failing field's input value kept in a dead letter.
+MAX_GOT = 200
+#: Failing fields kept in a dead letter (the error message counts them all).
+MAX_FIELD_ERRORS = 50
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Each failing field of ``exc``: ``{"path", "expected", "got"}`` (JSON text).
+
+    ``path`` is the field's location (``items[0].qty``; ``""`` for the whole
+    event), ``expected`` pydantic's message (``Input should be a valid
+    integer...``), ``got`` the input as JSON, cut to :data:`MAX_GOT` characters,
+    with URLs' passwords hidden, and ``***`` for a field whose name looks secret
+    (``password``, ``token``... see :func:`eventbus.redact.is_secret_name`).
+    """
+    out = []
+    for error in exc.errors(include_url=False)[:MAX_FIELD_ERRORS]:
+        path = ""
+        secret = False
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                secret = secret or is_secret_name(str(part))
+                path += f".{part}" if path else str(part)
+        if secret:
+            got = MASK
+        elif error["type"] == "missing":
+            got = "(missing)"
+        else:
+            got = to_json(error.get("input"), fallback=repr).decode()
+            if len(got) > MAX_GOT:
+                got = got[:MAX_GOT] + "…"
+            got = redact(got)
+        out.append({"path": path, "expected": str(error["msg"]), "got": got})
+    return out
 
 
 def _summarize(exc: ValidationError) -> str:

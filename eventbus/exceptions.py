@@ -83,7 +83,16 @@ class EventDecodeError(EventBusError, ValueError):
     Raised for bytes that are not JSON, an envelope without a type or fields, or
     fields that do not validate into the event class.  It is never retried: the
     message goes straight to the dead-letter store with this error as the reason.
+
+    Parameters:
+      message: What is wrong.
+      field_errors: When fields failed validation, one entry per failing field:
+        ``{"path": ..., "expected": ..., "got": ...}`` (recorded in the dead letter).
     """
+
+    def __init__(self, message: str = "", field_errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.field_errors: list[dict[str, str]] = field_errors or []
 
 
 class HandlerTimeout(EventBusError):

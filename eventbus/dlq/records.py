@@ -56,6 +56,9 @@ class FailedEvent:
       replay_of: The id of the dead letter whose replay this is ("" when the event
         failed on its first delivery): a replay that failed again names the
         record it came from.
+      field_errors: When the payload failed validation into the handler's class,
+        each failing field: ``{"path", "expected", "got"}`` (``got`` cut and
+        redacted; see :func:`eventbus.events.field_errors`); else empty.
     """
 
     id: str
@@ -78,6 +81,7 @@ class FailedEvent:
     #: "error": str}`` (the last one is the final failure; older records have none).
     attempt_log: list[dict[str, Any]] = field(default_factory=list)
     replay_of: str = ""
+    field_errors: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON-compatible dict (the event as its envelope).
@@ -106,6 +110,7 @@ class FailedEvent:
             "offset": self.offset,
             "attempt_log": [{**entry, "at": entry["at"].isoformat()} for entry in self.attempt_log],
             "replay_of": self.replay_of,
+            "field_errors": self.field_errors,
         }
 
     @classmethod
@@ -143,6 +148,15 @@ class FailedEvent:
                 if isinstance(entry, dict)
             ],
             replay_of=str(data.get("replay_of") or ""),
+            field_errors=[
+                {
+                    "path": str(entry.get("path", "")),
+                    "expected": str(entry.get("expected", "")),
+                    "got": str(entry.get("got", "")),
+                }
+                for entry in data.get("field_errors") or []
+                if isinstance(entry, dict)
+            ],
         )
 
     def matches(

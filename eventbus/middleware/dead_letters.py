@@ -159,6 +159,9 @@ def build_failed_event(
         correlation_id=str(options.get(keys.CORRELATION_ID, "")),
         trace_id=str(options.get(keys.TRACE_ID, "")),
         replay_of=str(options.get(keys.REPLAY_OF) or ""),
+        field_errors=list(exception.field_errors)
+        if isinstance(exception, EventDecodeError)
+        else [],
         attempt_log=[
             {
                 "at": datetime.fromtimestamp(entry[0] / 1000, UTC),
