@@ -1,0 +1,236 @@
+"""Event versions and upcasters (issue 20, item 4): an old payload reaches a handler
+whose class is newer through the registered steps, applied before validation in the
+handler's process; a missing step or an upcaster that fails dead-letters the event
+at once with a reason naming the step.  The issue's path runs on Redis with real
+worker processes: a version 1 event fails in the old handler, the worker is
+redeployed with version 2 and its upcaster, and ``eventbus dlq replay`` of the old
+dead letter reaches the new handler as version 2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from eventbus import BaseEvent, ConfigurationError, EventBus, EventDecodeError, RetryPolicy
+from eventbus.events import decode_event, encode_envelope
+from eventbus.upcasting import missing_steps, upcaster, upcasters
+
+pytest.register_assert_rewrite("tests.redis_support")
+from tests.redis_support import Workers, wait_settled, wait_until  # noqa: E402
+
+pytest_plugins = ["tests.redis_support"]
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+MakeBus = Callable[..., EventBus]
+#: Retries any other failure would get: an upcasting failure gets none.
+RETRIES = RetryPolicy(max_retries=3, delay=0.01)
+
+
+class ParcelV1(BaseEvent):
+    __event_type__ = "upcast.parcels:Parcel"
+    topic: str = "upcast.parcels"
+    weight: float  # kilograms
+    to: str
+
+
+class Parcel(BaseEvent):
+    """Version 3: grams (v2), and the address split (v3)."""
+
+    __event_type__ = "upcast.parcels:Parcel"
+    __event_version__ = 3
+    topic: str = "upcast.parcels"
+    grams: int
+    city: str
+    street: str
+
+
+@upcaster(Parcel, from_version=1)
+def kilograms_to_grams(fields: dict[str, Any]) -> dict[str, Any]:
+    fields["grams"] = round(fields.pop("weight") * 1000)
+    return fields
+
+
+@upcaster(Parcel, from_version=2)
+def split_address(fields: dict[str, Any]) -> dict[str, Any]:
+    street, city = fields.pop("to").split(", ")
+    return {**fields, "street": street, "city": city}
+
+
+def v1_envelope(weight: Any = 1.25, to: str = "1 Quay St, Lyon") -> dict[str, Any]:
+    return ParcelV1(weight=weight, to=to).to_dict()
+
+
+def test_the_chain_runs_from_the_payloads_version_to_the_class_and_leaves_the_payload_alone() -> (
+    None
+):
+    envelope = v1_envelope()
+    assert "version" not in envelope  # version 1: envelopes as they always were
+    before = json.loads(json.dumps(envelope))
+
+    event = decode_event(envelope, Parcel)
+
+    assert isinstance(event, Parcel)
+    assert (event.grams, event.street, event.city) == (1250, "1 Quay St", "Lyon")
+    assert event.event_id == envelope["event"]["event_id"]
+    assert envelope == before  # the stored payload (a dead letter's) is unchanged
+    # a version 2 payload takes only the second step
+    v2 = {"type": Parcel.__event_type__, "version": 2, "event": {"grams": 5, "to": "2 Rue, Nantes"}}
+    assert decode_event(v2, Parcel).model_dump(include={"grams", "city"}) == {
+        "grams": 5,
+        "city": "Nantes",
+    }
+    assert list(upcasters(Parcel)) == [1, 2] and missing_steps(Parcel) == []
+
+
+def test_the_version_travels_in_the_envelope_and_decodes_back() -> None:
+    parcel = Parcel(grams=1, city="Lyon", street="Quay")
+    assert parcel.to_dict()["version"] == 3
+    wire = encode_envelope(parcel)
+    assert json.loads(wire)["version"] == 3
+    assert decode_event(wire, Parcel) == parcel
+    # by name, with no class asked for: the newest class of that name, upcast
+    assert isinstance(decode_event(v1_envelope()), Parcel)
+    # a type this process does not know keeps its version for a re-publish
+    unknown = decode_event({"type": "nobody:Knows", "version": 4, "event": {"a": 1}})
+    assert unknown.to_dict()["version"] == 4
+
+
+def test_bad_versions_and_registrations_are_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigurationError, match="from_version must be an integer from 1 to 2"):
+        upcaster(Parcel, from_version=3)
+    with pytest.raises(ConfigurationError, match="already has an upcaster from version 1"):
+        upcaster(Parcel, from_version=1)(lambda fields: fields)
+    with pytest.raises(ConfigurationError, match="__event_version__ must be an integer >= 1"):
+
+        class Broken(BaseEvent):
+            __event_version__ = 0
+            topic: str = "upcast.broken"
+
+    for version in ("2", 0, True):
+        bad = {**v1_envelope(), "version": version}
+        with pytest.raises(EventDecodeError, match="'version' must be an integer >= 1"):
+            decode_event(bad, Parcel)
+
+
+def test_a_missing_step_or_a_failing_upcaster_is_a_decode_error_naming_the_step() -> None:
+    class Gap(BaseEvent):
+        topic: str = "upcast.gap"
+        __event_version__ = 3
+        b: int
+
+    @upcaster(Gap, from_version=2)
+    def two_to_three(fields: dict[str, Any]) -> dict[str, Any]:
+        return {**fields, "b": fields["a"]}
+
+    assert missing_steps(Gap) == [1]
+    with pytest.raises(EventDecodeError, match=r"no upcaster takes it from version 1 to 2"):
+        decode_event({"type": "upcast.gap:Gap", "event": {"a": 1}}, Gap)
+    with pytest.raises(
+        EventDecodeError, match=r"upcaster .*split_address .*version 2 to 3\) raised ValueError"
+    ):
+        decode_event(v1_envelope(to="nowhere"), Parcel)
+
+
+def test_a_payload_newer_than_the_class_is_validated_as_it_is() -> None:
+    newer = {
+        "type": ParcelV1.__event_type__,
+        "version": 3,
+        "event": {"weight": 2, "to": "x", "grams": 2000},
+    }
+    old = decode_event(newer, ParcelV1)
+    assert isinstance(old, ParcelV1) and old.weight == 2  # extra fields ignored
+    with pytest.raises(
+        EventDecodeError, match="the payload is version 3, newer than ParcelV1, version 1"
+    ):
+        decode_event({**newer, "event": {"grams": 2000}}, ParcelV1)
+
+
+async def test_embedded_handler_gets_old_payloads_upcast_and_a_failing_step_dead_letters_once(
+    make_bus: MakeBus,
+) -> None:
+    got: list[Parcel] = []
+
+    async def ship(event: Parcel) -> None:
+        got.append(event)
+
+    bus = make_bus(retry_policy=RETRIES)
+    await bus.registry.register(Parcel, ship, name="upcast.parcels:ship")
+    await bus.start()
+    await bus.publish(ParcelV1(weight=0.5, to="3 Main St, Paris"))
+    await bus.publish(ParcelV1(weight=1, to="no comma here"))
+    await bus.drain(timeout=10)
+
+    assert [(p.grams, p.city, p.event_version) for p in got] == [(500, "Paris", 3)]
+    [record] = bus.dlq.peek()
+    assert record.error_type == "EventDecodeError" and record.attempts == 1
+    assert "split_address" in record.error and "version 2 to 3" in record.error
+    assert record.envelope["event"]["to"] == "no comma here"  # the payload as sent
+
+
+# -- the issue's path on Redis, with real worker processes -----------------------------
+
+UPCAST_TOPIC = "upcast.orders"  # tests/upcasting_handlers.py (not imported here)
+
+
+class OrderPlacedV1(BaseEvent):
+    """The publisher's copy of version 1 (amount in euros)."""
+
+    __event_type__ = f"{UPCAST_TOPIC}:OrderPlaced"
+    topic: str = UPCAST_TOPIC
+    order_id: int
+    amount: float
+
+
+async def test_redis_replay_of_an_old_dead_letter_reaches_the_redeployed_handler_upcast(
+    workers: Workers, redis_url: str, namespace: str, make_redis_bus: MakeBus
+) -> None:
+    r = redis.Redis.from_url(redis_url)
+    modules = ("tests.upcasting_handlers",)
+    old = workers.start(modules, env={"UPCAST_ORDER_VERSION": "1", "EVENTBUS_MAX_RETRIES": "0"})
+    web = make_redis_bus()
+    await web.start()
+    sent = OrderPlacedV1(order_id=7, amount=12.5)
+    await web.publish(sent)
+    await asyncio.to_thread(
+        wait_until, lambda: web.dlq.size() == 1, 60, "the old handler's dead letter"
+    )
+    [record] = web.dlq.peek()
+    assert record.error_type == "LookupError" and "version" not in record.envelope
+    old.stop()
+
+    workers.start(modules, env={"UPCAST_ORDER_VERSION": "2"})
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": redis_url,
+        "EVENTBUS_REDIS_NAMESPACE": namespace,
+    }
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "eventbus.cli", "dlq", "replay", record.id],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and cli.stdout.strip() == "replayed 1", cli.stdout + cli.stderr
+
+    booked_key = f"{namespace}:test:booked"
+    await asyncio.to_thread(wait_until, lambda: r.llen(booked_key) == 1, 60, "the upcast event")
+    await asyncio.to_thread(wait_settled, redis_url, namespace)
+    booked = json.loads(r.lindex(booked_key, 0))  # type: ignore[arg-type]
+    assert booked == {"event_id": sent.event_id, "order_id": 7, "amount_cents": 1250, "version": 2}
+    assert web.dlq.size() == 0
+    r.close()
