@@ -288,7 +288,130 @@ def _parser() -> argparse.ArgumentParser:
             action.add_argument(
                 "--yes", action="store_true", help="confirm a drop by --topic or --all"
             )
+    _schema_parser(commands, command)
     return parser
+
+
+def _schema_parser(commands: Any, command: Any) -> None:
+    """``eventbus schema snapshot|check``: event contracts before deploy."""
+    from eventbus.contracts.compat import MODES
+    from eventbus.contracts.snapshot import ROLES
+
+    schema = command(
+        commands,
+        "schema",
+        "event schemas: snapshot them, check a change is compatible before deploy",
+        epilog=None,
+    ).add_subparsers(dest="action", required=True, metavar="ACTION", help="what to do")
+    snap = command(
+        schema,
+        "snapshot",
+        "write the JSON Schema of every event class of MODULES (a lock file to commit)",
+        epilog=None,
+        more=(
+            ". Rewriting an existing FILE keeps each changed event's previous schema in its "
+            "history (the transitive modes check it)."
+        ),
+    )
+    snap.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.events")
+    snap.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    check = command(
+        schema,
+        "check",
+        "check the event classes of MODULES against a snapshot and other services' contracts",
+        epilog=SCHEMA_EPILOG,
+    )
+    check.add_argument("modules", nargs="+", metavar="MODULE", help="e.g. myapp.events")
+    check.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="the committed snapshot (default: contracts.json, unless only --against is given)",
+    )
+    check.add_argument(
+        "--mode",
+        choices=MODES,
+        default="full",
+        help="compatibility with the snapshot, as in Schema Registry (default: %(default)s)",
+    )
+    check.add_argument(
+        "--against",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="another service's snapshot or AsyncAPI document (repeatable)",
+    )
+    check.add_argument(
+        "--role",
+        choices=ROLES,
+        help="the other service's role: it publishes the events (this code reads them) or "
+        "subscribes to them (this code writes them); default: both",
+    )
+
+
+#: The end of ``eventbus schema check --help``.
+SCHEMA_EPILOG = """modes (new = the classes of MODULES, old = the snapshot):
+  backward     new classes read what the old ones wrote (subscribers deploy first)
+  forward      old classes read what the new ones write (publishers deploy first)
+  full         both (either side may deploy first)
+  *_transitive the same against every older schema in the snapshot's history
+  none         no check
+
+exit status:
+  0  compatible (one line says what was checked)
+  1  breaking changes, one line each: <event type>: <field path>: <change>
+  2  bad input: a module that does not import, a file that cannot be read or is
+     not a snapshot or an AsyncAPI document
+"""
+
+
+def _schema(args: argparse.Namespace, out: TextIO) -> int:
+    """``eventbus schema snapshot|check`` (without ``--live``)."""
+    from eventbus.contracts import snapshot as contracts
+
+    try:
+        classes = contracts.event_classes(args.modules)
+        if not classes:
+            raise Refused(f"no event classes found in {', '.join(args.modules)}")
+        if args.action == "snapshot":
+            previous = None
+            if args.output and os.path.exists(args.output):
+                previous = contracts.read_contracts(args.output)
+            text = contracts.dump(contracts.snapshot(classes, previous))
+            if args.output is None:
+                out.write(text)
+            else:
+                with open(args.output, "w", encoding="utf-8") as file:
+                    file.write(text)
+                out.write(f"{len(classes)} event type(s) written to {args.output}\n")
+            return EXIT_OK
+        current = contracts.contracts_of(classes)
+        results: list[tuple[str, contracts.CheckResult]] = []
+        snapshot_path = args.snapshot or (None if args.against else "contracts.json")
+        if snapshot_path is not None:
+            recorded = contracts.read_contracts(snapshot_path)
+            results.append(
+                (
+                    f"{snapshot_path} (mode {args.mode})",
+                    contracts.check_snapshot(current, recorded, args.mode),
+                )
+            )
+        for path in args.against:
+            other = contracts.read_contracts(path)
+            role = f"as {args.role}" if args.role else "as publisher and subscriber"
+            results.append((f"{path} ({role})", contracts.check_against(current, other, args.role)))
+    except contracts.ContractError as exc:
+        raise Refused(str(exc)) from exc
+    breaking = [item for _, result in results for item in result.breaking]
+    for _, result in results:
+        for note in result.notes:
+            out.write(f"note: {printable(note)}\n")
+    for item in breaking:
+        out.write(printable(str(item)) + "\n")
+    if breaking:
+        return EXIT_FAILED
+    checked = "; ".join(f"{r.checked} event type(s) against {what}" for what, r in results)
+    out.write(f"compatible: {checked}\n")
+    return EXIT_OK
 
 
 def _table(records: list[FailedEvent]) -> str:
@@ -583,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev":
             dev_server(args.action).run(sys.stdout, args.host, args.port)  # returns if it fails
             return EXIT_FAILED
+        if args.command == "schema" and not getattr(args, "live", False):
+            return _schema(args, sys.stdout)
         settings = EventBusSettings()
         backend = create_backend(settings)
         refusal = backend.dead_letters_out_of_reach() if args.command == "dlq" else None
