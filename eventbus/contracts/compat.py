@@ -9,7 +9,10 @@ resolved, unions, nested models, lists, dicts, enums and Literals, string and
 number constraints).  :func:`check` applies the Confluent Schema Registry modes
 (``backward``, ``forward``, ``full``, their ``_transitive`` forms, ``none``).
 
-Where the walk is conservative (it may report a change that no real payload
+Types are judged as pydantic validates events (lax mode): an integer is a
+number, and a boolean is accepted where an integer or a number is expected; a
+string where a number is expected is a narrowing (``"5"`` passes, ``"five"`` does
+not).  Where the walk is conservative (it may report a change that no real payload
 trips): regular expressions are compared as text (a reader pattern the writer
 does not have verbatim is reported); ``format`` likewise; a writer union branch
 must fit one reader branch as a whole; ``not``/``if``/``dependentRequired`` in
@@ -215,7 +218,8 @@ class _Walk:
                     f"type narrowed: the writer's value is untyped, the reader requires {r_type}",
                 )
             else:
-                self.report(path, f"type narrowed: {w_type} -> {r_type}")
+                word = "narrowed" if _type_fits(r_type, w_type) else "changed"
+                self.report(path, f"type {word}: {w_type} -> {r_type}")
             return
         kind = w_type or r_type
         if kind == "string":
@@ -417,6 +421,8 @@ def _type_fits(w_type: Any, r_type: Any) -> bool:
     r_set = {r_type} if isinstance(r_type, str) else set(r_type)
     if "number" in r_set:
         r_set.add("integer")
+    if "integer" in r_set:
+        r_set.add("boolean")  # pydantic (lax, as events are validated) takes true as 1
     return w_set <= r_set
 
 
