@@ -125,6 +125,8 @@ exit status:
 HELP_WIDTH = 78
 
 _JSON_HELP = "print JSON instead of a table"
+#: Characters of a subscription's schema hash ``subscriptions list`` shows.
+SCHEMA_HASH_SHOWN = 8
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -346,6 +348,12 @@ def _schema_parser(commands: Any, command: Any) -> None:
         help="the other service's role: it publishes the events (this code reads them) or "
         "subscribes to them (this code writes them); default: both",
     )
+    check.add_argument(
+        "--live",
+        action="store_true",
+        help="instead, check them (as their publisher) against the schemas the live "
+        "subscribers of their topics stored in the broker (Redis; EVENTBUS_* settings)",
+    )
 
 
 #: The end of ``eventbus schema check --help``.
@@ -479,6 +487,7 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
                 "BACKLOG",
                 "WORKERS",
                 "CODE",
+                "SCHEMA",
                 "LAST SEEN (UTC)",
             )
         ]
@@ -496,6 +505,8 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
                     str(r.backlog),
                     str(r.live_workers),
                     code,
+                    # SCHEMA: the hash of what its handler validates into ("-": untyped).
+                    (r.schema or "-")[:SCHEMA_HASH_SHOWN],
                     seen,
                 )
             )
@@ -531,6 +542,54 @@ def _subscriptions(args: argparse.Namespace, bus: EventBus, out: TextIO, err: Te
         f"removed {row.handler} ({row.service}); {count} waiting event(s) dead-lettered",
     )
     return 0
+
+
+def _schema_live(modules: Sequence[str], bus: EventBus, out: TextIO) -> int:
+    """``schema check --live MODULES``: the event classes of ``MODULES`` against the
+    schemas their topics' live subscribers stored (:mod:`eventbus.contracts.live`);
+    one line per breaking change naming the subscriber and the field.  Exit 1 when
+    any breaks."""
+    from eventbus.backends import StoresSubscriptions
+    from eventbus.contracts.live import (
+        SubscriberSchema,
+        check_live,
+        default_topic,
+        module_event_classes,
+    )
+
+    backend = bus.backend
+    if not isinstance(backend, StoresSubscriptions):
+        raise Refused(
+            f"the {backend.name} backend stores no subscriptions, so no live schemas: "
+            f"{backend.subscriptions_home()}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    classes = []
+    for name in modules:
+        try:
+            classes += module_event_classes(importlib.import_module(name))
+        except ImportError as exc:
+            raise Refused(f"cannot import module {name!r}: {exc}") from exc
+    if not classes:
+        raise Refused(f"no event class with a default topic in {', '.join(modules)}")
+    topics = {default_topic(cls) for cls in classes}
+    rows = [r for r in backend.subscription_list() if r.topic in topics]
+    schemas = backend.stored_schemas(r.schema for r in rows if r.schema)
+    subscribers = [
+        SubscriberSchema(r.service, r.topic, r.handler, r.schema, schemas[r.schema])
+        for r in rows
+        if r.schema and r.schema in schemas
+    ]
+    found = check_live(classes, subscribers)
+    checked = len({(s.service, s.handler) for s in subscribers})
+    lines = [printable(str(m)) for m in found]
+    lines.append(
+        f"{len(found)} breaking change(s); {len(classes)} event class(es) checked against "
+        f"{checked} live subscriber schema(s)"
+    )
+    out.write("\n".join(lines) + "\n")
+    return EXIT_FAILED if found else EXIT_OK
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -623,6 +682,10 @@ def run(
             return _subscriptions(args, bus, out, err)
         if args.command == "outbox":
             return _outbox(args, bus, out)
+        if args.command == "schema":
+            if args.action == "check" and args.live:
+                return _schema_live(args.modules, bus, out)
+            return _schema(args, out)
         return _dlq(args, bus, out, err)
     except Refused as exc:
         err.write(f"eventbus: {printable(str(exc))}\n")

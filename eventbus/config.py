@@ -140,6 +140,10 @@ DEFAULT_SERVICE = "default"
 UnroutedMode = Literal["ignore", "warn", "error"]
 #: What a publish to a topic without any subscription does.
 DEFAULT_UNROUTED: UnroutedMode = "warn"
+SchemaCheckMode = Literal["off", "warn", "error"]
+#: What a publisher does when a live subscriber's stored schema would reject an
+#: event class it publishes (checked once per class and topic, not per event).
+DEFAULT_SCHEMA_CHECK: SchemaCheckMode = "warn"
 
 #: Largest event ``publish`` accepts, in bytes of JSON (1 MiB: Kafka's default).
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
@@ -217,6 +221,15 @@ class EventBusSettings(BaseSettings):
         description="A publish to a topic that has no subscription anywhere is counted, "
         "and then ignored (`ignore`), logged at WARNING at most once per topic per minute "
         "(`warn`) or refused with UnroutedError (`error`).",
+    )
+    schema_check: SchemaCheckMode = Field(
+        DEFAULT_SCHEMA_CHECK,
+        description="What a publisher does when the stored schema of a live subscriber "
+        "of the topic would reject the event class it publishes (Redis: workers store "
+        "each typed handler's schema with its subscription; checked once per class and "
+        "topic, refreshed every 30 s): nothing (`off`), a WARNING once per class and "
+        "subscriber naming the field, plus the `eventbus_schema_mismatch_total` metric "
+        "per event (`warn`), or SchemaMismatchError, nothing published (`error`).",
     )
 
     max_retries: int = Field(

@@ -48,6 +48,15 @@ class CountsUnrouted(Protocol):
 
 
 @runtime_checkable
+class CountsSchemaMismatches(Protocol):
+    """A collector that counts events published while a live subscriber's stored
+    schema would reject their class (``EVENTBUS_SCHEMA_CHECK=warn``); ``subscriber``
+    is ``<service>/<handler>``."""
+
+    def inc_schema_mismatch(self, topic: str, subscriber: str) -> None: ...
+
+
+@runtime_checkable
 class LabelsHandlers(Protocol):
     """A collector whose ``inc_dispatched``, ``inc_dispatch_error`` and
     ``observe_dispatch_duration`` take a ``handler`` keyword (the handler's name).
@@ -119,6 +128,9 @@ class InMemoryMetricsCollector:
         self.retries: dict[str, int] = defaultdict(int)
         self.dlq_count: dict[str, int] = defaultdict(int)
         self.unrouted: dict[str, int] = defaultdict(int)
+        #: Events published that a live subscriber's schema would reject, by
+        #: ``(topic, "<service>/<handler>")``.
+        self.schema_mismatches: dict[tuple[str, str], int] = defaultdict(int)
         self.dispatch_durations: dict[str, list[float]] = defaultdict(list)
         self.publish_durations: dict[str, list[float]] = defaultdict(list)
 
@@ -143,6 +155,10 @@ class InMemoryMetricsCollector:
 
     def inc_unrouted(self, topic: str) -> None:
         self._inc(self.unrouted, topic)
+
+    def inc_schema_mismatch(self, topic: str, subscriber: str) -> None:
+        with self._lock:
+            self.schema_mismatches[topic, subscriber] += 1
 
     def observe_dispatch_duration(self, topic: str, duration: float) -> None:
         with self._lock:
@@ -176,5 +192,6 @@ class InMemoryMetricsCollector:
                 self.unrouted,
             ):
                 counter.clear()
+            self.schema_mismatches.clear()
             self.dispatch_durations.clear()
             self.publish_durations.clear()

@@ -71,6 +71,11 @@ class _Metrics:
         self.unrouted = counter(
             "eventbus_unrouted_total", "Events published to a topic without handlers", ["topic"]
         )
+        self.schema_mismatch = counter(
+            "eventbus_schema_mismatch_total",
+            "Events published that a live subscriber's stored schema would reject",
+            ["topic", "subscriber"],
+        )
         self.dispatched = counter(
             "eventbus_dispatched_total", "Handler attempts that succeeded", ["topic", "handler"]
         )
@@ -140,6 +145,7 @@ class PrometheusMetricsCollector:
     ``eventbus_dispatched_total{topic,handler}``, ``eventbus_errors_total{topic,handler}``
     (one per failed attempt), ``eventbus_retries_total{topic}`` (one per scheduled
     retry), ``eventbus_dlq_total{topic}``, ``eventbus_unrouted_total{topic}``,
+    ``eventbus_schema_mismatch_total{topic,subscriber}`` (``EVENTBUS_SCHEMA_CHECK=warn``),
     ``eventbus_publish_seconds{topic}``, ``eventbus_dispatch_seconds{topic,handler}``,
     ``eventbus_in_progress{topic,handler}``; and, read at scrape time from the bus,
     ``eventbus_backlog{queue}`` and ``eventbus_dlq_size``.
@@ -197,6 +203,9 @@ class PrometheusMetricsCollector:
 
     def inc_unrouted(self, topic: str) -> None:
         self._child(self._m.unrouted, topic).inc()
+
+    def inc_schema_mismatch(self, topic: str, subscriber: str) -> None:
+        self._child(self._m.schema_mismatch, topic, subscriber).inc()
 
     def inc_dispatched(self, topic: str, handler: str = "") -> None:
         self._child(self._m.dispatched, topic, handler).inc()

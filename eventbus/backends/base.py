@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
@@ -90,6 +90,11 @@ class SubscriptionRow(Protocol):
     def mixed_code(self) -> str | None:
         """Why its live workers look like different code, or None."""
 
+    @property
+    def schema(self) -> str | None:
+        """The content hash of the event schema its handler validates into (see
+        :meth:`StoresSubscriptions.stored_schemas`), or None: an untyped handler."""
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict."""
 
@@ -114,6 +119,10 @@ class StoresSubscriptions(Protocol):
     def subscription_warnings(self) -> list[str]:
         """What looks wrong with the stored subscriptions, one line each (e.g. a
         topic that looks mistyped); empty when nothing does (blocking)."""
+
+    def stored_schemas(self, hashes: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The event schemas subscriptions stored, by hash (``SubscriptionRow.schema``);
+        hashes not stored are left out (blocking)."""
 
     def remove_subscription(
         self, service: str, topic: str, handler: str, dead_letters: DeadLetterStore | None

@@ -41,7 +41,7 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
@@ -66,11 +66,14 @@ from eventbus.config import (
     DEFAULT_REDIS_UNROUTED_RETENTION,
     DEFAULT_REDIS_UNROUTED_WARMUP,
     DEFAULT_REDIS_URL,
+    DEFAULT_SCHEMA_CHECK,
     DEFAULT_WORKER_THREADS,
+    SchemaCheckMode,
 )
 from eventbus.exceptions import BackendError, ConfigurationError, PublishError, UnroutedError
 from eventbus.health import HealthResult, HealthStatus
 from eventbus.middleware.event_loop import DaemonAsyncIO
+from eventbus.middleware.metrics import Metrics
 from eventbus.redact import redact_url
 from eventbus.redis.broker import (
     BEATS_PER_TIMEOUT,
@@ -94,6 +97,7 @@ from eventbus.redis.resp import (
     RespError,
     RespReplyLost,
 )
+from eventbus.redis.schemas import PublishCheck, read_schemas
 from eventbus.redis.scripts import service_of
 from eventbus.redis.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
 from eventbus.routing import Router, Subscriptions
@@ -192,6 +196,7 @@ class RedisBackend(Backend):
         min_replicas: int = DEFAULT_REDIS_MIN_REPLICAS,
         replica_timeout: float = DEFAULT_REDIS_REPLICA_TIMEOUT,
         replica_fsync: bool = DEFAULT_REDIS_REPLICA_FSYNC,
+        schema_check: SchemaCheckMode = DEFAULT_SCHEMA_CHECK,
     ) -> None:
         #: The unrouted window (see ``docs/redis.md``).
         self.retention = subs.UnroutedRetention(
@@ -231,6 +236,13 @@ class RedisBackend(Backend):
         self.min_replicas = min_replicas
         self.replica_timeout = replica_timeout
         self.replica_fsync = replica_fsync
+        if schema_check not in ("off", "warn", "error"):
+            raise ConfigurationError(
+                f"invalid schema_check {schema_check!r}: off, warn or error (EVENTBUS_SCHEMA_CHECK)"
+            )
+        #: The check of published classes against live subscriber schemas
+        #: (``EVENTBUS_SCHEMA_CHECK``; :mod:`eventbus.redis.schemas`).
+        self.schema_check = PublishCheck(namespace, schema_check)
         #: The command sent after each fan-out call (``WAIT``/``WAITAOF``), once known.
         self._replica_wait: Command | None = None
         #: Topics this process noted in ``{ns}:ptopics`` (published topics, for the
@@ -274,6 +286,7 @@ class RedisBackend(Backend):
             min_replicas=settings.redis_min_replicas,
             replica_timeout=settings.redis_replica_timeout,
             replica_fsync=settings.redis_replica_fsync,
+            schema_check=settings.schema_check,
         )
 
     # -- clients ----------------------------------------------------------------------
@@ -345,6 +358,9 @@ class RedisBackend(Backend):
                 retention=self.retention,
             )
             self.subscriptions = subscriptions
+            for item in middleware:  # the bus's collector counts schema mismatches
+                if isinstance(item, Metrics):
+                    self.schema_check.metrics = item.collector
             self.router = Router(subscriptions, self.broker, self._queue_of, self._actor_options)
         return self.broker
 
@@ -464,6 +480,8 @@ class RedisBackend(Backend):
             # "<base>@<ms>": the script puts it in the delayed sets (Redis clock).
             args.append(f"{os.urandom(8).hex()}@{delay}" if delay else os.urandom(8).hex())
             size += len(envelope) + len(options) + len(topic) + EVENT_OVERHEAD_BYTES
+        if self.schema_check.mode != "off":  # a dict lookup per event, once checked
+            await self._check_schemas(events)
         topics = {outgoing.event.topic for outgoing in events}
         if not topics <= self._noted_topics:  # once per topic per process, off the path
             self._note_topics(topics - self._noted_topics)
@@ -483,6 +501,21 @@ class RedisBackend(Backend):
             return await self._fan_out(args, size)
         finally:
             self._next_round(group)
+
+    async def _check_schemas(self, events: list[OutgoingEvent]) -> None:
+        """Check the events' classes against the schemas their topics' live
+        subscribers stored (:class:`~eventbus.redis.schemas.PublishCheck`): Redis is
+        asked only for a class and topic without a fresh verdict."""
+
+        async def call(*command: Any) -> Any:
+            return await self._client().call(*command)
+
+        try:
+            await self.schema_check.check((o.event for o in events), self._script, call)
+        except (RespConnectionError, RespError, OSError, TimeoutError) as exc:
+            raise PublishError(
+                f"could not read the subscribers' schemas from Redis: {exc}; nothing was published"
+            ) from exc
 
     def _note_topics(self, topics: set[str]) -> None:
         """Record, in the background, that this process publishes to ``topics`` (one
@@ -768,6 +801,10 @@ class RedisBackend(Backend):
     def subscription_list(self) -> list[subs.Subscription]:
         """Every subscription in this namespace, with backlog and live workers (blocking)."""
         return subs.list_subscriptions(self.sync_client, self.namespace, self.heartbeat_timeout)
+
+    def stored_schemas(self, hashes: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The event schemas subscriptions stored, by hash (one ``HMGET``)."""
+        return read_schemas(self.sync_client, self.namespace, hashes)
 
     def subscription_warnings(self) -> list[str]:
         """Subscribed topics that look mistyped (see :mod:`eventbus.redis.checks`)."""

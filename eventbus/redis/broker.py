@@ -47,6 +47,7 @@ from eventbus.fingerprint import code_fingerprint, eventbus_version
 from eventbus.middleware import DeadLetters
 from eventbus.redis.consumer import RedisConsumer, RedisMessage, connection_closed
 from eventbus.redis.messages import encode_message
+from eventbus.redis.schemas import handler_schema
 from eventbus.redis.subscriptions import UnroutedRetention, register, sweep_unrouted
 
 logger = logging.getLogger(__name__)
@@ -216,8 +217,20 @@ class ReliableRedisBroker(CachedHooksBroker):
             for name, actor in list(self.actors.items())
             if keys.HANDLER in actor.options
         ]
+        schemas = {  # what each typed handler validates into (untyped: none)
+            name: schema
+            for name, actor in list(self.actors.items())
+            if keys.HANDLER in actor.options
+            and (schema := handler_schema(actor.options[keys.HANDLER].event_type)) is not None
+        }
         self.subscriptions = register(
-            self.client, self.namespace, service, handlers, retention=self.retention, again=again
+            self.client,
+            self.namespace,
+            service,
+            handlers,
+            retention=self.retention,
+            again=again,
+            schemas=schemas,
         )
         self.service = service
         specs = {

@@ -26,7 +26,7 @@ with requires_extra("redis", __name__):
 import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -46,6 +46,8 @@ from eventbus.config import (
 from eventbus.exceptions import ConfigurationError, EventBusError
 from eventbus.fingerprint import mixed_code
 from eventbus.middleware.dead_letters import build_failed_event
+from eventbus.redis.schemas import schemas_key
+from eventbus.redis.schemas import stored as stored_schema
 
 if TYPE_CHECKING:
     from eventbus.dlq.store import DeadLetterStore
@@ -139,6 +141,8 @@ class Subscription:
       last_seen: The last heartbeat of a worker that had the handler.
       code: The code fingerprints its live workers reported, each with those
         workers (``host:pid``): more than one is :attr:`mixed_code`.
+      schema: The content hash of the event schema its handler validates into
+        (:mod:`eventbus.redis.schemas`), or None for an untyped handler.
     """
 
     service: str
@@ -151,6 +155,7 @@ class Subscription:
     live_workers: int = 0
     last_seen: datetime | None = None
     code: dict[str, list[str]] = dataclass_field(default_factory=dict)
+    schema: str | None = None
 
     @property
     def mixed_code(self) -> str | None:
@@ -186,6 +191,7 @@ def register(
     *,
     retention: UnroutedRetention | None = None,
     again: bool = False,
+    schemas: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Write the subscriptions of ``handlers`` ((topic, actor, queue) each) for
     ``service``; returns their names.  Idempotent; a handler that moved to another
@@ -198,16 +204,32 @@ def register(
     gets every event kept since, including those routed meanwhile to the
     subscriptions written again before it; any other (a handler deployed) starts
     from now.  Rewriting a subscription that exists hands it nothing.
+
+    ``schemas`` (actor -> the JSON Schema its handler validates into; untyped
+    handlers absent) are stored once by hash, and each subscription's record names
+    its hash, in the same round trip (:mod:`eventbus.redis.schemas`).
     """
     retention = retention or UnroutedRetention()
     args: list[Any] = [namespace, service, *retention.args(), "1" if again else "0"]
     fields = []
+    bodies: dict[str, str] = {}
     for topic, actor, queue in handlers:
         fields.append(lua.subscription_field(service, topic, actor))
-        args += [topic, actor, queue, message_prefix(queue, actor), json.dumps({"queue": queue})]
+        record: dict[str, str] = {"queue": queue}
+        schema = schemas.get(actor) if schemas else None
+        if schema is not None:
+            record["schema"], bodies[record["schema"]] = stored_schema(schema)
+        args += [topic, actor, queue, message_prefix(queue, actor), json.dumps(record)]
     if not fields:
         return fields
-    handed, dropped = client.register_script(lua.SUBSCRIBE)(args=args)
+    subscribe = client.register_script(lua.SUBSCRIBE)
+    if bodies:  # the schemas first, in the same round trip
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hset(schemas_key(namespace), mapping=bodies)  # type: ignore[arg-type]
+            subscribe(args=args, client=pipe)
+            _, (handed, dropped) = pipe.execute()
+    else:
+        handed, dropped = subscribe(args=args)
     log_dropped(dropped, retention)
     if handed:
         logger.info(
@@ -367,13 +389,17 @@ def list_subscriptions(
     if workers is None:
         workers = worker_states(client, namespace, heartbeat_timeout)
     rows = []
+    schema_of: dict[str, str] = {}
     for raw_field, raw_value in subs.items():
         field = raw_field.decode()
         try:
-            queue = str(json.loads(raw_value)["queue"])
+            record = json.loads(raw_value)
+            queue = str(record["queue"])
             service, topic, actor = _parse_field(field)
         except (ValueError, KeyError, TypeError):
             continue
+        if isinstance(record.get("schema"), str):
+            schema_of[field] = record["schema"]
         rows.append((field, service, topic, actor, queue))
     queues = sorted({row[4] for row in rows})
     with r.pipeline(transaction=False) as pipe:
@@ -401,7 +427,17 @@ def list_subscriptions(
         last = datetime.fromtimestamp(score / 1000, UTC) if score is not None else None
         out.append(
             Subscription(
-                service, topic, actor, queue, backlog, int(held), waiting[queue], live, last, code
+                service,
+                topic,
+                actor,
+                queue,
+                backlog,
+                int(held),
+                waiting[queue],
+                live,
+                last,
+                code,
+                schema_of.get(field),
             )
         )
     out.sort(key=lambda s: (s.service, s.topic, s.handler))

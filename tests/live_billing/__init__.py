@@ -1,0 +1,1 @@
+"""Live schemas, subscriber side (service ``billing``): its own copy of ``OrderPlaced``."""

@@ -1,0 +1,1 @@
+"""Live schemas, publisher side (the shop): versions of its own ``OrderPlaced``."""

@@ -1,0 +1,243 @@
+"""Live schemas on Redis (issue 20, item 3).
+
+Services from different code share one Redis: billing (tests/live_billing, a
+worker process with a typed handler), audit (an untyped handler, a worker process
+of its own) and the shop, which publishes
+from its own copies of ``OrderPlaced`` (tests/live_shop: one with a new optional
+field, one with ``total_cents`` renamed).  Workers store each typed handler's
+event schema with its subscription; the shop's publisher checks each class once
+against them (``EVENTBUS_SCHEMA_CHECK``), and ``eventbus schema check --live``
+checks a module's classes against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from eventbus import EventBus, EventBusSettings
+from eventbus.contracts.live import SchemaMismatchError
+from eventbus.metrics import InMemoryMetricsCollector
+from eventbus.redis.backend import RedisBackend
+from tests.kafka_helpers import wait_for
+from tests.live_shop import breaking, compatible
+from tests.redis_support import (  # noqa: F401
+    ROOT,
+    TEST_REDELIVERY_TIMEOUT,
+    Workers,
+    namespace,
+    redis_url,
+    sync_subscriptions,
+    workers,
+)
+
+TOPIC = compatible.TOPIC
+BILL = "live_billing.bill"
+AUDIT = "live_billing.audit"
+#: Seconds a worker gets to handle what was published (its start included).
+HANDLED_WITHIN = 30.0
+
+Publisher = Callable[..., tuple[EventBus, InMemoryMetricsCollector]]
+
+
+@pytest.fixture
+async def shop(redis_url: str, namespace: str) -> AsyncIterator[Publisher]:  # noqa: F811
+    """Publisher buses of the shop service (``schema_check`` as given), with metrics."""
+    buses: list[EventBus] = []
+
+    def factory(schema_check: str = "warn") -> tuple[EventBus, InMemoryMetricsCollector]:
+        metrics = InMemoryMetricsCollector()
+        bus = EventBus(
+            backend=RedisBackend(
+                url=redis_url,
+                namespace=namespace,
+                redelivery_timeout=TEST_REDELIVERY_TIMEOUT,
+                schema_check=schema_check,  # type: ignore[arg-type]
+            ),
+            settings=EventBusSettings(service="shop"),
+            metrics=metrics,
+        )
+        buses.append(bus)
+        return bus, metrics
+
+    yield factory
+    for bus in buses:
+        await bus.stop()
+
+
+def start_billing(workers: Workers, out: Path) -> None:  # noqa: F811
+    """Billing's worker (typed handler) and the audit service's (untyped handler)."""
+    for service, module in (("billing", "handlers"), ("audit", "audit")):
+        workers.start(
+            (f"tests.live_billing.{module}",),
+            threads=1,
+            env={"EVENTBUS_SERVICE": service, "LIVE_OUT": str(out)},
+        )
+
+
+def handled(out: Path) -> list[str]:
+    return out.read_text().splitlines() if out.exists() else []
+
+
+def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F811
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": redis_url,
+        "EVENTBUS_REDIS_NAMESPACE": namespace,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "eventbus.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_worker_stores_the_schema_of_its_typed_handler_and_list_shows_it(
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    start_billing(workers, tmp_path / "handled")
+    client = redis.Redis.from_url(redis_url)
+    records = {k.decode(): json.loads(v) for k, v in client.hgetall(f"{namespace}:subs").items()}
+    bill = records[f"billing|{TOPIC}|{BILL}"]
+    assert "schema" not in records[f"audit|{TOPIC}|{AUDIT}"]  # untyped: accepts anything
+    text = client.hget(f"{namespace}:schemas", bill["schema"])
+    assert text is not None
+    assert hashlib.sha256(text).hexdigest()[:16] == bill["schema"]  # content-addressed
+    schema = json.loads(text)
+    assert set(schema["properties"]) == {"order_id", "total_cents"}  # billing's own class
+    assert sorted(schema["required"]) == ["order_id", "total_cents"]
+
+    listed = cli(redis_url, namespace, "subscriptions", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_handler = {row["handler"]: row for row in json.loads(listed.stdout)}
+    assert by_handler[BILL]["schema"] == bill["schema"]
+    assert by_handler[AUDIT]["schema"] is None
+    table = cli(redis_url, namespace, "subscriptions", "list")
+    header, *rows = table.stdout.splitlines()
+    assert "SCHEMA" in header.split()
+    [bill_row] = [r for r in rows if BILL in r]
+    [audit_row] = [r for r in rows if AUDIT in r]
+    assert bill["schema"][:8] in bill_row.split()
+    assert "-" in audit_row.split()
+
+
+async def test_breaking_class_warns_once_per_subscriber_and_counts_each_event(
+    shop: Publisher,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = tmp_path / "handled"
+    start_billing(workers, out)
+    # A second subscriber service from other code (codebase B's copy of the class).
+    workers.start(
+        ("tests.codebase_b.handlers",),
+        threads=1,
+        env={"EVENTBUS_SERVICE": "ledger", "CODEBASE_TOPIC": TOPIC},
+    )
+    bus, metrics = shop("warn")
+    await bus.start()
+    with caplog.at_level(logging.WARNING, logger="eventbus.redis.schemas"):
+        for i in range(3):
+            await bus.publish(breaking.OrderPlaced(order_id=i, amount_cents=100))
+        await bus.publish_many([breaking.OrderPlaced(order_id=3, amount_cents=1)])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "eventbus.redis.schemas"]
+    assert len(warnings) == 2, warnings  # once per subscriber, not per event
+    assert any("billing" in w and BILL in w and "total_cents" in w for w in warnings)
+    assert any("ledger" in w and "codebase_b.bill" in w and "total_cents" in w for w in warnings)
+    assert dict(metrics.schema_mismatches) == {
+        (TOPIC, f"billing/{BILL}"): 4,
+        (TOPIC, "ledger/codebase_b.bill"): 4,
+    }
+    # warn publishes anyway: the untyped handler gets every event.
+    await wait_for(
+        lambda: len([h for h in handled(out) if h.startswith("audit")]) >= 4,
+        HANDLED_WITHIN,
+        "billing's untyped handler",
+    )
+
+
+async def test_error_mode_refuses_a_breaking_class_and_nothing_is_published(
+    shop: Publisher,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "handled"
+    start_billing(workers, out)
+    bus, metrics = shop("error")
+    await bus.start()
+    with pytest.raises(SchemaMismatchError) as refused:
+        await bus.publish(breaking.OrderPlaced(order_id=1, amount_cents=100))
+    message = str(refused.value)
+    assert "billing" in message and BILL in message and "total_cents" in message
+    assert "nothing was published" in message
+    assert [(m.subscriber.handler, m.breaking.path) for m in refused.value.mismatches] == [
+        (BILL, "total_cents")
+    ]
+    # A compatible event published after it is delivered; the refused one never is
+    # (the untyped handler would have received it first: one FIFO queue).
+    await bus.publish(compatible.OrderPlaced(order_id=2, total_cents=5, note="gift"))
+    await wait_for(
+        lambda: {"bill 2", "audit 2"} <= set(handled(out)), HANDLED_WITHIN, "billing's handlers"
+    )
+    assert sorted(handled(out)) == ["audit 2", "bill 2"]
+    assert not metrics.schema_mismatches
+
+
+async def test_compatible_class_passes_silently(
+    shop: Publisher,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = tmp_path / "handled"
+    start_billing(workers, out)
+    bus, metrics = shop("error")
+    await bus.start()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        for i in range(3):
+            await bus.publish(compatible.OrderPlaced(order_id=i, total_cents=i, note=None))
+    assert not [r for r in caplog.records if r.name == "eventbus.redis.schemas"]
+    assert not metrics.schema_mismatches
+    await wait_for(
+        lambda: len([h for h in handled(out) if h.startswith("bill")]) >= 3,
+        HANDLED_WITHIN,
+        "billing's typed handler",
+    )
+
+
+def test_schema_check_live_reports_a_breaking_class_and_passes_a_compatible_one(
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    # The release step of billing writes its subscriptions (and schemas).
+    for service, module in (("billing", "handlers"), ("audit", "audit")):
+        sync_subscriptions(
+            redis_url, namespace, (f"tests.live_billing.{module}",), {"EVENTBUS_SERVICE": service}
+        )
+    broken = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.breaking")
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    [line] = [line for line in broken.stdout.splitlines() if "->" in line]
+    assert "billing" in line and BILL in line and "total_cents" in line
+    assert AUDIT not in broken.stdout  # untyped: nothing to break
+    fine = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+    assert "0 breaking change(s)" in fine.stdout
+    assert "1 live subscriber schema(s)" in fine.stdout
