@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import subprocess
@@ -28,6 +29,7 @@ from eventbus.cli import run as cli_run
 from eventbus.console.routes import dlq_console
 
 pytest.register_assert_rewrite("tests.redis_support")
+from tests.kafka_helpers import create_topic  # noqa: E402
 from tests.redis_support import Workers, wait_settled, wait_until  # noqa: E402
 
 pytest_plugins = ["tests.redis_support", "tests.kafka_support"]
@@ -238,3 +240,57 @@ async def test_kafka_dead_letter_lists_each_failing_field_after_one_attempt(
     [record] = bus.dlq.peek()
     assert record.id.startswith(f"{topic}:")  # a DLQ topic's record, folded back
     assert_fields(record)
+
+
+async def test_kafka_topic_handler_sets_aside_a_record_of_a_known_type_with_its_fields(
+    make_kafka_bus: MakeBus, kafka_bootstrap: str, kafka_names: tuple[str, str]
+) -> None:
+    # A handler of the topic (no class of its own): the envelope's type name finds
+    # the class; a record whose fields do not validate into it is set aside.
+    from aiokafka import AIOKafkaProducer
+
+    name, _group = kafka_names
+    topic = name
+
+    class ShipOrder(BaseEvent):  # the only class of that name in this process
+        topic: str = name
+        order_id: int
+        lines: list[Line]
+        api_token: int = 0
+
+    received: list[BaseEvent] = []
+
+    async def audit(event: BaseEvent) -> None:
+        received.append(event)
+
+    await create_topic(kafka_bootstrap, topic, 1)
+    bus = make_kafka_bus()
+    await bus.registry.register(topic, audit, name=f"{topic}:audit")
+    await bus.start()
+    # as another service's copy sends it
+    envelope = {
+        "type": ShipOrder.__event_type__,
+        "event": {
+            "topic": topic,
+            "order_id": "A-17",
+            "lines": [{"sku": "tea", "qty": 1}, {"sku": "cup", "qty": "two"}],
+            "api_token": "s3cret-t0ken",
+        },
+    }
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, json.dumps(envelope).encode())
+    finally:
+        await producer.stop()
+    good = ShipOrder(order_id=1, lines=[])
+    await bus.publish(good)  # behind it in the partition: drained, it was settled
+    await bus.drain(timeout=30)
+    assert [e.event_id for e in received] == [good.event_id]
+    [record] = await bus.dlq.apeek(limit=10)
+    assert record.error_type == "EventDecodeError"
+    assert record.field_errors == [
+        {"path": "order_id", "expected": INT_EXPECTED, "got": '"A-17"'},
+        {"path": "lines[1].qty", "expected": INT_EXPECTED, "got": '"two"'},
+        {"path": "api_token", "expected": INT_EXPECTED, "got": "***"},
+    ]

@@ -552,8 +552,9 @@ class KafkaBridge:
             options = record_options(record, envelope, headers)
         except Exception as exc:  # RecursionError included: no record stops its partition
             reason = str(exc) if isinstance(exc, Poison) else f"{type(exc).__name__}: {exc}"
+            fields = exc.field_errors if isinstance(exc, Poison) else []
             entry.remaining = 1
-            self._dead_letter_poison(entry, record, headers, reason)
+            self._dead_letter_poison(entry, record, headers, reason, fields)
             return
         if not actors and replay_service is not None:
             original = headers.get(HEADER_REPLAY_OF, b"").decode("utf-8", "replace")
@@ -615,7 +616,12 @@ class KafkaBridge:
             self.abandoned(message.message_id)
 
     def _dead_letter_poison(
-        self, entry: _Record, record: ConsumerRecord, headers: dict[str, bytes], reason: str
+        self,
+        entry: _Record,
+        record: ConsumerRecord,
+        headers: dict[str, bytes],
+        reason: str,
+        field_errors: list[dict[str, str]] | None = None,
     ) -> None:
         logger.warning(
             "Poison record %s[%d]@%d dead-lettered: %s",
@@ -624,7 +630,9 @@ class KafkaBridge:
             record.offset,
             reason,
         )
-        self._write_dead_letter(entry, poison_dead_letter(record, headers, reason, self.service))
+        self._write_dead_letter(
+            entry, poison_dead_letter(record, headers, reason, self.service, field_errors)
+        )
 
     def _write_dead_letter(self, entry: _Record, failed: FailedEvent) -> None:
         """Write ``failed``; the record settles once it is written."""

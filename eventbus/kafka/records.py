@@ -63,7 +63,15 @@ def dead_letter_address(record: FailedEvent) -> tuple[str, str] | None:
 
 
 class Poison(Exception):
-    """A record that can never become an event; the message says why."""
+    """A record that can never become an event; the message says why.
+
+    ``field_errors``: when its fields failed validation, each failing field (see
+    :attr:`eventbus.exceptions.EventDecodeError.field_errors`).
+    """
+
+    def __init__(self, message: str, field_errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.field_errors: list[dict[str, str]] = field_errors or []
 
 
 def decode_record(
@@ -93,7 +101,7 @@ def decode_record(
     try:
         event = decode_event(envelope, UnknownEvent if typed else None)
     except EventDecodeError as exc:
-        raise Poison(str(exc)) from None
+        raise Poison(str(exc), exc.field_errors) from None
     if isinstance(event, UnknownEvent) and not (accept_unknown_types or typed):
         raise Poison(
             f"unknown event type {event.event_type!r}: no class of that name is "
@@ -131,7 +139,11 @@ def record_options(
 
 
 def poison_dead_letter(
-    record: ConsumerRecord, headers: dict[str, bytes], reason: str, service: str
+    record: ConsumerRecord,
+    headers: dict[str, bytes],
+    reason: str,
+    service: str,
+    field_errors: list[dict[str, str]] | None = None,
 ) -> FailedEvent:
     """The dead letter of a poison record, id
     ``<topic>:<partition>:<offset>:<service>:eventbus.kafka-bridge`` (replayed, it
@@ -166,6 +178,7 @@ def poison_dead_letter(
         correlation_id=headers.get(HEADER_CORRELATION_ID, b"").decode("utf-8", "replace"),
         partition=record.partition,
         offset=record.offset,
+        field_errors=field_errors or [],
     )
 
 
