@@ -464,3 +464,44 @@ def test_assert_compatible_passes_and_fails_with_one_line_per_change(tmp_path: P
     assert json.loads(path.read_text())["events"][old.__event_type__]["hash"] == schema_hash(
         event_schema(old)
     )
+
+
+def test_a_version_with_upcasters_skips_only_the_backward_check(tmp_path: Path) -> None:
+    from eventbus.contracts import check_snapshot, read_contracts
+    from eventbus.contracts.snapshot import contracts_of
+    from eventbus.upcasting import upcaster
+
+    v1 = _event({"order_id": int, "amount": float})
+    path = tmp_path / "contracts.json"
+    path.write_text(dump(snapshot({v1.__event_type__: v1})))
+    recorded = read_contracts(path)
+
+    def v2() -> type[BaseEvent]:
+        cls = _event({"order_id": int, "amount_cents": int})
+        cls.__event_type__ = v1.__event_type__
+        cls.__event_version__ = 2
+        return cls
+
+    name = v1.__event_type__
+    plain = v2()
+    without = check_snapshot(contracts_of({name: plain}), recorded, "full")
+    removed = "field removed while the reader requires it (renamed to 'amount_cents'?)"
+    assert [b.change for b in without.breaking] == [
+        "new required field without a default",
+        removed,
+    ]
+    upcast = v2()
+
+    @upcaster(upcast, from_version=1)
+    def to_cents(fields: dict[str, Any]) -> dict[str, Any]:
+        fields["amount_cents"] = round(fields.pop("amount") * 100)
+        return fields
+
+    result = check_snapshot(contracts_of({name: upcast}), recorded, "full")
+    # Old readers still get version-2 payloads as they are: forward still breaks.
+    assert [b.change for b in result.breaking] == [removed]
+    assert result.notes == [
+        f"{name}: version 1 payloads are upcast to version 2: the backward check against "
+        "them is skipped"
+    ]
+    assert check_snapshot(contracts_of({name: upcast}), recorded, "backward").ok

@@ -35,6 +35,7 @@ from eventbus.contracts.schemas import event_schema, schema_hash
 from eventbus.events import BaseEvent
 from eventbus.exceptions import EventBusError
 from eventbus.registry import decorated_handlers
+from eventbus.upcasting import missing_steps
 
 #: Version of the snapshot format written by :func:`snapshot`.
 FORMAT_VERSION = 1
@@ -62,6 +63,10 @@ class EventContract:
       schema: Its JSON Schema (the event's own fields).
       history: Older schemas it replaced, oldest first.
       origin: Where it comes from (``module.QualName`` of a class, or a file).
+      version: Its ``__event_version__``.
+      history_versions: The version of each schema of :attr:`history`.
+      upcasts_from: The oldest version whose payloads this class's registered
+        upcasters bring up to :attr:`version` (None: no complete chain).
     """
 
     name: str
@@ -69,6 +74,14 @@ class EventContract:
     schema: dict[str, Any]
     history: tuple[dict[str, Any], ...] = ()
     origin: str = ""
+    version: int = 1
+    history_versions: tuple[int, ...] = ()
+    upcasts_from: int | None = None
+
+    def versions(self) -> list[tuple[dict[str, Any], int]]:
+        """Each schema of the history with its version, oldest first, then this one."""
+        olds = list(self.history_versions) + [self.version] * len(self.history)
+        return [*zip(self.history, olds, strict=False), (self.schema, self.version)]
 
     @property
     def hash(self) -> str:
@@ -185,9 +198,18 @@ def contracts_of(classes: dict[str, type[BaseEvent]]) -> dict[str, EventContract
             cls.default_topic() or "",
             event_schema(cls),
             origin=f"{cls.__module__}.{cls.__qualname__}",
+            version=cls.__event_version__,
+            upcasts_from=_upcasts_from(cls),
         )
         for name, cls in classes.items()
     }
+
+
+def _upcasts_from(cls: type[BaseEvent]) -> int | None:
+    for version in range(1, cls.__event_version__):
+        if not missing_steps(cls, version):
+            return version
+    return None
 
 
 # -- snapshot files -----------------------------------------------------------------
@@ -201,17 +223,24 @@ def snapshot(
     old history before it)."""
     events: dict[str, Any] = {}
     for name, contract in contracts_of(classes).items():
-        history = list(previous[name].history) if previous and name in previous else []
-        if previous and name in previous and previous[name].hash != contract.hash:
-            history.append(previous[name].schema)
+        before = previous.get(name) if previous else None
+        history = before.versions()[:-1] if before else []
+        if before is not None and (before.hash, before.version) != (
+            contract.hash,
+            contract.version,
+        ):
+            history.append((before.schema, before.version))
         entry: dict[str, Any] = {
             "topic": contract.topic,
             "class": contract.origin,
+            "version": contract.version,
             "hash": contract.hash,
             "schema": contract.schema,
         }
         if history:
-            entry["history"] = [{"hash": schema_hash(s), "schema": s} for s in history]
+            entry["history"] = [
+                {"hash": schema_hash(s), "version": v, "schema": s} for s, v in history
+            ]
         events[name] = entry
     return {FORMAT_KEY: FORMAT_VERSION, "events": events}
 
@@ -255,6 +284,8 @@ def parse_contracts(text: str, where: str = "<text>") -> dict[str, EventContract
 
 
 def _yaml(text: str, where: str, error: ValueError) -> Any:
+    if text.lstrip()[:1] in ("{", "[", ""):
+        raise ContractError(f"{where} is not valid JSON: {error}") from error
     try:
         yaml: Any = importlib.import_module("yaml")
     except ImportError:
@@ -262,7 +293,8 @@ def _yaml(text: str, where: str, error: ValueError) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ContractError(f"{where} is neither valid JSON nor YAML: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise ContractError(f"{where} is neither valid JSON nor YAML: {detail}") from exc
 
 
 def _schema_at(value: Any, where: str, what: str) -> dict[str, Any]:
@@ -300,8 +332,17 @@ def _from_snapshot(document: dict[str, Any], where: str) -> dict[str, EventContr
                 for i, h in enumerate(history)
             ),
             origin=where,
+            version=_version(entry, where, name),
+            history_versions=tuple(_version(h, where, name) for h in history),
         )
     return out
+
+
+def _version(entry: dict[str, Any], where: str, name: str) -> int:
+    version = entry.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ContractError(f"{where}: a version of {name!r} is not a positive integer")
+    return version
 
 
 def _from_asyncapi(document: dict[str, Any], where: str) -> dict[str, EventContract]:
@@ -368,15 +409,33 @@ def check_snapshot(
     if mode not in MODES:
         raise ContractError(f"unknown compatibility mode {mode!r}; one of: {', '.join(MODES)}")
     result = CheckResult()
+    base = mode.removesuffix("_transitive")
     for name, now in current.items():
         before = recorded.get(name)
         if before is None:
             result.notes.append(f"{name}: new event type (not in the snapshot)")
             continue
         result.checked += 1
-        result.breaking += check(
-            before.schema, now.schema, mode, event=name, history=list(before.history)
-        )
+        olds = before.versions()
+        if not mode.endswith("_transitive"):
+            olds = olds[-1:]
+        for index, (schema, version) in enumerate(reversed(olds)):
+            suffix = f" (snapshot history entry {len(olds) - index}, version {version})"
+            step = base
+            if now.upcasts_from is not None and now.upcasts_from <= version < now.version:
+                # Payloads of that version are upcast before validation: the new
+                # classes never read them as they are.
+                step = {"backward": "none", "full": "forward"}.get(base, base)
+                if base in ("backward", "full"):
+                    result.notes.append(
+                        f"{name}: version {version} payloads are upcast to version "
+                        f"{now.version}: the backward check against them is skipped"
+                    )
+            for item in check(schema, now.schema, step, event=name):  # type: ignore[arg-type]
+                if index:
+                    item = Breaking(item.event, item.path, item.change + suffix)
+                if item not in result.breaking:
+                    result.breaking.append(item)
     for name in recorded:
         if name not in current:
             result.notes.append(f"{name}: in the snapshot, not in the code any more")
