@@ -234,3 +234,62 @@ async def test_redis_replay_of_an_old_dead_letter_reaches_the_redeployed_handler
     assert booked == {"event_id": sent.event_id, "order_id": 7, "amount_cents": 1250, "version": 2}
     assert web.dlq.size() == 0
     r.close()
+
+
+def test_console_edit_of_an_old_payload_is_upcast_to_validate_and_keeps_its_version() -> None:
+    from functools import partial
+    from html import unescape
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from eventbus import create_lifespan
+    from eventbus.console.routes import dlq_console
+
+    prefix = "/eventbus/console"
+    got: list[Parcel] = []
+
+    async def ship(event: Parcel) -> None:
+        if event.grams == 0:
+            raise ValueError("an empty parcel")
+        got.append(event)
+
+    bus = EventBus(retry_policy=RetryPolicy(max_retries=0))
+    app = FastAPI(lifespan=create_lifespan(bus))
+    app.include_router(dlq_console(bus, allow_unauthenticated=True))
+    with TestClient(app) as client:
+        call = client.portal.call  # type: ignore[union-attr]
+        call(partial(bus.registry.register, Parcel, ship, name="upcast.parcels:console"))
+        call(bus.subscribe, "upcast.parcels")
+        old = ParcelV1(weight=2, to="no comma here")  # its upcaster fails
+        new = Parcel(grams=0, city="Lyon", street="1 Quay St")  # its handler fails
+        call(bus.publish_many, [old, new])
+        call(bus.drain, 10)
+        records = {r.envelope["event"]["event_id"]: r for r in bus.dlq.peek()}
+        assert len(records) == 2 and got == []
+        client.get(prefix + "/")
+        csrf = client.cookies.get("eventbus_console_csrf")
+
+        def edit(record_id: str, fields: dict[str, Any]) -> tuple[int, str]:
+            answer = client.post(
+                prefix + "/record/edit",
+                data={
+                    "id": record_id,
+                    "event": json.dumps(fields),
+                    "action": "replay",
+                    "csrf_token": csrf,
+                },
+            )
+            return answer.status_code, unescape(answer.text)
+
+        # version 1 fields, fixed: checked as the handler will see them (upcast)
+        v1 = records[old.event_id]
+        status, html = edit(v1.id, {**v1.envelope["event"], "to": "4 Dock Rd, Brest"})
+        assert status == 200 and "Queued 1 event again" in html, html[:3000]
+        # version 3 fields stay version 3 (no upcast from version 1 on delivery)
+        v3 = records[new.event_id]
+        status, html = edit(v3.id, {**v3.envelope["event"], "grams": 40})
+        assert status == 200 and "Queued 1 event again" in html, html[:3000]
+        call(bus.drain, 10)
+        assert sorted((p.grams, p.city) for p in got) == [(40, "Lyon"), (2000, "Brest")]
+        assert bus.dlq.size() == 0

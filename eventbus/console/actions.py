@@ -55,7 +55,9 @@ from eventbus.events import (
     event_class,
     text_too_deep,
 )
+from eventbus.exceptions import EventDecodeError
 from eventbus.registry import HandlerRegistry
+from eventbus.upcasting import VERSION_KEY, upcast, version_of
 
 T = TypeVar("T")
 
@@ -452,8 +454,14 @@ class ConsoleActions:
         if data is None:
             return EditCheck(None, [problem], target)
         note = ""
+        # the edited fields keep the payload's version: they are upcast as they
+        # will be on delivery, then validated
+        stored = record.envelope if isinstance(record.envelope, dict) else {}
         try:
-            (cls or UnknownEvent).model_validate(data)
+            version = version_of(stored)
+            (cls or UnknownEvent).model_validate(upcast(cls, data, version) if cls else data)
+        except EventDecodeError as exc:
+            return EditCheck(None, [str(exc)], target)
         except ValidationError as exc:
             return EditCheck(None, validation_messages(exc), target)
         if cls is None:
@@ -469,6 +477,8 @@ class ConsoleActions:
             or original.get(key, _MISSING) != data.get(key, _MISSING)
         )
         envelope = {TYPE_KEY: type_name, EVENT_KEY: data}
+        if version != 1:
+            envelope = {TYPE_KEY: type_name, VERSION_KEY: version, EVENT_KEY: data}
         return EditCheck(envelope, [], target, note=note, changed=changed)
 
 
