@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -200,13 +201,19 @@ def test_string_constraints_tightened_break() -> None:
         "OrderPlaced: code: minLength 2 added"
     ]
     assert _modes(code(), code(pattern="^[A-Z]+$"))["backward"] == [
-        'OrderPlaced: code: pattern added or changed: null -> "^[A-Z]+$" '
-        "(patterns are compared as text)"
+        'OrderPlaced: code: pattern "^[A-Z]+$" added (compared as text)'
     ]
     # The same pattern on both sides is compatible; a different text is reported
     # even when it accepts more (conservative).
     assert _modes(code(pattern="^[A-Z]+$"), code(pattern="^[A-Z]+$"))["full"] == []
-    assert _modes(code(pattern="^[A-Z]+$"), code(pattern="^[A-Za-z]+$"))["backward"] != []
+    assert _modes(code(pattern="^[A-Z]+$"), code(pattern="^[A-Za-z]+$"))["backward"] == [
+        'OrderPlaced: code: pattern changed: "^[A-Z]+$" -> "^[A-Za-z]+$" (compared as text)'
+    ]
+    # A str field that becomes a datetime: the reader's format is new.
+    assert _modes(_schema({"at": str}), _schema({"at": datetime}))["backward"] == [
+        'OrderPlaced: at: format "date-time" added (compared as text)'
+    ]
+    assert _modes(_schema({"at": datetime}), _schema({"at": str}))["backward"] == []
 
 
 def test_number_bounds_tightened_break() -> None:
@@ -301,6 +308,17 @@ def test_nested_models_lists_and_dicts_are_compared_field_by_field() -> None:
     assert _modes(optional, _schema({"customer": Customer}))["backward"] == [
         "OrderPlaced: customer: optional field made required (the writer may leave it out)",
         "OrderPlaced: customer: null no longer accepted (an Optional field made required)",
+    ]
+
+
+def test_a_nested_model_used_twice_is_reported_at_both_paths() -> None:
+    old = _schema({"billing": Customer, "shipping": Customer})
+    new = _schema({"billing": CustomerV2, "shipping": CustomerV2})
+    assert _modes(old, new)["backward"] == [
+        "OrderPlaced: billing.tier: new required field without a default",
+        "OrderPlaced: billing.email: maxLength 50 added",
+        "OrderPlaced: shipping.tier: new required field without a default",
+        "OrderPlaced: shipping.email: maxLength 50 added",
     ]
 
 

@@ -189,7 +189,13 @@ class _Walk:
         key = (id(w), id(r))
         if key in self.seen:
             return  # a recursive model: assumed compatible where it recurs
-        self.seen.add(key)
+        self.seen.add(key)  # only while comparing inside this pair (the recursion)
+        try:
+            self.compare_pair(w, r, path)
+        finally:
+            self.seen.discard(key)
+
+    def compare_pair(self, w: dict[str, Any], r: dict[str, Any], path: str) -> None:
         if _accepts_anything(r):
             return
         if "not" in w and not w["not"]:
@@ -251,14 +257,14 @@ class _Walk:
     def strings(self, w: dict[str, Any], r: dict[str, Any], path: str) -> None:
         _bounds(self, w, r, path, "minLength", lower=True)
         _bounds(self, w, r, path, "maxLength", lower=False)
-        if "pattern" in r and r.get("pattern") != w.get("pattern"):
-            self.report(
-                path,
-                f"pattern added or changed: {_show(w.get('pattern'))} -> {_show(r['pattern'])} "
-                "(patterns are compared as text)",
-            )
-        if "format" in r and r.get("format") != w.get("format"):
-            self.report(path, f"format narrowed: {_show(w.get('format'))} -> {_show(r['format'])}")
+        for keyword in ("pattern", "format"):
+            if keyword not in r or r[keyword] == w.get(keyword):
+                continue
+            if keyword in w:
+                change = f"{keyword} changed: {_show(w[keyword])} -> {_show(r[keyword])}"
+            else:
+                change = f"{keyword} {_show(r[keyword])} added"
+            self.report(path, f"{change} (compared as text)")
 
     def numbers(self, w: dict[str, Any], r: dict[str, Any], path: str) -> None:
         _bounds(self, w, r, path, "minimum", lower=True)
