@@ -523,3 +523,51 @@ def test_a_version_with_upcasters_skips_only_the_backward_check(tmp_path: Path) 
         "them is skipped"
     ]
     assert check_snapshot(contracts_of({name: upcast}), recorded, "backward").ok
+
+
+def test_an_asyncapi_document_is_read_as_another_services_contracts(tmp_path: Path) -> None:
+    from eventbus.contracts import check_against, read_contracts
+    from eventbus.contracts.snapshot import contracts_of
+
+    mine = _event({"order_id": int, "customer": Customer})
+    name = mine.__event_type__
+    theirs = _schema({"order_id": int, "customer": CustomerV2})  # $defs inside
+    defs = theirs.pop("$defs")
+    text = json.dumps(theirs).replace("#/$defs/", "#/components/schemas/")
+    event = json.loads(text)
+    event["properties"]["event_id"] = {"type": "string"}  # an envelope field: left out
+    document = {
+        "asyncapi": "3.0.0",
+        "info": {"title": "shipping", "version": "1"},
+        "channels": {
+            "order.placed": {
+                "messages": {"OrderPlaced": {"$ref": "#/components/messages/OrderPlaced"}}
+            }
+        },
+        "components": {
+            "messages": {
+                "OrderPlaced": {
+                    "name": name,
+                    "payload": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"const": name},
+                            "event": {"$ref": "#/components/schemas/OrderPlacedEvent"},
+                        },
+                    },
+                }
+            },
+            "schemas": {"OrderPlacedEvent": event, **defs},
+        },
+    }
+    path = tmp_path / "asyncapi.json"
+    path.write_text(json.dumps(document))
+    other = read_contracts(path)
+    assert set(other) == {name}
+    assert "event_id" not in other[name].schema["properties"]
+    result = check_against(contracts_of({name: mine}), other, "subscriber")
+    assert [str(b) for b in result.breaking] == [
+        f"{name}: customer.tier: field removed while the reader requires it",
+        f"{name}: customer.email: maxLength 50 added",
+    ]
+    assert check_against(contracts_of({name: mine}), other, "publisher").ok

@@ -31,7 +31,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from eventbus.contracts.compat import MODES, Breaking, Mode, _diff, check
-from eventbus.contracts.schemas import event_schema, schema_hash
+from eventbus.contracts.schemas import ENVELOPE_FIELDS, event_schema, schema_hash
 from eventbus.events import BaseEvent
 from eventbus.exceptions import EventBusError
 from eventbus.registry import decorated_handlers
@@ -366,10 +366,27 @@ def _from_asyncapi(document: dict[str, Any], where: str) -> dict[str, EventContr
         event_prop = (payload.get("properties") or {}).get("event")
         if isinstance(event_prop, dict):
             schema = _local(document, event_prop)
-        schema = _with_defs(document, schema)
+        schema = _with_defs(document, _without_envelope(schema))
         name = str(message.get("x-eventbus-type") or message.get("name") or key)
         topic = str(message.get("x-eventbus-topic") or "")
         out[name] = EventContract(name, topic, schema, origin=where)
+    return out
+
+
+def _without_envelope(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` without the envelope fields (as :func:`event_schema` leaves them out)."""
+    properties = schema.get("properties")
+    if not isinstance(properties, dict) or not set(properties) & set(ENVELOPE_FIELDS):
+        return schema
+    required = [n for n in schema.get("required") or () if n not in ENVELOPE_FIELDS]
+    out = {
+        **schema,
+        "properties": {k: v for k, v in properties.items() if k not in ENVELOPE_FIELDS},
+    }
+    if required:
+        out["required"] = required
+    else:
+        out.pop("required", None)
     return out
 
 
