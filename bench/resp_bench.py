@@ -274,10 +274,12 @@ async def _async_rows(kind: str, url: str, n: int) -> dict[str, float]:
     # Warm up, and capture the script call the backend makes for one event.
     backend.recording = []
     await bus.publish(handlers.Noop(i=-1))
-    [(script, template)] = backend.recording
+    # The first publish of a process also notes its topic (another script call).
+    fanouts = [(s, a) for s, a in backend.recording if s == lua.PUBLISH]
     backend.recording = None
-    if script != lua.PUBLISH:
-        raise RuntimeError("the backend's publish did not run the fan-out script")
+    if len(fanouts) != 1:
+        raise RuntimeError(f"the backend's publish ran the fan-out script {len(fanouts)} times")
+    [(script, template)] = fanouts
     for i in range(WARMUP):
         await bus.publish(handlers.Noop(i=i))
 

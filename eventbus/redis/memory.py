@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from typing import Any
 
 from eventbus.health import HealthResult, HealthStatus
 from eventbus.redis.resp import RespClient, RespConnectionError, RespError
@@ -68,8 +69,10 @@ async def forget(client: RespClient, key: str) -> None:
         await client.call("DEL", key)
 
 
-def parse_info(info: bytes | str) -> dict[str, str]:
-    """The ``field:value`` lines of an ``INFO`` reply."""
+def parse_info(info: bytes | str | dict[str, Any]) -> dict[str, str]:
+    """The ``field:value`` lines of an ``INFO`` reply (or the dict redis-py makes of it)."""
+    if isinstance(info, dict):
+        return {str(name): str(value) for name, value in info.items()}
     text = info.decode(errors="replace") if isinstance(info, bytes) else info
     out = {}
     for line in text.splitlines():
