@@ -15,6 +15,8 @@ a worker or web host::
     eventbus subscriptions remove 'user.created:myapp.handlers.old' --yes
 
     eventbus settings > docs/settings.md # every setting: variable, type, default, meaning
+    eventbus schema snapshot shop.events -o contracts.json  # event contracts to commit
+    eventbus schema check shop.events    # CI: breaking changes against contracts.json
     eventbus dev kafka                   # a local Kafka-protocol broker (Tansu, in memory)
 
 Every ``dlq`` and ``subscriptions`` command takes ``--json`` for machine-readable
