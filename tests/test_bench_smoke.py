@@ -117,6 +117,19 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
         {"coordinated failover": (0, 1), "demotion under the publisher": (0, 1)},
     ),
     "outbox_bench": ([], {"asyncpg": (0, 1, 2, 3, 4, 5), "psycopg": (0, 1, 2, 3, 4, 5)}),
+    "schema_check_bench": (
+        [],
+        {
+            row: (0, 1, 2, 3, 4)
+            for row in (
+                "check off (reference)",
+                "check warn, compatible",
+                "check error, compatible",
+                "check warn, no schema stored",
+                "check warn, breaking class",
+            )
+        },
+    ),
     "console_bench": (
         [],
         {

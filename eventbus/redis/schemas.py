@@ -124,8 +124,8 @@ class PublishCheck:
         self.namespace = namespace
         self.mode = mode
         self.ttl = ttl
-        #: The bus's metrics collector (set by the backend when bound).
-        self.metrics: MetricsCollector | None = None
+        self._metrics: MetricsCollector | None = None
+        self._counter: CountsSchemaMismatches | None = None
         #: (class, topic) -> (monotonic expiry, mismatches).
         self._verdicts: dict[tuple[type[BaseEvent], str], tuple[float, list[LiveMismatch]]] = {}
         #: Stored schemas by hash (immutable: content-addressed).
@@ -134,6 +134,18 @@ class PublishCheck:
         self._local: dict[type[BaseEvent], tuple[dict[str, Any], str]] = {}
         #: (class, service, handler, subscriber hash) already logged.
         self._warned: set[tuple[type[BaseEvent], str, str, str]] = set()
+
+    @property
+    def metrics(self) -> MetricsCollector | None:
+        """The bus's metrics collector (set by the backend when bound); counted in
+        when it implements :class:`~eventbus.metrics.CountsSchemaMismatches`."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, collector: MetricsCollector | None) -> None:
+        self._metrics = collector
+        # Resolved once: a runtime protocol check costs ~25 us per call.
+        self._counter = collector if isinstance(collector, CountsSchemaMismatches) else None
 
     async def check(self, events: Iterable[BaseEvent], script: Call, call: Call) -> None:
         """Check ``events``' classes (``script(TOPIC_SCHEMAS, args)`` and
@@ -159,8 +171,7 @@ class PublishCheck:
             return
         if self.mode == "error":
             raise refusal([m for _, ms in found for m in ms])
-        metrics = self.metrics
-        counter = metrics if isinstance(metrics, CountsSchemaMismatches) else None
+        counter = self._counter
         for event, mismatches in found:
             subscribers = set()
             for m in mismatches:
