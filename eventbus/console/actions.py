@@ -476,7 +476,7 @@ class ConsoleActions:
             if not isinstance(original, dict)
             or original.get(key, _MISSING) != data.get(key, _MISSING)
         )
-        envelope = {TYPE_KEY: type_name, EVENT_KEY: data}
+        envelope: dict[str, Any] = {TYPE_KEY: type_name, EVENT_KEY: data}
         if version != 1:
             envelope = {TYPE_KEY: type_name, VERSION_KEY: version, EVENT_KEY: data}
         return EditCheck(envelope, [], target, note=note, changed=changed)
