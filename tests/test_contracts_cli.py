@@ -211,3 +211,37 @@ def test_modules_that_do_not_import_or_define_no_events_exit_2(committed: Path) 
     done = eventbus(code, "schema", "check", "shop.events", "--mode", "sideways")
     assert done.returncode == 2
     assert "invalid choice: 'sideways'" in done.stderr
+
+
+SERVICE_TEST = """
+    from eventbus.contracts import assert_compatible
+
+    def test_events_stay_compatible():
+        assert_compatible("shop.events", "contracts.json", mode="full")
+"""
+
+
+def test_assert_compatible_in_a_services_own_pytest_run(committed: Path, tmp_path: Path) -> None:
+    def pytest_in(code: Path) -> subprocess.CompletedProcess[str]:
+        (code / "test_contracts.py").write_text(textwrap.dedent(SERVICE_TEST))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTBUS_", "PYTEST_"))}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_contracts.py"],
+            cwd=code,
+            env={**env, "PYTHONPATH": str(code)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    passing = pytest_in(committed.parent)
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    renamed = write_code(tmp_path / "v2", RENAMED)
+    (renamed / "contracts.json").write_text(committed.read_text())
+    failing = pytest_in(renamed)
+    assert failing.returncode == 1
+    assert (
+        f"{EVENT}: email: field removed while the reader requires it "
+        "(renamed to 'email_address'?)" in failing.stdout
+    )
+    assert "2 breaking change(s) against contracts.json (mode full)" in failing.stdout
