@@ -12,6 +12,7 @@ checks a module's classes against them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import redis
 
 from eventbus import EventBus, EventBusSettings
 from eventbus.contracts.live import SchemaMismatchError
+from eventbus.exceptions import ConfigurationError
 from eventbus.metrics import InMemoryMetricsCollector
 from eventbus.redis.backend import RedisBackend
 from tests.kafka_helpers import wait_for
@@ -241,3 +243,41 @@ def test_schema_check_live_reports_a_breaking_class_and_passes_a_compatible_one(
     assert fine.returncode == 0, fine.stdout + fine.stderr
     assert "0 breaking change(s)" in fine.stdout
     assert "1 live subscriber schema(s)" in fine.stdout
+
+
+async def test_publisher_notices_a_removed_subscriber_schema_when_its_verdict_expires(
+    shop: Publisher,
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    sync_subscriptions(
+        redis_url, namespace, ("tests.live_billing.handlers",), {"EVENTBUS_SERVICE": "billing"}
+    )
+    bus, _ = shop("error")
+    bus.backend.schema_check.ttl = 0.2  # type: ignore[attr-defined]
+    await bus.start()
+    with pytest.raises(SchemaMismatchError):
+        await bus.publish(breaking.OrderPlaced(order_id=1, amount_cents=100))
+    removed = cli(
+        redis_url, namespace, "subscriptions", "remove", BILL, "--service", "billing", "--yes"
+    )
+    assert removed.returncode == 0, removed.stderr
+    await asyncio.sleep(0.3)  # past the verdict's lifetime (ttl): read again
+    await bus.publish(breaking.OrderPlaced(order_id=2, amount_cents=100))  # no subscriber left
+
+
+def test_schema_check_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_SCHEMA_CHECK", "strict")
+    with pytest.raises(ConfigurationError, match="EVENTBUS_SCHEMA_CHECK"):
+        EventBusSettings()
+    with pytest.raises(ConfigurationError, match="schema_check"):
+        RedisBackend(schema_check="strict")  # type: ignore[arg-type]
+
+
+def test_schema_check_live_refuses_a_module_without_event_classes(
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop")
+    assert done.returncode == 2
+    assert "no event class with a default topic in tests.live_shop" in done.stderr
