@@ -172,6 +172,11 @@ class RedisBackend(Backend):
       replica_timeout: Seconds to wait for them; under ``publish_timeout``.
       replica_fsync: Wait until the replicas wrote the events to their append-only
         file (``WAITAOF``, Redis 7.2+) rather than until they received them.
+      schema_check: What a publish does when a live subscriber's stored schema
+        would reject its event class (checked once per class and topic, see
+        :mod:`eventbus.redis.schemas`): ``"off"``, ``"warn"`` (log once per class
+        and subscriber, count each event) or ``"error"`` (raise
+        :class:`~eventbus.contracts.live.SchemaMismatchError`, nothing published).
 
     Example::
 
