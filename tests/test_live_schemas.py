@@ -281,3 +281,18 @@ def test_schema_check_live_refuses_a_module_without_event_classes(
     done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop")
     assert done.returncode == 2
     assert "no event class with a default topic in tests.live_shop" in done.stderr
+
+
+def test_prometheus_counts_schema_mismatches_per_topic_and_subscriber() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from eventbus.metrics import CountsSchemaMismatches
+    from eventbus.prometheus import PrometheusMetricsCollector
+
+    registry = CollectorRegistry()
+    collector = PrometheusMetricsCollector(registry=registry)
+    assert isinstance(collector, CountsSchemaMismatches)
+    collector.inc_schema_mismatch(TOPIC, f"billing/{BILL}")
+    collector.inc_schema_mismatch(TOPIC, f"billing/{BILL}")
+    labels = {"topic": TOPIC, "subscriber": f"billing/{BILL}"}
+    assert registry.get_sample_value("eventbus_schema_mismatch_total", labels) == 2.0
