@@ -169,6 +169,55 @@ local function clock()
 end
 """
 
+#: Lua helpers of :data:`PUBLISH` alone (the unrouted window's keys, read and
+#: checked in one command, and its trim after a call's writes).
+_PUBLISH_WINDOW = """
+-- The fields of {ns}:unrouted a call keeping events of topics needs, in one
+-- HMGET (which also refuses a key of the wrong type before any write): seq and
+-- dropped, and per topic b: (bytes), d: (dropped), c: (seq last handed over).
+local function read_window(ns, topics)
+  local meta = ns .. ':unrouted'
+  local fields = {'seq', 'dropped'}
+  for _, topic in ipairs(topics) do
+    fields[#fields + 1] = 'b:' .. topic
+    fields[#fields + 1] = 'd:' .. topic
+    fields[#fields + 1] = 'c:' .. topic
+  end
+  local got = redis.pcall('HMGET', meta, unpack(fields))
+  if got['err'] then need(meta, 'hash') refuse(got['err']) end
+  local out = {}
+  for k, field in ipairs(fields) do
+    local v = got[k]
+    if string.sub(field, 1, 2) == 'c:' then
+      out[field] = tonumber(v or '0') or 0
+    else
+      if v and not (#v < 19 and string.match(v, '^%-?%d+$')) then
+        refuse('field ' .. field .. ' of ' .. meta .. ' is not an integer')
+      end
+      out[field] = tonumber(v or '0')
+    end
+  end
+  return out
+end
+-- trim() of a topic this call kept events of, warming up or unsubscribed (so
+-- none of its events can go yet but those beyond the bounds), whose length and
+-- bytes the call knows.  Returns the length, bytes and dropped count left.
+local function trim_kept(ns, topic, n, bytes, copied, now, keep, max_n, max_b)
+  local list = ns .. ':u:' .. topic
+  local dropped = 0
+  while n > 0 do
+    local head = redis.call('LINDEX', list, 0)
+    local flag, seq, at = parse(head)
+    if flag and n <= max_n and bytes <= max_b and at > now - keep then break end
+    redis.call('LPOP', list)
+    n = n - 1
+    bytes = bytes - #head
+    if flag == 'u' and seq > copied then dropped = dropped + 1 end
+  end
+  return n, math.max(bytes, 0), dropped
+end
+"""
+
 #: Fan events out to every subscription of their topics, all or none.  Redis
 #: does not roll a script back, so the writes are undone when one fails (a key of
 #: the wrong type, a counter that is not an integer): nothing of a failed call
@@ -176,8 +225,12 @@ end
 #: subscription, and every event of a topic warming up (its first subscription
 #: was written less than the warm-up ago), are kept in ``{ns}:u:{topic}`` within
 #: bounds, for the subscriptions written next (:data:`SUBSCRIBE`;
-#: ``docs/redis.md``, "Unrouted events"); the keys of that path are checked
-#: before any write.
+#: ``docs/redis.md``, "Unrouted events"); the window's counters are read and
+#: checked before any write, in one command.
+#: The writes of a call are grouped by key: one HSET of every body per queue, one
+#: RPUSH of every entry id per list (each list gets the call's ids in the order
+#: of the events), one HINCRBY per backlog counter, or one HMGET and one HSET for
+#: the counters of several handlers of one queue.
 #: ARGV: namespace, strict ("1": write nothing if any topic has no subscription),
 #: message timestamp (ms), staged list key ("": none), "<retention ms (0: keep
 #: nothing)> <most events kept per topic> <most bytes kept per topic>" (read only
@@ -192,6 +245,7 @@ end
 PUBLISH = (
     _CHECKS
     + _RETAINED
+    + _PUBLISH_WINDOW
     + """
 local ns, strict, ts = ARGV[1], ARGV[2] == '1', ARGV[3]
 local A, first, stage = ARGV, 6, ARGV[4]
@@ -201,7 +255,7 @@ if stage ~= '' then
   if #A == 0 then refuse('the staged events ' .. stage .. ' expired before their commit') end
 end
 -- Per topic, its subscriptions: {messages key, ready key, backlog key, message
--- prefix, actor, events written}.
+-- prefix, actor, events written, delayed key}.
 local subs_of, unrouted, warming = {}, {}, nil
 for i = first, #A, 4 do
   local topic = A[i]
@@ -236,9 +290,10 @@ if strict and #unrouted > 0 then
   return unrouted
 end
 -- Which topics' events are kept: those nobody subscribes, and all of those of a
--- topic warming up.  The keys of the window are checked before any write.  (All
--- of this is skipped in the steady state: every topic routed, none warming up.)
-local kept, now, keep, max_n, max_b = nil, 0, 0, 0, 0
+-- topic warming up.  The window's counters are read and checked before any
+-- write; its keys' types are checked by writes the undo covers.  (All of this
+-- is skipped in the steady state: every topic routed, none warming up.)
+local kept, now, keep, max_n, max_b, window = nil, 0, 0, 0, 0, nil
 if #unrouted > 0 or warming then
   now = clock()
   keep, max_n, max_b = string.match(ARGV[5], '^(%d+) (%d+) (%d+)$')
@@ -252,13 +307,15 @@ if #unrouted > 0 or warming then
     end
   end
   if keep > 0 and max_n > 0 then
+    local topics = {}
     for topic, subs in pairs(subs_of) do
       if #subs == 0 or (warming and warming[topic]) then
         kept = kept or {}
-        kept[topic] = 0
-        check_retained(ns, topic)
+        kept[topic] = {}  -- its entries, in event order
+        topics[#topics + 1] = topic
       end
     end
+    if kept then window = read_window(ns, topics) end
   elseif #unrouted > 0 then
     need(ns .. ':unrouted', 'hash')
     for _, topic in ipairs(unrouted) do need_int(ns .. ':unrouted', 'd:' .. topic) end
@@ -266,11 +323,25 @@ if #unrouted > 0 or warming then
   end
 end
 local seq = 0
-if kept then seq = tonumber(redis.call('HGET', ns .. ':unrouted', 'seq') or '0') end
--- Write, keeping in u what undoes each write, 4 slots each: HDEL key field,
--- ZREM key member, RPOP key, HINCRBY key field by, HSET key field value (op, key,
--- arg, value).
+if kept then seq = window['seq'] end
+-- Write, keeping in u what undoes each write, 4 slots each: HDEL key {fields and
+-- values} from (every other one from there, CHUNK of them), ZREM key member,
+-- LTRIM key 0 -(n + 1) (drops the n pushed), SREM key member, HINCRBY key field
+-- by, HSET key field value, HSETS key {fields and values} (op, key, arg, value).
+local CHUNK = 1000  -- values per command (Lua's unpack has a bound)
 local u, nu, at = {}, 0, ''
+local bodies, mkeys, ready, qkeys = {}, {}, {}, {}
+local function push(key, ids)  -- RPUSH of ids in chunks; returns the list's length
+  local len = 0
+  for s = 1, #ids, CHUNK do
+    local e = math.min(s + CHUNK - 1, #ids)
+    at = key
+    len = redis.call('RPUSH', key, unpack(ids, s, e))
+    u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'LTRIM', key, 0, s - e - 2
+    nu = nu + 4
+  end
+  return len
+end
 local ok, failure = pcall(function()
   for i = first, #A, 4 do
     local topic = A[i]
@@ -286,28 +357,32 @@ local ok, failure = pcall(function()
     for j = 1, #subs do
       local sub = subs[j]
       local eid = base .. '.' .. j
-      at = sub[1]
-      if redis.call('HSET', at, eid, sub[4] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
-          '","message_timestamp":' .. ts .. '}') == 1 then
-        u[nu + 1], u[nu + 2], u[nu + 3] = 'HDEL', at, eid
-        nu = nu + 4
+      local b = bodies[sub[1]]
+      if not b then
+        b = {}
+        bodies[sub[1]] = b
+        mkeys[#mkeys + 1] = sub[1]
       end
+      b[#b + 1] = eid
+      b[#b + 1] = sub[4] .. ',"args":[' .. A[i + 1] .. tail .. eid ..
+        '","message_timestamp":' .. ts .. '}'
+      local id = eid
       if due then
         at = sub[7]
         redis.call('ZADD', at, due, eid)
         u[nu + 1], u[nu + 2], u[nu + 3] = 'ZREM', at, eid
         nu = nu + 4
-        if redis.call('ZRANGE', at, 0, 0)[1] == eid then  -- wake a blocked consumer
-          at = sub[2]
-          redis.call('RPUSH', at, '')
-          u[nu + 1], u[nu + 2] = 'RPOP', at
-          nu = nu + 4
+        id = nil
+        if redis.call('ZRANGE', at, 0, 0)[1] == eid then id = '' end  -- wake a consumer
+      end
+      if id then
+        local q = ready[sub[2]]
+        if not q then
+          q = {}
+          ready[sub[2]] = q
+          qkeys[#qkeys + 1] = sub[2]
         end
-      else
-        at = sub[2]
-        redis.call('RPUSH', at, eid)
-        u[nu + 1], u[nu + 2] = 'RPOP', at
-        nu = nu + 4
+        q[#q + 1] = id
       end
       sub[6] = sub[6] + 1
     end
@@ -315,37 +390,95 @@ local ok, failure = pcall(function()
       seq = seq + 1
       local flag = 'r'
       if #subs == 0 then flag = 'u' end
-      local entry = flag .. fmt(seq) .. ' ' .. fmt(now) .. ' ' .. A[i + 3] .. ' ' .. A[i + 2] ..
-        '\\n' .. A[i + 1]
-      at = ns .. ':u:' .. topic
-      redis.call('RPUSH', at, entry)
-      u[nu + 1], u[nu + 2] = 'RPOP', at
-      nu = nu + 4
-      kept[topic] = kept[topic] + #entry
+      local entries = kept[topic]
+      entries[#entries + 1] = flag .. fmt(seq) .. ' ' .. fmt(now) .. ' ' .. A[i + 3] .. ' ' ..
+        A[i + 2] .. '\\n' .. A[i + 1]
     end
   end
+  for _, key in ipairs(mkeys) do
+    local b = bodies[key]
+    for s = 1, #b, CHUNK do
+      at = key
+      redis.call('HSET', key, unpack(b, s, math.min(s + CHUNK - 1, #b)))
+      -- (an entry id is 64 random bits: a field that existed is not told apart)
+      u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HDELS', key, b, s
+      nu = nu + 4
+    end
+  end
+  for _, key in ipairs(qkeys) do push(key, ready[key]) end
+  if kept then
+    for topic, entries in pairs(kept) do
+      local bytes = 0
+      for _, entry in ipairs(entries) do bytes = bytes + #entry end
+      kept[topic] = {push(ns .. ':u:' .. topic, entries), bytes}
+      at = ns .. ':utopics'
+      if redis.call('SADD', at, topic) == 1 then
+        u[nu + 1], u[nu + 2], u[nu + 3] = 'SREM', at, topic
+        nu = nu + 4
+      end
+    end
+  end
+  -- The backlog counters, per key: HINCRBY for one handler; HMGET then one HSET
+  -- for several (a topic with several handlers in one queue).
+  local counts, nkeys = {}, {}
   for _, subs in pairs(subs_of) do
     for j = 1, #subs do
       local sub = subs[j]
-      local n = sub[6]
-      if n > 0 then
-        at = sub[3]
-        local v = redis.call('HINCRBY', at, sub[5], n)
-        u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HINCRBY', at, sub[5], -n
-        if v < n then  -- it was negative (a counter gone wrong): count from zero
-          redis.call('HSET', at, sub[5], n)
-          u[nu + 1], u[nu + 4] = 'HSET', fmt(v - n)
+      if sub[6] > 0 then
+        local c = counts[sub[3]]
+        if not c then
+          c = {}
+          counts[sub[3]] = c
+          nkeys[#nkeys + 1] = sub[3]
         end
-        nu = nu + 4
+        c[#c + 1] = sub
       end
+    end
+  end
+  for _, key in ipairs(nkeys) do
+    local c = counts[key]
+    at = key
+    if #c == 1 then
+      local sub, n = c[1], c[1][6]
+      local v = redis.call('HINCRBY', at, sub[5], n)
+      u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HINCRBY', at, sub[5], -n
+      if v < n then  -- it was negative (a counter gone wrong): count from zero
+        redis.call('HSET', at, sub[5], n)
+        u[nu + 1], u[nu + 4] = 'HSET', fmt(v - n)
+      end
+      nu = nu + 4
+    else
+      local fields = {}
+      for k = 1, #c do fields[k] = c[k][5] end
+      local got = redis.call('HMGET', at, unpack(fields))
+      local new, old = {}, {}
+      for k = 1, #c do
+        local v = got[k] or '0'
+        if not (#v < 19 and string.match(v, '^%-?%d+$')) then
+          error({err = 'ERR hash value is not an integer'})
+        end
+        v = tonumber(v)
+        local n = c[k][6]
+        if v < 0 then v = 0 end  -- a counter gone wrong: count from zero
+        new[#new + 1], new[#new + 2] = fields[k], fmt(v + n)
+        old[#old + 1], old[#old + 2] = fields[k], got[k] or '0'
+      end
+      redis.call('HSET', at, unpack(new))
+      u[nu + 1], u[nu + 2], u[nu + 3] = 'HSETS', at, old
+      nu = nu + 4
     end
   end
 end)
 if not ok then
   for k = nu - 3, 1, -4 do
     local op = u[k]
-    if op == 'RPOP' then redis.call(op, u[k + 1])
-    elseif op == 'HDEL' or op == 'ZREM' then redis.call(op, u[k + 1], u[k + 2])
+    if op == 'HDELS' then
+      local b, s, fields = u[k + 2], u[k + 3], {}
+      for x = s, math.min(s + CHUNK - 1, #b), 2 do fields[#fields + 1] = b[x] end
+      redis.call('HDEL', u[k + 1], unpack(fields))
+    elseif op == 'HSETS' then redis.call('HSET', u[k + 1], unpack(u[k + 2]))
+    elseif op == 'HDEL' or op == 'ZREM' or op == 'SREM' then
+      redis.call(op, u[k + 1], u[k + 2])
     else redis.call(op, u[k + 1], u[k + 2], u[k + 3]) end
   end
   local why = tostring(failure)
@@ -355,16 +488,26 @@ if not ok then
 end
 local dropped = {}
 if kept then
-  redis.call('HSET', ns .. ':unrouted', 'seq', fmt(seq))
-  for topic, bytes in pairs(kept) do
-    redis.call('HINCRBY', ns .. ':unrouted', 'b:' .. topic, bytes)
-    redis.call('SADD', ns .. ':utopics', topic)
-    local lost = trim(ns, topic, now, keep, max_n, max_b)
+  local meta = ns .. ':unrouted'
+  local fields = {'seq', fmt(seq)}
+  for topic, got in pairs(kept) do
+    local n, bytes, lost = trim_kept(ns, topic, got[1], window['b:' .. topic] + got[2],
+      window['c:' .. topic], now, keep, max_n, max_b)
+    if n == 0 then
+      redis.call('DEL', ns .. ':u:' .. topic)
+      redis.call('HDEL', meta, 'b:' .. topic, 'c:' .. topic)
+      redis.call('SREM', ns .. ':utopics', topic)
+    else
+      fields[#fields + 1] = 'b:' .. topic
+      fields[#fields + 1] = fmt(bytes)
+    end
     if lost > 0 then
+      count_dropped(ns, topic, lost, now)
       dropped[#dropped + 1] = topic
       dropped[#dropped + 1] = lost
     end
   end
+  redis.call('HSET', meta, unpack(fields))
 elseif #unrouted > 0 then
   local counts = {}
   for i = first, #A, 4 do counts[A[i]] = (counts[A[i]] or 0) + 1 end
