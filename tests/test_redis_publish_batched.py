@@ -206,3 +206,22 @@ async def test_delayed_events_of_a_shared_queue_wait_in_its_delayed_set_once_eac
     assert r.hlen(bodies_key(namespace, SHARED)) == 20
     assert backlog(r, namespace, SHARED, A_ACTORS[0]) == 10
     assert backlog(r, namespace, SHARED, A_ACTORS[1]) == 10
+
+
+async def test_one_call_keeping_events_of_thousands_of_topics_keeps_each(
+    bus: EventBus, r: redis.Redis, namespace: str
+) -> None:
+    """The window's counters of every topic of a call are read and written in
+    bounded commands: 3,000 topics nobody subscribes, one call."""
+
+    class Many(BaseEvent):
+        topic: str = "batch.many"
+        n: int
+
+    events = [Many(n=i, topic=f"batch.many.{i}") for i in range(3000)]
+    await bus.publish_many(events)
+    assert r.scard(f"{namespace}:utopics") == 3000
+    for i in (0, 1499, 2999):
+        assert r.llen(f"{namespace}:u:batch.many.{i}") == 1
+        kept_bytes_match(r, namespace, f"batch.many.{i}")
+    assert int(r.hget(f"{namespace}:unrouted", "seq") or 0) == 3000

@@ -183,8 +183,12 @@ local function read_window(ns, topics)
     fields[#fields + 1] = 'd:' .. topic
     fields[#fields + 1] = 'c:' .. topic
   end
-  local got = redis.pcall('HMGET', meta, unpack(fields))
-  if got['err'] then need(meta, 'hash') refuse(got['err']) end
+  local got = {}
+  for s = 1, #fields, 1000 do  -- (Lua's unpack has a bound)
+    local part = redis.pcall('HMGET', meta, unpack(fields, s, math.min(s + 999, #fields)))
+    if part['err'] then need(meta, 'hash') refuse(part['err']) end
+    for k = 1, #part do got[s + k - 1] = part[k] end
+  end
   local out = {}
   for k, field in ipairs(fields) do
     local v = got[k]
@@ -507,7 +511,9 @@ if kept then
       dropped[#dropped + 1] = lost
     end
   end
-  redis.call('HSET', meta, unpack(fields))
+  for s = 1, #fields, 1000 do
+    redis.call('HSET', meta, unpack(fields, s, math.min(s + 999, #fields)))
+  end
 elseif #unrouted > 0 then
   local counts = {}
   for i = first, #A, 4 do counts[A[i]] = (counts[A[i]] or 0) + 1 end
