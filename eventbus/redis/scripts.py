@@ -442,15 +442,17 @@ local ok, failure = pcall(function()
   for _, key in ipairs(nkeys) do
     local c = counts[key]
     at = key
-    if #c == 1 then
-      local sub, n = c[1], c[1][6]
-      local v = redis.call('HINCRBY', at, sub[5], n)
-      u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HINCRBY', at, sub[5], -n
-      if v < n then  -- it was negative (a counter gone wrong): count from zero
-        redis.call('HSET', at, sub[5], n)
-        u[nu + 1], u[nu + 4] = 'HSET', fmt(v - n)
+    if #c == 1 or #c > 400 then  -- (Lua's unpack has a bound)
+      for _, sub in ipairs(c) do
+        local n = sub[6]
+        local v = redis.call('HINCRBY', at, sub[5], n)
+        u[nu + 1], u[nu + 2], u[nu + 3], u[nu + 4] = 'HINCRBY', at, sub[5], -n
+        if v < n then  -- it was negative (a counter gone wrong): count from zero
+          redis.call('HSET', at, sub[5], n)
+          u[nu + 1], u[nu + 4] = 'HSET', fmt(v - n)
+        end
+        nu = nu + 4
       end
-      nu = nu + 4
     else
       local fields = {}
       for k = 1, #c do fields[k] = c[k][5] end
