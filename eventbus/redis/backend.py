@@ -518,9 +518,14 @@ class RedisBackend(Backend):
         try:
             await self.schema_check.check((o.event for o in events), self._script, call)
         except (RespConnectionError, RespError, OSError, TimeoutError) as exc:
-            raise PublishError(
-                f"could not read the subscribers' schemas from Redis: {exc}; nothing was published"
-            ) from exc
+            if self.schema_check.mode == "error":  # refusing what cannot be checked
+                raise PublishError(
+                    f"could not read the subscribers' schemas from Redis: {exc}; nothing "
+                    "was published (EVENTBUS_SCHEMA_CHECK=error)"
+                ) from exc
+            # warn: the check is advice; the publish goes on and, if Redis is really
+            # unreachable, fails with its own error (which says what may have happened).
+            logger.debug("Schema check skipped: the subscribers' schemas unreadable (%s)", exc)
 
     def _note_topics(self, topics: set[str]) -> None:
         """Record, in the background, that this process publishes to ``topics`` (one

@@ -22,6 +22,7 @@ schema.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -134,6 +135,11 @@ class PublishCheck:
         self._local: dict[type[BaseEvent], tuple[dict[str, Any], str]] = {}
         #: (class, service, handler, subscriber hash) already logged.
         self._warned: set[tuple[type[BaseEvent], str, str, str]] = set()
+        #: Reads under way, by (class, topic): concurrent first publishes share one.
+        self._inflight: dict[
+            tuple[type[BaseEvent], str],
+            asyncio.Future[dict[tuple[type[BaseEvent], str], list[LiveMismatch]]],
+        ] = {}
 
     @property
     def metrics(self) -> MetricsCollector | None:
@@ -162,7 +168,7 @@ class PublishCheck:
             elif verdict[1]:
                 found.append((event, verdict[1]))
         if stale:
-            fresh = await self._refresh(stale, script, call)
+            fresh = await self._single_flight(stale, script, call)
             for event in stale:
                 mismatches = fresh.get((type(event), event.topic), [])
                 if mismatches:
@@ -187,6 +193,34 @@ class PublishCheck:
             if counter is not None:
                 for subscriber in sorted(subscribers):
                     counter.inc_schema_mismatch(event.topic, subscriber)
+
+    async def _single_flight(
+        self, events: list[BaseEvent], script: Call, call: Call
+    ) -> dict[tuple[type[BaseEvent], str], list[LiveMismatch]]:
+        """:meth:`_refresh`, shared: concurrent first publishes of a class and topic
+        wait for the one read already under way instead of each asking Redis."""
+        keys = {(type(event), event.topic) for event in events}
+        pending = [self._inflight[k] for k in keys if k in self._inflight]
+        if pending and len(pending) == len(keys) and len(set(map(id, pending))) == 1:
+            return await asyncio.shield(pending[0])
+        future: asyncio.Future[dict[tuple[type[BaseEvent], str], list[LiveMismatch]]]
+        future = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._inflight[key] = future
+        try:
+            fresh = await self._refresh(events, script, call)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning if unshared
+            raise
+        else:
+            future.set_result(fresh)
+            return fresh
+        finally:
+            for key in keys:
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
 
     async def _refresh(
         self, events: list[BaseEvent], script: Call, call: Call
