@@ -84,7 +84,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row (median)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every row in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeat = 200, 1
     runs: dict[str, list[dict[str, object]]] = {row[0]: [] for row in ROWS}
     with redis_server() as url:
         for _ in range(args.repeat):

@@ -116,6 +116,14 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
         [],
         {"coordinated failover": (0, 1), "demotion under the publisher": (0, 1)},
     ),
+    "publish_cost_bench": (
+        [],
+        {
+            f"{row}, {phase}": (0, 1, 2, 3)
+            for phase in ("warm-up", "steady")
+            for row in ("publish/s (one by one)", "publish, 5 handlers/s", "publish_many/s")
+        },
+    ),
     "outbox_bench": ([], {"asyncpg": (0, 1, 2, 3, 4, 5), "psycopg": (0, 1, 2, 3, 4, 5)}),
     "schema_check_bench": (
         [],
