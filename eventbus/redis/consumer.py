@@ -33,6 +33,7 @@ from eventbus.extras import requires_extra
 with requires_extra("redis", __name__):
     import redis
 
+import itertools
 import logging
 import threading
 import time
@@ -109,6 +110,12 @@ parked_log = ParkedLog()
 
 #: Most entries one fetch takes (and most delayed entries one fetch promotes).
 MAX_FETCH = 500
+#: Most finished entries one ACK script call deletes.
+MAX_ACKS = 200
+
+#: Seconds between fetch-script polls while a full Redis refuses BLMOVE.
+OOM_POLL = 0.05
+
 #: Seconds under which a BLMOVE answer means entries were already waiting.
 BACKLOG_HINT = 0.001
 #: Seconds between connection attempts of a consumer while Redis is unreachable.
@@ -157,6 +164,11 @@ class RedisConsumer(Consumer):
         #: The entries handed to dramatiq and not acked, nacked or requeued yet.
         self.held: set[bytes] = set()
         self.acked = threading.Condition()
+        # Grouped acks: finished entries waiting for one ACK script call (entry ->
+        # handler).  They stay in the in-flight list and in ``held`` until it
+        # succeeded: a crash meanwhile redelivers them, never loses them.
+        self.to_ack: dict[bytes, str] = {}
+        self.flushing = False
         self.must_fetch = True
         self.next_due: float = -1.0
         self.failures = 0
@@ -165,6 +177,7 @@ class RedisConsumer(Consumer):
         self._reclaim_script = broker.client.register_script(lua.RECLAIM)
         self._park_script = broker.client.register_script(lua.PARK)
         self._defer_script = broker.client.register_script(lua.DEFER)
+        self._ack_script = broker.client.register_script(lua.ACK)
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
@@ -222,21 +235,58 @@ class RedisConsumer(Consumer):
 
     def _remove(self, message: MessageProxy) -> None:
         entry = message.entry if isinstance(message, RedisMessage) else None
-        if entry is not None:
-            try:
-                self._delete_entry(entry, message.actor_name)
-            except redis.RedisError as exc:
+        if entry is None:
+            self._done([])
+            return
+        with self.acked:
+            self.to_ack.setdefault(entry, message.actor_name or "")  # once, even if retried
+        try:
+            self.flush_acks()
+        except redis.RedisError as exc:
+            with self.acked:
+                pending = entry in self.to_ack
+            if pending:  # dramatiq calls ack again: the group is flushed again
                 raise connection_closed(exc) from None
-        self._done([entry] if entry is not None else [])
+            logger.warning("Could not delete finished events of queue %s: %s", self.queue_name, exc)
+
+    def flush_acks(self) -> None:
+        """Delete the finished entries of :attr:`to_ack`, up to ``MAX_ACKS`` per
+        script call.  One thread flushes at a time; a thread that finds a flush
+        under way leaves its entry to it (taken in its next call) and returns
+        without waiting for Redis.  A RedisError leaves the group pending (retried
+        by the next ack, by the consumer thread, and on close)."""
+        with self.acked:
+            if self.flushing:
+                return
+            self.flushing = True
+        try:
+            while True:
+                with self.acked:
+                    batch = list(itertools.islice(self.to_ack.items(), MAX_ACKS))
+                    if not batch:
+                        self.flushing = False
+                        return
+                self._ack_script(
+                    keys=[self.inflight, self.bodies, self.backlog],
+                    args=[item for pair in batch for item in pair],
+                )
+                entries = [entry for entry, _ in batch]
+                with self.acked:
+                    for entry in entries:
+                        self.to_ack.pop(entry, None)
+                self._done(entries)
+        except BaseException:
+            with self.acked:
+                self.flushing = False
+            raise
 
     def _delete_entry(self, entry: bytes, actor: str | None = None) -> None:
         """Delete a finished entry (and count it off its handler's backlog)."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.lrem(self.inflight, 1, entry)  # type: ignore[arg-type]
-            pipe.hdel(self.bodies, entry)
-            if actor is not None:
-                pipe.hincrby(self.backlog, actor, -1)
-            pipe.execute()
+        # A script, not MULTI: it runs on a full (noeviction) Redis, see lua.ACK.
+        self._ack_script(
+            keys=[self.inflight, self.bodies, self.backlog],
+            args=[entry, actor if actor is not None else ""],
+        )
 
     def _done(self, entries: list[bytes]) -> None:
         with self.acked:
@@ -262,6 +312,23 @@ class RedisConsumer(Consumer):
             raise connection_closed(exc) from None
 
     def close(self) -> None:
+        for delay in (0.0, 0.1, 0.5, 1.0):
+            time.sleep(delay)
+            try:
+                self.flush_acks()
+                break
+            except redis.RedisError:
+                continue
+        else:
+            with self.acked:
+                unflushed = len(self.to_ack)
+            if unflushed:
+                logger.warning(
+                    "Could not delete %d finished event(s) of queue %s; they are handled "
+                    "again when this worker's heartbeat expires.",
+                    unflushed,
+                    self.queue_name,
+                )
         cached, self.cache = [entry for entry, _ in self.cache], deque()
         try:
             self._put_back(cached)
@@ -316,6 +383,8 @@ class RedisConsumer(Consumer):
         if self.broker.failed is not None:
             time.sleep(self.timeout)  # a failed worker takes nothing more
             return None
+        if self.to_ack:  # a group whose flush failed: retried here (RedisError: reconnect)
+            self.flush_acks()
         if self.must_reclaim:
             self._reclaim()
             self.must_reclaim = False
@@ -343,9 +412,16 @@ class RedisConsumer(Consumer):
             if self.next_due >= 0:
                 block = min(block, max(self.next_due / 1000, 0.001))
             asked = time.perf_counter()
-            entry = _command(
-                self.client, "BLMOVE", self.ready, self.inflight, "LEFT", "RIGHT", block
-            )
+            try:
+                entry = _command(
+                    self.client, "BLMOVE", self.ready, self.inflight, "LEFT", "RIGHT", block
+                )
+            except redis.exceptions.OutOfMemoryError:
+                # A full (noeviction) Redis refuses BLMOVE; the fetch script runs
+                # (lua.ACK/FETCH), so poll with it until Redis has room again.
+                self.must_fetch = True
+                time.sleep(min(block, OOM_POLL))
+                return None
             # Answered at once: a backlog, fetch the rest in a batch next.  Answered
             # after waiting: a trickle, block again rather than run an empty fetch.
             self.must_fetch = time.perf_counter() - asked < BACKLOG_HINT

@@ -66,6 +66,17 @@ made in every script that touches it at once.
 
 from __future__ import annotations
 
+#: First write of the scripts a worker needs to drain a full Redis: with
+#: ``maxmemory`` reached and ``noeviction``, Redis refuses a script's "denyoom"
+#: command (RPUSH, HINCRBY, HSET...) only while the script has written nothing;
+#: a DEL of a key that never exists is a write Redis allows when full, so the
+#: script's later writes run (works on Redis 6.2 and 7.x, unlike the 7.0-only
+#: ``#!lua flags=allow-oom``).  The scripts that drain only shrink Redis or move
+#: entries between lists.
+_ALLOW_WHEN_FULL = """
+redis.call('DEL', 'eventbus:oom-guard:never-set')
+"""
+
 _NOW = """
 local __t = redis.call('TIME')
 local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
@@ -553,7 +564,8 @@ return out
 #: subscription record (JSON).  Returns {events handed to new subscriptions,
 #: {topic, events dropped, ...}}.
 SUBSCRIBE = (
-    _CHECKS
+    _ALLOW_WHEN_FULL
+    + _CHECKS
     + _RETAINED
     + """
 local ns, service = ARGV[1], ARGV[2]
@@ -709,7 +721,8 @@ return out
 #: followed by one last element: the milliseconds until the next delayed entry is
 #: due ("-1": none).
 FETCH = (
-    _NOW
+    _ALLOW_WHEN_FULL
+    + _NOW
     + """
 local ready, delayed, inflight, bodies = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
@@ -777,7 +790,8 @@ return eta
 #: KEYS: in-flight list, delayed zset, ready list.  ARGV: entry id, delay ms.
 #: Returns 1 if it moved.
 DEFER = (
-    _NOW
+    _ALLOW_WHEN_FULL
+    + _NOW
     + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
@@ -858,7 +872,8 @@ end
 #: recovered, entries unparked, 1 when Redis did not know the worker (its first
 #: beat, or Redis lost its data)}.
 BEAT = (
-    _NOW
+    _ALLOW_WHEN_FULL
+    + _NOW
     + _REQUEUE_WORKER
     + """
 local ns, wid = ARGV[1], ARGV[2]
@@ -899,7 +914,9 @@ RELEASE = _REQUEUE_WORKER + "return requeue_worker(ARGV[1], ARGV[2])\n"
 #: in the list moves to the front of the ready list, in its original order; one
 #: already gone (acked meanwhile) is left alone.  Wake-up tokens are dropped.
 #: KEYS: in-flight list, ready list.  ARGV: the entry ids.  Returns how many moved.
-RECLAIM = """
+RECLAIM = (
+    _ALLOW_WHEN_FULL
+    + """
 local moved = 0
 for i = #ARGV, 1, -1 do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 and ARGV[i] ~= '' then
@@ -909,6 +926,32 @@ for i = #ARGV, 1, -1 do
 end
 return moved
 """
+)
+
+#: Delete finished entries: ARGV is pairs (entry, handler or '') — LREM from the
+#: in-flight list KEYS[1], HDEL from the bodies KEYS[2], and one off the handler's
+#: backlog counter in KEYS[3].  Runs on a full Redis (it is how a worker drains it).
+ACK = (
+    _ALLOW_WHEN_FULL
+    + """
+for i = 1, #ARGV, 2 do
+  redis.call('LREM', KEYS[1], 1, ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  if ARGV[i + 1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[i + 1], -1) end
+end
+return 1
+"""
+)
+
+#: HSET of ARGV's (field, value) pairs into KEYS[1] that runs on a full Redis
+#: (a worker registering its handlers' schemas must boot to drain it).
+HSET_WHEN_FULL = (
+    _ALLOW_WHEN_FULL
+    + """
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+)
 
 #: Park an entry the worker cannot run (its handler is deployed on other workers
 #: of the queue): move it from the in-flight list to the handler's parked list.

@@ -225,7 +225,11 @@ def register(
     subscribe = client.register_script(lua.SUBSCRIBE)
     if bodies:  # the schemas first, in the same round trip
         with client.pipeline(transaction=False) as pipe:
-            pipe.hset(schemas_key(namespace), mapping=bodies)  # type: ignore[arg-type]
+            client.register_script(lua.HSET_WHEN_FULL)(  # runs on a full Redis
+                keys=[schemas_key(namespace)],
+                args=[item for pair in bodies.items() for item in pair],
+                client=pipe,
+            )
             subscribe(args=args, client=pipe)
             _, (handed, dropped) = pipe.execute()
     else:
