@@ -195,6 +195,31 @@ def service_name(handlers: Iterable[HandlerSpec]) -> str:
     return DEFAULT_SERVICE
 
 
+def _published_classes(classes: Iterable[type[BaseEvent]]) -> tuple[type[BaseEvent], ...]:
+    """``EventBus(publishes=...)`` checked: event classes with a default topic, each once.
+
+    Raises:
+      TypeError: Not an iterable of BaseEvent subclasses (an instance, a string).
+      ConfigurationError: A class without a default topic (its send channel is unknown).
+    """
+    if isinstance(classes, str | bytes) or not isinstance(classes, Iterable):
+        raise TypeError(f"publishes must be a list of event classes, got {classes!r}")
+    found: dict[type[BaseEvent], None] = {}
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, BaseEvent)) or cls is BaseEvent:
+            raise TypeError(
+                f"publishes must list BaseEvent subclasses (the classes, not instances), "
+                f"got {cls!r}"
+            )
+        if cls.default_topic() is None:
+            raise ConfigurationError(
+                f"{cls.__name__} in publishes has no default topic; give its 'topic' field "
+                "a default so its channel is known"
+            )
+        found[cls] = None
+    return tuple(found)
+
+
 class EventBus:
     """Publishes events and runs every subscribed handler of their topic.
 
@@ -206,6 +231,9 @@ class EventBus:
         settings (3 retries after 1 s, x2, at most 60 s apart).
       metrics: A :class:`~eventbus.metrics.MetricsCollector`.
       tracer: An :class:`~eventbus.tracing.EventTracer`.
+      publishes: The event classes this application publishes, for its AsyncAPI
+        document (``send`` operations; see :mod:`eventbus.contracts.asyncapi`).
+        It documents; it does not restrict what :meth:`publish` accepts.
 
     Where handlers run: in this process on the embedded ``sync`` backend; on the
     ``redis`` and ``kafka`` backends in worker processes (``dramatiq
@@ -228,7 +256,12 @@ class EventBus:
         retry_policy: RetryPolicy | None = None,
         metrics: MetricsCollector | None = None,
         tracer: EventTracer | None = None,
+        *,
+        publishes: Iterable[type[BaseEvent]] = (),
     ) -> None:
+        #: The event classes this application declares it publishes (its AsyncAPI
+        #: document's ``send`` operations, :mod:`eventbus.contracts.asyncapi`).
+        self.publishes: tuple[type[BaseEvent], ...] = _published_classes(publishes)
         self.settings = settings if settings is not None else EventBusSettings()
         self.metrics: MetricsCollector = metrics if metrics is not None else _metrics(self.settings)
         self.backend = backend if backend is not None else create_backend(self.settings)

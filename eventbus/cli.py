@@ -17,6 +17,7 @@ a worker or web host::
     eventbus settings > docs/settings.md # every setting: variable, type, default, meaning
     eventbus schema snapshot shop.events -o contracts.json  # event contracts to commit
     eventbus schema check shop.events    # CI: breaking changes against contracts.json
+    eventbus asyncapi shop.main:app --yaml  # the AsyncAPI 3.0 document of an application
     eventbus dev kafka                   # a local Kafka-protocol broker (Tansu, in memory)
 
 Every ``dlq`` and ``subscriptions`` command takes ``--json`` for machine-readable
@@ -293,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
                 "--yes", action="store_true", help="confirm a drop by --topic or --all"
             )
     _schema_parser(commands, command)
+    _asyncapi_parser(commands, command)
     return parser
 
 
@@ -421,6 +423,66 @@ def _schema(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_FAILED
     checked = "; ".join(f"{r.checked} event type(s) against {what}" for what, r in results)
     out.write(f"compatible: {checked}\n")
+    return EXIT_OK
+
+
+def _asyncapi_parser(commands: Any, command: Any) -> None:
+    """``eventbus asyncapi APP``: the application's AsyncAPI 3.0 document."""
+    sub = command(
+        commands,
+        "asyncapi",
+        "print the AsyncAPI 3.0 document of an application: channels, messages, operations",
+        epilog=None,
+        more=(
+            ". APP is module:attribute (an EventBus, or the FastAPI app: then the one "
+            "EventBus of its module), or a module holding one EventBus; the working "
+            "directory is on the import path."
+        ),
+    )
+    sub.add_argument("app", metavar="APP", help="e.g. shop.main:app or shop.main:bus")
+    sub.add_argument(
+        "modules",
+        nargs="*",
+        metavar="MODULE",
+        help="handler modules to import first (those APP does not import)",
+    )
+    sub.add_argument("--yaml", action="store_true", help="YAML instead of JSON (needs PyYAML)")
+    sub.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    sub.add_argument("--title", help="info.title (default: the app's title, else the service)")
+    sub.add_argument(
+        "--doc-version", metavar="VERSION", help="info.version (default: the app's version)"
+    )
+
+
+def _asyncapi(args: argparse.Namespace, out: TextIO) -> int:
+    """``eventbus asyncapi APP``: print (or write) the document."""
+    from eventbus.contracts.asyncapi import asyncapi_document, load_app
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # modules of the project, as dramatiq's CLI does
+    try:
+        target = load_app(args.app)
+        for name in args.modules:
+            importlib.import_module(name)
+    except ImportError as exc:
+        raise Refused(f"cannot import {exc.name or args.app!r}: {exc}") from exc
+    except LookupError as exc:
+        raise Refused(str(exc.args[0])) from exc
+    document = asyncapi_document(target, title=args.title, version=args.doc_version)
+    if args.yaml:
+        try:
+            yaml: Any = importlib.import_module("yaml")
+        except ImportError as exc:
+            raise Refused("--yaml needs PyYAML (pip install pyyaml); JSON needs nothing") from exc
+        text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
+    else:
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if args.output is None:
+        out.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+        out.write(f"AsyncAPI document written to {args.output}\n")
     return EXIT_OK
 
 
@@ -684,6 +746,8 @@ def run(
             return _subscriptions(args, bus, out, err)
         if args.command == "outbox":
             return _outbox(args, bus, out)
+        if args.command == "asyncapi":
+            return _asyncapi(args, out)
         if args.command == "schema":
             if args.action == "check" and args.live:
                 return _schema_live(args.modules, bus, out)
@@ -773,6 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         if args.command == "schema" and not getattr(args, "live", False):
             return _schema(args, sys.stdout)
+        if args.command == "asyncapi":
+            return _asyncapi(args, sys.stdout)
         settings = EventBusSettings()
         backend = create_backend(settings)
         refusal = backend.dead_letters_out_of_reach() if args.command == "dlq" else None
