@@ -413,6 +413,17 @@ def test_router_serves_json_and_a_page_with_the_console_csp(
         assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
 
 
+def test_the_page_shows_the_servers_without_secrets() -> None:
+    url = f"rediss://app:{PASSWORD}@cache.internal:6380/2"
+    bus = shop_bus(backend="redis", redis_url=url)
+    app = FastAPI()  # no lifespan: the router is given the bus, nothing starts
+    app.include_router(asyncapi_router(bus, dependencies=[Depends(require_admin)]))
+    page = TestClient(app).get("/eventbus/asyncapi", headers={"X-Admin-Token": "letmein"})
+    assert page.status_code == 200
+    assert "cache.internal:6380" in page.text and "Redis over TLS." in page.text
+    assert PASSWORD not in page.text
+
+
 def test_the_page_escapes_what_the_classes_say() -> None:
     class Sneaky(BaseEvent):
         """<script>alert(1)</script>"""

@@ -195,7 +195,16 @@ def page_context(document: dict[str, Any]) -> dict[str, Any]:
         "asyncapi": document["asyncapi"],
         "service": document.get("x-eventbus-service", ""),
         "backend": document.get("x-eventbus-backend", ""),
-        "servers": [{"key": k, **v} for k, v in (document.get("servers") or {}).items()],
+        "servers": [
+            {
+                "key": key,
+                "protocol": server.get("protocol", ""),
+                "host": server.get("host", ""),
+                "pathname": server.get("pathname", ""),
+                "description": server.get("description", ""),
+            }
+            for key, server in (document.get("servers") or {}).items()
+        ],
         "channels": channels,
         "operations": operations,
         "messages": messages,
