@@ -368,6 +368,29 @@ def test_cli_says_what_is_wrong_with_app(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+def test_yaml_without_pyyaml_is_a_clear_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eventbus import cli
+
+    (tmp_path / "yaml_less_app.py").write_text(
+        "from eventbus import EventBus, EventBusSettings\n"
+        "bus = EventBus(settings=EventBusSettings(backend='sync'))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    monkeypatch.delenv("EVENTBUS_BACKEND", raising=False)
+    assert cli.main(["asyncapi", "yaml_less_app", "--yaml"]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.err == "eventbus: --yaml needs PyYAML (pip install pyyaml); JSON needs nothing\n"
+    )
+    assert captured.out == ""
+    assert cli.main(["asyncapi", "yaml_less_app"]) == 0
+    assert json.loads(capsys.readouterr().out)["asyncapi"] == "3.0.0"
+
+
 def require_admin(x_admin_token: str = Header()) -> None:
     if x_admin_token != "letmein":
         raise HTTPException(403, "no")
