@@ -47,7 +47,7 @@ from tests.kafka_helpers import (
     create_topic,
     keys_of_partition,
 )
-from tests.test_console_browser import CHROMIUM, CHROMIUM_ARGS, DOCS_IMG
+from tests.test_console_browser import DOCS_IMG, browser  # noqa: F401 (the fixture)
 
 pytest.register_assert_rewrite("tests.redis_support")
 from tests.redis_support import (  # noqa: E402
@@ -496,25 +496,6 @@ async def test_operations_page_shows_the_kafka_group_members_and_lag_per_partiti
 # -- in a browser: screenshots at 1366 and 800 px ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    missing = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing = "the playwright package is not installed (pip install playwright)"
-    if missing is None and not os.path.exists(CHROMIUM):
-        missing = f"no Chromium at {CHROMIUM} (apt-get install chromium chromium-driver)"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests cannot run: {missing}")
-        pytest.skip(missing)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
 class LiveConsole:
     """The console of ``bus`` served by uvicorn in a thread."""
 
@@ -552,7 +533,7 @@ class LiveConsole:
 
 
 def test_operations_page_in_chromium_at_1366_and_800_px(
-    browser: Browser,
+    browser: Browser,  # noqa: F811 (the fixture imported above)
     workers: Codebases,
     codebases: dict[str, Path],
     redis_url: str,
