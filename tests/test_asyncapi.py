@@ -35,6 +35,7 @@ from eventbus.contracts.asyncapi import asyncapi_document
 from eventbus.contracts.snapshot import contracts_of, parse_contracts
 from eventbus.exceptions import ConfigurationError
 from eventbus.fastapi import create_lifespan
+from eventbus import registry
 from eventbus.registry import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,13 @@ async def ship_order(event: ApiOrderPlaced) -> None:
 
 def audit_refund(event: BaseEvent) -> None:
     """Writes any refund event to the audit log."""
+
+
+@pytest.fixture(autouse=True)
+def only_this_modules_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``@on_event`` handlers of test modules imported earlier are on every bus; the
+    documents here describe the shop's handlers alone."""
+    monkeypatch.setattr(registry, "_decorated", [])
 
 
 def shop_bus(**settings: Any) -> EventBus:
