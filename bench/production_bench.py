@@ -59,6 +59,7 @@ from bench._production_common import LAGS_KEY, PROGRESS_KEY  # noqa: E402
 from bench.embedded import cpu_model, nproc, venv_python  # noqa: E402
 from bench.redis_bench import (  # noqa: E402
     FASTSTREAM_VENV,
+    NAMESPACE,
     Worker,
     command_total,
     ensure_faststream_venv,
@@ -70,6 +71,7 @@ from bench.redis_bench import (  # noqa: E402
     start_subscriber,
     start_worker,
 )
+from eventbus.redis.scripts import WARM_FIELD  # noqa: E402
 
 SYSTEMS = ("eventbus", "dramatiq", "faststream-list", "faststream-stream")
 #: Worker threads per process of eventbus and dramatiq (``-t``).
@@ -87,6 +89,12 @@ E2E = "end-to-end/s"
 CPU_ROWS = ("publisher", "worker(s)", "Redis", "total")
 #: Redis commands per event (``INFO commandstats``; a Lua script's commands count too).
 COMMANDS = "Redis commands/event"
+
+
+def command_calls(client: redis.Redis) -> dict[str, float]:
+    """Calls per Redis command so far (``INFO commandstats``, without INFO itself)."""
+    stats = client.info("commandstats")
+    return {k[8:]: float(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
 
 
 def log(msg: str) -> None:
@@ -135,6 +143,15 @@ class Setup:
     faststream_version: str = ""
     profile_dir: Path | None = None
     warmup: int = WARMUP
+    first_minute: bool = False
+
+
+def end_warm_up(client: redis.Redis) -> None:
+    """As a minute after the topic's first subscription: in its first minute a topic
+    also keeps each event in its unrouted window (for subscriptions written next,
+    docs/redis.md), which a service publishing all day is past."""
+    for key in client.scan_iter(match=f"{NAMESPACE}:t:*"):
+        client.hdel(key, WARM_FIELD)
 
 
 def start_consumers(system: str, setup: Setup, processes: int) -> list[Worker]:
@@ -312,6 +329,8 @@ def run_once(
         workers = start_consumers(system, setup, processes)
         for worker in workers:
             stack.callback(worker.stop)
+        if system == "eventbus" and not setup.first_minute:
+            end_warm_up(client)
         publisher = Publisher(system, setup)
         stack.callback(publisher.close)
         publisher.publish(setup.warmup)
@@ -325,6 +344,7 @@ def run_once(
                 "workers": sum(tree_cpu(w.process.pid) for w in workers),
                 "redis": redis_cpu(client),
                 "commands": command_total(client),
+                **{f"cmd:{k}": v for k, v in command_calls(client).items()},
             }
 
         profile = setup.profile_dir / f"{system}-p{processes}-{tag}" if setup.profile_dir else None
@@ -345,6 +365,13 @@ def run_once(
         for name in CPU_ROWS:
             out.put(system, f"CPU µs/event {name}{p}", cpu[name] / n * 1e6)
         out.put(system, COMMANDS + p, (after["commands"] - before["commands"]) / n)
+        per_command = sorted(
+            ((after[k] - before.get(k, 0)) / n, k[4:]) for k in after if k.startswith("cmd:")
+        )
+        log(
+            f"  {system:<18} commands/event, -p {processes}: "
+            + ", ".join(f"{name} {v:.2f}" for v, name in reversed(per_command) if v >= 0.01)
+        )
 
         for rate, seconds in rates:
             client.delete(LAGS_KEY)
@@ -386,9 +413,11 @@ def table(out: Results, setup: Setup, n: int, repeat: int, rows: list[str]) -> s
         "faststream-list": f"{fs} list",
         "faststream-stream": f"{fs} stream (group, acks)",
     }
+    phase = "in" if setup.first_minute else "past"
     lines = [
         f"N = {n:,} events published one by one while the consumers run (after "
-        f"{setup.warmup} warm-up events); median of {repeat}, systems alternated; "
+        f"{setup.warmup} warm-up events; eventbus {phase} its topic's first minute"
+        f"); median of {repeat}, systems alternated; "
         f"-t {THREADS} for eventbus and dramatiq; nproc={nproc()}, {cpu_model()}, "
         f"python {platform.python_version()}",
         "",
@@ -465,6 +494,12 @@ def main() -> None:
         "exists already); numbers mean nothing",
     )
     parser.add_argument(
+        "--first-minute",
+        action="store_true",
+        help="measure eventbus in its topic's first minute (each event also kept in the "
+        "unrouted window); default: past it, as a service publishing all day",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="record the eventbus workers with py-spy into this directory and print their "
@@ -486,7 +521,9 @@ def main() -> None:
         args.n, args.repeat = SMOKE_N, 1
         rates = [(50.0, SMOKE_SECONDS), (500.0, SMOKE_SECONDS)]
     out = Results(systems)
-    setup = Setup(url="", warmup=SMOKE_WARMUP if args.smoke else WARMUP)
+    setup = Setup(
+        url="", warmup=SMOKE_WARMUP if args.smoke else WARMUP, first_minute=args.first_minute
+    )
     if any(s.startswith("faststream") for s in systems):
         if args.smoke and not Path(venv_python(FASTSTREAM_VENV)).exists():
             out.note("FastStream not measured (--smoke: its venv is not installed)")
