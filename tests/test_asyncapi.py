@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from eventbus import BaseEvent, EventBus, EventBusSettings
+from eventbus import BaseEvent, EventBus, EventBusSettings, registry
 from eventbus.console.asyncapi import asyncapi_router
 from eventbus.console.views import SECURITY_HEADERS
 from eventbus.contracts import check_against
@@ -35,7 +35,6 @@ from eventbus.contracts.asyncapi import asyncapi_document
 from eventbus.contracts.snapshot import contracts_of, parse_contracts
 from eventbus.exceptions import ConfigurationError
 from eventbus.fastapi import create_lifespan
-from eventbus import registry
 from eventbus.registry import make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
