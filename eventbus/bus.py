@@ -59,6 +59,7 @@ from eventbus.tracing import (
     SpanStatus,
     get_current_span,
 )
+from eventbus.upcasting import warn_chain_gaps
 
 if TYPE_CHECKING:
     from eventbus.dependencies import DependencyOverrides
@@ -394,6 +395,7 @@ class EventBus:
             )
         self.subscriptions.subscribe_all()
         self.subscriptions.service = self.service
+        warn_chain_gaps(s.event_type for s in self.registry.all_handlers() if s.event_type)
         try:
             self.check_service(self.consumes)
         except ConfigurationError as exc:

@@ -37,6 +37,9 @@ handler's process, before validation.  The rules:
   validated as it is: fields the class does not know are ignored, and a payload
   the class cannot read fails validation like any other, its error saying which
   version each side has.  Upcasters only go up.
+* A chain with a hole (steps from 1 and from 3 for a version 4 class, none from
+  2) is logged as a WARNING when a bus starts (:func:`warn_chain_gaps`); a
+  test can assert :func:`chain_gaps` is empty.
 
 This module imports nothing of the event classes (``eventbus.events`` imports it).
 """
@@ -44,7 +47,8 @@ This module imports nothing of the event classes (``eventbus.events`` imports it
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -53,7 +57,18 @@ from eventbus.exceptions import ConfigurationError, EventDecodeError
 if TYPE_CHECKING:
     from eventbus.events import BaseEvent
 
-__all__ = ["VERSION_KEY", "Upcaster", "missing_steps", "upcast", "upcaster", "upcasters"]
+__all__ = [
+    "VERSION_KEY",
+    "Upcaster",
+    "chain_gaps",
+    "missing_steps",
+    "upcast",
+    "upcaster",
+    "upcasters",
+    "warn_chain_gaps",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Envelope key holding the event's version (absent: version 1).
 VERSION_KEY = "version"
@@ -131,6 +146,52 @@ def missing_steps(event_class: type[BaseEvent], from_version: int = 1) -> list[i
     """
     steps = _steps.get(event_class, {})
     return [v for v in range(from_version, event_class.__event_version__) if v not in steps]
+
+
+def chain_gaps(event_class: type[BaseEvent]) -> list[int]:
+    """The versions between the class's lowest upcaster and its version that have
+    no step (``[]`` when it has no upcaster or an unbroken chain).
+
+    With steps from 1 and from 3 for a version 4 class, ``[2]``: a version 1
+    payload is upcast to 2 and stops there, so registering the step from 1 was
+    meant to be followed by one from 2.  (Versions below the lowest step are not
+    counted: a team may have never shipped them.)
+    """
+    steps = _steps.get(event_class)
+    if not steps:
+        return []
+    return missing_steps(event_class, min(steps))
+
+
+def warn_chain_gaps(event_classes: Iterable[type[BaseEvent]]) -> list[type[BaseEvent]]:
+    """Log one WARNING per class whose upcasters leave a gap (:func:`chain_gaps`),
+    naming the class and the missing steps; returns those classes.
+
+    A warning, not an error: the worker still handles payloads of the versions
+    above the gap, and one of a version below it is dead-lettered with a reason
+    naming the step, to replay once the step is deployed.  A bus calls it at start
+    for the classes its handlers validate into.
+    """
+    gapped: list[type[BaseEvent]] = []
+    for cls in dict.fromkeys(event_classes):
+        gaps = chain_gaps(cls)
+        if not gaps:
+            continue
+        gapped.append(cls)
+        steps = ", ".join(f"{v} to {v + 1}" for v in gaps)
+        fix = " and ".join(f"@upcaster({cls.__name__}, from_version={v})" for v in gaps)
+        logger.warning(
+            "%s is version %d and has upcasters from version(s) %s, but none from "
+            "version %s: payloads older than version %d will be dead-lettered instead "
+            "of upcast; register %s",
+            f"{cls.__module__}.{cls.__qualname__}",
+            cls.__event_version__,
+            ", ".join(str(v) for v in upcasters(cls)),
+            steps,
+            gaps[-1] + 1,
+            fix,
+        )
+    return gapped
 
 
 def upcast(event_class: type[BaseEvent], fields: dict[str, Any], version: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import redis
 
 from eventbus import BaseEvent, ConfigurationError, EventBus, EventDecodeError, RetryPolicy
 from eventbus.events import decode_event, encode_envelope
-from eventbus.upcasting import missing_steps, upcaster, upcasters
+from eventbus.upcasting import chain_gaps, missing_steps, upcaster, upcasters
 
 pytest.register_assert_rewrite("tests.redis_support")
 from tests.redis_support import Workers, wait_settled, wait_until  # noqa: E402
@@ -175,6 +176,43 @@ async def test_embedded_handler_gets_old_payloads_upcast_and_a_failing_step_dead
     assert record.error_type == "EventDecodeError" and record.attempts == 1
     assert "split_address" in record.error and "version 2 to 3" in record.error
     assert record.envelope["event"]["to"] == "no comma here"  # the payload as sent
+
+
+async def test_a_hole_in_a_chain_of_upcasters_is_one_warning_at_start_naming_the_step(
+    make_bus: MakeBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Holed(BaseEvent):
+        """Version 4 with steps from 1 and 3: a version 1 payload stops at 2."""
+
+        __event_version__ = 4
+        topic: str = "upcast.holed"
+        d: int
+
+    @upcaster(Holed, from_version=1)
+    def one_to_two(fields: dict[str, Any]) -> dict[str, Any]:
+        return {**fields, "b": fields.pop("a")}
+
+    @upcaster(Holed, from_version=3)
+    def three_to_four(fields: dict[str, Any]) -> dict[str, Any]:
+        return {**fields, "d": fields.pop("c")}
+
+    async def ship(event: Holed | Parcel) -> None:
+        pass
+
+    bus = make_bus()
+    await bus.registry.register(Holed, ship, name="upcast.holed:ship")
+    await bus.registry.register(Parcel, ship, name="upcast.parcels:ship")  # 1 -> 2 -> 3
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        await bus.start()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{Holed.__module__}.{Holed.__qualname__} is version 4 and has upcasters from "
+        "version(s) 1, 3, but none from version 2 to 3: payloads older than version 3 "
+        "will be dead-lettered instead of upcast; register @upcaster(Holed, from_version=2)"
+    ]
+    # a chain that starts above 1 is not a hole: that team never shipped version 1
+    assert chain_gaps(Holed) == [2] and chain_gaps(Parcel) == []
 
 
 # -- the issue's path on Redis, with real worker processes -----------------------------
