@@ -1,14 +1,15 @@
 """Event classes checked against the schemas their live subscribers stored.
 
-On a backend that stores subscriptions (Redis), a worker writes, with each
-subscription of a typed handler, the JSON Schema of the class the handler
-validates into (stored once per content hash).  Two checks read them:
+A worker stores, for each of its typed handlers, the JSON Schema of the class the
+handler validates into: on Redis with each subscription (stored once per content
+hash, :mod:`eventbus.redis.schemas`), on Kafka as a record of the schema topic
+(:mod:`eventbus.kafka.schemas`).  Two checks read them:
 
 - ``eventbus schema check --live MODULES`` compares every event class of the
   modules with every stored subscriber schema of its topic, one line per breaking
   change naming the subscriber (service, handler) and the field;
 - a publishing process compares each event class it publishes, once per class
-  and topic (refreshed every :data:`~eventbus.redis.schemas.CACHE_TTL` seconds),
+  and topic (refreshed every :data:`CACHE_TTL` seconds; :class:`LiveSchemaCheck`),
   and per ``EVENTBUS_SCHEMA_CHECK`` warns (``warn``: once per class and
   subscriber, and counts each event in ``eventbus_schema_mismatch_total``) or
   refuses with :class:`SchemaMismatchError` (``error``: nothing is published).
@@ -22,15 +23,25 @@ payload.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from eventbus.config import SchemaCheckMode
 from eventbus.contracts.compat import Breaking, breaking_changes
-from eventbus.contracts.schemas import event_schema
+from eventbus.contracts.schemas import event_schema, schema_hash
 from eventbus.events import BaseEvent
 from eventbus.exceptions import PublishError
+from eventbus.metrics import CountsSchemaMismatches, MetricsCollector
+
+#: Seconds a publisher keeps its verdict on an event class and topic before it
+#: reads the topic's subscriber schemas again (a subscriber deployed with another
+#: class is noticed within this time).
+CACHE_TTL = 30.0
 
 
 @dataclass(frozen=True)
@@ -149,3 +160,158 @@ def refusal(mismatches: list[LiveMismatch]) -> SchemaMismatchError:
         "publishes anyway",
         mismatches,
     )
+
+
+def handler_schema(event_type: type[BaseEvent] | None) -> dict[str, Any] | None:
+    """The schema a handler typed by ``event_type`` stores; None for an untyped
+    handler (no class, or ``BaseEvent`` itself: it accepts any payload)."""
+    if event_type is None or event_type is BaseEvent:
+        return None
+    return event_schema(event_type)
+
+
+@runtime_checkable
+class ReadsLiveSchemas(Protocol):
+    """A backend whose live subscriber schemas any process can read without a
+    subscription store (Kafka's schema topic): what ``eventbus schema check
+    --live`` reads there.  A backend that stores subscriptions
+    (:class:`~eventbus.backends.base.StoresSubscriptions`) is read through them."""
+
+    def live_schemas(self, topics: Collection[str]) -> list[SubscriberSchema]:
+        """The stored schemas of the live subscribers of ``topics`` (blocking)."""
+
+
+#: What :class:`LiveSchemaCheck` calls to read the subscribers of topics:
+#: ``await read(topics)`` -> their stored schemas by topic (a topic without any: absent).
+ReadSubscribers = Callable[[list[str]], Awaitable[dict[str, list[SubscriberSchema]]]]
+
+_Verdicts = dict[tuple[type[BaseEvent], str], list[LiveMismatch]]
+
+
+class LiveSchemaCheck:
+    """A publisher's check of event classes against live subscriber schemas, on any
+    backend: the backend says how to read a topic's subscribers (:data:`ReadSubscribers`).
+
+    ``mode`` is ``EVENTBUS_SCHEMA_CHECK``.  :meth:`check_with` is called with every
+    publish's events before they are sent; it reads the subscribers only for a
+    (class, topic) it has no verdict on younger than ``ttl`` seconds: other
+    publishes pay a dict lookup per event.  Mismatches are logged on ``log``.
+    """
+
+    def __init__(
+        self, mode: SchemaCheckMode, ttl: float = CACHE_TTL, log: logging.Logger | None = None
+    ) -> None:
+        self.mode = mode
+        self.ttl = ttl
+        self.log = log or logging.getLogger(__name__)
+        self._metrics: MetricsCollector | None = None
+        self._counter: CountsSchemaMismatches | None = None
+        #: (class, topic) -> (monotonic expiry, mismatches).
+        self._verdicts: dict[tuple[type[BaseEvent], str], tuple[float, list[LiveMismatch]]] = {}
+        #: Local class -> (schema, hash).
+        self._local: dict[type[BaseEvent], tuple[dict[str, Any], str]] = {}
+        #: (class, service, handler, subscriber hash) already logged.
+        self._warned: set[tuple[type[BaseEvent], str, str, str]] = set()
+        #: Reads under way, by (class, topic): concurrent first publishes share one.
+        self._inflight: dict[tuple[type[BaseEvent], str], asyncio.Future[_Verdicts]] = {}
+
+    @property
+    def metrics(self) -> MetricsCollector | None:
+        """The bus's metrics collector (set by the backend when bound); counted in
+        when it implements :class:`~eventbus.metrics.CountsSchemaMismatches`."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, collector: MetricsCollector | None) -> None:
+        self._metrics = collector
+        # Resolved once: a runtime protocol check costs ~25 us per call.
+        self._counter = collector if isinstance(collector, CountsSchemaMismatches) else None
+
+    async def check_with(self, events: Iterable[BaseEvent], read: ReadSubscribers) -> None:
+        """Check ``events``' classes, reading subscribers with ``read`` when a verdict
+        is missing or stale.  Logs and counts mismatches (``warn``) or raises
+        :class:`SchemaMismatchError` (``error``); what ``read`` raises propagates."""
+        now = time.monotonic()
+        verdicts = self._verdicts
+        found: list[tuple[BaseEvent, list[LiveMismatch]]] = []
+        stale: list[BaseEvent] = []
+        for event in events:
+            verdict = verdicts.get((type(event), event.topic))
+            if verdict is None or verdict[0] <= now:
+                stale.append(event)
+            elif verdict[1]:
+                found.append((event, verdict[1]))
+        if stale:
+            fresh = await self._single_flight(stale, read)
+            for event in stale:
+                mismatches = fresh.get((type(event), event.topic), [])
+                if mismatches:
+                    found.append((event, mismatches))
+        if not found:
+            return
+        if self.mode == "error":
+            raise refusal([m for _, ms in found for m in ms])
+        counter = self._counter
+        for event, mismatches in found:
+            subscribers = set()
+            for m in mismatches:
+                key = (type(event), m.subscriber.service, m.subscriber.handler, m.subscriber.hash)
+                if key not in self._warned:
+                    self._warned.add(key)
+                    self.log.warning(
+                        "Schema mismatch: %s. Its events will fail validation there and be "
+                        "dead-lettered (EVENTBUS_SCHEMA_CHECK=error refuses such publishes).",
+                        m,
+                    )
+                subscribers.add(m.subscriber.subscriber)
+            if counter is not None:
+                for subscriber in sorted(subscribers):
+                    counter.inc_schema_mismatch(event.topic, subscriber)
+
+    async def _single_flight(self, events: list[BaseEvent], read: ReadSubscribers) -> _Verdicts:
+        """:meth:`_refresh`, shared: concurrent first publishes of a class and topic
+        wait for the one read already under way instead of each reading."""
+        keys = {(type(event), event.topic) for event in events}
+        pending = [self._inflight[k] for k in keys if k in self._inflight]
+        if pending and len(pending) == len(keys) and len(set(map(id, pending))) == 1:
+            return await asyncio.shield(pending[0])
+        future: asyncio.Future[_Verdicts] = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._inflight[key] = future
+        try:
+            fresh = await self._refresh(events, read)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning if unshared
+            raise
+        else:
+            future.set_result(fresh)
+            return fresh
+        finally:
+            for key in keys:
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+
+    async def _refresh(self, events: list[BaseEvent], read: ReadSubscribers) -> _Verdicts:
+        """Read the subscriber schemas of ``events``' topics; record and return the
+        verdict of each (class, topic)."""
+        subscribers = await read(sorted({event.topic for event in events}))
+        expiry = time.monotonic() + self.ttl
+        out: _Verdicts = {}
+        for event in events:
+            cls, topic = type(event), event.topic
+            if (cls, topic) in out:
+                continue
+            mismatches: list[LiveMismatch] = []
+            rows = subscribers.get(topic, [])
+            if rows and cls is not BaseEvent:
+                writer = self._local.get(cls)
+                if writer is None:
+                    schema = event_schema(cls)
+                    writer = self._local[cls] = (schema, schema_hash(schema))
+                readers = [s for s in rows if s.hash != writer[1]]  # the same class: compatible
+                mismatches = live_mismatches(cls.__name__, writer[0], readers)
+            out[cls, topic] = mismatches
+            self._verdicts[cls, topic] = (expiry, mismatches)
+        return out
