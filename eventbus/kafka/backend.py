@@ -44,10 +44,11 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
 from dramatiq import Middleware
 from pydantic_core import to_json
 
@@ -64,9 +65,12 @@ from eventbus.config import (
     DEFAULT_KAFKA_REVOKE_TIMEOUT,
     DEFAULT_KAFKA_SESSION_TIMEOUT_MS,
     DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_SCHEMA_CHECK,
     DEFAULT_WORKER_THREADS,
     EventBusSettings,
+    SchemaCheckMode,
 )
+from eventbus.contracts.live import LiveSchemaCheck, SubscriberSchema
 from eventbus.dispatch import Dispatcher
 from eventbus.exceptions import BackendError, ConfigurationError, PublishError
 from eventbus.health import HealthResult, HealthStatus, dispatcher_liveness
@@ -86,6 +90,15 @@ from eventbus.kafka.config import (
 from eventbus.kafka.dlq import KafkaDeadLetterStore
 from eventbus.kafka.lag import LagReader
 from eventbus.kafka.records import POISON_HANDLER, dead_letter_address
+from eventbus.kafka.schemas import (
+    DEFAULT_SCHEMA_TOPIC,
+    READ_TIMEOUT,
+    SchemaTopicView,
+    by_topic,
+    read_schemas,
+    store_schemas,
+)
+from eventbus.middleware.metrics import Metrics
 from eventbus.redact import redact_url
 from eventbus.routing import Router, Subscriptions
 
@@ -96,6 +109,8 @@ if TYPE_CHECKING:
     from eventbus.dlq.store import DeadLetterStore
 
 logger = logging.getLogger(__name__)
+#: Schema check messages: the same logger as the module that stores the schemas.
+schema_logger = logging.getLogger("eventbus.kafka.schemas")
 
 #: Seconds a health check waits for the brokers' metadata.
 HEALTH_TIMEOUT = 3.0
@@ -139,6 +154,13 @@ class KafkaBackend(Backend):
       dlq_topic_suffix: DLQ topic of a topic ``t`` is ``t + dlq_topic_suffix``.
       max_concurrency, worker_threads: As for the embedded backend: async handlers
         running at once, threads for sync handlers.
+      schema_check: What a publish does when a live subscriber's stored schema
+        would reject the event class (``EVENTBUS_SCHEMA_CHECK``; see
+        :mod:`eventbus.kafka.schemas`): ``"off"``, ``"warn"`` (log once per class
+        and subscriber, count each event) or ``"error"`` (raise
+        :class:`~eventbus.contracts.live.SchemaMismatchError`, nothing published).
+      schema_topic: The topic where workers store their typed handlers' schemas
+        and publishers read them (:data:`~eventbus.kafka.schemas.DEFAULT_SCHEMA_TOPIC`).
       config: A ready :class:`KafkaConfig`; otherwise built from
         ``bootstrap_servers`` and ``client_options`` (``security_protocol``,
         ``sasl_mechanism``, ``sasl_username``, ``sasl_password``, ``ssl_cafile``,
@@ -168,6 +190,8 @@ class KafkaBackend(Backend):
         dlq_topic_suffix: str = DEFAULT_DLQ_TOPIC_SUFFIX,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         worker_threads: int = DEFAULT_WORKER_THREADS,
+        schema_check: SchemaCheckMode = DEFAULT_SCHEMA_CHECK,
+        schema_topic: str = DEFAULT_SCHEMA_TOPIC,
         config: KafkaConfig | None = None,
         security_protocol: str = "PLAINTEXT",
         sasl_mechanism: str | None = None,
@@ -204,6 +228,10 @@ class KafkaBackend(Backend):
             )
         if group_id is not None and not group_id:
             raise ConfigurationError("group_id is empty")
+        if schema_check not in ("off", "warn", "error"):
+            raise ConfigurationError(
+                f"invalid schema_check {schema_check!r}: off, warn or error (EVENTBUS_SCHEMA_CHECK)"
+            )
         self.config = config or KafkaConfig(
             bootstrap_servers,
             client_id=client_id,
@@ -241,6 +269,14 @@ class KafkaBackend(Backend):
         self._bridge_middleware = BridgeMiddleware()
         self._produced: dict[TopicPartition, int] = {}
         self._lag_reader = LagReader(self.config, timeout=HEALTH_TIMEOUT)
+        #: The check of published classes against live subscriber schemas
+        #: (``EVENTBUS_SCHEMA_CHECK``; :mod:`eventbus.kafka.schemas`).
+        self.schema_check = LiveSchemaCheck(schema_check, log=schema_logger)
+        self.schema_topic = schema_topic
+        self._schema_view = SchemaTopicView(self.config, schema_topic)
+        #: Monotonic time before which ``warn`` publishes unchecked (the schema topic
+        #: was unreadable: a slow broker does not slow every publish down).
+        self._schema_skip_until = 0.0
 
     @classmethod
     def from_settings(cls, settings: EventBusSettings) -> KafkaBackend:
@@ -259,6 +295,7 @@ class KafkaBackend(Backend):
             dlq_topic_suffix=settings.dlq_topic_suffix,
             max_concurrency=settings.max_concurrency,
             worker_threads=settings.worker_threads,
+            schema_check=settings.schema_check,
             config=KafkaConfig.from_settings(settings),
         )
 
@@ -270,6 +307,9 @@ class KafkaBackend(Backend):
             self.router = Router(subscriptions, self.broker, subscriptions.queue_of)
             self.subscriptions = subscriptions
             self.dead_letters.topics = lambda: subscriptions.topics
+            for item in middleware:  # the bus's collector counts schema mismatches
+                if isinstance(item, Metrics):
+                    self.schema_check.metrics = item.collector
         return self.broker
 
     def _topics(self) -> list[str]:
@@ -358,6 +398,42 @@ class KafkaBackend(Backend):
                 service=self.subscriptions.service,
             )
             self.bridge.start()
+            await self._store_schemas()
+
+    async def _store_schemas(self) -> None:
+        """Write this worker's typed handlers' schemas to the schema topic, and
+        tombstones for its service's handlers gone (:func:`~eventbus.kafka.schemas.store_schemas`).
+        A failure is logged: the handlers run anyway, unchecked by publishers."""
+        assert self.router is not None and self.producer is not None
+        service = self.subscriptions.service
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                written, removed = await store_schemas(
+                    self.config,
+                    self.producer,
+                    self.schema_topic,
+                    service,
+                    self.router.subscriptions.handlers(),
+                    READ_TIMEOUT,
+                )
+        except Exception as exc:
+            schema_logger.warning(
+                "Could not store the handlers' schemas in %s (%s: %s): publishers cannot "
+                "check their event classes against them until a worker of %s does.",
+                self.schema_topic,
+                type(exc).__name__,
+                exc,
+                service,
+            )
+            return
+        if written or removed:
+            schema_logger.info(
+                "Stored %d handler schema(s) of %s in %s, removed %d.",
+                written,
+                service,
+                self.schema_topic,
+                removed,
+            )
 
     def _start_error(self, exc: BaseException) -> str:
         """What a producer that failed to start means, and what to do about it."""
@@ -393,6 +469,7 @@ class KafkaBackend(Backend):
                 )
         producer, self.producer = self.producer, None
         await self._lag_reader.close()
+        await self._schema_view.close()
         await self.dead_letters.detach(max(0.0, deadline - time.monotonic()))
         await asyncio.to_thread(self.dead_letters.close)
         if bridge is not None:
@@ -452,6 +529,8 @@ class KafkaBackend(Backend):
         if any(outgoing.deliver_at is not None for outgoing in events):
             # An outbox row written with a delay under another backend's settings.
             raise PublishError(self.delay_refusal() + "; nothing was published")
+        if self.schema_check.mode != "off" and time.monotonic() >= self._schema_skip_until:
+            await self._check_schemas(events)  # a dict lookup per event, once checked
 
         async def send_all() -> list[Any]:
             futures = []
@@ -484,6 +563,46 @@ class KafkaBackend(Backend):
             if metadata.offset > produced.get(tp, -1):
                 produced[tp] = metadata.offset
         return set()
+
+    async def _check_schemas(self, events: list[OutgoingEvent]) -> None:
+        """Check the events' classes against the schemas their topics' live
+        subscribers stored (:class:`~eventbus.contracts.live.LiveSchemaCheck`): the
+        schema topic is read (caught up to its end) only for a class and topic
+        without a fresh verdict, for at most
+        :data:`~eventbus.kafka.schemas.READ_TIMEOUT` seconds (or ``publish_timeout``
+        when shorter).  Unreadable: ``error`` refuses the publish, ``warn``
+        publishes unchecked for :data:`~eventbus.contracts.live.CACHE_TTL` seconds."""
+
+        async def read(topics: list[str]) -> dict[str, list[SubscriberSchema]]:
+            async with asyncio.timeout(min(READ_TIMEOUT, self.publish_timeout)):
+                schemas = await self._schema_view.catch_up()
+            return by_topic(schemas.values(), topics)
+
+        try:
+            await self.schema_check.check_with((o.event for o in events), read)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if self.schema_check.mode == "error":  # refusing what cannot be checked
+                raise PublishError(
+                    f"could not read the subscribers' schemas from {self.schema_topic} on "
+                    f"Kafka at {self.address()}: {reason}; nothing was published "
+                    "(EVENTBUS_SCHEMA_CHECK=error)"
+                ) from exc
+            # warn: the check is advice; the publish goes on and, if Kafka is really
+            # unreachable, fails with its own error.
+            self._schema_skip_until = time.monotonic() + self.schema_check.ttl
+            schema_logger.debug(
+                "Schema check skipped: the subscribers' schemas unreadable (%s)", reason
+            )
+
+    def live_schemas(self, topics: Collection[str]) -> list[SubscriberSchema]:
+        """The schemas the live subscribers of ``topics`` stored in the schema topic
+        (blocking: reads it to its end once; what ``eventbus schema check --live``
+        checks against)."""
+        view = asyncio.run(
+            asyncio.wait_for(read_schemas(self.config, self.schema_topic), READ_TIMEOUT)
+        )
+        return [s for sub in by_topic(view.schemas.values(), topics).values() for s in sub]
 
     def replay(self, record: FailedEvent, handler: str | None = None) -> None:
         """Publish a dead letter's event again, for the handler that failed on it only
