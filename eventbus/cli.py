@@ -356,7 +356,7 @@ def _schema_parser(commands: Any, command: Any) -> None:
         "--live",
         action="store_true",
         help="instead, check them (as their publisher) against the schemas the live "
-        "subscribers of their topics stored in the broker (Redis; EVENTBUS_* settings)",
+        "subscribers of their topics stored in the broker (Redis, Kafka; EVENTBUS_* settings)",
     )
 
 
@@ -615,6 +615,7 @@ def _schema_live(modules: Sequence[str], bus: EventBus, out: TextIO) -> int:
     any breaks."""
     from eventbus.backends import StoresSubscriptions
     from eventbus.contracts.live import (
+        ReadsLiveSchemas,
         SubscriberSchema,
         check_live,
         default_topic,
@@ -622,7 +623,7 @@ def _schema_live(modules: Sequence[str], bus: EventBus, out: TextIO) -> int:
     )
 
     backend = bus.backend
-    if not isinstance(backend, StoresSubscriptions):
+    if not isinstance(backend, StoresSubscriptions | ReadsLiveSchemas):
         raise Refused(
             f"the {backend.name} backend stores no subscriptions, so no live schemas: "
             f"{backend.subscriptions_home()}"
@@ -638,13 +639,17 @@ def _schema_live(modules: Sequence[str], bus: EventBus, out: TextIO) -> int:
     if not classes:
         raise Refused(f"no event class with a default topic in {', '.join(modules)}")
     topics = {default_topic(cls) for cls in classes}
-    rows = [r for r in backend.subscription_list() if r.topic in topics]
-    schemas = backend.stored_schemas(r.schema for r in rows if r.schema)
-    subscribers = [
-        SubscriberSchema(r.service, r.topic, r.handler, r.schema, schemas[r.schema])
-        for r in rows
-        if r.schema and r.schema in schemas
-    ]
+    subscribers: list[SubscriberSchema]
+    if isinstance(backend, ReadsLiveSchemas):  # no subscription store: a schema topic
+        subscribers = backend.live_schemas(topics)
+    else:
+        rows = [r for r in backend.subscription_list() if r.topic in topics]
+        schemas = backend.stored_schemas(r.schema for r in rows if r.schema)
+        subscribers = [
+            SubscriberSchema(r.service, r.topic, r.handler, r.schema, schemas[r.schema])
+            for r in rows
+            if r.schema and r.schema in schemas
+        ]
     found = check_live(classes, subscribers)
     checked = len({(s.service, s.handler) for s in subscribers})
     lines = [printable(str(m)) for m in found]
