@@ -1,0 +1,17 @@
+"""The shop's ``OrderPlaced`` with a new optional field: billing still accepts it."""
+
+from __future__ import annotations
+
+import os
+
+from eventbus import BaseEvent
+
+TOPIC = os.environ.get("KAFKA_LIVE_TOPIC", "kafka.live.order.placed")
+
+
+class OrderPlaced(BaseEvent):
+    __event_type__ = "kafka_live.OrderPlaced"  # the same whatever the test's topic
+    topic: str = TOPIC
+    order_id: int
+    total_cents: int
+    note: str | None = None
