@@ -356,3 +356,26 @@ async def test_error_mode_refuses_when_the_schema_topic_cannot_be_read(live: Liv
     finally:
         broker.stop()
         await bus.stop()
+
+
+def test_reading_the_schema_topic_needs_no_compaction() -> None:
+    from eventbus.contracts.live import SubscriberSchema
+    from eventbus.kafka.schemas import fold, record_value
+
+    schema = {"type": "object", "properties": {"order_id": {"type": "integer"}}}
+    first = record_value("billing", "bill", "t", {**schema, "title": "v1"})
+    second = record_value("billing", "bill", "t", {**schema, "title": "v2"})
+    other = record_value("billing", "refund", "t", schema)
+    into: dict[str, SubscriberSchema] = {}
+    # Uncompacted: every record since the start, older ones first.
+    fold(
+        [
+            (b"billing|bill", first),
+            (b"billing|refund", other),
+            (b"billing|bill", second),
+            (b"billing|refund", None),
+        ],
+        into,
+    )
+    assert list(into) == ["billing|bill"]  # the tombstone removed refund
+    assert into["billing|bill"].schema["title"] == "v2"  # the last record wins
