@@ -146,6 +146,26 @@ def require_redis_server_binary() -> None:
         pytest.skip(message)
 
 
+def redis_cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``eventbus ARGS`` in a subprocess, as an operator runs it against ``redis_url``
+    and ``namespace`` (the test process's own ``EVENTBUS_*`` variables left out)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "EVENTBUS_BACKEND": "redis",
+        "EVENTBUS_REDIS_URL": redis_url,
+        "EVENTBUS_REDIS_NAMESPACE": namespace,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "eventbus.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` every 50 ms until true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

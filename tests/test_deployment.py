@@ -21,6 +21,7 @@ from tests.redis_support import (  # noqa: E402
     TEST_REDELIVERY_TIMEOUT,
     Workers,
     free_port,
+    redis_cli,
     sync_subscriptions,
     unfinished,
     wait_settled,
@@ -96,26 +97,8 @@ def runs(r: redis.Redis, namespace: str, handler: str) -> int:
     return int(r.get(f"{namespace}:test:{handler}:runs") or 0)
 
 
-def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "EVENTBUS_BACKEND": "redis",
-        "EVENTBUS_REDIS_URL": redis_url,
-        "EVENTBUS_REDIS_NAMESPACE": namespace,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventbus.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def subscriptions(redis_url: str, namespace: str) -> dict[str, dict[str, object]]:
-    done = cli(redis_url, namespace, "subscriptions", "list", "--json")
+    done = redis_cli(redis_url, namespace, "subscriptions", "list", "--json")
     assert done.returncode == 0, done.stderr
     return {f"{row['service']}|{row['handler']}": row for row in json.loads(done.stdout)}
 
@@ -177,7 +160,7 @@ def test_two_services_on_one_redis_each_get_every_event_once(
     }
     assert listed["shipping|orders.email"]["queue"] == "shipping.eventbus"
     assert listed["tests|orders.email"]["queue"] == "tests.eventbus"
-    dlq = cli(redis_url, namespace, "dlq", "list", "--json")
+    dlq = redis_cli(redis_url, namespace, "dlq", "list", "--json")
     assert json.loads(dlq.stdout)["size"] == 0  # nothing dead-lettered as ActorNotFound
 
 
@@ -213,12 +196,14 @@ def test_rolling_deploy_adds_then_deletes_a_handler(
     assert listed["tests|orders.invoice"]["live_workers"] == 0
     assert listed["tests|orders.audit"]["live_workers"] == 1
 
-    refused = cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice")
+    refused = redis_cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice")
     assert refused.returncode == 2 and "--yes" in refused.stdout + refused.stderr
-    removed = cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice", "--yes")
+    removed = redis_cli(redis_url, namespace, "subscriptions", "remove", "orders.invoice", "--yes")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert "15 waiting event(s) dead-lettered" in removed.stdout
-    dlq = json.loads(cli(redis_url, namespace, "dlq", "list", "--json", "--limit", "100").stdout)
+    dlq = json.loads(
+        redis_cli(redis_url, namespace, "dlq", "list", "--json", "--limit", "100").stdout
+    )
     assert dlq["size"] == 15
     assert {item["error_type"] for item in dlq["items"]} == {"SubscriptionRemoved"}
     assert {item["handler"] for item in dlq["items"]} == {"orders.invoice"}

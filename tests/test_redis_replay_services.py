@@ -12,8 +12,6 @@ service's handler only: the other service gets no duplicate.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ from pydantic import BaseModel
 
 pytest.register_assert_rewrite("tests.redis_support")
 from eventbus import BaseEvent, EventBus  # noqa: E402
-from tests.redis_support import ROOT, Workers, wait_settled, wait_until  # noqa: E402
+from tests.redis_support import ROOT, Workers, redis_cli, wait_settled, wait_until  # noqa: E402
 
 pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
@@ -43,24 +41,6 @@ def handled(out: Path) -> list[str]:
     return out.read_text().splitlines() if out.exists() else []
 
 
-def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTBUS_")}
-    env |= {
-        "PYTHONPATH": str(ROOT),
-        "EVENTBUS_BACKEND": "redis",
-        "EVENTBUS_REDIS_URL": redis_url,
-        "EVENTBUS_REDIS_NAMESPACE": namespace,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventbus.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 class Record(BaseModel):
     id: str
     handler: str
@@ -69,7 +49,7 @@ class Record(BaseModel):
 
 
 def dead_letters(redis_url: str, namespace: str) -> list[Record]:
-    done = cli(redis_url, namespace, "dlq", "list", "--json")
+    done = redis_cli(redis_url, namespace, "dlq", "list", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     return [Record.model_validate(item) for item in json.loads(done.stdout)["items"]]
 
@@ -108,21 +88,21 @@ async def test_two_services_dead_letters_are_replayed_each_to_its_own_service(
     assert billing.handler == mailer.handler == HANDLER
     assert "billing cannot handle order 7" in billing.error
     assert "mailer cannot handle order 7" in mailer.error
-    listed = json.loads(cli(redis_url, namespace, "subscriptions", "list", "--json").stdout)
+    listed = json.loads(redis_cli(redis_url, namespace, "subscriptions", "list", "--json").stdout)
     assert {(r["service"], r["handler"]) for r in listed} == {
         ("billing", HANDLER),
         ("mailer", HANDLER),
     }
 
     fail.unlink()
-    replayed = cli(redis_url, namespace, "dlq", "replay", billing.id)
+    replayed = redis_cli(redis_url, namespace, "dlq", "replay", billing.id)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     wait_until(lambda: handled(out) == ["billing 7"], 20, "billing's replay")
     wait_settled(redis_url, namespace)  # every delivery done: the counts are final
     assert handled(out) == ["billing 7"]  # mailer got no duplicate
     assert [r.id for r in dead_letters(redis_url, namespace)] == [mailer.id]
 
-    replayed = cli(redis_url, namespace, "dlq", "replay", mailer.id)
+    replayed = redis_cli(redis_url, namespace, "dlq", "replay", mailer.id)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     wait_until(lambda: "mailer 7" in handled(out), 20, "mailer's replay")
     wait_settled(redis_url, namespace)

@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -26,8 +23,8 @@ from eventbus import EventBus  # noqa: E402
 from eventbus.redis import consumer  # noqa: E402
 from eventbus.redis.subscriptions import list_subscriptions  # noqa: E402
 from tests.redis_support import (  # noqa: E402
-    ROOT,
     Workers,
+    redis_cli,
     sync_subscriptions,
     wait_until,
 )
@@ -36,24 +33,6 @@ pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(120)
 
 V1, V2 = "tests.deploy.orders_v1", "tests.deploy.orders_v2"
-
-
-def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "EVENTBUS_BACKEND": "redis",
-        "EVENTBUS_REDIS_URL": redis_url,
-        "EVENTBUS_REDIS_NAMESPACE": namespace,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventbus.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def parked(redis_url: str, namespace: str, handler: str) -> int:
@@ -129,7 +108,7 @@ async def test_a_mistyped_topic_is_pointed_out_at_boot_and_by_subscriptions_list
     [line] = [ln for ln in worker.output().splitlines() if "did you mean" in ln]
     assert "'deploy.ordres'" in line and "did you mean 'deploy.orders'?" in line
 
-    listed = cli(redis_url, namespace, "subscriptions", "list")
+    listed = redis_cli(redis_url, namespace, "subscriptions", "list")
     assert listed.returncode == 0, listed.stderr
     assert "typo.ordres" in listed.stdout
     [warning] = listed.stderr.splitlines()
@@ -143,7 +122,7 @@ async def test_a_topic_only_one_service_subscribes_is_no_typo_by_itself(
     redis_url: str, namespace: str, workers: Workers
 ) -> None:
     worker = workers.start(("tests.typo_handlers", V1), threads=1)
-    listed = cli(redis_url, namespace, "subscriptions", "list")
+    listed = redis_cli(redis_url, namespace, "subscriptions", "list")
     # deploy.ordres is close to deploy.orders, which V1 subscribes: same service,
     # both subscribed, neither published yet: nothing says one is a typo of the other
     assert "warning" not in listed.stderr, listed.stderr
