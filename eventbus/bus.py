@@ -518,10 +518,16 @@ class EventBus:
         return event
 
     def _outgoing(
-        self, event: BaseEvent, span: EventSpan, cid: str, due: int | None = None
+        self,
+        event: BaseEvent,
+        span: EventSpan,
+        cid: str,
+        due: int | None,
+        cause: BaseEvent | None,
     ) -> OutgoingEvent:
+        """``event`` encoded for the backend; ``cause``: the event being handled here
+        (its id becomes the causation id), looked up once per publish."""
         metadata = {CORRELATION_ID: cid}
-        cause = get_current_event()
         if cause is not None:
             metadata[CAUSATION_ID] = cause.event_id
         own = event.metadata.get(CORRELATION_ID)
@@ -665,6 +671,7 @@ class EventBus:
         self, batch: list[BaseEvent], cid: str, due: int | None = None
     ) -> None:
         parent = get_current_span()
+        cause = get_current_event()
         tracer = self.tracer
         started = time.perf_counter()
         spans: list[EventSpan] = []
@@ -680,7 +687,7 @@ class EventBus:
                 else:
                     span = _UNTRACED
                 spans.append(span)
-                outgoing.append(self._outgoing(event, span, cid, due))
+                outgoing.append(self._outgoing(event, span, cid, due, cause))
             unrouted = await self.backend.publish(outgoing, strict=strict)
         except Exception as exc:
             for span in spans if traced else ():
@@ -715,6 +722,7 @@ class EventBus:
             )
         cid = correlation_id_var.get() or new_correlation_id()
         parent = get_current_span()
+        cause = get_current_event()
         tracer = self.tracer
         traced = not isinstance(tracer, NoopTracer)
         spans: list[EventSpan] = []
@@ -727,7 +735,7 @@ class EventBus:
                         "publish", topic=event.topic, event_id=event.event_id, parent_span=parent
                     )
                     spans.append(span)
-                outgoing.append(self._outgoing(event, span, cid, due))
+                outgoing.append(self._outgoing(event, span, cid, due, cause))
             await outbox.write(session, outgoing)
         except Exception as exc:
             for span in spans:

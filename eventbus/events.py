@@ -270,14 +270,29 @@ def encode_envelope(event: BaseEvent, metadata: dict[str, str] | None = None) ->
     # ser_json_inf_nan): look for them only when one of those can be in the text.
     if b"null" in body or b"NaN" in body or b"Infinity" in body:
         _refuse_non_finite(event)
-    head = b'{"type":' + to_json(event.event_type)
-    version = event.event_version
-    if version != 1:
-        head += b',"version":' + str(version).encode()
-    envelope = head + b',"event":' + body + b"}"
+    envelope = _head(event.event_type, event.event_version) + b',"event":' + body + b"}"
     if text_too_deep(envelope):
         raise ValueError(f"{_TOO_DEEP}: a consumer could not decode it")
     return envelope
+
+
+#: Envelope openings (``{"type":...`` and the version when not 1) by type name and
+#: version, each encoded once; emptied when it reaches :data:`_HEADS_MAX` entries.
+_HEADS: dict[tuple[str, int], bytes] = {}
+_HEADS_MAX = 1024
+
+
+def _head(type_name: str, version: int) -> bytes:
+    """The envelope's opening up to the ``"event"`` key, for a type name and version."""
+    head = _HEADS.get((type_name, version))
+    if head is None:
+        head = b'{"type":' + to_json(type_name)
+        if version != 1:
+            head += b',"version":' + str(version).encode()
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[type_name, version] = head
+    return head
 
 
 def _refuse_non_finite(event: BaseEvent) -> None:

@@ -44,7 +44,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
@@ -77,19 +77,14 @@ from eventbus.health import HealthResult, HealthStatus, dispatcher_liveness
 from eventbus.kafka.bridge import BridgeMiddleware, KafkaBridge
 from eventbus.kafka.config import (
     HEADER_CORRELATION_ID,
-    HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE,
     HEADER_REPLAY_HANDLER,
     HEADER_REPLAY_OF,
     HEADER_REPLAY_SERVICE,
-    HEADER_TRACEPARENT,
-    TRACE_CONTEXT_HEADERS,
     KafkaConfig,
-    format_traceparent,
 )
 from eventbus.kafka.dlq import KafkaDeadLetterStore
 from eventbus.kafka.lag import LagReader
-from eventbus.kafka.records import POISON_HANDLER, dead_letter_address
+from eventbus.kafka.records import POISON_HANDLER, RecordHeaders, dead_letter_address
 from eventbus.kafka.schemas import (
     DEFAULT_SCHEMA_TOPIC,
     READ_TIMEOUT,
@@ -490,21 +485,7 @@ class KafkaBackend(Backend):
         """The headers of an event's record: type, id, correlation id and the trace
         context (the tracer's propagation fields, else a ``traceparent`` built from
         the publish span's ids when they are W3C ids)."""
-        headers = [
-            (HEADER_EVENT_TYPE, outgoing.event.event_type.encode()),
-            (HEADER_EVENT_ID, outgoing.event.event_id.encode()),
-            (HEADER_CORRELATION_ID, outgoing.correlation_id.encode()),
-        ]
-        context = outgoing.trace_context
-        if context:
-            headers.extend(
-                (name, context[name].encode()) for name in TRACE_CONTEXT_HEADERS if name in context
-            )
-        else:
-            traceparent = format_traceparent(outgoing.trace_id, outgoing.span_id)
-            if traceparent is not None:
-                headers.append((HEADER_TRACEPARENT, traceparent.encode()))
-        return headers
+        return RecordHeaders().of(outgoing)
 
     def delay_refusal(self) -> str:
         return (
@@ -522,8 +503,10 @@ class KafkaBackend(Backend):
         reads it from the earliest offset.
 
         Raises:
-          PublishError: Not started, or the brokers did not acknowledge every record
-            within ``publish_timeout`` seconds (some may still arrive).
+          PublishError: Not started; the brokers did not acknowledge every record
+            within ``publish_timeout`` seconds (some may still arrive); or the
+            producer or the brokers refused a record (the message names the event;
+            the publish's other records may have been written).
         """
         producer = self._require_producer()
         if any(outgoing.deliver_at is not None for outgoing in events):
@@ -532,37 +515,72 @@ class KafkaBackend(Backend):
         if self.schema_check.mode != "off" and time.monotonic() >= self._schema_skip_until:
             await self._check_schemas(events)  # a dict lookup per event, once checked
 
-        async def send_all() -> list[Any]:
-            futures = []
-            for outgoing in events:
-                futures.append(
-                    await producer.send(
-                        outgoing.event.topic,
-                        value=outgoing.envelope,
-                        key=outgoing.event.partition_key().encode(),
-                        headers=self.record_headers(outgoing),
-                    )
-                )
-            if len(futures) == 1:
-                return [await futures[0]]
-            return list(await asyncio.gather(*futures))
-
+        headers = RecordHeaders()
+        send = producer.send
+        futures: list[asyncio.Future[Any]] = []
+        append = futures.append
+        sent: list[Any]
         try:
             async with asyncio.timeout(self.publish_timeout):  # no extra task, unlike wait_for
-                sent = await send_all()
+                # Every record joins its batch before any acknowledgement is awaited;
+                # then one wait for all of them.
+                for outgoing in events:
+                    append(
+                        await send(
+                            outgoing.event.topic,
+                            value=outgoing.envelope,
+                            key=outgoing.event.partition_key().encode(),
+                            headers=headers.of(outgoing),
+                        )
+                    )
+                if len(futures) == 1:
+                    try:
+                        sent = [await futures[0]]
+                    except KafkaError as exc:  # this record's own failure, named below
+                        sent = [exc]
+                else:
+                    sent = await asyncio.gather(*futures, return_exceptions=True)
         except TimeoutError:
             raise PublishError(
                 f"Kafka at {self.config.bootstrap_servers} did not acknowledge "
                 f"{len(events)} event(s) within {self.publish_timeout:g}s"
             ) from None
         except Exception as exc:
+            if len(futures) < len(events):  # the producer refused this record outright
+                raise self._refused([(events[len(futures)], exc)], len(futures)) from exc
             raise PublishError(f"Kafka refused the event(s): {type(exc).__name__}: {exc}") from exc
+        failed = [(o, r) for o, r in zip(events, sent, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            self._note_produced(r for r in sent if not isinstance(r, BaseException))
+            raise self._refused(failed, len(events) - len(failed))
+        self._note_produced(sent)
+        return set()
+
+    def _refused(
+        self, failed: list[tuple[OutgoingEvent, BaseException]], others: int
+    ) -> PublishError:
+        """The error of a publish whose record(s) ``failed`` Kafka refused, naming the
+        first of them; ``others``: how many other records of the publish were sent
+        (and may have been written)."""
+        outgoing, exc = failed[0]
+        event = outgoing.event
+        more = f" and {len(failed) - 1} other event(s)" if len(failed) > 1 else ""
+        sent = f"; {others} other event(s) of this publish were sent" if others else ""
+        error = PublishError(
+            f"Kafka at {self.config.bootstrap_servers} refused event {event.event_id} "
+            f"({event.event_type}, topic {event.topic!r}){more}: {type(exc).__name__}: "
+            f"{exc}{sent}"
+        )
+        error.__cause__ = exc
+        return error
+
+    def _note_produced(self, sent: Iterable[Any]) -> None:
+        """Remember the last offset produced to each partition (what ``drain`` awaits)."""
         produced = self._produced
         for metadata in sent:
             tp = metadata.topic_partition
             if metadata.offset > produced.get(tp, -1):
                 produced[tp] = metadata.offset
-        return set()
 
     async def _check_schemas(self, events: list[OutgoingEvent]) -> None:
         """Check the events' classes against the schemas their topics' live

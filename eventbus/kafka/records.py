@@ -1,5 +1,6 @@
-"""From a Kafka record to what the bridge dispatches: its envelope, its message
-options, or, for a record that can never become an event, its dead letter."""
+"""From an event to its Kafka record's headers (:class:`RecordHeaders`), and from a
+Kafka record to what the bridge dispatches: its envelope, its message options, or,
+for a record that can never become an event, its dead letter."""
 
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ from eventbus.events import (
 from eventbus.exceptions import EventDecodeError
 from eventbus.kafka.config import (
     HEADER_CORRELATION_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TYPE,
     HEADER_REPLAY_OF,
     HEADER_TRACEPARENT,
     TRACE_CONTEXT_HEADERS,
+    format_traceparent,
     parse_traceparent,
 )
 
 if TYPE_CHECKING:
     from aiokafka import ConsumerRecord
+
+    from eventbus.backends.base import OutgoingEvent
 
 #: Error type of dead letters written for poison records.
 POISON_ERROR_TYPE = "EventDecodeError"
@@ -60,6 +66,49 @@ def dead_letter_address(record: FailedEvent) -> tuple[str, str] | None:
     if match is None or match["topic"] != record.topic or match["handler"] != record.handler:
         return None
     return match["service"], match["handler"]
+
+
+#: A record header: its name and its value.
+Header = tuple[str, bytes]
+
+
+class RecordHeaders:
+    """The headers of one publish's records: event type, event id, correlation id and
+    the trace context (the tracer's propagation fields, else a ``traceparent`` built
+    from the publish span's ids when they are W3C ids).
+
+    What the events of a batch share is encoded once: the type header of each class
+    and the correlation id header (usually one per batch).  Use one instance per
+    publish call; the header tuples it returns are shared between records.
+    """
+
+    def __init__(self) -> None:
+        self._types: dict[str, Header] = {}
+        self._cid = ""
+        self._cid_header: Header = (HEADER_CORRELATION_ID, b"")
+
+    def of(self, outgoing: OutgoingEvent) -> list[Header]:
+        """The headers of ``outgoing``'s record."""
+        event = outgoing.event
+        type_name = event.event_type
+        type_header = self._types.get(type_name)
+        if type_header is None:
+            type_header = self._types[type_name] = (HEADER_EVENT_TYPE, type_name.encode())
+        cid = outgoing.correlation_id
+        if cid != self._cid or not cid:
+            self._cid = cid
+            self._cid_header = (HEADER_CORRELATION_ID, cid.encode())
+        headers = [type_header, (HEADER_EVENT_ID, event.event_id.encode()), self._cid_header]
+        context = outgoing.trace_context
+        if context:
+            headers.extend(
+                (name, context[name].encode()) for name in TRACE_CONTEXT_HEADERS if name in context
+            )
+        elif outgoing.trace_id:
+            traceparent = format_traceparent(outgoing.trace_id, outgoing.span_id)
+            if traceparent is not None:
+                headers.append((HEADER_TRACEPARENT, traceparent.encode()))
+        return headers
 
 
 class Poison(Exception):
