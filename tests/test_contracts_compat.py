@@ -525,6 +525,39 @@ def test_a_version_with_upcasters_skips_only_the_backward_check(tmp_path: Path) 
     assert check_snapshot(contracts_of({name: upcast}), recorded, "backward").ok
 
 
+def test_the_version_keys_of_live_schemas_are_no_breaking_change(tmp_path: Path) -> None:
+    # Live subscriber schemas carry the class's version and upcasters ("x-" keys);
+    # neither the compatibility engine nor snapshots count them as a change.
+    from eventbus.contracts import check_snapshot, read_contracts
+    from eventbus.contracts.live import live_schema
+    from eventbus.contracts.schemas import UPCASTS_KEY, VERSION_KEY
+    from eventbus.contracts.snapshot import contracts_of
+    from eventbus.upcasting import upcaster
+
+    v1 = _event({"order_id": int, "note": (str, "")})
+    v3 = _event({"order_id": int, "note": (str, "")})
+    v3.__event_type__ = v1.__event_type__
+    v3.__event_version__ = 3
+
+    @upcaster(v3, from_version=2)
+    def same(fields: dict[str, Any]) -> dict[str, Any]:
+        return fields
+
+    old, new = live_schema(v1), live_schema(v3)
+    assert VERSION_KEY not in old and UPCASTS_KEY not in old  # version 1: as before
+    assert (new[VERSION_KEY], new[UPCASTS_KEY]) == (3, [2])
+    assert _modes(old, new) == {"backward": [], "forward": [], "full": []}
+    assert check(new, old, "full_transitive", history=[new, old]) == []
+    # A snapshot holds the plain schema: the keys never reach a committed file.
+    name = v1.__event_type__
+    document = snapshot({name: v3})
+    assert document["events"][name]["schema"] == event_schema(v3)
+    path = tmp_path / "contracts.json"
+    path.write_text(dump(snapshot({name: v1})))
+    result = check_snapshot(contracts_of({name: v3}), read_contracts(path), "full")
+    assert result.breaking == []
+
+
 def test_an_asyncapi_document_is_read_as_another_services_contracts(tmp_path: Path) -> None:
     from eventbus.contracts import check_against, read_contracts
     from eventbus.contracts.snapshot import contracts_of

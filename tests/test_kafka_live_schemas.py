@@ -300,6 +300,35 @@ async def test_compatible_class_passes_silently(
     )
 
 
+async def test_older_version_passes_check_and_publish_when_the_subscriber_upcasts_it(
+    live: Live,
+    start_worker: Callable[..., subprocess.Popen[bytes]],
+    shop: Callable[..., tuple[EventBus, InMemoryMetricsCollector]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Billing reads version 2 ("amount_cents") and upcasts version 1, which the
+    # shop still writes ("total_cents"): the schemas differ, billing reads it.
+    start_worker("tests.kafka_live.upcasted")
+    records = await wait_stored(live, BILL)
+    stored = json.loads(records[f"{live.billing}|{BILL}"] or b"")
+    assert stored["schema"]["x-eventbus-version"] == 2
+    assert stored["schema"]["x-eventbus-upcasts-from"] == [1]
+    done = await asyncio.to_thread(
+        cli, live, "schema", "check", "--live", "tests.kafka_live.compatible"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 breaking change(s)" in done.stdout
+    bus, metrics = shop("error")
+    await bus.start()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        await bus.publish(
+            compatible.OrderPlaced(topic=live.topic, order_id=9, total_cents=250, note=None)
+        )
+    assert not [r for r in caplog.records if r.name == SCHEMA_LOGGER]
+    assert not metrics.schema_mismatches
+    await wait_for(lambda: "bill 9 250" in live.handled(), WITHIN, "billing's handler")
+
+
 async def test_removed_handler_is_tombstoned_and_no_longer_reported(
     live: Live,
     start_worker: Callable[..., subprocess.Popen[bytes]],

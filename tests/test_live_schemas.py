@@ -21,16 +21,27 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from eventbus import EventBus, EventBusSettings
-from eventbus.contracts.live import SchemaMismatchError
+from eventbus import BaseEvent, EventBus, EventBusSettings
+from eventbus.contracts.compat import breaking_changes
+from eventbus.contracts.live import (
+    SchemaMismatchError,
+    SubscriberSchema,
+    live_mismatches,
+    live_schema,
+    schema_versions,
+)
+from eventbus.contracts.schemas import UPCASTS_KEY, VERSION_KEY, event_schema, schema_hash
 from eventbus.exceptions import ConfigurationError
 from eventbus.metrics import InMemoryMetricsCollector
 from eventbus.redis.backend import RedisBackend
+from eventbus.upcasting import upcaster
 from tests.kafka_helpers import wait_for
+from tests.live_billing import events as live_events
 from tests.live_shop import breaking, compatible
 from tests.redis_support import (  # noqa: F401
     ROOT,
@@ -296,3 +307,159 @@ def test_prometheus_counts_schema_mismatches_per_topic_and_subscriber() -> None:
     collector.inc_schema_mismatch(TOPIC, f"billing/{BILL}")
     labels = {"topic": TOPIC, "subscriber": f"billing/{BILL}"}
     assert registry.get_sample_value("eventbus_schema_mismatch_total", labels) == 2.0
+
+
+# -- versions and upcasters (issue 20: billing moves to version 2 first) -----------
+
+BILL_V2 = "live_billing_v2.bill"
+
+
+def test_schema_check_live_trusts_the_subscribers_upcaster_from_the_publishers_version(
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    sync_subscriptions(
+        redis_url, namespace, ("tests.live_billing_v2.handlers",), {"EVENTBUS_SERVICE": "billing"}
+    )
+    # The shop still writes version 1 ("total_cents"); billing reads version 2
+    # ("amount_cents") and upcasts version 1: the schemas differ, billing reads it.
+    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 breaking change(s)" in done.stdout
+    assert "1 live subscriber schema(s)" in done.stdout  # billing's schema was read
+
+
+def test_schema_check_live_names_the_missing_upcaster_when_the_subscriber_has_none(
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    sync_subscriptions(
+        redis_url,
+        namespace,
+        ("tests.live_billing_v2.no_upcaster",),
+        {"EVENTBUS_SERVICE": "billing"},
+    )
+    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    assert done.returncode == 1, done.stdout + done.stderr
+    [line] = [line for line in done.stdout.splitlines() if "->" in line]
+    assert line == (
+        f"OrderPlaced -> service billing, handler {BILL_V2} (topic {TOPIC}): writes version 1; "
+        "the handler reads version 2 and has no upcaster: register "
+        "@upcaster(OrderPlaced, from_version=1)"
+    )
+
+
+async def test_publisher_of_an_older_version_passes_when_the_subscriber_upcasts_it(
+    shop: Publisher,
+    workers: Workers,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = tmp_path / "handled"
+    workers.start(
+        ("tests.live_billing_v2.handlers",),
+        threads=1,
+        env={"EVENTBUS_SERVICE": "billing", "LIVE_OUT": str(out)},
+    )
+    bus, metrics = shop("error")
+    await bus.start()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        await bus.publish(compatible.OrderPlaced(order_id=7, total_cents=250, note=None))
+    assert not [r for r in caplog.records if r.name == "eventbus.redis.schemas"]
+    assert not metrics.schema_mismatches
+    # Not a false pass: billing's version 2 handler reads it, upcast.
+    await wait_for(lambda: "bill 7 250" in handled(out), HANDLED_WITHIN, "billing's handler")
+
+
+async def test_publisher_of_an_older_version_is_refused_when_the_subscriber_cannot_upcast_it(
+    shop: Publisher,
+    redis_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+) -> None:
+    sync_subscriptions(
+        redis_url,
+        namespace,
+        ("tests.live_billing_v2.no_upcaster",),
+        {"EVENTBUS_SERVICE": "billing"},
+    )
+    bus, _ = shop("error")
+    await bus.start()
+    with pytest.raises(SchemaMismatchError) as refused:
+        await bus.publish(compatible.OrderPlaced(order_id=1, total_cents=5, note=None))
+    [mismatch] = refused.value.mismatches
+    assert mismatch.missing_upcasters == (1,)
+    assert "@upcaster(OrderPlaced, from_version=1)" in str(refused.value)
+
+
+def _stored(service: str, handler: str, schema: dict[str, Any]) -> SubscriberSchema:
+    """A subscriber schema as a worker stores it (content-addressed)."""
+    return SubscriberSchema(service, TOPIC, handler, schema_hash(schema), schema)
+
+
+class _PlacedV3(BaseEvent):
+    """A reader at version 3 (``total_cents`` -> ``amount_cents`` -> ``cents``)."""
+
+    __event_version__ = 3
+    topic: str = TOPIC
+    order_id: int
+    cents: int
+
+
+@upcaster(_PlacedV3, from_version=2)
+def _amount_to_cents(fields: dict[str, Any]) -> dict[str, Any]:
+    fields["cents"] = fields.pop("amount_cents")
+    return fields
+
+
+def test_a_publisher_older_than_the_subscribers_upcaster_chain_gets_one_line_naming_the_step() -> (
+    None
+):
+    reader = _stored("billing", "billing.bill", live_schema(_PlacedV3))
+    assert schema_versions(reader.schema) == (3, (2,))
+    [v1] = live_mismatches("OrderPlaced", live_schema(compatible.OrderPlaced), [reader])
+    assert str(v1) == (
+        f"OrderPlaced -> service billing, handler billing.bill (topic {TOPIC}): writes "
+        "version 1; the handler reads version 3 and upcasts from version 2 only: register "
+        "@upcaster(_PlacedV3, from_version=1)"
+    )
+    assert v1.missing_upcasters == (1,)
+    # Version 2 is covered by the chain: nothing, though the schemas differ.
+    from tests.live_billing_v2.events import OrderPlaced as PlacedV2
+
+    assert live_mismatches("OrderPlaced", live_schema(PlacedV2), [reader]) == []
+    assert breaking_changes(live_schema(PlacedV2), reader.schema)  # (they do differ)
+
+
+def test_a_gap_in_the_subscribers_chain_is_reported_for_the_versions_below_it() -> None:
+    reader = _stored(
+        "billing",
+        "billing.bill",
+        {**event_schema(_PlacedV3), VERSION_KEY: 4, UPCASTS_KEY: [1, 3]},
+    )
+    writer = live_schema(compatible.OrderPlaced)
+    [gap] = live_mismatches("OrderPlaced", writer, [reader])
+    assert gap.missing_upcasters == (2,)
+    assert "upcasts from versions 1, 3 only: register @upcaster(_PlacedV3, from_version=2)" in (
+        str(gap)
+    )
+
+
+def test_a_publisher_newer_than_the_subscriber_is_compared_by_schema() -> None:
+    # A newer payload is validated as it is: the schemas decide, as before versions.
+    from tests.live_billing_v2.upcasted import OrderPlaced as PlacedV2
+
+    reads_v1 = _stored("billing", "billing.bill", live_schema(live_events.OrderPlaced))
+    [renamed] = live_mismatches("OrderPlaced", live_schema(PlacedV2), [reads_v1])
+    assert renamed.breaking.path == "total_cents"
+    assert not renamed.missing_upcasters
+
+
+def test_schemas_stored_before_versions_read_as_version_1_without_upcasters() -> None:
+    # A version 1 class without upcasters stores what it stored before (same hash):
+    # subscribers already deployed are compared as they were.
+    assert live_schema(live_events.OrderPlaced) == event_schema(live_events.OrderPlaced)
+    old = _stored("billing", "billing.bill", event_schema(live_events.OrderPlaced))
+    assert schema_versions(old.schema) == (1, ())
+    [line] = live_mismatches("OrderPlaced", live_schema(breaking.OrderPlaced), [old])
+    assert line.breaking.path == "total_cents"
+    assert live_mismatches("OrderPlaced", live_schema(compatible.OrderPlaced), [old]) == []

@@ -14,11 +14,23 @@ hash, :mod:`eventbus.redis.schemas`), on Kafka as a record of the schema topic
   subscriber, and counts each event in ``eventbus_schema_mismatch_total``) or
   refuses with :class:`SchemaMismatchError` (``error``: nothing is published).
 
-The comparison is :func:`eventbus.contracts.compat.breaking_changes` with the
-publisher's class as the writer and the subscriber's stored schema as the
-reader: payloads the publisher can send that the subscriber would reject.
-Untyped handlers (``BaseEvent`` or no class) store nothing: they accept any
-payload.
+The stored schema (:func:`live_schema`) carries the handler's event version and
+the versions it has upcasters from (:mod:`eventbus.upcasting`), and the
+comparison follows what the handler's process does with the publisher's events:
+
+- the same version, or a publisher *newer* than the handler (its payload is
+  validated as it is): :func:`eventbus.contracts.compat.breaking_changes` with
+  the publisher's class as the writer and the subscriber's stored schema as the
+  reader, payloads the publisher can send that the subscriber would reject;
+- a publisher *older* than the handler: its payloads are upcast before
+  validation, so the check asks only whether the handler has an upcaster for
+  every step from the publisher's version up to its own.  When it has, nothing
+  is reported: the check trusts the upcasters (code, which it cannot run); when
+  a step is missing, one mismatch names the ``@upcaster`` to register.
+
+A stored schema without version keys (written before they existed) is version 1
+with no upcasters.  Untyped handlers (``BaseEvent`` or no class) store nothing:
+they accept any payload.
 """
 
 from __future__ import annotations
@@ -33,10 +45,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from eventbus.config import SchemaCheckMode
 from eventbus.contracts.compat import Breaking, breaking_changes
-from eventbus.contracts.schemas import event_schema, schema_hash
+from eventbus.contracts.schemas import UPCASTS_KEY, VERSION_KEY, event_schema, schema_hash
 from eventbus.events import BaseEvent
 from eventbus.exceptions import PublishError
 from eventbus.metrics import CountsSchemaMismatches, MetricsCollector
+from eventbus.upcasting import upcasters
 
 #: Seconds a publisher keeps its verdict on an event class and topic before it
 #: reads the topic's subscriber schemas again (a subscriber deployed with another
@@ -76,29 +89,96 @@ class LiveMismatch:
       event: The publisher's event class name.
       subscriber: The subscriber whose stored schema rejects some of its payloads.
       breaking: The change (field path and what is wrong).
+      missing_upcasters: The versions the subscriber needs an upcaster from to read
+        the publisher's (older) version; ``()`` for a change between schemas.
     """
 
     event: str
     subscriber: SubscriberSchema
     breaking: Breaking
+    missing_upcasters: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         sub = self.subscriber
+        head = f"{self.event} -> service {sub.service}, handler {sub.handler} (topic {sub.topic})"
+        if self.missing_upcasters:
+            return f"{head}: {self.breaking.change}"
         path = self.breaking.path or "(the whole event)"
-        return (
-            f"{self.event} -> service {sub.service}, handler {sub.handler} "
-            f"(topic {sub.topic}): field {path}: {self.breaking.change}"
-        )
+        return f"{head}: field {path}: {self.breaking.change}"
+
+
+def live_schema(event_class: type[BaseEvent]) -> dict[str, Any]:
+    """The schema a handler typed by ``event_class`` stores, and what a publisher of
+    the class compares with it: :func:`~eventbus.contracts.schemas.event_schema`
+    plus the class's ``__event_version__`` under ``"x-eventbus-version"`` when it
+    is not 1, and the versions it has upcasters from under
+    ``"x-eventbus-upcasts-from"`` when it has any.  A version 1 class without
+    upcasters stores exactly its ``event_schema`` (the hash it had before
+    versions were stored)."""
+    schema = event_schema(event_class)
+    version = event_class.__event_version__
+    if version != 1:
+        schema[VERSION_KEY] = version
+    steps = sorted(upcasters(event_class))
+    if steps:
+        schema[UPCASTS_KEY] = steps
+    return dict(sorted(schema.items()))
+
+
+def schema_versions(schema: dict[str, Any]) -> tuple[int, tuple[int, ...]]:
+    """``(version, versions upcast from)`` of a stored schema (:func:`live_schema`);
+    ``(1, ())`` for one without those keys or with values that are not versions."""
+
+    def is_version(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    version = schema.get(VERSION_KEY, 1)
+    steps = schema.get(UPCASTS_KEY, [])
+    return (
+        version if is_version(version) else 1,
+        tuple(sorted(v for v in steps if is_version(v))) if isinstance(steps, list) else (),
+    )
+
+
+def _missing_step(
+    event: str, sub: SubscriberSchema, writes: int, reads: int, steps: tuple[int, ...]
+) -> LiveMismatch | None:
+    """The mismatch of a publisher of version ``writes`` with a subscriber of version
+    ``reads`` (higher) upcasting from ``steps``; None when its chain covers ``writes``."""
+    missing = tuple(v for v in range(writes, reads) if v not in steps)
+    if not missing:
+        return None
+    name = str(sub.schema.get("title") or event)  # the subscriber's own class name
+    has = (
+        f"upcasts from version{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} only"
+        if steps
+        else "has no upcaster"
+    )
+    fix = " and ".join(f"@upcaster({name}, from_version={v})" for v in missing)
+    change = f"writes version {writes}; the handler reads version {reads} and {has}: register {fix}"
+    return LiveMismatch(event, sub, Breaking(event, "", change), missing)
 
 
 def live_mismatches(
     event: str, writer: dict[str, Any], subscribers: Iterable[SubscriberSchema]
 ) -> list[LiveMismatch]:
-    """The breaking changes between ``writer`` (the publisher's class schema, named
-    ``event``) and each of ``subscribers``' schemas; [] when every one accepts
-    whatever the publisher sends."""
+    """The breaking changes between ``writer`` (the publisher's class schema,
+    :func:`live_schema`, named ``event``) and each of ``subscribers``' schemas; []
+    when every one accepts whatever the publisher sends.
+
+    A subscriber of a higher version than the writer's is checked for its
+    upcasters only (see the module's docstring): one mismatch when a step from the
+    writer's version up is missing, none when the chain is whole.
+    """
+    writes, _ = schema_versions(writer)
     out = []
     for sub in subscribers:
+        reads, steps = schema_versions(sub.schema)
+        if writes < reads:
+            missing = _missing_step(event, sub, writes, reads, steps)
+            if missing is not None:
+                out.append(missing)
+            continue
         for breaking in breaking_changes(writer, sub.schema, event=event):
             out.append(LiveMismatch(event, sub, breaking))
     return out
@@ -135,7 +215,7 @@ def check_live(
     for cls in classes:
         readers = by_topic.get(default_topic(cls), [])
         if readers:
-            out += live_mismatches(cls.__name__, event_schema(cls), readers)
+            out += live_mismatches(cls.__name__, live_schema(cls), readers)
     return out
 
 
@@ -164,10 +244,11 @@ def refusal(mismatches: list[LiveMismatch]) -> SchemaMismatchError:
 
 def handler_schema(event_type: type[BaseEvent] | None) -> dict[str, Any] | None:
     """The schema a handler typed by ``event_type`` stores; None for an untyped
-    handler (no class, or ``BaseEvent`` itself: it accepts any payload)."""
+    handler (no class, or ``BaseEvent`` itself: it accepts any payload).  See
+    :func:`live_schema`."""
     if event_type is None or event_type is BaseEvent:
         return None
-    return event_schema(event_type)
+    return live_schema(event_type)
 
 
 @runtime_checkable
@@ -259,7 +340,7 @@ class LiveSchemaCheck:
                 if key not in self._warned:
                     self._warned.add(key)
                     self.log.warning(
-                        "Schema mismatch: %s. Its events will fail validation there and be "
+                        "Schema mismatch: %s. Its events will fail there and be "
                         "dead-lettered (EVENTBUS_SCHEMA_CHECK=error refuses such publishes).",
                         m,
                     )
@@ -308,7 +389,7 @@ class LiveSchemaCheck:
             if rows and cls is not BaseEvent:
                 writer = self._local.get(cls)
                 if writer is None:
-                    schema = event_schema(cls)
+                    schema = live_schema(cls)
                     writer = self._local[cls] = (schema, schema_hash(schema))
                 readers = [s for s in rows if s.hash != writer[1]]  # the same class: compatible
                 mismatches = live_mismatches(cls.__name__, writer[0], readers)

@@ -23,6 +23,14 @@ ENVELOPE_FIELDS: tuple[str, ...] = tuple(BaseEvent.model_fields)
 #: Key of the schema listing the envelope fields left out (informative).
 ENVELOPE_KEY = "x-eventbus-envelope"
 
+#: Key of a live subscriber schema holding its class's ``__event_version__``
+#: (absent: version 1).  Compatibility checks ignore ``x-`` keys.
+VERSION_KEY = "x-eventbus-version"
+
+#: Key of a live subscriber schema listing the versions its class has an upcaster
+#: from (``@upcaster(Cls, from_version=N)``), ascending (absent: none).
+UPCASTS_KEY = "x-eventbus-upcasts-from"
+
 
 def _sorted(value: Any) -> Any:
     if isinstance(value, dict):

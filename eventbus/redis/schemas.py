@@ -2,7 +2,8 @@
 
 A worker writing its subscriptions (:func:`eventbus.redis.subscriptions.register`)
 stores, for each handler typed by an event class, that class's JSON Schema
-(:func:`eventbus.contracts.schemas.event_schema`) once by content hash, and the
+with its version and upcasters (:func:`eventbus.contracts.live.live_schema`)
+once by content hash, and the
 hash in the subscription's record::
 
     {ns}:schemas            HASH  schema hash -> canonical JSON of the schema
