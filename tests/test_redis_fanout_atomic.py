@@ -25,7 +25,7 @@ from eventbus import BaseEvent, EventBus, PublishError
 from eventbus.backends.base import OutgoingEvent
 from eventbus.redis.backend import RedisBackend
 from eventbus.redis.resp import Command, RespClient, encode_command
-from eventbus.redis.scripts import backlog_key, bodies_key, ready_key, topic_key
+from eventbus.redis.scripts import WARM_FIELD, backlog_key, bodies_key, ready_key, topic_key
 from eventbus.redis.subscriptions import register
 from tests import redis_handlers as h
 
@@ -131,6 +131,54 @@ async def test_a_corrupt_key_of_one_subscription_fails_the_call_before_any_write
         None,
         b"0",
     )
+
+
+def left_behind(r: redis.Redis, namespace: str, queue: str, actor: str) -> list[str]:
+    """What of a failed call stayed in ``queue``'s keys (those of the right type)."""
+    left = []
+    for key, kind, size in (
+        (ready_key(namespace, queue), b"list", r.llen),
+        (bodies_key(namespace, queue), b"hash", r.hlen),
+    ):
+        if r.type(key) in (kind, b"none") and size(key):
+            left.append(key)
+    counter = backlog_key(namespace, queue)
+    if r.type(counter) in (b"hash", b"none") and r.hget(counter, actor) not in (
+        None,
+        b"0",
+        b"many",
+    ):
+        left.append(f"{counter} {actor}")
+    return left
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("queue", [FIRST, SECOND])
+async def test_one_event_past_the_warm_up_is_all_or_none_too(
+    bus: EventBus, r: redis.Redis, namespace: str, corruption: str, queue: str
+) -> None:
+    """A single event to a routed topic past its warm-up takes the script's short
+    path (the steady state of a service publishing one by one): a write that fails
+    there undoes the ones before it, in both subscriptions."""
+    r.hdel(topic_key(namespace, h.RECORD), WARM_FIELD)
+    actor = RECORD_ACTOR if queue == FIRST else ASYNC_ACTOR
+    CORRUPTIONS[corruption](r, namespace, queue, actor)
+    with pytest.raises(PublishError, match=r"Redis refused.*undone"):
+        await bus.publish(h.Numbered(n=1))
+    assert left_behind(r, namespace, FIRST, RECORD_ACTOR) == []
+    assert left_behind(r, namespace, SECOND, ASYNC_ACTOR) == []
+
+
+async def test_one_event_past_the_warm_up_reaches_every_subscription(
+    bus: EventBus, r: redis.Redis, namespace: str
+) -> None:
+    r.hdel(topic_key(namespace, h.RECORD), WARM_FIELD)
+    await bus.publish(h.Numbered(n=7))
+    await bus.publish(h.Numbered(n=8))
+    assert stored(r, namespace, FIRST) == [7, 8]
+    assert stored(r, namespace, SECOND) == [7, 8]
+    assert r.hget(backlog_key(namespace, FIRST), RECORD_ACTOR) == b"2"
+    assert r.hget(backlog_key(namespace, SECOND), ASYNC_ACTOR) == b"2"
 
 
 async def test_a_malformed_subscription_fails_the_call_before_any_write(
