@@ -225,8 +225,9 @@ class EventBusSettings(BaseSettings):
     schema_check: SchemaCheckMode = Field(
         DEFAULT_SCHEMA_CHECK,
         description="What a publisher does when the stored schema of a live subscriber "
-        "of the topic would reject the event class it publishes (Redis: workers store "
-        "each typed handler's schema with its subscription; checked once per class and "
+        "of the topic would reject the event class it publishes (workers store each "
+        "typed handler's schema: with its subscription on Redis, in the compacted topic "
+        "`eventbus.schemas` on Kafka; checked once per class and "
         "topic, refreshed every 30 s): nothing (`off`), a WARNING once per class and "
         "subscriber naming the field, plus the `eventbus_schema_mismatch_total` metric "
         "per event (`warn`), or SchemaMismatchError, nothing published (`error`).",
