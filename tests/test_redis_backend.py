@@ -13,7 +13,7 @@ import pytest
 import redis
 from dramatiq import Message
 
-from eventbus import EventBus, HealthStatus, PublishError
+from eventbus import BaseEvent, EventBus, HealthStatus, PublishError
 from eventbus.dlq.records import FailedEvent
 from eventbus.metrics import InMemoryMetricsCollector
 from eventbus.redis.backend import RedisBackend
@@ -365,11 +365,18 @@ async def test_a_failed_attempt_is_retried_after_its_delay(
     assert bus.dlq.size() == 0
 
 
+class Doom(BaseEvent):
+    """The event of tests.dying_handlers, declared here (see the test below)."""
+
+    topic: str = "redis.test.doom"
+
+
 async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhere(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
 ) -> None:
-    from tests.dying_handlers import Doom
-
+    # Not imported here: tests.dying_handlers adds a logging filter to dramatiq's
+    # WorkerThread logger, which in this process would kill the in-process workers'
+    # threads of every later test at their first failed attempt.
     modules = ("tests.dying_handlers",)
     doomed = workers.start(modules, threads=1)
     bus = make_redis_bus()
