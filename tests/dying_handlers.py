@@ -11,6 +11,7 @@ it raises SystemExit from the log call of the first failure.
 from __future__ import annotations
 
 import logging
+import sys
 
 from eventbus import BaseEvent, on_event
 from tests.redis_keys import client, key
@@ -40,4 +41,6 @@ class _KillTheThread(logging.Filter):
         return True
 
 
-logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_KillTheThread())
+if "dramatiq.cli" in sys.modules:  # in a `dramatiq` worker process only: imported into
+    # pytest's own process it would kill every later in-process worker's threads
+    logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_KillTheThread())
