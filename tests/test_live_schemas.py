@@ -16,9 +16,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,7 @@ from tests.redis_support import (  # noqa: F401
     TEST_REDELIVERY_TIMEOUT,
     Workers,
     namespace,
+    redis_cli,
     redis_url,
     sync_subscriptions,
     workers,
@@ -101,24 +99,6 @@ def handled(out: Path) -> list[str]:
     return out.read_text().splitlines() if out.exists() else []
 
 
-def cli(redis_url: str, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:  # noqa: F811
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "EVENTBUS_BACKEND": "redis",
-        "EVENTBUS_REDIS_URL": redis_url,
-        "EVENTBUS_REDIS_NAMESPACE": namespace,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "eventbus.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_worker_stores_the_schema_of_its_typed_handler_and_list_shows_it(
     redis_url: str,  # noqa: F811
     namespace: str,  # noqa: F811
@@ -137,12 +117,12 @@ def test_worker_stores_the_schema_of_its_typed_handler_and_list_shows_it(
     assert set(schema["properties"]) == {"order_id", "total_cents"}  # billing's own class
     assert sorted(schema["required"]) == ["order_id", "total_cents"]
 
-    listed = cli(redis_url, namespace, "subscriptions", "list", "--json")
+    listed = redis_cli(redis_url, namespace, "subscriptions", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     by_handler = {row["handler"]: row for row in json.loads(listed.stdout)}
     assert by_handler[BILL]["schema"] == bill["schema"]
     assert by_handler[AUDIT]["schema"] is None
-    table = cli(redis_url, namespace, "subscriptions", "list")
+    table = redis_cli(redis_url, namespace, "subscriptions", "list")
     header, *rows = table.stdout.splitlines()
     assert "SCHEMA" in header.split()
     [bill_row] = [r for r in rows if BILL in r]
@@ -245,12 +225,16 @@ def test_schema_check_live_reports_a_breaking_class_and_passes_a_compatible_one(
         sync_subscriptions(
             redis_url, namespace, (f"tests.live_billing.{module}",), {"EVENTBUS_SERVICE": service}
         )
-    broken = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.breaking")
+    broken = redis_cli(
+        redis_url, namespace, "schema", "check", "--live", "tests.live_shop.breaking"
+    )
     assert broken.returncode == 1, broken.stdout + broken.stderr
     [line] = [line for line in broken.stdout.splitlines() if "->" in line]
     assert "billing" in line and BILL in line and "total_cents" in line
     assert AUDIT not in broken.stdout  # untyped: nothing to break
-    fine = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    fine = redis_cli(
+        redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible"
+    )
     assert fine.returncode == 0, fine.stdout + fine.stderr
     assert "0 breaking change(s)" in fine.stdout
     assert "1 live subscriber schema(s)" in fine.stdout
@@ -269,7 +253,7 @@ async def test_publisher_notices_a_removed_subscriber_schema_when_its_verdict_ex
     await bus.start()
     with pytest.raises(SchemaMismatchError):
         await bus.publish(breaking.OrderPlaced(order_id=1, amount_cents=100))
-    removed = cli(
+    removed = redis_cli(
         redis_url, namespace, "subscriptions", "remove", BILL, "--service", "billing", "--yes"
     )
     assert removed.returncode == 0, removed.stderr
@@ -289,7 +273,7 @@ def test_schema_check_live_refuses_a_module_without_event_classes(
     redis_url: str,  # noqa: F811
     namespace: str,  # noqa: F811
 ) -> None:
-    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop")
+    done = redis_cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop")
     assert done.returncode == 2
     assert "no event class with a default topic in tests.live_shop" in done.stderr
 
@@ -323,7 +307,9 @@ def test_schema_check_live_trusts_the_subscribers_upcaster_from_the_publishers_v
     )
     # The shop still writes version 1 ("total_cents"); billing reads version 2
     # ("amount_cents") and upcasts version 1: the schemas differ, billing reads it.
-    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    done = redis_cli(
+        redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 breaking change(s)" in done.stdout
     assert "1 live subscriber schema(s)" in done.stdout  # billing's schema was read
@@ -339,7 +325,9 @@ def test_schema_check_live_names_the_missing_upcaster_when_the_subscriber_has_no
         ("tests.live_billing_v2.no_upcaster",),
         {"EVENTBUS_SERVICE": "billing"},
     )
-    done = cli(redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible")
+    done = redis_cli(
+        redis_url, namespace, "schema", "check", "--live", "tests.live_shop.compatible"
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     [line] = [line for line in done.stdout.splitlines() if "->" in line]
     assert line == (
