@@ -413,9 +413,7 @@ class RedisConsumer(Consumer):
                 block = min(block, max(self.next_due / 1000, 0.001))
             asked = time.perf_counter()
             try:
-                entry = _command(
-                    self.client, "BLMOVE", self.ready, self.inflight, "LEFT", "RIGHT", block
-                )
+                entry, tail = self._wait(block)
             except redis.exceptions.OutOfMemoryError:
                 # A full (noeviction) Redis refuses BLMOVE; the fetch script runs
                 # (lua.ACK/FETCH), so poll with it until Redis has room again.
@@ -433,11 +431,27 @@ class RedisConsumer(Consumer):
                 _command(self.client, "LREM", self.inflight, 1, b"")
                 self.must_fetch = True
                 continue
-            body = _command(self.client, "HGET", self.bodies, entry)
+            if isinstance(tail, list) and len(tail) == 2 and tail[0] == entry:
+                body = tail[1]  # read as BLMOVE woke (see lua.TAIL_BODY)
+            else:  # not seen so far; kept as the fallback
+                body = _command(self.client, "HGET", self.bodies, entry)
             if body is None:  # removed meanwhile (its subscription was removed)
                 _command(self.client, "LREM", self.inflight, 1, entry)
                 continue
             return self._decode(entry, body)
+
+    def _wait(self, block: float) -> tuple[Any, Any]:
+        """``BLMOVE`` an entry from the ready list to the tail of our in-flight list,
+        waiting up to ``block`` seconds, and read the tail's body in the same round
+        trip: the (entry or None, TAIL_BODY reply).  An idle worker's path from a
+        publish to its handler has one round trip, not two."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("BLMOVE", self.ready, self.inflight, "LEFT", "RIGHT", block)  # type: ignore[no-untyped-call]
+            pipe.execute_command("EVAL", lua.TAIL_BODY, 2, self.inflight, self.bodies)  # type: ignore[no-untyped-call]
+            entry, tail = pipe.execute(raise_on_error=False)
+        if isinstance(entry, Exception):
+            raise entry
+        return entry, tail
 
     def _decode(self, entry: bytes, body: bytes) -> MessageProxy | None:
         if text_too_deep(body, MAX_MESSAGE_DEPTH):

@@ -987,6 +987,17 @@ return 1
 """
 )
 
+#: The entry at the tail of the in-flight list KEYS[1] and its body in the bodies
+#: hash KEYS[2]: {entry, body or false}, or false when the list is empty.  Sent in
+#: one pipeline after the idle consumer's ``BLMOVE``, which pushes the entry it
+#: takes at that tail: Redis runs a blocked client's next command as it wakes it,
+#: so the body comes back with the wake-up (no second round trip).  Read-only.
+TAIL_BODY = """
+local entry = redis.call('LINDEX', KEYS[1], -1)
+if not entry then return false end
+return {entry, redis.call('HGET', KEYS[2], entry)}
+"""
+
 #: HSET of ARGV's (field, value) pairs into KEYS[1] that runs on a full Redis
 #: (a worker registering its handlers' schemas must boot to drain it).
 HSET_WHEN_FULL = (
