@@ -159,3 +159,42 @@ async def test_a_correlation_id_with_a_newline_in_event_metadata_never_reaches_l
     assert record.correlation_id == cid
     assert "admin logged in" not in caplog.text
     assert all("\n" not in r.getMessage() for r in caplog.records if r.name == log.name)
+
+
+def test_the_correlation_id_on_the_wire_leaves_the_event_itself_unchanged() -> None:
+    """The publish path writes the correlation id into the envelope's metadata
+    without copying the event: the caller's instance keeps its own metadata, also
+    when the event cannot be written and when threads encode it at once."""
+    import threading
+
+    event = Reading(value=1.5, metadata={"tenant": "a"})
+    wire = json.loads(encode_envelope(event, {"correlation_id": "req-1", "tenant": "b"}))
+    assert wire["event"]["metadata"] == {"correlation_id": "req-1", "tenant": "a"}
+    assert event.metadata == {"tenant": "a"}
+
+    broken = Anything(payload=object(), metadata={"tenant": "a"})
+    with pytest.raises(Exception, match="object"):
+        encode_envelope(broken, {"correlation_id": "req-2"})
+    assert broken.metadata == {"tenant": "a"}
+
+    seen: dict[str, set[str]] = {}
+    start = threading.Barrier(8)
+
+    def encode(cid: str) -> None:
+        start.wait()
+        got = set()
+        for _ in range(2000):
+            got.add(
+                json.loads(encode_envelope(event, {"correlation_id": cid}))["event"]["metadata"][
+                    "correlation_id"
+                ]
+            )
+        seen[cid] = got
+
+    threads = [threading.Thread(target=encode, args=(f"c{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {f"c{i}": {f"c{i}"} for i in range(8)}
+    assert event.metadata == {"tenant": "a"}
