@@ -84,6 +84,7 @@ from eventbus.kafka.config import (
 )
 from eventbus.kafka.dlq import KafkaDeadLetterStore
 from eventbus.kafka.lag import LagReader
+from eventbus.kafka.partitioner import Murmur2Partitioner
 from eventbus.kafka.records import POISON_HANDLER, RecordHeaders, dead_letter_address
 from eventbus.kafka.schemas import (
     DEFAULT_SCHEMA_TOPIC,
@@ -354,6 +355,7 @@ class KafkaBackend(Backend):
             acks=self.acks,
             enable_idempotence=self.idempotence,
             request_timeout_ms=int(self.publish_timeout * 1000),
+            partitioner=Murmur2Partitioner(),
         )
         try:
             await asyncio.wait_for(producer.start(), self.publish_timeout)
