@@ -15,6 +15,7 @@ import pytest
 from eventbus import EventBus, EventBusSettings
 from eventbus.kafka import KafkaBackend
 from eventbus.kafka.config import KafkaConfig
+from eventbus.kafka.partitioner import Murmur2Partitioner
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "kafka.md"
 
@@ -69,6 +70,8 @@ async def test_the_producer_is_built_with_the_options_the_table_names(
     with pytest.raises(RuntimeError, match="stop here"):
         await bus.start()
     defaults = EventBusSettings()
+    assert isinstance(built.pop("partitioner"), Murmur2Partitioner)
+    assert "Murmur2Partitioner" in table()["partitioner"][0]
     assert built == {
         "acks": defaults.kafka_acks,
         "enable_idempotence": defaults.kafka_idempotence,
