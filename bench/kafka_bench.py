@@ -140,6 +140,20 @@ async def raw_producer(bootstrap: str) -> tuple[AIOKafkaProducer, str]:
     return producer, topic
 
 
+async def raw_batch(producer: AIOKafkaProducer, topic: str, start: int, stop: int) -> None:
+    """Send records ``start`` to ``stop`` (excluded) and wait for every acknowledgement."""
+    futures = []
+    for i in range(start, stop):
+        value, key, headers = raw_record(topic, i)
+        futures.append(await producer.send(topic, value, key=key, headers=headers))
+    await asyncio.gather(*futures)
+
+
+async def bus_batch(bus: EventBus, topic: str, start: int, stop: int) -> None:
+    """``publish_many`` of events ``start`` to ``stop`` (excluded)."""
+    await bus.publish_many([BenchEvent(topic=topic, n=i) for i in range(start, stop)])
+
+
 async def raw_one_by_one(bootstrap: str, n: int) -> float:
     producer, topic = await raw_producer(bootstrap)
     try:
@@ -157,11 +171,7 @@ async def raw_batches(bootstrap: str, n: int) -> float:
     try:
         started = time.perf_counter()
         for start in range(0, n, BATCH):
-            futures = []
-            for i in range(start, min(n, start + BATCH)):
-                value, key, headers = raw_record(topic, i)
-                futures.append(await producer.send(topic, value, key=key, headers=headers))
-            await asyncio.gather(*futures)
+            await raw_batch(producer, topic, start, min(n, start + BATCH))
         return time.perf_counter() - started
     finally:
         await producer.stop()
@@ -194,9 +204,7 @@ async def bus_batches(bootstrap: str, n: int) -> float:
     try:
         started = time.perf_counter()
         for start in range(0, n, BATCH):
-            await bus.publish_many(
-                [BenchEvent(topic=topic, n=i) for i in range(start, min(n, start + BATCH))]
-            )
+            await bus_batch(bus, topic, start, min(n, start + BATCH))
         return time.perf_counter() - started
     finally:
         await bus.stop()
@@ -217,16 +225,10 @@ async def alternated_cpu(bootstrap: str, n: int) -> tuple[float, float]:
     try:
         for start in range(0, max(n, 2 * BATCH), BATCH):
             cpu = time.process_time()
-            futures = []
-            for i in range(start, start + BATCH):
-                value, key, headers = raw_record(raw_topic, i)
-                futures.append(await producer.send(raw_topic, value, key=key, headers=headers))
-            await asyncio.gather(*futures)
+            await raw_batch(producer, raw_topic, start, start + BATCH)
             raw.append((time.process_time() - cpu) / BATCH)
             cpu = time.process_time()
-            await bus.publish_many(
-                [BenchEvent(topic=topic, n=i) for i in range(start, start + BATCH)]
-            )
+            await bus_batch(bus, topic, start, start + BATCH)
             ours.append((time.process_time() - cpu) / BATCH)
     finally:
         await producer.stop()
