@@ -1,14 +1,17 @@
 """Production-shape Redis benchmark: the consumers run while the publisher publishes.
 
 Usage (from the repo root): python bench/production_bench.py [--n 20000] [--repeat 3]
-[--processes 1,2] [--only eventbus,dramatiq,faststream-list,faststream-stream] [--smoke]
+[--processes 1,2] [--only eventbus,eventbus-threads,dramatiq,faststream-list,faststream-stream]
+[--smoke]
 [--profile DIR]
 
 Starts its own ``redis-server`` on a free loopback port.  For each number of worker
 processes P and each system, round-robin (the systems alternated within every repeat):
 
 1. starts the consumers and waits until they consume: eventbus ``dramatiq
-   eventbus.actors bench._production_handlers -p P -t 8`` (one async no-op handler),
+   eventbus.actors bench._production_handlers -p P -t 8`` (one async no-op handler;
+   ``eventbus``: the default loop worker, ``eventbus-threads``: with
+   ``EVENTBUS_REDIS_WORKER=threads``, handlers on dramatiq's worker threads),
    raw dramatiq ``dramatiq bench._production_actors -p P -t 8`` (a no-op actor),
    FastStream 0.7 P subscriber processes of one Redis list, or of one Redis stream's
    consumer group (one consumer each, acked after the handler);
@@ -73,7 +76,11 @@ from bench.redis_bench import (  # noqa: E402
 )
 from eventbus.redis.scripts import WARM_FIELD  # noqa: E402
 
-SYSTEMS = ("eventbus", "dramatiq", "faststream-list", "faststream-stream")
+SYSTEMS = ("eventbus", "eventbus-threads", "dramatiq", "faststream-list", "faststream-stream")
+#: The eventbus default, FastStream's list and raw dramatiq: the ratio columns.
+SYSTEMS_COMPARED = ("eventbus", "faststream-list", "dramatiq")
+#: How each eventbus system runs its handlers (``EVENTBUS_REDIS_WORKER``).
+WORKER_MODES = {"eventbus": "loop", "eventbus-threads": "threads"}
 #: Worker threads per process of eventbus and dramatiq (``-t``).
 THREADS = 8
 #: Events published (and handled) before the measured N: the consumers' first
@@ -155,9 +162,14 @@ def end_warm_up(client: redis.Redis) -> None:
 
 
 def start_consumers(system: str, setup: Setup, processes: int) -> list[Worker]:
-    if system == "eventbus":
+    if system in WORKER_MODES:
         modules = ["bench._production_handlers"]
-        return [start_worker(system, setup.url, processes, THREADS, modules=modules)]
+        mode = {"EVENTBUS_REDIS_WORKER": WORKER_MODES[system]}
+        return [
+            start_worker(
+                "eventbus", setup.url, processes, THREADS, modules=modules, extra_env=mode
+            )
+        ]
     if system == "dramatiq":
         modules = ["bench._production_actors"]
         return [start_worker(system, setup.url, processes, THREADS, modules=modules)]
@@ -178,7 +190,8 @@ def publisher_command(system: str, setup: Setup) -> list[str]:
         script = str(BENCH / "_faststream_publisher.py")
         kind = system.removeprefix("faststream-")
         return [setup.faststream_python, script, setup.url, "prod", kind]
-    return [sys.executable, str(BENCH / "_production_publisher.py"), setup.url, system]
+    kind = "eventbus" if system in WORKER_MODES else system
+    return [sys.executable, str(BENCH / "_production_publisher.py"), setup.url, kind]
 
 
 class Publisher:
@@ -329,7 +342,7 @@ def run_once(
         workers = start_consumers(system, setup, processes)
         for worker in workers:
             stack.callback(worker.stop)
-        if system == "eventbus" and not setup.first_minute:
+        if system in WORKER_MODES and not setup.first_minute:
             end_warm_up(client)
         publisher = Publisher(system, setup)
         stack.callback(publisher.close)
@@ -408,7 +421,8 @@ def versus(metric: str, ours: float | None, ref: float | None) -> str:
 def table(out: Results, setup: Setup, n: int, repeat: int, rows: list[str]) -> str:
     fs = f"FastStream {setup.faststream_version or '0.7'}"
     names = {
-        "eventbus": "eventbus (redis)",
+        "eventbus": "eventbus (redis, loop worker)",
+        "eventbus-threads": "eventbus (redis, threads worker)",
         "dramatiq": "raw dramatiq 2.2.1",
         "faststream-list": f"{fs} list",
         "faststream-stream": f"{fs} stream (group, acks)",
@@ -428,7 +442,7 @@ def table(out: Results, setup: Setup, n: int, repeat: int, rows: list[str]) -> s
     ]
     for metric in rows:
         cells = [out.median(s, metric) for s in SYSTEMS]
-        ours, fs_list, dq = cells[0], cells[2], cells[1]
+        ours, fs_list, dq = (out.median(s, metric) for s in SYSTEMS_COMPARED)
         lines.append(
             f"| {metric} | "
             + " | ".join(fmt(c, metric) for c in cells)

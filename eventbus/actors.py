@@ -48,14 +48,16 @@ from dramatiq import Middleware
 from dramatiq.middleware import MiddlewareError
 from pydantic import ValidationError
 
+from eventbus.backends.base import WORKER_STOP_MARGIN
 from eventbus.bus import EventBus
 from eventbus.config import EventBusSettings
 from eventbus.exceptions import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the Kafka bridge gets beyond ``shutdown_timeout`` to commit and leave its group.
-BRIDGE_STOP_MARGIN = 5.0
+#: Seconds the backend gets beyond ``shutdown_timeout`` to settle (commit offsets,
+#: acknowledge) and leave.
+BRIDGE_STOP_MARGIN = WORKER_STOP_MARGIN
 
 
 def handler_modules(value: str) -> list[str]:
@@ -80,8 +82,10 @@ class DeclareHandlers(Middleware):
         self.bus = bus
         self.modules = modules
         self._stop_backend: Callable[[float], None] | None = None
+        self._worker: dramatiq.Worker | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._worker = worker
         # dramatiq logs what a hook raises and boots the Worker anyway: a worker
         # whose handlers failed to import would then report "ready for action" and
         # handle nothing.  A MiddlewareError propagates: the process exits non-zero.
@@ -92,13 +96,14 @@ class DeclareHandlers(Middleware):
             raise WorkerBootError(f"this worker cannot start: {exc}") from exc
 
     def _boot(self) -> None:
+        worker = self._worker
         for name in self.modules:
             importlib.import_module(name)
         self.bus.check_service(consume=True)
         # The backend decides how this process handles events: on Redis the bus
         # declares the actors (the Worker then consumes their queues with its
         # --threads); on Kafka a bridge consumes on its own loop and thread.
-        self._stop_backend = self.bus.backend.boot_worker_process(self.bus)
+        self._stop_backend = self.bus.backend.boot_worker_process(self.bus, worker)
         port = self.bus.settings.metrics_port
         if port is not None:
             from eventbus.prometheus import serve_worker_metrics

@@ -99,6 +99,8 @@ DEFAULT_REDIS_REPLICA_TIMEOUT = 1.0
 #: Wait for the replicas' fsync of their append-only file (``WAITAOF``, Redis 7.2+)
 #: instead of their receipt of the write (``WAIT``).
 DEFAULT_REDIS_REPLICA_FSYNC = False
+#: How ``dramatiq eventbus.actors`` runs Redis handlers (see ``eventbus.redis.worker``).
+DEFAULT_REDIS_WORKER: Literal["loop", "threads"] = "loop"
 #: Most replicas a publish may be asked to wait for.
 MAX_REDIS_MIN_REPLICAS = 100
 #: Longest unrouted retention or warm-up, in seconds (a week).
@@ -351,6 +353,14 @@ class EventBusSettings(BaseSettings):
         "event to their append-only file on disk (Redis `WAITAOF`, Redis 7.2 and later; "
         "an older server fails the publish, naming this setting) instead of until they "
         "received it (`WAIT`).",
+    )
+    redis_worker: Literal["loop", "threads"] = Field(
+        DEFAULT_REDIS_WORKER,
+        description="How a Redis worker (`dramatiq eventbus.actors`) runs handlers: "
+        "`loop` hands each event from the consumer straight to one event loop (async "
+        "handlers run there, sync ones in `--threads` threads; one thread hop per "
+        "event); `threads` runs them on dramatiq's worker threads (async handlers "
+        "through dramatiq's AsyncIO middleware, two hops).",
     )
     redis_unrouted_retention: float = Field(
         DEFAULT_REDIS_UNROUTED_RETENTION,

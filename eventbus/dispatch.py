@@ -187,6 +187,13 @@ class Dispatcher:
       loop: The application's event loop; every handler coroutine runs on it.
       max_concurrency: Handlers running at once.
       worker_threads: Threads for sync handlers.
+      settle: Called on the loop with each message once its outcome is recorded
+        (after the ``ack``/``nack`` middleware signals), by a backend whose broker
+        keeps messages until told (Redis: the worker's in-flight list).  It must
+        not block: hand the work to a thread.  With it, an attempt whose retry and
+        dead letter could not be written is settled too (the backend hands it
+        over again later), and a handler cancelled by :meth:`stop` is settled with
+        its outcome.
     """
 
     def __init__(
@@ -195,8 +202,10 @@ class Dispatcher:
         loop: asyncio.AbstractEventLoop,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         worker_threads: int = DEFAULT_WORKER_THREADS,
+        settle: Callable[[MessageProxy], None] | None = None,
     ) -> None:
         self.broker = broker
+        self.settle = settle
         self.loop = loop
         self.max_concurrency = max_concurrency
         self.accepting = True
@@ -209,10 +218,10 @@ class Dispatcher:
             thread_name_prefix="eventbus-handler",
             initializer=self._register_thread,
         )
-        self._ready: deque[Message[Any]] = deque()
+        self._ready: deque[Message[Any] | MessageProxy] = deque()
         # Failed attempts that could not be recorded once stop() began.
-        self._returned: list[Message[Any]] = []
-        self._delayed: dict[asyncio.TimerHandle, Message[Any]] = {}
+        self._returned: list[Message[Any] | MessageProxy] = []
+        self._delayed: dict[asyncio.TimerHandle, Message[Any] | MessageProxy] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._pending = 0
         self._wakeup: asyncio.Future[None] | None = None
@@ -233,8 +242,9 @@ class Dispatcher:
         """The dispatcher's consumer task; done means dead."""
         return self._task
 
-    def push(self, message: Message[Any], delay: int | None = None) -> None:
-        """Accept ``message``, to run after ``delay`` milliseconds (thread-safe)."""
+    def push(self, message: Message[Any] | MessageProxy, delay: int | None = None) -> None:
+        """Accept ``message`` (or a broker's proxy of it, handed back to ``settle``),
+        to run after ``delay`` milliseconds (thread-safe)."""
         if threading.get_ident() != self._loop_thread:
             self.loop.call_soon_threadsafe(self.push, message, delay)
             return
@@ -252,7 +262,7 @@ class Dispatcher:
         else:
             self._make_ready(message)
 
-    def _make_ready(self, message: Message[Any]) -> None:
+    def _make_ready(self, message: Message[Any] | MessageProxy) -> None:
         self._ready.append(message)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
@@ -284,9 +294,9 @@ class Dispatcher:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def _process(self, message: Message[Any]) -> None:
+    async def _process(self, message: Message[Any] | MessageProxy) -> None:
         broker = self.broker
-        proxy = MessageProxy(message)
+        proxy = message if isinstance(message, MessageProxy) else MessageProxy(message)
         try:
             broker.emit_before("process_message", proxy)
             actor = broker.actors.get(message.actor_name)
@@ -309,10 +319,15 @@ class Dispatcher:
             proxy.stuff_exception(error)
             proxy.fail()
             broker.emit_after("process_message", proxy, exception=error)
+            if self.settle is not None:
+                self._settle(proxy, self.settle)
             raise
         except Exception as exc:
             proxy.stuff_exception(exc)
             broker.emit_after("process_message", proxy, exception=exc)
+        if self.settle is not None:
+            self._settle(proxy, self.settle)
+            return
         if unrecorded(proxy):
             self._run_again_later(message)
             return
@@ -320,7 +335,13 @@ class Dispatcher:
         broker.emit_before(signal, proxy)
         broker.emit_after(signal, proxy)
 
-    def _run_again_later(self, message: Message[Any]) -> None:
+    def _settle(self, proxy: MessageProxy, settle: Callable[[MessageProxy], None]) -> None:
+        signal = "nack" if proxy.failed else "ack"
+        self.broker.emit_before(signal, proxy)
+        settle(proxy)
+        self.broker.emit_after(signal, proxy)
+
+    def _run_again_later(self, message: Message[Any] | MessageProxy) -> None:
         """Neither a retry nor a dead letter of ``message`` is written: run it again
         later rather than drop it (returned by :meth:`stop` once stopping)."""
         if not self.accepting:
@@ -370,7 +391,7 @@ class Dispatcher:
                 f"{self._pending} event deliveries still pending after {timeout:g}s"
             ) from None
 
-    async def stop(self, timeout: float) -> list[Message[Any]]:
+    async def stop(self, timeout: float) -> list[Message[Any] | MessageProxy]:
         """Stop accepting, finish in-flight work within ``timeout``, release threads.
 
         Handlers still running when the bound passes are cancelled: async ones

@@ -378,7 +378,8 @@ async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhe
     # WorkerThread logger, which in this process would kill the in-process workers'
     # threads of every later test at their first failed attempt.
     modules = ("tests.dying_handlers",)
-    doomed = workers.start(modules, threads=1)
+    threads = {"EVENTBUS_REDIS_WORKER": "threads"}  # dramatiq's worker threads
+    doomed = workers.start(modules, threads=1, env=threads)
     bus = make_redis_bus()
     await bus.start()
     event = Doom()
@@ -389,8 +390,35 @@ async def test_a_worker_whose_thread_died_exits_and_its_event_is_handled_elsewhe
     # says it is alive; it exits instead, putting the event back.
     await wait_for(lambda: doomed.process.poll() is not None, 20, "the worker to exit")
     assert "worker thread(s) died" in doomed.output()
-    workers.start(modules, threads=1)
+    workers.start(modules, threads=1, env=threads)
     ok = h.key(f"doomed-ok:{event.event_id}", namespace)
+    await wait_for(lambda: r.exists(ok) == 1, 20, "the event, handled by another worker")
+    assert int(r.get(ok) or 0) == 2
+
+
+class Halt(BaseEvent):
+    """The loop-stopping event of tests.dying_handlers."""
+
+    topic: str = "redis.test.halt"
+
+
+async def test_a_loop_worker_whose_event_loop_stopped_exits_and_its_event_is_handled_elsewhere(
+    make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
+) -> None:
+    # The default worker runs handlers on one event loop: if that loop ends (a bug
+    # in a handler), nothing would run while the heartbeat says the worker lives.
+    modules = ("tests.dying_handlers",)
+    halted = workers.start(modules, threads=1)
+    bus = make_redis_bus()
+    await bus.start()
+    event = Halt()
+    await bus.publish(event)
+    r = client_for(redis_url)
+    await wait_for(lambda: r.exists(h.key("loop-stopped", namespace)) == 1, 10, "the stop")
+    await wait_for(lambda: halted.process.poll() is not None, 20, "the worker to exit")
+    assert "eventbus-redis-loop" in halted.output()
+    workers.start(modules, threads=1)
+    ok = h.key(f"halted-ok:{event.event_id}", namespace)
     await wait_for(lambda: r.exists(ok) == 1, 20, "the event, handled by another worker")
     assert int(r.get(ok) or 0) == 2
 

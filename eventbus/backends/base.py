@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 #: ``timeout`` seconds.
 StopWorker = Callable[[float], None]
 
+#: Seconds a worker process's backend gets beyond ``shutdown_timeout`` to settle what
+#: its handlers finished (commit offsets, acknowledge) and leave.
+WORKER_STOP_MARGIN = 5.0
+
 #: Errors that say a server could not be reached, whatever the backend: refused,
 #: reset or timed out, a name that does not resolve.  Backends add their client
 #: library's own (:meth:`Backend.unreachable`).
@@ -487,14 +491,17 @@ class Backend(abc.ABC):
         """
         return None
 
-    def boot_worker_process(self, bus: HostedBus) -> StopWorker | None:
+    def boot_worker_process(
+        self, bus: HostedBus, worker: dramatiq.Worker | None = None
+    ) -> StopWorker | None:
         """Start handling events in a ``dramatiq eventbus.actors`` process.
 
-        Called from dramatiq's ``before_worker_boot`` hook, after the handler
-        modules were imported and before the Worker creates its consumers.  The
-        default starts ``bus`` consuming (declaring one actor per handler, whose
-        queues the Worker then consumes with its ``--threads``).  Returns a
-        ``stop(timeout)`` to call when the Worker shuts down, or None.
+        Called from dramatiq's ``before_worker_boot`` hook with the booting
+        ``worker``, after the handler modules were imported and before the Worker
+        creates its consumers.  The default starts ``bus`` consuming (declaring one
+        actor per handler, whose queues the Worker then consumes with its
+        ``--threads``).  Returns a ``stop(timeout)`` to call when the Worker shuts
+        down, or None.
         """
         asyncio.run(bus.start(consume=True))
         return None

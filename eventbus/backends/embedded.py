@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq import Message, Middleware
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.errors import QueueNotFound
 from pydantic_core import from_json
@@ -128,7 +129,7 @@ class SyncBackend(Backend):
         if undelivered:
             self._dead_letter_undelivered(undelivered)
 
-    def _dead_letter_undelivered(self, messages: list[Message[Any]]) -> None:
+    def _dead_letter_undelivered(self, messages: list[Message[Any] | MessageProxy]) -> None:
         logger.warning("%d event deliveries were still pending at shutdown.", len(messages))
         assert self.broker is not None
         recorders = [m for m in self.broker.middleware if isinstance(m, DeadLetters)]

@@ -788,7 +788,9 @@ class KafkaBackend(Backend):
                 results.append(HealthResult(name, HealthStatus.HEALTHY, "consumer task running"))
         return results
 
-    def boot_worker_process(self, bus: HostedBus) -> StopWorker:
+    def boot_worker_process(
+        self, bus: HostedBus, worker: dramatiq.Worker | None = None
+    ) -> StopWorker:
         """Run the bridge for ``bus`` on its own event loop and thread.
 
         Under ``dramatiq eventbus.actors`` the dramatiq Worker runs over the

@@ -42,7 +42,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import dramatiq
 from dramatiq import Middleware
@@ -52,8 +52,17 @@ from pydantic_core import from_json, to_json
 import eventbus.redis.memory as memory
 import eventbus.redis.scripts as lua
 import eventbus.redis.subscriptions as subs
-from eventbus.backends.base import Backend, Operations, OutgoingEvent, replay_message
+from eventbus.backends.base import (
+    WORKER_STOP_MARGIN,
+    Backend,
+    HostedBus,
+    Operations,
+    OutgoingEvent,
+    StopWorker,
+    replay_message,
+)
 from eventbus.config import (
+    DEFAULT_MAX_CONCURRENCY,
     DEFAULT_REDIS_MAX_CONNECTIONS,
     DEFAULT_REDIS_MIN_REPLICAS,
     DEFAULT_REDIS_NAMESPACE,
@@ -66,6 +75,7 @@ from eventbus.config import (
     DEFAULT_REDIS_UNROUTED_RETENTION,
     DEFAULT_REDIS_UNROUTED_WARMUP,
     DEFAULT_REDIS_URL,
+    DEFAULT_REDIS_WORKER,
     DEFAULT_SCHEMA_CHECK,
     DEFAULT_WORKER_THREADS,
     SchemaCheckMode,
@@ -100,6 +110,7 @@ from eventbus.redis.resp import (
 from eventbus.redis.schemas import PublishCheck, read_schemas
 from eventbus.redis.scripts import service_of
 from eventbus.redis.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
+from eventbus.redis.worker import RedisWorkerLoop, worker_queues
 from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
@@ -157,6 +168,11 @@ class RedisBackend(Backend):
         raises :class:`~eventbus.exceptions.PublishError`.
       worker_threads: Threads of the dramatiq Worker this backend runs when a bus
         consumes in its own process (``EVENTBUS_CONSUME=true``).
+      worker: How ``dramatiq eventbus.actors`` runs handlers: ``"loop"`` on one
+        event loop fed straight by the consumer (:mod:`eventbus.redis.worker`),
+        ``"threads"`` on dramatiq's worker threads.
+      max_concurrency: With ``worker="loop"``: handlers running at once per worker
+        process (also bounded by the prefetch, twice ``--threads`` per queue).
       unrouted_retention: Seconds an event published to a topic without a
         subscription is kept for the subscription written next (0: dropped at
         once, counted).  See ``docs/redis.md``, "Unrouted events".
@@ -202,7 +218,18 @@ class RedisBackend(Backend):
         replica_timeout: float = DEFAULT_REDIS_REPLICA_TIMEOUT,
         replica_fsync: bool = DEFAULT_REDIS_REPLICA_FSYNC,
         schema_check: SchemaCheckMode = DEFAULT_SCHEMA_CHECK,
+        worker: Literal["loop", "threads"] = DEFAULT_REDIS_WORKER,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
+        if worker not in ("loop", "threads"):
+            raise ConfigurationError(
+                f"invalid worker {worker!r}: loop or threads (EVENTBUS_REDIS_WORKER)"
+            )
+        #: How ``dramatiq eventbus.actors`` runs handlers (``EVENTBUS_REDIS_WORKER``).
+        self.worker_mode = worker
+        self.max_concurrency = max_concurrency
+        #: The loop running this worker process's handlers (``worker="loop"``).
+        self.worker_loop: RedisWorkerLoop | None = None
         #: The unrouted window (see ``docs/redis.md``).
         self.retention = subs.UnroutedRetention(
             unrouted_retention, unrouted_max_events, unrouted_max_bytes, unrouted_warmup
@@ -292,6 +319,8 @@ class RedisBackend(Backend):
             replica_timeout=settings.redis_replica_timeout,
             replica_fsync=settings.redis_replica_fsync,
             schema_check=settings.schema_check,
+            worker=settings.redis_worker,
+            max_concurrency=settings.max_concurrency,
         )
 
     # -- clients ----------------------------------------------------------------------
@@ -860,6 +889,41 @@ class RedisBackend(Backend):
         through ``on_failure``, so that its supervisor restarts it."""
         self.runs_worker = False
         self._require_broker().on_failure = on_failure
+
+    def boot_worker_process(
+        self, bus: HostedBus, worker: dramatiq.Worker | None = None
+    ) -> StopWorker | None:
+        """Start consuming in a ``dramatiq eventbus.actors`` process.
+
+        With ``worker="loop"`` (the default) the handlers' queues are consumed by a
+        :class:`~eventbus.redis.worker.RedisWorkerLoop` (handlers on one event
+        loop, sync ones in ``--threads`` threads) and dramatiq's Worker starts no
+        consumer; with ``worker="threads"`` its ``--threads`` consume them.
+        """
+        asyncio.run(bus.start(consume=True))
+        if self.worker_mode != "loop" or worker is None:
+            return None
+        broker = self._require_broker()
+        queues = worker_queues(broker, worker)
+        if not queues:
+            return None
+        loop = RedisWorkerLoop(
+            broker,
+            queues,
+            prefetch=worker.queue_prefetch,
+            timeout_ms=worker.worker_timeout,
+            max_concurrency=self.max_concurrency,
+            worker_threads=worker.worker_threads,
+        )
+        loop.start()
+        self.worker_loop = loop
+
+        def stop(timeout: float) -> None:
+            self.worker_loop = None
+            margin = min(WORKER_STOP_MARGIN, timeout)
+            loop.stop(timeout - margin, margin)
+
+        return stop
 
     async def health(self) -> list[HealthResult]:
         """``redis`` (a PING), ``redis.workers`` (degraded while events wait with no

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from dramatiq import Consumer, Message
@@ -178,9 +178,14 @@ class RedisConsumer(Consumer):
         self._park_script = broker.client.register_script(lua.PARK)
         self._defer_script = broker.client.register_script(lua.DEFER)
         self._ack_script = broker.client.register_script(lua.ACK)
+        #: Called when the consumer holds its whole prefetch and waits for acks.
+        self.on_full: Callable[[], None] | None = None
 
-    # Called from worker threads.
-    def ack(self, message: MessageProxy) -> None:
+    # Called from worker threads (or the acker of eventbus.redis.worker, flush=False).
+    def ack(self, message: MessageProxy, *, flush: bool = True) -> None:
+        """Delete the finished ``message`` (grouped with the other finished ones);
+        ``flush=False`` only adds it to the group, for the caller's
+        :meth:`flush_acks`."""
         if isinstance(message, RedisMessage) and message.started and not message.settled:
             # Dramatiq acks a message whose worker thread died before the outcome
             # reached the middleware (neither handled nor dead-lettered): keep it.
@@ -199,14 +204,15 @@ class RedisConsumer(Consumer):
         if later is not None:  # its handler's concurrency limit is reached: not run
             self._defer(message, later)
             return
-        self._remove(message)
+        self._remove(message, flush)
 
-    def nack(self, message: MessageProxy) -> None:
+    def nack(self, message: MessageProxy, *, flush: bool = True) -> None:
+        """Delete the failed ``message`` (its dead letter is written), as :meth:`ack`."""
         if unrecorded(message):  # its dead letter could not be written
             self._defer(message)
             return
         # The DeadLetters middleware has recorded it in our own store already.
-        self._remove(message)
+        self._remove(message, flush)
 
     def _defer(self, message: MessageProxy, later_ms: int | None = None) -> None:
         """Hand ``message`` over again later instead of acking it: neither its retry
@@ -233,13 +239,15 @@ class RedisConsumer(Consumer):
                 )
         self._done([entry] if entry is not None else [])
 
-    def _remove(self, message: MessageProxy) -> None:
+    def _remove(self, message: MessageProxy, flush: bool = True) -> None:
         entry = message.entry if isinstance(message, RedisMessage) else None
         if entry is None:
             self._done([])
             return
         with self.acked:
             self.to_ack.setdefault(entry, message.actor_name or "")  # once, even if retried
+        if not flush:
+            return
         try:
             self.flush_acks()
         except redis.RedisError as exc:
@@ -395,6 +403,8 @@ class RedisConsumer(Consumer):
                     return message
             with self.acked:
                 if self.outstanding >= self.prefetch:
+                    if self.on_full is not None:
+                        self.on_full()
                     self.acked.wait(self.timeout)
                     return None
                 room = min(self.prefetch - self.outstanding, MAX_FETCH)
