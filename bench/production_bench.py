@@ -166,9 +166,7 @@ def start_consumers(system: str, setup: Setup, processes: int) -> list[Worker]:
         modules = ["bench._production_handlers"]
         mode = {"EVENTBUS_REDIS_WORKER": WORKER_MODES[system]}
         return [
-            start_worker(
-                "eventbus", setup.url, processes, THREADS, modules=modules, extra_env=mode
-            )
+            start_worker("eventbus", setup.url, processes, THREADS, modules=modules, extra_env=mode)
         ]
     if system == "dramatiq":
         modules = ["bench._production_actors"]

@@ -335,8 +335,10 @@ class Workers:
         env: dict[str, str] | None = None,
         redis_url: str | None = None,
         wait: bool = True,
+        args: tuple[str, ...] = (),
     ) -> WorkerProcess:
-        """Start ``dramatiq eventbus.actors *modules``; wait until its processes beat."""
+        """Start ``dramatiq eventbus.actors *modules`` (more dramatiq options in
+        ``args``); wait until its processes beat."""
         url = redis_url or self.redis_url
         full_env = {
             **os.environ,
@@ -351,7 +353,7 @@ class Workers:
         }
         log = self.log_dir / f"worker-{len(self.started)}.log"
         command = [sys.executable, "-m", "dramatiq", "eventbus.actors", *modules]
-        command += ["--processes", str(processes), "--threads", str(threads)]
+        command += ["--processes", str(processes), "--threads", str(threads), *args]
         with log.open("wb") as out:
             process = subprocess.Popen(
                 command,
