@@ -503,7 +503,8 @@ class EventBusSettings(BaseSettings):
         ge=1,
         le=MAX_CONCURRENCY_LIMIT,
         description="Async handlers run at once on the application's event loop (`sync` "
-        "backend) or a Kafka worker's loop.",
+        "backend), a Kafka worker's loop or a Redis worker's loop (there also bounded by "
+        "the prefetch: twice `--threads` per queue).",
     )
     worker_threads: int = Field(
         DEFAULT_WORKER_THREADS,

@@ -194,6 +194,10 @@ class Dispatcher:
         dead letter could not be written is settled too (the backend hands it
         over again later), and a handler cancelled by :meth:`stop` is settled with
         its outcome.
+      prepare: Called on the loop with each message before its middleware chain;
+        returns None, or a blocking call to run in a thread first (a Redis worker
+        takes a slot of a handler's concurrency limit there: waiting for one on the
+        loop would stall the handlers that hold them).
     """
 
     def __init__(
@@ -203,9 +207,11 @@ class Dispatcher:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         worker_threads: int = DEFAULT_WORKER_THREADS,
         settle: Callable[[MessageProxy], None] | None = None,
+        prepare: Callable[[MessageProxy], Callable[[], None] | None] | None = None,
     ) -> None:
         self.broker = broker
         self.settle = settle
+        self.prepare = prepare
         self.loop = loop
         self.max_concurrency = max_concurrency
         self.accepting = True
@@ -298,6 +304,10 @@ class Dispatcher:
         broker = self.broker
         proxy = message if isinstance(message, MessageProxy) else MessageProxy(message)
         try:
+            if self.prepare is not None:
+                blocking = self.prepare(proxy)
+                if blocking is not None:
+                    await self.loop.run_in_executor(None, blocking)
             broker.emit_before("process_message", proxy)
             actor = broker.actors.get(message.actor_name)
             if actor is None:

@@ -83,6 +83,14 @@ def dead_lettered(bus: EventBus) -> dict[int, FailedEvent]:
 # -- Redis -----------------------------------------------------------------------------
 
 
+#: What each worker kind logs when it cannot settle a failed attempt (Redis down).
+SETTLE_FAILED_LOG = {
+    "loop": "Could not settle event",
+    "threads": "Failed to post_process_message",
+}
+
+
+@pytest.mark.parametrize("mode", ["loop", "threads"])
 @pytest.mark.parametrize(
     ("max_retries", "fails", "outcome"),
     [(1, 1, "retried"), (0, 2, "dead-lettered")],
@@ -94,6 +102,7 @@ async def test_a_handler_failure_during_a_redis_outage_is_not_acked_away(
     max_retries: int,
     fails: int,
     outcome: str,
+    mode: str,
 ) -> None:
     """Handlers fail while Redis is down: the retry cannot be enqueued and the dead
     letter cannot be written.  Once Redis is back (its append-only file kept every
@@ -104,7 +113,11 @@ async def test_a_handler_failure_during_a_redis_outage_is_not_acked_away(
         worker = workers.start(
             MODULES,
             threads=OUTAGE_EVENTS,
-            env={**files.env, "EVENTBUS_MAX_RETRIES": str(max_retries)},
+            env={
+                **files.env,
+                "EVENTBUS_MAX_RETRIES": str(max_retries),
+                "EVENTBUS_REDIS_WORKER": mode,
+            },
             redis_url=server.url,
         )
         bus = make_redis_bus(url=server.url)
@@ -119,7 +132,7 @@ async def test_a_handler_failure_during_a_redis_outage_is_not_acked_away(
         server.kill()
         files.gate.touch()  # the handlers fail now, with Redis down
         await wait_for(
-            lambda: worker.output().count("Failed to post_process_message") >= OUTAGE_EVENTS,
+            lambda: worker.output().count(SETTLE_FAILED_LOG[mode]) >= OUTAGE_EVENTS,
             30,
             "the worker to try settling every failed attempt while Redis is down",
         )

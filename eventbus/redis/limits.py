@@ -106,7 +106,25 @@ class ConcurrencyLimits(Middleware):
         # dramatiq's worker threads log through "dramatiq.worker.WorkerThread".
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_quiet_skips)
 
+    def limited(self, broker: Broker, message: MessageProxy) -> bool:
+        """Whether ``message``'s handler has a concurrency limit (no round trip)."""
+        actor = broker.actors.get(message.actor_name)
+        spec = actor.options.get(keys.HANDLER) if actor is not None else None
+        return spec is not None and spec.concurrency is not None
+
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        if getattr(message, _SLOT, None) is not None:
+            return  # taken ahead by acquire() (off the event loop of a loop worker)
+        if hand_over_later(message) is None:
+            self.acquire(broker, message)
+        if hand_over_later(message) is not None:
+            raise SkipMessage(f"every slot of {message.actor_name}'s concurrency limit is taken")
+
+    def acquire(self, broker: Broker, message: MessageProxy) -> None:
+        """Take a slot for ``message`` (waiting up to :data:`LIMIT_WAIT` seconds, in
+        the calling thread), or mark it to be handed over later.  A loop worker calls
+        it in a thread before the message's middleware chain runs on its event loop,
+        which must not block while the slots' holders run there."""
         actor = broker.actors.get(message.actor_name)
         spec = actor.options.get(keys.HANDLER) if actor is not None else None
         if spec is None or spec.concurrency is None:
@@ -151,7 +169,6 @@ class ConcurrencyLimits(Middleware):
             return
         delay = LIMIT_RECHECK_DELAY * random.uniform(0.5, 1.5)
         setattr(message, _LATER, max(1, int(delay * 1000)))
-        raise SkipMessage(f"every slot of {message.actor_name}'s concurrency limit is taken")
 
     def after_process_message(
         self,

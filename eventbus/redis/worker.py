@@ -41,6 +41,7 @@ with requires_extra("redis", __name__):
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -56,6 +57,7 @@ from dramatiq.middleware import TimeLimit
 
 from eventbus.dispatch import Dispatcher
 from eventbus.redis.consumer import RECONNECT_DELAYS, RedisConsumer, RedisMessage
+from eventbus.redis.limits import ConcurrencyLimits
 
 if TYPE_CHECKING:
     from eventbus.redis.broker import ReliableRedisBroker
@@ -114,6 +116,9 @@ class RedisWorkerLoop:
         #: monotonic time after which the acker stops retrying (set by stop()).
         self._give_up_at = float("inf")
         self._threads: list[threading.Thread] = []
+        self._limits = next(
+            (m for m in broker.middleware if isinstance(m, ConcurrencyLimits)), None
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -159,9 +164,18 @@ class RedisWorkerLoop:
             max_concurrency=self.max_concurrency,
             worker_threads=self.worker_threads,
             settle=self._acks.put,
+            prepare=self._prepare,
         )
         dispatcher.task.add_done_callback(self._dispatcher_done)
         return dispatcher
+
+    def _prepare(self, proxy: MessageProxy) -> Callable[[], None] | None:
+        """A handler with a concurrency limit takes its slot in a thread: the wait
+        for one must not block the loop, where the slots' holders run."""
+        limits = self._limits
+        if limits is None or not limits.limited(self.broker, proxy):
+            return None
+        return functools.partial(limits.acquire, self.broker, proxy)
 
     def _dispatcher_done(self, task: asyncio.Task[None]) -> None:
         if self._stopping.is_set():
@@ -234,54 +248,90 @@ class RedisWorkerLoop:
                 dispatcher.push(message)
 
     def _ack_loop(self) -> None:
-        """Settle finished messages: every one finished meanwhile in one ACK call."""
+        """Settle finished messages: every one finished meanwhile in one ACK call.
+
+        A settle Redis refuses (unreachable) is kept and tried again with a growing
+        delay, the others go on; its entry stays in this worker's in-flight list
+        meanwhile, so a crash only redelivers it.  After stop() the acker keeps
+        trying until stop()'s deadline, then leaves the rest to the heartbeat's
+        expiry."""
         acks = self._acks
+        retry: list[MessageProxy] = []
+        unflushed = False
+        failures = 0
+        stopped = False
         while True:
-            batch = [acks.get()]
-            if not self._stopping.is_set():
-                self._full.wait(ACK_LINGER)  # let the group grow: one ACK call for all
-                self._full.clear()
-            with contextlib.suppress(queue.Empty):
+            batch: list[Any] = []
+            try:
+                if retry or unflushed:
+                    delay = RECONNECT_DELAYS[min(failures - 1, len(RECONNECT_DELAYS) - 1)]
+                    batch.append(acks.get(timeout=delay))
+                elif not stopped:
+                    batch.append(acks.get())
+                    if not self._stopping.is_set():
+                        self._full.wait(ACK_LINGER)  # let the group grow: one ACK call
+                        self._full.clear()
                 while True:
                     batch.append(acks.get_nowait())
-            stop = False
+            except queue.Empty:
+                pass
+            if _STOP in batch:
+                stopped = True
+                batch = [item for item in batch if item is not _STOP]
+            pending, retry = retry, []
+            for proxy in pending:
+                if not self._settle(proxy):
+                    retry.append(proxy)
             for proxy in batch:
-                if proxy is _STOP:
-                    stop = True
-                    continue
-                consumer = self.consumers.get(proxy.queue_name)
-                if consumer is None:  # not ours (cannot happen): leave it in flight
-                    continue
-                settle = consumer.nack if proxy.failed else consumer.ack
-                self._until_done(lambda s=settle, p=proxy: s(p, flush=False))  # type: ignore[misc]
+                if not self._settle(proxy):
+                    logger.warning(
+                        "Could not settle event %s of handler %s: Redis is unreachable; it "
+                        "stays in this worker's hands and is settled once Redis answers.",
+                        proxy.message_id,
+                        proxy.actor_name,
+                    )
+                    retry.append(proxy)
+            unflushed = False
             for consumer in self.consumers.values():
                 if consumer.to_ack:
-                    self._until_done(consumer.flush_acks)
-            if stop:
+                    try:
+                        consumer.flush_acks()
+                    except redis.RedisError as exc:
+                        if not failures:
+                            logger.warning(
+                                "Could not delete finished events of queue %s (%s); retrying.",
+                                consumer.queue_name,
+                                exc,
+                            )
+                        unflushed = True
+            if retry or unflushed:
+                failures += 1
+            elif failures:
+                logger.info("Redis is back; finished events are settled again.")
+                failures = 0
+            if stopped and (not (retry or unflushed) or time.monotonic() >= self._give_up_at):
+                if retry or unflushed:
+                    logger.warning(
+                        "Could not settle %d finished event(s) before shutdown; they are "
+                        "handled again when this worker's heartbeat expires.",
+                        len(retry) + sum(len(c.to_ack) for c in self.consumers.values()),
+                    )
                 return
 
-    def _until_done(self, call: Callable[[], None]) -> None:
-        """Run ``call`` until Redis takes it (its entries stay in flight meanwhile:
-        a crash only redelivers them), or until stop()'s deadline passed."""
-        failures = 0
-        while True:
-            try:
-                call()
-                if failures:
-                    logger.info("Redis is back; acknowledging finished events again.")
-                return
-            except (ConnectionClosed, redis.RedisError) as exc:
-                if time.monotonic() >= self._give_up_at:
-                    logger.warning(
-                        "Could not acknowledge finished events before shutdown (%s); they "
-                        "are handled again when this worker's heartbeat expires.",
-                        exc,
-                    )
-                    return
-                if failures == 0:
-                    logger.warning("Could not acknowledge finished events (%s); retrying.", exc)
-                time.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
-                failures += 1
+    def _settle(self, proxy: MessageProxy) -> bool:
+        """Ack or nack ``proxy`` with its consumer (grouped: not flushed); False
+        while Redis does not take it."""
+        consumer = self.consumers.get(proxy.queue_name)
+        if consumer is None:  # not ours (cannot happen): it stays in flight
+            return True
+        try:
+            if proxy.failed:
+                consumer.nack(proxy, flush=False)
+            else:
+                consumer.ack(proxy, flush=False)
+        except (ConnectionClosed, redis.RedisError):
+            return False
+        return True
 
 
 def worker_queues(broker: dramatiq.Broker, worker: dramatiq.Worker) -> list[str]:
