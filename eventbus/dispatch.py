@@ -268,6 +268,15 @@ class Dispatcher:
         else:
             self._make_ready(message)
 
+    def push_many(self, messages: list[MessageProxy]) -> None:
+        """Accept ``messages`` to run now, in one hand-over to the loop (thread-safe)."""
+        if threading.get_ident() != self._loop_thread:
+            self.loop.call_soon_threadsafe(self.push_many, messages)
+            return
+        self._pending += len(messages)
+        for message in messages:
+            self._make_ready(message)
+
     def _make_ready(self, message: Message[Any] | MessageProxy) -> None:
         self._ready.append(message)
         wakeup = self._wakeup

@@ -44,11 +44,17 @@ def read(redis_url: str, namespace: str) -> tuple[int, int, set[int]]:
     return most, runs, done
 
 
+@pytest.mark.parametrize("mode", ["threads", "loop"])
 async def test_redis_limit_holds_across_worker_processes(
-    make_redis_bus: Callable[..., EventBus], redis_url: str, namespace: str, workers: Workers
+    make_redis_bus: Callable[..., EventBus],
+    redis_url: str,
+    namespace: str,
+    workers: Workers,
+    mode: str,
 ) -> None:
-    # Two processes of four threads each: eight events could run at once.
-    workers.start(HANDLERS, processes=2, threads=4)
+    # Two processes of four threads each: eight events could run at once.  A loop
+    # worker takes its slots off the loop (waiting there stalled the slots' holders).
+    workers.start(HANDLERS, processes=2, threads=4, env={"EVENTBUS_REDIS_WORKER": mode})
     bus = make_redis_bus()
     bus.metrics = InMemoryMetricsCollector()
     await bus.start()

@@ -1,8 +1,10 @@
-"""The default Redis worker (``EVENTBUS_REDIS_WORKER=loop``, eventbus.redis.worker):
+"""The loop Redis worker (``EVENTBUS_REDIS_WORKER=loop``, eventbus.redis.worker):
 handlers on one event loop fed by the consumer, in real ``dramatiq eventbus.actors``
-processes.  Delivery, recovery and retries are covered for both worker kinds by the
-other Redis tests (they run the default); here what the loop changes: where
-handlers run, time limits, ``--queues``, shutdown, and the ``threads`` fallback."""
+processes.  Delivery, recovery and retries are covered by the other Redis tests
+(the default ``threads`` worker) and, for the seams the loop changes (a failure while
+Redis is down), in both kinds by tests/test_durable_ack.py; here what the loop
+changes: where handlers run, time limits, ``--queues``, shutdown, concurrency
+limits and lost events under SIGKILL."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ pytest_plugins = ["tests.redis_support"]
 pytestmark = pytest.mark.timeout(90)
 
 MODULES = ("tests.loop_handlers",)
+LOOP = {"EVENTBUS_REDIS_WORKER": "loop"}
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -67,7 +70,7 @@ async def test_where_handlers_run_in_each_worker_kind(
 async def test_a_time_limit_on_the_loop_worker_dead_letters_and_the_loop_goes_on(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
 ) -> None:
-    workers.start(MODULES)
+    workers.start(MODULES, env=LOOP)
     bus = make_redis_bus()
     await bus.start()
     slow = lh.TooSlow()
@@ -91,7 +94,7 @@ async def test_the_queues_option_limits_what_the_loop_worker_consumes(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
 ) -> None:
     other = queue_name(lh.OTHER_QUEUE)
-    workers.start(MODULES, args=("--queues", other))
+    workers.start(MODULES, env=LOOP, args=("--queues", other))
     bus = make_redis_bus()
     await bus.start()
     event = lh.Elsewhere()
@@ -105,7 +108,7 @@ async def test_the_queues_option_limits_what_the_loop_worker_consumes(
     await asyncio.sleep(0.5)
     assert r.exists(key(f"default:{event.event_id}", namespace)) == 0
     assert unfinished(r, namespace) == 1  # the default queue's copy waits for its worker
-    workers.start(MODULES)
+    workers.start(MODULES, env=LOOP)
     await wait_for(
         lambda: r.exists(key(f"default:{event.event_id}", namespace)) == 1,
         10,
@@ -116,7 +119,7 @@ async def test_the_queues_option_limits_what_the_loop_worker_consumes(
 async def test_sigterm_lets_in_flight_handlers_finish_and_acknowledges_them(
     make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
 ) -> None:
-    worker = workers.start(MODULES)
+    worker = workers.start(MODULES, env=LOOP)
     bus = make_redis_bus()
     await bus.start()
     event = lh.Lingering(seconds=1.0)
@@ -129,6 +132,6 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_acknowledges_them(
     # Finished and acknowledged before the process left: nothing waits, and a new
     # worker does not run it again.
     assert unfinished(r, namespace) == 0
-    workers.start(MODULES)
+    workers.start(MODULES, env=LOOP)
     await asyncio.sleep(1.0)
     assert int(r.get(started) or 0) == 1

@@ -1,5 +1,5 @@
 """Redis worker processes whose handlers run on an event loop, not behind dramatiq's
-worker threads (``EVENTBUS_REDIS_WORKER=loop``, the default).
+worker threads (``EVENTBUS_REDIS_WORKER=loop``; the default is ``threads``).
 
 Under ``dramatiq eventbus.actors`` a message of dramatiq's own worker crosses three
 threads before an async handler runs: the consumer thread takes it from Redis, a
@@ -28,8 +28,10 @@ and the embedded backend use:
 
 dramatiq's Worker still runs the process (signals, ``--processes``, its hooks);
 its consumers are not started and its worker threads stay idle.
-``EVENTBUS_REDIS_WORKER=threads`` runs handlers on dramatiq's worker threads as
-before.
+``EVENTBUS_REDIS_WORKER=threads`` (the default) runs handlers on dramatiq's worker
+threads.  The loop halves the p99 at rest (2 vs 4 ms at 2 events/s); under a steady
+flow it keeps pace with the publisher a few events per fetch, which costs more Redis
+commands and wake-ups per event than dramatiq's batches (docs/redis.md has both).
 """
 
 from __future__ import annotations
@@ -244,8 +246,11 @@ class RedisWorkerLoop:
                 )
                 stopping.wait(CONSUMER_ERROR_DELAY)
                 continue
-            if message is not None:
-                dispatcher.push(message)
+            if message is None:
+                continue
+            # The rest of its fetch too: one hand-over to the loop for all.
+            batch = [message, *consumer.take_cached()]
+            dispatcher.push_many(batch)
 
     def _ack_loop(self) -> None:
         """Settle finished messages: every one finished meanwhile in one ACK call.
