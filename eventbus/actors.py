@@ -82,21 +82,18 @@ class DeclareHandlers(Middleware):
         self.bus = bus
         self.modules = modules
         self._stop_backend: Callable[[float], None] | None = None
-        self._worker: dramatiq.Worker | None = None
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        self._worker = worker
         # dramatiq logs what a hook raises and boots the Worker anyway: a worker
         # whose handlers failed to import would then report "ready for action" and
         # handle nothing.  A MiddlewareError propagates: the process exits non-zero.
         try:
-            self._boot()
+            self._boot(worker)
         except Exception as exc:
             logger.critical("This worker cannot start: %s", exc, exc_info=True)
             raise WorkerBootError(f"this worker cannot start: {exc}") from exc
 
-    def _boot(self) -> None:
-        worker = self._worker
+    def _boot(self, worker: dramatiq.Worker) -> None:
         for name in self.modules:
             importlib.import_module(name)
         self.bus.check_service(consume=True)

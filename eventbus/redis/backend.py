@@ -228,8 +228,6 @@ class RedisBackend(Backend):
         #: How ``dramatiq eventbus.actors`` runs handlers (``EVENTBUS_REDIS_WORKER``).
         self.worker_mode = worker
         self.max_concurrency = max_concurrency
-        #: The loop running this worker process's handlers (``worker="loop"``).
-        self.worker_loop: RedisWorkerLoop | None = None
         #: The unrouted window (see ``docs/redis.md``).
         self.retention = subs.UnroutedRetention(
             unrouted_retention, unrouted_max_events, unrouted_max_bytes, unrouted_warmup
@@ -901,7 +899,7 @@ class RedisBackend(Backend):
         consumer; with ``worker="threads"`` (the default) its ``--threads`` consume
         them.
         """
-        asyncio.run(bus.start(consume=True))
+        super().boot_worker_process(bus, worker)  # subscribes and declares the actors
         if self.worker_mode != "loop" or worker is None:
             return None
         broker = self._require_broker()
@@ -917,10 +915,8 @@ class RedisBackend(Backend):
             worker_threads=worker.worker_threads,
         )
         loop.start()
-        self.worker_loop = loop
 
         def stop(timeout: float) -> None:
-            self.worker_loop = None
             margin = min(WORKER_STOP_MARGIN, timeout)
             loop.stop(timeout - margin, margin)
 

@@ -106,11 +106,12 @@ class ConcurrencyLimits(Middleware):
         # dramatiq's worker threads log through "dramatiq.worker.WorkerThread".
         logging.getLogger("dramatiq.worker.WorkerThread").addFilter(_quiet_skips)
 
-    def limited(self, broker: Broker, message: MessageProxy) -> bool:
-        """Whether ``message``'s handler has a concurrency limit (no round trip)."""
+    @staticmethod
+    def limit_of(broker: Broker, message: MessageProxy) -> int | None:
+        """The concurrency limit of ``message``'s handler, or None (no round trip)."""
         actor = broker.actors.get(message.actor_name)
         spec = actor.options.get(keys.HANDLER) if actor is not None else None
-        return spec is not None and spec.concurrency is not None
+        return spec.concurrency if spec is not None else None
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         if getattr(message, _SLOT, None) is not None:
@@ -125,9 +126,8 @@ class ConcurrencyLimits(Middleware):
         the calling thread), or mark it to be handed over later.  A loop worker calls
         it in a thread before the message's middleware chain runs on its event loop,
         which must not block while the slots' holders run there."""
-        actor = broker.actors.get(message.actor_name)
-        spec = actor.options.get(keys.HANDLER) if actor is not None else None
-        if spec is None or spec.concurrency is None:
+        limit = self.limit_of(broker, message)
+        if limit is None:
             return
         worker = cast("ReliableRedisBroker", broker)
         client, namespace = worker.client, worker.namespace
@@ -137,13 +137,13 @@ class ConcurrencyLimits(Middleware):
         if self._unreleased:
             self._release_pending(client)
         slot_keys = [slots, lua.heartbeats_key(namespace)]
-        args = [holder, spec.concurrency, timeout_ms]
+        args = [holder, limit, timeout_ms]
         deadline = time.monotonic() + LIMIT_WAIT
         freed = self._condition(slots)
         while True:
             releases = self._releases.get(slots, 0)
             try:
-                if self._held.get(slots, 0) >= spec.concurrency:
+                if self._held.get(slots, 0) >= limit:
                     taken = -1  # every slot is held here: wait for one of ours
                 else:
                     taken = _acquire(client, slot_keys, args)
