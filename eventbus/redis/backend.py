@@ -33,6 +33,7 @@ with requires_extra("redis", __name__):
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -909,6 +910,7 @@ class RedisBackend(Backend):
         loop = RedisWorkerLoop(
             broker,
             queues,
+            clients=functools.partial(RespClient.from_url, self.url),
             prefetch=worker.queue_prefetch,
             timeout_ms=worker.worker_timeout,
             max_concurrency=self.max_concurrency,

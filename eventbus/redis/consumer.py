@@ -33,6 +33,7 @@ from eventbus.extras import requires_extra
 with requires_extra("redis", __name__):
     import redis
 
+import functools
 import itertools
 import logging
 import threading
@@ -178,10 +179,8 @@ class RedisConsumer(Consumer):
         self._park_script = broker.client.register_script(lua.PARK)
         self._defer_script = broker.client.register_script(lua.DEFER)
         self._ack_script = broker.client.register_script(lua.ACK)
-        #: Called when the consumer holds its whole prefetch and waits for acks.
-        self.on_full: Callable[[], None] | None = None
 
-    # Called from worker threads (or the acker of eventbus.redis.worker, flush=False).
+    # Called from worker threads (or by eventbus.redis.worker's acker, flush=False).
     def ack(self, message: MessageProxy, *, flush: bool = True) -> None:
         """Delete the finished ``message`` (grouped with the other finished ones);
         ``flush=False`` only adds it to the group, for the caller's
@@ -403,8 +402,6 @@ class RedisConsumer(Consumer):
                     return message
             with self.acked:
                 if self.outstanding >= self.prefetch:
-                    if self.on_full is not None:
-                        self.on_full()
                     self.acked.wait(self.timeout)
                     return None
                 room = min(self.prefetch - self.outstanding, MAX_FETCH)
@@ -430,9 +427,9 @@ class RedisConsumer(Consumer):
                 self.must_fetch = True
                 time.sleep(min(block, OOM_POLL))
                 return None
-            # Answered at once: a backlog, fetch the rest in a batch next.  Answered
-            # after waiting: a trickle, block again rather than run an empty fetch.
-            self.must_fetch = time.perf_counter() - asked < BACKLOG_HINT
+            # Entries left waiting: a backlog, fetch them in a batch next; none: block
+            # again rather than run an empty fetch.
+            self.must_fetch = more_waiting(tail, entry, time.perf_counter() - asked)
             if entry is None:
                 # Timed out: fetch (promoting due retries) only if some are scheduled.
                 self.must_fetch = self.next_due >= 0
@@ -441,7 +438,7 @@ class RedisConsumer(Consumer):
                 _command(self.client, "LREM", self.inflight, 1, b"")
                 self.must_fetch = True
                 continue
-            if isinstance(tail, list) and len(tail) == 2 and tail[0] == entry:
+            if isinstance(tail, list) and len(tail) >= 2 and tail[0] == entry:
                 body = tail[1]  # read as BLMOVE woke (see lua.TAIL_BODY)
             else:  # not seen so far; kept as the fallback
                 body = _command(self.client, "HGET", self.bodies, entry)
@@ -450,27 +447,6 @@ class RedisConsumer(Consumer):
                 continue
             return self._decode(entry, body)
 
-    def take_cached(self) -> list[MessageProxy]:
-        """The messages already fetched (taken by the last fetch, within the
-        prefetch), decoded, without a round trip (consumer thread)."""
-        messages = []
-        while self.cache:
-            try:
-                message = self._decode(*self.cache.popleft())
-            except Exception as exc:  # a bad entry's dead letter could not be written
-                logger.warning(
-                    "Could not take a fetched event of queue %s (%s); it is taken again.",
-                    self.queue_name,
-                    exc,
-                )
-                # Still in our in-flight list, unknown: the next call puts it back.
-                self.must_reclaim = True
-                self.must_fetch = True
-                break
-            if message is not None:
-                messages.append(message)
-        return messages
-
     def _wait(self, block: float) -> tuple[Any, Any]:
         """``BLMOVE`` an entry from the ready list to the tail of our in-flight list,
         waiting up to ``block`` seconds, and read the tail's body in the same round
@@ -478,42 +454,52 @@ class RedisConsumer(Consumer):
         publish to its handler has one round trip, not two."""
         with self.client.pipeline(transaction=False) as pipe:
             pipe.execute_command("BLMOVE", self.ready, self.inflight, "LEFT", "RIGHT", block)  # type: ignore[no-untyped-call]
-            pipe.execute_command("EVAL", lua.TAIL_BODY, 2, self.inflight, self.bodies)  # type: ignore[no-untyped-call]
+            pipe.execute_command("EVAL", lua.TAIL_BODY, 3, self.inflight, self.bodies, self.ready)  # type: ignore[no-untyped-call]
             entry, tail = pipe.execute(raise_on_error=False)
         if isinstance(entry, Exception):
             raise entry
         return entry, tail
 
     def _decode(self, entry: bytes, body: bytes) -> MessageProxy | None:
+        parsed = self.parse(entry, body)
+        if isinstance(parsed, RedisMessage):
+            return parsed
+        parsed()  # dead-letter or park it
+        return None
+
+    def parse(self, entry: bytes, body: bytes) -> RedisMessage | Callable[[], None]:
+        """The message of a fetched ``entry`` (now held: counted in the prefetch),
+        or, for bad input, what dead-letters or parks it: a call to Redis, for the
+        caller to make where a blocking call may wait (a thread, not an event loop)."""
         if text_too_deep(body, MAX_MESSAGE_DEPTH):
             # Never handed to dramatiq: its failure log would take the message's repr.
-            self._reject_raw(
-                entry, body, InvalidMessage(f"nested deeper than {MAX_MESSAGE_DEPTH} levels")
-            )
-            return None
+            error = InvalidMessage(f"nested deeper than {MAX_MESSAGE_DEPTH} levels")
+            return functools.partial(self._reject_raw, entry, body, error)
         try:
             message = Message.decode(body)
         except DecodeError as exc:
             cause = exc.__cause__ or exc
-            self._reject_raw(entry, body, InvalidMessage(f"not a dramatiq message: {cause}"))
-            return None
+            error = InvalidMessage(f"not a dramatiq message: {cause}")
+            return functools.partial(self._reject_raw, entry, body, error)
         shape = message_problem(message, self.queue_name)
         if shape is not None:  # its fields cannot be trusted: record the raw bytes
-            self._reject_raw(entry, body, InvalidMessage(shape))
-            return None
+            return functools.partial(self._reject_raw, entry, body, InvalidMessage(shape))
         try:
             problem = self._check(message)
         except ActorNotFound as exc:
-            if not self._park_if_subscribed(entry, message):
-                self._reject(message, entry, body, exc)
-            return None
+            return functools.partial(self._park_or_reject, message, entry, body, exc)
         if problem is not None:
-            self._reject(message, entry, body, InvalidMessage(problem))
-            return None
+            return functools.partial(self._reject, message, entry, body, InvalidMessage(problem))
         with self.acked:
             self.outstanding += 1
             self.held.add(entry)
         return RedisMessage(message, entry)
+
+    def _park_or_reject(
+        self, message: Message[Any], entry: bytes, body: bytes, error: ActorNotFound
+    ) -> None:
+        if not self._park_if_subscribed(entry, message):
+            self._reject(message, entry, body, error)
 
     def _check(self, message: Message[Any]) -> str | None:
         actor = self.broker.get_actor(message.actor_name)
@@ -570,6 +556,16 @@ class RedisConsumer(Consumer):
         if not recorded:
             logger.error("No DeadLetters middleware: the malformed message is dropped.")
         self._delete_entry(entry)
+
+
+def more_waiting(tail: Any, entry: Any, waited: float) -> bool:
+    """Whether entries wait in the ready list after a ``BLMOVE`` took ``entry``: the
+    length :data:`~eventbus.redis.scripts.TAIL_BODY` read as it woke, or, when its
+    reply is not about ``entry``, whether BLMOVE answered at once (under
+    :data:`BACKLOG_HINT` seconds)."""
+    if isinstance(tail, list) and len(tail) == 3 and tail[0] == entry:
+        return isinstance(tail[2], int) and tail[2] > 0
+    return waited < BACKLOG_HINT
 
 
 def _command(client: redis.Redis, *args: Any) -> Any:

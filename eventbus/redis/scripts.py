@@ -974,28 +974,39 @@ return moved
 
 #: Delete finished entries: ARGV is pairs (entry, handler or '') — LREM from the
 #: in-flight list KEYS[1], HDEL from the bodies KEYS[2], and one off the handler's
-#: backlog counter in KEYS[3].  Runs on a full Redis (it is how a worker drains it).
+#: backlog counter in KEYS[3].  One HDEL for all the bodies and one HINCRBY per
+#: handler, not one of each per entry (a grouped ack of a steady flow deletes a
+#: few entries per call).  Runs on a full Redis (it is how a worker drains it).
 ACK = (
     _ALLOW_WHEN_FULL
     + """
+local fields, counts = {}, {}
 for i = 1, #ARGV, 2 do
   redis.call('LREM', KEYS[1], 1, ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  if ARGV[i + 1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[i + 1], -1) end
+  fields[#fields + 1] = ARGV[i]
+  local handler = ARGV[i + 1]
+  if handler ~= '' then counts[handler] = (counts[handler] or 0) + 1 end
 end
+for s = 1, #fields, 1000 do  -- unpack() has a bound
+  redis.call('HDEL', KEYS[2], unpack(fields, s, math.min(s + 999, #fields)))
+end
+for handler, n in pairs(counts) do redis.call('HINCRBY', KEYS[3], handler, -n) end
 return 1
 """
 )
 
-#: The entry at the tail of the in-flight list KEYS[1] and its body in the bodies
-#: hash KEYS[2]: {entry, body or false}, or false when the list is empty.  Sent in
-#: one pipeline after the idle consumer's ``BLMOVE``, which pushes the entry it
-#: takes at that tail: Redis runs a blocked client's next command as it wakes it,
-#: so the body comes back with the wake-up (no second round trip).  Read-only.
+#: The entry at the tail of the in-flight list KEYS[1], its body in the bodies
+#: hash KEYS[2] and the length of the ready list KEYS[3]: {entry, body or false,
+#: entries still waiting}, or false when the in-flight list is empty.  Sent in one
+#: pipeline after the idle consumer's ``BLMOVE``, which pushes the entry it takes
+#: at that tail: Redis runs a blocked client's next command as it wakes it, so the
+#: body comes back with the wake-up (no second round trip), and the consumer knows
+#: whether a batch waits (fetch it next) or not (block again: no empty fetch while
+#: consumers keep pace with a steady flow).  Read-only.
 TAIL_BODY = """
 local entry = redis.call('LINDEX', KEYS[1], -1)
 if not entry then return false end
-return {entry, redis.call('HGET', KEYS[2], entry)}
+return {entry, redis.call('HGET', KEYS[2], entry), redis.call('LLEN', KEYS[3])}
 """
 
 #: HSET of ARGV's (field, value) pairs into KEYS[1] that runs on a full Redis
