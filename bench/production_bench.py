@@ -1,7 +1,7 @@
 """Production-shape Redis benchmark: the consumers run while the publisher publishes.
 
 Usage (from the repo root): python bench/production_bench.py [--n 20000] [--repeat 3]
-[--processes 1,2] [--only eventbus,eventbus-loop,dramatiq,faststream-list,faststream-stream]
+[--processes 1,2] [--only eventbus,eventbus-threads,dramatiq,faststream-list,faststream-stream]
 [--smoke]
 [--profile DIR]
 
@@ -10,8 +10,9 @@ processes P and each system, round-robin (the systems alternated within every re
 
 1. starts the consumers and waits until they consume: eventbus ``dramatiq
    eventbus.actors bench._production_handlers -p P -t 8`` (one async no-op handler;
-   ``eventbus``: the default threads worker, handlers on dramatiq's worker threads;
-   ``eventbus-loop``: with ``EVENTBUS_REDIS_WORKER=loop``, handlers on one event loop),
+   ``eventbus``: the default loop worker, handlers on one event loop;
+   ``eventbus-threads``: with ``EVENTBUS_REDIS_WORKER=threads``, handlers on dramatiq's
+   worker threads),
    raw dramatiq ``dramatiq bench._production_actors -p P -t 8`` (a no-op actor),
    FastStream 0.7 P subscriber processes of one Redis list, or of one Redis stream's
    consumer group (one consumer each, acked after the handler);
@@ -76,11 +77,11 @@ from bench.redis_bench import (  # noqa: E402
 )
 from eventbus.redis.scripts import WARM_FIELD  # noqa: E402
 
-SYSTEMS = ("eventbus", "eventbus-loop", "dramatiq", "faststream-list", "faststream-stream")
+SYSTEMS = ("eventbus", "eventbus-threads", "dramatiq", "faststream-list", "faststream-stream")
 #: The eventbus default, FastStream's list and raw dramatiq: the ratio columns.
 SYSTEMS_COMPARED = ("eventbus", "faststream-list", "dramatiq")
 #: How each eventbus system runs its handlers (``EVENTBUS_REDIS_WORKER``).
-WORKER_MODES = {"eventbus": "threads", "eventbus-loop": "loop"}
+WORKER_MODES = {"eventbus": "loop", "eventbus-threads": "threads"}
 #: Worker threads per process of eventbus and dramatiq (``-t``).
 THREADS = 8
 #: Events published (and handled) before the measured N: the consumers' first
@@ -419,8 +420,8 @@ def versus(metric: str, ours: float | None, ref: float | None) -> str:
 def table(out: Results, setup: Setup, n: int, repeat: int, rows: list[str]) -> str:
     fs = f"FastStream {setup.faststream_version or '0.7'}"
     names = {
-        "eventbus": "eventbus (redis, threads worker: default)",
-        "eventbus-loop": "eventbus (redis, loop worker)",
+        "eventbus": "eventbus (redis, loop worker: default)",
+        "eventbus-threads": "eventbus (redis, threads worker)",
         "dramatiq": "raw dramatiq 2.2.1",
         "faststream-list": f"{fs} list",
         "faststream-stream": f"{fs} stream (group, acks)",

@@ -53,7 +53,7 @@ CASES: dict[str, tuple[list[str], dict[str, tuple[int, ...]]]] = {
     # Consumers running while publishing, 1 and 2 worker processes (FastStream, whose
     # venv is installed on demand, left out: the run stays short).
     "production_bench": (
-        ["--only", "eventbus,eventbus-loop,dramatiq"],
+        ["--only", "eventbus,eventbus-threads,dramatiq"],
         {
             f"{m}, -p {p}": (0, 1, 2)
             for p in (1, 2)

@@ -157,12 +157,14 @@ async def test_full_redis_refuses_publish_as_out_of_memory_and_keeps_what_it_ack
     await bus.stop()
 
 
+@pytest.mark.parametrize("mode", ["loop", "threads"])
 async def test_workers_drain_a_full_redis_without_more_memory(
-    full_redis: RedisServer, redis_url: str, namespace: str, tmp_path: Path
+    full_redis: RedisServer, redis_url: str, namespace: str, tmp_path: Path, mode: str
 ) -> None:
     """A worker started on a full noeviction Redis boots (its subscriptions and
     schemas are written), fetches and acks every event published before Redis
-    refused one, and then publishing works again."""
+    refused one, and then publishing works again (both worker kinds: a full Redis
+    refuses BLMOVE, so each polls with its fetch script)."""
     client = redis.Redis(port=full_redis.port)
     bus = make_bus(full_redis.url, namespace)
     await bus.start()
@@ -172,7 +174,7 @@ async def test_workers_drain_a_full_redis_without_more_memory(
     try:
         worker = workers.start(
             ("tests.production_handlers",),
-            env={"EVENTBUS_TEST_RECORD_URL": redis_url},
+            env={"EVENTBUS_TEST_RECORD_URL": redis_url, "EVENTBUS_REDIS_WORKER": mode},
             wait=False,
         )
         everything = set(acknowledged)

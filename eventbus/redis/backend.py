@@ -169,9 +169,9 @@ class RedisBackend(Backend):
         raises :class:`~eventbus.exceptions.PublishError`.
       worker_threads: Threads of the dramatiq Worker this backend runs when a bus
         consumes in its own process (``EVENTBUS_CONSUME=true``).
-      worker: How ``dramatiq eventbus.actors`` runs handlers: ``"threads"`` on
-        dramatiq's worker threads, ``"loop"`` on one event loop fed straight by the
-        consumer (:mod:`eventbus.redis.worker`; lower latency at rest).
+      worker: How ``dramatiq eventbus.actors`` runs handlers: ``"loop"`` (the
+        default) on one event loop that also takes the events from Redis
+        (:mod:`eventbus.redis.worker`), ``"threads"`` on dramatiq's worker threads.
       max_concurrency: With ``worker="loop"``: handlers running at once per worker
         process (also bounded by the prefetch, twice ``--threads`` per queue).
       unrouted_retention: Seconds an event published to a topic without a
@@ -894,11 +894,10 @@ class RedisBackend(Backend):
     ) -> StopWorker | None:
         """Start consuming in a ``dramatiq eventbus.actors`` process.
 
-        With ``worker="loop"`` the handlers' queues are consumed by a
+        With ``worker="loop"`` (the default) the handlers' queues are consumed by a
         :class:`~eventbus.redis.worker.RedisWorkerLoop` (handlers on one event
         loop, sync ones in ``--threads`` threads) and dramatiq's Worker starts no
-        consumer; with ``worker="threads"`` (the default) its ``--threads`` consume
-        them.
+        consumer; with ``worker="threads"`` its ``--threads`` consume them.
         """
         super().boot_worker_process(bus, worker)  # subscribes and declares the actors
         if self.worker_mode != "loop" or worker is None:

@@ -1,5 +1,6 @@
 """Redis worker processes whose handlers run on an event loop, not behind dramatiq's
-worker threads (``EVENTBUS_REDIS_WORKER=loop``; the default is ``threads``).
+worker threads (``EVENTBUS_REDIS_WORKER=loop``, the default; ``threads`` runs them
+on dramatiq's).
 
 Under ``dramatiq eventbus.actors`` a message of dramatiq's own worker crosses three
 threads before an async handler runs: the consumer thread takes it from Redis, a
@@ -34,8 +35,8 @@ Redis and an async handler:
 
 dramatiq's Worker still runs the process (signals, ``--processes``, its hooks);
 its consumers are not started and its worker threads stay idle.
-``EVENTBUS_REDIS_WORKER=threads`` (the default) runs handlers on dramatiq's worker
-threads (docs/redis.md compares the two).
+``EVENTBUS_REDIS_WORKER=threads`` runs handlers on dramatiq's worker threads
+(docs/redis.md compares the two).
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ CONSUMER_ERROR_DELAY = 1.0
 #: ACK call deletes them all.  A crash meanwhile only redelivers them; a consumer that
 #: holds its whole prefetch cuts the wait short.
 ACK_LINGER = 0.002
+
+#: A ``BLMOVE`` answered within this many seconds, with nothing more waiting, means a
+#: steady flow that the consumer keeps pace with one event per round trip: it then
+#: waits :data:`FETCH_LINGER` before its next fetch, which takes what came meanwhile in
+#: one round trip (a few events per fetch, not one: fewer wake-ups and Redis commands
+#: per event).  An event that arrives after a longer quiet (at rest, or at a few
+#: hundred a second) still goes to its handler as ``BLMOVE`` wakes, with no wait.
+STEADY_FLOW = 0.001
+#: Seconds a consumer that keeps pace with a steady flow waits before its next fetch.
+FETCH_LINGER = 0.001
 
 #: What a call to Redis raises when Redis is unreachable or refuses it.
 REDIS_ERRORS = (RespError, RespConnectionError, OSError, redis.RedisError, ConnectionClosed)
@@ -151,7 +162,7 @@ class RedisWorkerLoop:
         self._ack_wanted: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
         #: Set by a consumer that holds its whole prefetch: ack now, do not linger.
-        self._full = False
+        self._full: asyncio.Event | None = None
         self._acker_stop = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -183,6 +194,7 @@ class RedisWorkerLoop:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._ack_wanted = asyncio.Event()
+        self._full = asyncio.Event()
         self._stop_event = asyncio.Event()
         self.dispatcher = Dispatcher(
             self.broker,
@@ -288,8 +300,8 @@ class RedisWorkerLoop:
 
     def wants_acks(self) -> None:
         """A consumer holds its whole prefetch: flush the acks now."""
-        assert self._ack_wanted is not None
-        self._full = True
+        assert self._ack_wanted is not None and self._full is not None
+        self._full.set()
         self._ack_wanted.set()
 
     async def _ack_loop(self) -> None:
@@ -300,8 +312,8 @@ class RedisWorkerLoop:
         meanwhile, so a crash only redelivers it.  After stop() the acker keeps
         trying until stop()'s deadline, then leaves the rest to the heartbeat's
         expiry."""
-        wanted = self._ack_wanted
-        assert wanted is not None
+        wanted, full = self._ack_wanted, self._full
+        assert wanted is not None and full is not None
         loop = asyncio.get_running_loop()
         retry: list[MessageProxy] = []
         unflushed = False
@@ -312,9 +324,11 @@ class RedisWorkerLoop:
                     return
                 wanted.clear()
                 await wanted.wait()
-                if not self._acker_stop and not self._full:
-                    await asyncio.sleep(ACK_LINGER)  # let the group grow: one ACK call
-            self._full = False
+                if not self._acker_stop and not full.is_set():
+                    # Let the group grow (one ACK call), unless a consumer is full.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(full.wait(), ACK_LINGER)
+            full.clear()
             batch, self._settled = self._settled, []
             pending, retry, slow = retry, [], []
             for proxy in [*pending, *batch]:
@@ -406,6 +420,8 @@ class _QueueConsumer:
         #: Set when acks were flushed: room in the prefetch.
         self.room = asyncio.Event()
         self.failures = 0
+        #: Wait FETCH_LINGER before the next fetch (see STEADY_FLOW).
+        self.linger = False
 
     async def run(self) -> None:
         owner, consumer = self.owner, self.consumer
@@ -464,6 +480,10 @@ class _QueueConsumer:
                     await asyncio.wait_for(self.room.wait(), consumer.timeout)
                 return []
             room = min(consumer.prefetch - held, MAX_FETCH)
+            if self.linger:  # a steady flow: let a few events gather, take them at once
+                self.linger = False
+                await owner.pause(FETCH_LINGER)
+                consumer.must_fetch = True
             if consumer.must_fetch:
                 keys = [consumer.ready, consumer.delayed, consumer.inflight, consumer.bodies]
                 reply = await _script(self.client, lua.FETCH, keys, [room, MAX_FETCH])
@@ -492,7 +512,9 @@ class _QueueConsumer:
                 return []
             # Entries left waiting: a backlog, fetch them in a batch next; none: block
             # again rather than run an empty fetch.
-            consumer.must_fetch = more_waiting(tail, entry, time.perf_counter() - asked)
+            waited = time.perf_counter() - asked
+            consumer.must_fetch = more_waiting(tail, entry, waited)
+            self.linger = not consumer.must_fetch and waited < STEADY_FLOW
             if entry is None:
                 # Timed out: fetch (promoting due retries) only if some are scheduled.
                 consumer.must_fetch = consumer.next_due >= 0
