@@ -359,9 +359,9 @@ class EventBusSettings(BaseSettings):
         description="How a Redis worker (`dramatiq eventbus.actors`) runs handlers: "
         "`loop` (the default) takes events from Redis on one event loop and runs async "
         "handlers there, sync ones in `--threads` threads: no thread hop, a lower latency "
-        "and about a third of the worker CPU per event; `threads` on dramatiq's worker "
-        "threads (async handlers through its AsyncIO middleware: two thread hops per "
-        "event; batches once it falls behind). docs/redis.md compares them.",
+        "and less worker CPU per event (about half of `threads`' with one process); `threads` on "
+        "dramatiq's worker threads (async handlers through its AsyncIO middleware: two "
+        "thread hops per event; batches once it falls behind). docs/redis.md compares them.",
     )
     redis_unrouted_retention: float = Field(
         DEFAULT_REDIS_UNROUTED_RETENTION,
@@ -505,7 +505,7 @@ class EventBusSettings(BaseSettings):
         le=MAX_CONCURRENCY_LIMIT,
         description="Async handlers run at once on the application's event loop (`sync` "
         "backend), a Kafka worker's loop or a Redis worker's loop (there also bounded by "
-        "the prefetch: twice `--threads` per queue).",
+        "the events held per queue: up to 64, at least twice `--threads`).",
     )
     worker_threads: int = Field(
         DEFAULT_WORKER_THREADS,
