@@ -505,7 +505,7 @@ class EventBusSettings(BaseSettings):
         le=MAX_CONCURRENCY_LIMIT,
         description="Async handlers run at once on the application's event loop (`sync` "
         "backend), a Kafka worker's loop or a Redis worker's loop (there also bounded by "
-        "the events held per queue: up to 64, at least twice `--threads`).",
+        "`--threads`).",
     )
     worker_threads: int = Field(
         DEFAULT_WORKER_THREADS,

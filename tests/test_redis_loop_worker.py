@@ -135,24 +135,3 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_acknowledges_them(
     workers.start(MODULES, env=LOOP)
     await asyncio.sleep(1.0)
     assert int(r.get(started) or 0) == 1
-
-
-async def test_async_handlers_of_a_loop_worker_run_beyond_its_threads(
-    make_redis_bus: Callable[..., EventBus], namespace: str, redis_url: str, workers: Workers
-) -> None:
-    # One thread (-t 1): dramatiq's prefetch would hold 2 events; the loop worker holds
-    # up to 64 (within EVENTBUS_MAX_CONCURRENCY), so ten 1-second async handlers all
-    # start before the first one ends, and the batch takes about a second, not ten.
-    workers.start(MODULES, env=LOOP, threads=1)
-    bus = make_redis_bus()
-    await bus.start()
-    events = [lh.Lingering(seconds=1.5) for _ in range(10)]
-    await bus.publish_many(events)
-    r = redis.Redis.from_url(redis_url)
-    started = [key(f"lingering-started:{e.event_id}", namespace) for e in events]
-    done = [key(f"lingering-done:{e.event_id}", namespace) for e in events]
-    await wait_for(lambda: r.exists(*started) == len(events), 10, "all ten to start")
-    assert r.exists(*done) == 0  # all ten running at once
-    await wait_for(lambda: r.exists(*done) == len(events), 10, "all ten to finish")
-    await bus.drain(timeout=5)
-    assert unfinished(r, namespace) == 0

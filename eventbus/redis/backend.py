@@ -111,7 +111,7 @@ from eventbus.redis.resp import (
 from eventbus.redis.schemas import PublishCheck, read_schemas
 from eventbus.redis.scripts import service_of
 from eventbus.redis.sentinel import is_sentinel_url, parse_sentinel_url, sentinel_client
-from eventbus.redis.worker import RedisWorkerLoop, loop_prefetch, worker_queues
+from eventbus.redis.worker import RedisWorkerLoop, worker_queues
 from eventbus.routing import Router, Subscriptions
 
 if TYPE_CHECKING:
@@ -173,8 +173,8 @@ class RedisBackend(Backend):
         default) on one event loop that also takes the events from Redis
         (:mod:`eventbus.redis.worker`), ``"threads"`` on dramatiq's worker threads.
       max_concurrency: With ``worker="loop"``: handlers running at once per worker
-        process (also bounded by the events it holds per queue: up to 64, at least
-        twice ``--threads``; :func:`~eventbus.redis.worker.loop_prefetch`).
+        process, at most ``--threads`` (as on dramatiq's worker: ``-t 1`` handles the
+        events of a queue one at a time, in order).
       unrouted_retention: Seconds an event published to a topic without a
         subscription is kept for the subscription written next (0: dropped at
         once, counted).  See ``docs/redis.md``, "Unrouted events".
@@ -911,9 +911,11 @@ class RedisBackend(Backend):
             broker,
             queues,
             clients=functools.partial(RespClient.from_url, self.url),
-            prefetch=loop_prefetch(worker.queue_prefetch, self.max_concurrency),
+            prefetch=worker.queue_prefetch,
             timeout_ms=worker.worker_timeout,
-            max_concurrency=self.max_concurrency,
+            # --threads bounds the handlers at once, as on dramatiq's worker: with -t 1
+            # events of a queue are handled one at a time, in queue order.
+            max_concurrency=min(self.max_concurrency, worker.worker_threads),
             worker_threads=worker.worker_threads,
         )
         loop.start()

@@ -30,9 +30,8 @@ Redis and an async handler:
   handed over later: its retry unwritable, or its handler's slots all taken; bad
   input dead-lettered or parked; entries put back after a lost reply) runs in a
   thread, never on the loop;
-* at most ``prefetch`` messages per queue are held: dramatiq's (twice ``--threads``),
-  or up to :data:`LOOP_PREFETCH` within ``EVENTBUS_MAX_CONCURRENCY`` (a held event
-  costs no thread here; see :func:`loop_prefetch`).
+* at most ``prefetch`` messages per queue are held (dramatiq's: twice ``--threads``)
+  and ``--threads`` handlers run at once, as with dramatiq's worker.
 
 dramatiq's Worker still runs the process (signals, ``--processes``, its hooks);
 its consumers are not started and its worker threads stay idle.
@@ -103,13 +102,6 @@ ACK_LINGER = 0.002
 STEADY_FLOW = 0.001
 #: Seconds a consumer that keeps pace with a steady flow waits before its next fetch.
 FETCH_LINGER = 0.001
-
-#: Most events a loop worker holds per queue beyond dramatiq's prefetch (twice
-#: ``--threads``), within ``EVENTBUS_MAX_CONCURRENCY``: a held event costs no thread
-#: here, and with only 16 held (``-t 8``) a consumer waits for each group's ACK before
-#: its next fetch (``bench/redis_bench.py``, 2-core VM: a backlog drained at 7,815 events/s
-#: with 16, 14,547 with 64; one process end to end 3,665 and 4,841).
-LOOP_PREFETCH = 64
 
 #: What a call to Redis raises when Redis is unreachable or refuses it.
 REDIS_ERRORS = (RespError, RespConnectionError, OSError, redis.RedisError, ConnectionClosed)
@@ -607,12 +599,6 @@ async def _script(client: RespClient, script: str, keys: list[Any], args: list[A
     if isinstance(reply, RespError):
         raise reply
     return reply
-
-
-def loop_prefetch(queue_prefetch: int, max_concurrency: int) -> int:
-    """Events a loop worker holds per queue: dramatiq's prefetch (twice ``--threads``),
-    or up to :data:`LOOP_PREFETCH` when ``max_concurrency`` lets that many run."""
-    return max(queue_prefetch, min(max_concurrency, LOOP_PREFETCH))
 
 
 def worker_queues(broker: dramatiq.Broker, worker: dramatiq.Worker) -> list[str]:
