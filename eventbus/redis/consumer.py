@@ -406,18 +406,10 @@ class RedisConsumer(Consumer):
                     return None
                 room = min(self.prefetch - self.outstanding, MAX_FETCH)
             if self.must_fetch:
-                reply = self._fetch_script(
-                    keys=[self.ready, self.delayed, self.inflight, self.bodies],
-                    args=[room, MAX_FETCH],
-                )
-                self.next_due = float(reply.pop())
-                if reply:
-                    self.cache.extend(zip(reply[::2], reply[1::2], strict=True))
+                reply = self._fetch_script(keys=self.fetch_keys, args=[room, MAX_FETCH])
+                if self.fetched(reply):
                     continue
-                self.must_fetch = False
-            block = self.timeout
-            if self.next_due >= 0:
-                block = min(block, max(self.next_due / 1000, 0.001))
+            block = self.block_seconds()
             asked = time.perf_counter()
             try:
                 entry, tail = self._wait(block)
@@ -446,6 +438,26 @@ class RedisConsumer(Consumer):
                 _command(self.client, "LREM", self.inflight, 1, entry)
                 continue
             return self._decode(entry, body)
+
+    @property
+    def fetch_keys(self) -> list[str]:
+        """The keys of the FETCH script: ready, delayed, in-flight, bodies."""
+        return [self.ready, self.delayed, self.inflight, self.bodies]
+
+    def fetched(self, reply: list[Any]) -> bool:
+        """Take a FETCH reply: its entries into the cache (True), or none: block next."""
+        self.next_due = float(reply.pop())
+        if reply:
+            self.cache.extend(zip(reply[::2], reply[1::2], strict=True))
+            return True
+        self.must_fetch = False
+        return False
+
+    def block_seconds(self) -> float:
+        """How long the next BLMOVE may wait: until the next delayed entry is due."""
+        if self.next_due >= 0:
+            return min(self.timeout, max(self.next_due / 1000, 0.001))
+        return self.timeout
 
     def _wait(self, block: float) -> tuple[Any, Any]:
         """``BLMOVE`` an entry from the ready list to the tail of our in-flight list,

@@ -485,16 +485,11 @@ class _QueueConsumer:
                 await owner.pause(FETCH_LINGER)
                 consumer.must_fetch = True
             if consumer.must_fetch:
-                keys = [consumer.ready, consumer.delayed, consumer.inflight, consumer.bodies]
+                keys = consumer.fetch_keys
                 reply = await _script(self.client, lua.FETCH, keys, [room, MAX_FETCH])
-                consumer.next_due = float(reply.pop())
-                if reply:
-                    consumer.cache.extend(zip(reply[::2], reply[1::2], strict=True))
+                if consumer.fetched(reply):
                     continue
-                consumer.must_fetch = False
-            block = consumer.timeout
-            if consumer.next_due >= 0:
-                block = min(block, max(consumer.next_due / 1000, 0.001))
+            block = consumer.block_seconds()
             asked = time.perf_counter()
             entry, tail = await self.client.execute(
                 [
